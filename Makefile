@@ -1,0 +1,36 @@
+# cde-workbench: `make demo` and `make test` set up everything they need on a fresh machine.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test bench dashboard install system-deps check-generated clean-demo
+
+$(STAMP): requirements.txt setup.py settings.ini
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## Debian packages the tests need (PostgreSQL server binaries, Chromium), installed only when missing
+system-deps:
+	@bash scripts/system-deps.sh
+
+## fail when nbdev_export or nbdev_clean would change the tree
+check-generated: install
+	@bash scripts/check-generated.sh
+
+demo: install
+	$(VENV)/bin/cde demo
+
+test: install system-deps check-generated
+	$(VENV)/bin/nbdev_test --n_workers 2
+	$(VENV)/bin/pytest -q tests
+
+bench: install
+	$(PY) benchmarks/run.py
+
+dashboard: install
+	$(VENV)/bin/cde dashboard

@@ -1,0 +1,66 @@
+"""Bad input on the command line: one line naming the problem, exit status 2, no traceback, nothing written."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CDE = [str(Path(sys.executable).parent / 'cde')]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cde(*args, env=None):
+    e = {**os.environ, **(env or {})}
+    return subprocess.run([*CDE, *args], capture_output=True, text=True, env=e, timeout=120, cwd=ROOT)
+
+
+def one_line_error(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    err = r.stderr.strip()
+    assert err.count('\n') == 0 and err.startswith('cde: error: ') and 'Traceback' not in r.stderr + r.stdout, r.stderr
+    for n in needles: assert n in err, (n, err)
+
+
+def test_unknown_deployment():
+    one_line_error(cde('train', 'no_such_model'), "unknown deployment 'no_such_model'", 'hgb_abnormal')
+
+
+def test_missing_files(tmp_path):
+    one_line_error(cde('ingest', 'warehouse', str(tmp_path / 'nowhere')), 'nowhere', 'not a folder')
+    one_line_error(cde('ingest', 'file', str(tmp_path / 'feed.hl7')), 'feed.hl7', 'does not exist')
+
+
+def test_malformed_hl7_file_stores_nothing(tmp_path):
+    db = tmp_path / 'var'
+    good = 'MSH|^~\\&|A|B|C|D|20240101000000+0000||ADT^A01|1|P|2.5\rEVN|A01|20240101000000+0000\rPID|1||M1||X^Y||19500101|F\rPV1|1|I|W||||||||||||||||E1'
+    (tmp_path / 'feed.hl7').write_text(good + '\n' + 'PID|no header\n', newline='')
+    r = cde('ingest', 'file', str(tmp_path / 'feed.hl7'), env={'CDE_VAR': str(db)})
+    one_line_error(r, 'feed.hl7 message 2', 'MSH')
+    import sqlalchemy as sa
+    eng = sa.create_engine(f'sqlite:///{db}/cde.sqlite')
+    with eng.connect() as c: assert c.execute(sa.text('select count(*) from hl7_messages')).scalar() == 0
+
+
+@pytest.mark.parametrize('toml,needle', [
+    ('name = "bad"\n[task]\nkind = "lab_abnormal"\ncomponent = "HGB"\n', "missing required section 'split'"),
+    ('name = "bad"\n[task\n', 'not valid TOML'),
+    ('name = "bad"\n[task]\nkind = "lab_abnormal"\ncomponent = "HGB"\ncolour = 1\n[split]\ntrain_years = [2019]\nvalidation_years = [2020]\ntest_years = [2021]\n[output]\nmode = "silent"\n', "unknown key 'colour' in [task]"),
+])
+def test_malformed_deployment_toml(tmp_path, toml, needle):
+    (tmp_path / 'bad').mkdir()
+    (tmp_path / 'bad' / 'deployment.toml').write_text(toml)
+    one_line_error(cde('train', 'bad', env={'CDE_DEPLOYMENTS': str(tmp_path)}), 'deployment.toml', needle)
+
+
+def test_bad_options():
+    one_line_error(cde('synth', '--patients', '3'), '--patients')
+    one_line_error(cde('score', 'hgb_abnormal', '--as-of', 'yesterday'), '--as-of', 'not an ISO-8601')
+    one_line_error(cde('score', 'hgb_abnormal', '--as-of', '2024-01-01T00:00:00'), 'no time zone')
+    one_line_error(cde('no-such-command'), 'No such command')
+
+
+def test_help_explains_every_step():
+    r = cde('--help')
+    assert r.returncode == 0
+    for step in ('synth', 'train', 'score', 'labels', 'report', 'dashboard', 'demo', 'ingest', 'deploy'): assert step in r.stdout

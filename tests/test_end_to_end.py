@@ -1,0 +1,122 @@
+"""The walking skeleton end to end, as a user runs it: `cde demo` in its own process, then the store,
+the report, a repeated scoring run, and the Voilà dashboard in Chromium."""
+import http.client
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+ROOT = Path(__file__).resolve().parent.parent
+CDE = str(Path(sys.executable).parent / 'cde')
+CHROMIUM = '/usr/bin/chromium'
+
+
+@pytest.fixture(scope='module')
+def demo(tmp_path_factory):
+    "Run the demo on a small hospital in a private var/ and reports/."
+    base = tmp_path_factory.mktemp('demo')
+    env = {**os.environ, 'CDE_VAR': str(base / 'var'), 'CDE_REPORTS': str(base / 'reports')}
+    env.pop('CDE_DATABASE_URL', None)
+    r = subprocess.run([CDE, 'demo', '--patients', '600', '--seed', '3'], capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    engine = sa.create_engine(f"sqlite:///{base / 'var' / 'cde.sqlite'}")
+    yield {'env': env, 'out': r.stdout, 'engine': engine, 'base': base}
+    engine.dispose()
+
+
+def q(engine, sql, **kw):
+    with engine.connect() as c: return c.execute(sa.text(sql), kw).all()
+
+
+def test_demo_says_where_the_report_and_dashboard_are(demo):
+    out = demo['out']
+    assert re.search(r'Report: .*reports/hgb_abnormal/report\.html', out) and 'make dashboard' in out
+    assert re.search(r'retrospective: n=\d+, prevalence 0\.\d\d \[0\.\d\d, 0\.\d\d\], AUROC 0\.\d\d \[', out)
+    assert re.search(r'prospective: n=\d+, prevalence 0\.\d\d \[0\.\d\d, 0\.\d\d\], AUROC 0\.\d\d \[', out)
+
+
+def test_exactly_one_packet_per_scored_order(demo):
+    eng = demo['engine']
+    n, distinct = q(eng, "select count(*), count(distinct order_id) from inferences where deployment='hgb_abnormal'")[0]
+    due = q(eng, "select count(*) from lab_orders where panel='CBC' and event_time >= '2024-01-01'")[0][0]
+    assert n == distinct == due > 0
+    # every packet was scored at its order's time, with the model the deployment serves
+    mism = q(eng, "select count(*) from inferences i join lab_orders o using (order_id) where i.prediction_time != o.event_time")[0][0]
+    assert mism == 0
+    assert q(eng, "select count(distinct model_id) from inferences")[0][0] == 1
+    # labels: one per packet whose hemoglobin result arrived
+    labelled = q(eng, "select count(*) from inference_labels")[0][0]
+    resulted = q(eng, "select count(*) from inferences i join lab_results r on r.order_id = i.order_id and r.component = 'HGB'")[0][0]
+    assert labelled == resulted > 0
+
+
+def test_scoring_again_adds_nothing(demo):
+    eng = demo['engine']
+    before = q(eng, 'select count(*) from inferences')[0][0]
+    r = subprocess.run([CDE, 'score', 'hgb_abnormal', '--as-of', '2024-04-05T00:00:00+00:00'], capture_output=True, text=True,
+                       env=demo['env'], timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert q(eng, 'select count(*) from inferences')[0][0] == before
+    assert q(eng, "select status from runs where kind='score' order by started_at desc limit 1")[0][0] == 'succeeded'
+
+
+def test_report_shows_table2_without_identifiers(demo):
+    html = (demo['base'] / 'reports' / 'hgb_abnormal' / 'report.html').read_text()
+    for cell in ('prev-retro', 'prev-pro', 'auroc-retro', 'auroc-pro'):
+        assert re.search(rf'id="{cell}">0\.\d\d \[0\.\d\d, 0\.\d\d\]<', html), cell
+    assert 'data:image/png;base64' in html and 'show_report(' not in html   # plots in, code hidden
+    mrns = [r[0] for r in q(demo['engine'], 'select mrn from patient_identity limit 50')]
+    names = [r[0] for r in q(demo['engine'], 'select distinct family_name from patient_identity')]
+    assert mrns and not any(m in html for m in mrns) and not any(f'>{n}<' in html for n in names)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
+def test_dashboard_in_chromium_shows_the_store_count(demo):
+    from playwright.sync_api import sync_playwright
+    from cde_workbench.dashboard import voila_command
+    assert Path(CHROMIUM).exists(), 'Chromium missing: make test installs it'
+    port, token = _free_port(), 'test-token-' + os.urandom(8).hex()
+    env = {**demo['env'], 'CDE_DASHBOARD_TOKEN': token, 'JUPYTER_PLATFORM_DIRS': '1',
+           'JUPYTER_RUNTIME_DIR': str(demo['base'] / 'runtime')}
+    log = open(demo['base'] / 'voila.log', 'wb')
+    proc = subprocess.Popen(voila_command(port, token), cwd=ROOT / 'dashboards', env=env, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, (demo['base'] / 'voila.log').read_text()[-2000:]
+            try:
+                c = http.client.HTTPConnection('127.0.0.1', port, timeout=2); c.request('GET', '/'); status = c.getresponse().status; c.close()
+                break
+            except OSError: time.sleep(0.2)
+        assert status in (302, 403)    # no token, no dashboard
+        packets = q(demo['engine'], "select count(*) from inferences where deployment='hgb_abnormal'")[0][0]
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=['--no-sandbox', '--disable-gpu', '--disable-background-networking'])
+            try:
+                page = browser.new_page()
+                page.goto(f'http://127.0.0.1:{port}/?token={token}', timeout=60_000)
+                cell = page.wait_for_selector('#packets-hgb_abnormal', state='visible', timeout=90_000)
+                assert int(cell.inner_text()) == packets
+                assert page.inner_text('#status-hgb_abnormal') == 'silent'
+                page.screenshot(path=str(demo['base'] / 'dashboard.png'), full_page=True)
+            finally: browser.close()
+    finally:
+        proc.terminate()
+        try: proc.wait(10)
+        except subprocess.TimeoutExpired: pass
+        try: os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError): pass
+        log.close()
