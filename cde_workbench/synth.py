@@ -288,7 +288,7 @@ def _lab_values(cfg, rng, adm, pts, orders):
                                         'event_time': o['event_time'], 'stored_time': o['result_time']}))
     return pl.concat(frames).sort('stored_time')
 
-# %% ../nbs/10_synth.ipynb #91cc76b9
+# %% ../nbs/10_synth.ipynb #02c03432
 EXTRACT_TABLES = ('patients', 'adt_events', 'diagnoses', 'medication_orders', 'lab_orders', 'lab_results')
 
 def write_warehouse_extract(h: Hospital, # the generated hospital
@@ -322,7 +322,7 @@ def write_warehouse_extract(h: Hospital, # the generated hospital
                                                       'cutover': h.config.cutover, 'rows': counts}, indent=1))
     return counts
 
-# %% ../nbs/10_synth.ipynb #02c03432
+# %% ../nbs/10_synth.ipynb #379e8fca
 def _pid(p: dict) -> str:
     return segment('PID', 1, '', (p['mrn'], '', '', 'SYNTH_HOSP', 'MR'), '', (p['family_name'], p['given_name']), '',
                    p['birth_date'].strftime('%Y%m%d'), p['sex'], '', p['race_ethnicity'])
