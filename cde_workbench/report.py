@@ -23,7 +23,7 @@ from .store import get_engine, read_frame, runs
 from .synth import LABS, PANEL_NAMES
 
 # %% auto #0
-__all__ = ['table2_html', 'show_report', 'render_report']
+__all__ = ['table2_html', 'run_trail_html', 'show_report', 'render_report']
 
 # %% ../nbs/70_report.ipynb #621ed143
 def _ci(e) -> str: return '—' if e is None else f'{e.estimate:.2f} [{e.low:.2f}, {e.high:.2f}]'
@@ -40,6 +40,17 @@ def table2_html(dep: Deployment, rows) -> str:
             f'<td id="prev-pro">{_ci(p.prevalence)}</td><td id="auroc-retro">{_ci(r.auroc)}</td><td id="auroc-pro">{_ci(p.auroc)}</td></tr>'
             f'</tbody></table><p>n = {r.n} retrospective test orders, {p.n} prospective labelled orders. '
             f'95% percentile bootstrap intervals, {dep.evaluation["bootstrap"]} resamples.</p>')
+
+def run_trail_html(trail: pl.DataFrame) -> str:
+    "Pipeline runs by kind: how many, how many failed, first and last start (executed notebooks are kept per run)."
+    if trail.is_empty(): return '<p>No runs recorded.</p>'
+    t = (trail.group_by('kind').agg(runs=pl.len(), succeeded=(pl.col('status') == 'succeeded').sum(),
+                                    failed=(pl.col('status') == 'failed').sum(), first=pl.col('started_at').min(),
+                                    last=pl.col('started_at').max()).sort('first'))
+    rows = ''.join(f"<tr><td>{r['kind']}</td><td>{r['runs']}</td><td>{r['succeeded']}</td><td>{r['failed']}</td>"
+                   f"<td>{r['first']:%Y-%m-%d %H:%M:%S} UTC</td><td>{r['last']:%Y-%m-%d %H:%M:%S} UTC</td></tr>" for r in t.iter_rows(named=True))
+    return ('<table id="run-trail"><tr><th>run kind</th><th>runs</th><th>succeeded</th><th>failed</th><th>first started</th>'
+            f'<th>last started</th></tr>{rows}</table><p>The report run itself shows as running while it renders.</p>')
 
 def _roc(ax, y, s, label):
     from sklearn.metrics import roc_curve
@@ -67,8 +78,7 @@ def show_report(deployment: str, # deployment name
         rows = performance_rows(conn, dep)
         pro = packets(conn, dep.name).filter(pl.col('label').is_not_null(), pl.col('model_id') == rec.model_id)
         w = weekly(conn, dep.name)
-        trail = read_frame(conn, sa.select(runs.c.run_id, runs.c.kind, runs.c.status, runs.c.started_at)
-                           .where(runs.c.deployment == dep.name).order_by(runs.c.started_at.desc()).limit(20))
+        trail = read_frame(conn, sa.select(runs.c.kind, runs.c.status, runs.c.started_at).where(runs.c.deployment == dep.name))
     retro = test_predictions(rec)
     m = rec.metrics
     display(HTML(f'<h1>{html.escape(dep.name)}: silent-trial report</h1><p>{html.escape(dep.description)}</p>'
@@ -92,7 +102,7 @@ def show_report(deployment: str, # deployment name
         ax.plot(w['week'].to_list(), w['mean_score'].to_list(), marker='o', label='mean predicted risk')
         ax.plot(w['week'].to_list(), w['abnormal_rate'].to_list(), marker='s', label='observed abnormal rate')
         ax.set(ylim=(0, 1), title='Silent trial by week'); ax.legend(); fig.autofmt_xdate(); display(fig); plt.close(fig)
-    display(HTML('<h2>Run trail</h2>' + trail.with_columns(pl.col('started_at').dt.strftime('%Y-%m-%d %H:%M:%S UTC'))._repr_html_()))
+    display(HTML('<h2>Run trail</h2>' + run_trail_html(trail)))
 
 # %% ../nbs/70_report.ipynb #881cc165
 def render_report(engine: Engine, # the store (run ledger)
