@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 
 from .config import IngestError
 from .hl7 import Message, parse_message, parse_ts
-from .ids import patient_key, site_key
+from .pseudonyms import patient_key, site_key
 from .store import (adt_events, diagnoses, hl7_messages, insert_ignore, lab_orders, lab_results,
                                  medication_orders, patient_identity, patients)
 from .synth import LABS

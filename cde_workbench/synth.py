@@ -15,7 +15,7 @@ import polars as pl
 
 from .config import ConfigError
 from .hl7 import format_ts, join_segments, msh, segment
-from .ids import patient_key
+from .pseudonyms import patient_key
 
 # %% auto #0
 __all__ = ['LABS', 'PANELS', 'PANEL_NAMES', 'CHRONIC', 'ACUTE', 'COMMON_MEDS', 'EFFECTS', 'WARDS', 'RACES', 'RACE_P', 'GIVEN',
