@@ -18,7 +18,7 @@ from .store import (adt_events, audit, audit_log, diagnoses, insert_frame, inser
                                  lab_results, medication_orders, patients)
 
 # %% auto #0
-__all__ = ['extract_fingerprint', 'read_extract', 'load_warehouse_extract']
+__all__ = ['extract_fingerprint', 'check_tables', 'read_extract', 'load_tables', 'load_warehouse_extract']
 
 # %% ../nbs/14_warehouse.ipynb #9996f574
 _TABLES = {'patients': patients, 'adt_events': adt_events, 'diagnoses': diagnoses,
@@ -35,46 +35,64 @@ def extract_fingerprint(folder: Path) -> str:
         h.update(p.name.encode()); h.update(p.read_bytes())
     return h.hexdigest()
 
-def read_extract(folder: Path, # folder with one Parquet file per clinical table
+def check_tables(tables: dict[str, pl.DataFrame], # one frame per clinical table, as in an extract
+                 name: str, # how errors refer to the input (a folder, a file)
                 ) -> dict[str, pl.DataFrame]:
-    "Read and check an extract: every table present, every column there, times in UTC, no nulls in required columns."
-    folder = Path(folder)
-    if not folder.is_dir(): raise IngestError(f"warehouse extract {folder} is not a folder")
+    "Check frames against the clinical tables: every table and column there, times timezone-aware, no nulls where required."
     out = {}
-    for name, table in _TABLES.items():
-        p = folder / f'{name}.parquet'
-        if not p.exists(): raise SchemaError(f"warehouse extract {folder}: {p.name} is missing")
-        try: df = pl.read_parquet(p)
-        except Exception as e: raise SchemaError(f"{p}: not a readable Parquet file ({e})")
+    for tname, table in _TABLES.items():
+        if tname not in tables: raise SchemaError(f"{name}: table {tname} is missing")
+        df = tables[tname]
+        where = f"{name} ({tname})"
         want = _expected_columns(table)
         missing = [c for c in want if c not in df.columns]
-        if missing: raise SchemaError(f"{p}: missing column(s) {', '.join(missing)}")
+        if missing: raise SchemaError(f"{where}: missing column(s) {', '.join(missing)}")
         for c in want:
-            col = table.c[c]
-            if not col.nullable and df[c].null_count(): raise SchemaError(f"{p}: column {c} has {df[c].null_count()} empty value(s)")
-            if c in _TIME_COLS or c == 'stored_time':
+            if not table.c[c].nullable and df[c].null_count(): raise SchemaError(f"{where}: column {c} has {df[c].null_count()} empty value(s)")
+            if c in _TIME_COLS:
                 dt = df.schema[c]
                 if not isinstance(dt, pl.Datetime) or dt.time_zone is None:
-                    raise SchemaError(f"{p}: column {c} must be a timezone-aware timestamp, got {dt}")
+                    raise SchemaError(f"{where}: column {c} must be a timezone-aware timestamp, got {dt}")
         if 'event_time' in df.columns and (df['stored_time'] < df['event_time']).any():
-            raise SchemaError(f"{p}: {(df['stored_time'] < df['event_time']).sum()} row(s) stored before they happened")
-        out[name] = df.select(want).with_columns(pl.col(c).dt.convert_time_zone('UTC') for c in want if c in _TIME_COLS)
+            raise SchemaError(f"{where}: {(df['stored_time'] < df['event_time']).sum()} row(s) stored before they happened")
+        out[tname] = df.select(want).with_columns(pl.col(c).dt.convert_time_zone('UTC') for c in want if c in _TIME_COLS)
     return out
+
+def read_extract(folder: Path, # folder with one Parquet file per clinical table
+                ) -> dict[str, pl.DataFrame]:
+    "Read and check an extract folder (one Parquet file per clinical table)."
+    folder = Path(folder)
+    if not folder.is_dir(): raise IngestError(f"warehouse extract {folder} is not a folder")
+    tables = {}
+    for tname in _TABLES:
+        p = folder / f'{tname}.parquet'
+        if not p.exists(): raise SchemaError(f"warehouse extract {folder}: {p.name} is missing")
+        try: tables[tname] = pl.read_parquet(p)
+        except Exception as e: raise SchemaError(f"{p}: not a readable Parquet file ({e})")
+    return check_tables(tables, str(folder))
+
+def load_tables(engine: Engine, # the store
+                tables: dict[str, pl.DataFrame], # frames checked by `check_tables`
+                fingerprint: str, # identifies this input; a second load of the same fingerprint does nothing
+                source: str, # tag stored with every row (warehouse, synthea, fhir, ...)
+                detail: dict | None = None, # kept in the audit row
+               ) -> dict[str, int]:
+    "Insert checked frames into the clinical tables in one transaction; returns rows per table (empty if already loaded)."
+    with engine.begin() as conn:
+        done = conn.execute(sa.select(audit_log.c.id).where(audit_log.c.action == f'{source}.load', audit_log.c.target == fingerprint)).first()
+        if done: return {}
+        counts = {}
+        for name, df in tables.items():
+            df = df.with_columns(pl.lit(source).alias('source'))
+            if name == 'patients': counts[name] = insert_ignore(conn, patients, df.to_dicts())
+            else: counts[name] = insert_frame(conn, _TABLES[name], df)
+        audit(conn, f'{source}.load', fingerprint, {**(detail or {}), 'rows': counts})
+    return counts
 
 def load_warehouse_extract(engine: Engine, # the store
                            folder: Path, # the extract
                            source: str = 'warehouse', # tag stored with every row
                           ) -> dict[str, int]:
-    "Load an extract into the clinical tables in one transaction; returns rows per table (empty if already loaded)."
-    fp = extract_fingerprint(folder)
-    frames = read_extract(folder)
-    with engine.begin() as conn:
-        done = conn.execute(sa.select(audit_log.c.id).where(audit_log.c.action == 'warehouse.load', audit_log.c.target == fp)).first()
-        if done: return {}
-        counts = {}
-        for name, df in frames.items():
-            df = df.with_columns(pl.lit(source).alias('source'))
-            if name == 'patients': counts[name] = insert_ignore(conn, patients, df.to_dicts())
-            else: counts[name] = insert_frame(conn, _TABLES[name], df)
-        audit(conn, 'warehouse.load', fp, {'folder': str(folder), 'rows': counts, 'source': source})
-    return counts
+    "Load an extract folder into the clinical tables in one transaction; returns rows per table (empty if already loaded)."
+    tables = read_extract(folder)
+    return load_tables(engine, tables, extract_fingerprint(folder), source, {'folder': str(folder)})
