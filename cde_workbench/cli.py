@@ -21,8 +21,8 @@ from .config import CDEError, ConfigError, as_utc, database_url, load_deployment
 # `cde --help` and argument errors answer at once.
 
 # %% auto #0
-__all__ = ['app', 'ingest_app', 'DEMO_DEPLOYMENT', 'synth', 'ingest_warehouse', 'feed_with_times', 'ingest_file', 'train',
-           'deploy', 'score', 'labels', 'report', 'dashboard', 'demo', 'main']
+__all__ = ['app', 'ingest_app', 'DEMO_DEPLOYMENT', 'synth', 'ingest_warehouse', 'feed_with_times', 'ingest_file', 'ingest_replay',
+           'train', 'deploy', 'score', 'labels', 'report', 'dashboard', 'demo', 'main']
 
 # %% ../nbs/80_cli.ipynb #636e4249
 app = typer.Typer(help='cde-workbench: take a clinical model from the research notebook to a silent trial, a report and a dashboard.',
@@ -71,12 +71,32 @@ def feed_with_times(path: Path, delay_seconds: float = 30.0) -> list[tuple[str, 
 @ingest_app.command('file')
 def ingest_file(path: Path = typer.Argument(..., help='HL7 v2 file: one message per line, segments separated by CR.'),
                 replay: bool = typer.Option(False, help='Stamp each message as received at its MSH-7 time (+30 s) instead of now: for replaying a recorded feed.')):
-    "Store the HL7 v2 messages of a file and derive the clinical tables (all or nothing)."
-    from cde_workbench.events import ingest_messages, read_feed_file
+    "Store the HL7 v2 messages of a file in the immutable data store, then derive the clinical tables."
+    from cde_workbench.events import process_pending, read_feed_file
+    from cde_workbench.ids import store_messages
     from cde_workbench.store import get_engine
     msgs = feed_with_times(path) if replay else [(m, utcnow()) for m in read_feed_file(path)]
-    s = ingest_messages(get_engine(), msgs, name=str(path))
-    typer.echo(f'{s.stored} stored, {s.duplicates} duplicates skipped')
+    engine = get_engine()
+    out = store_messages(engine, [(m, t, f'file:{Path(path).name}') for m, t in msgs])
+    s = process_pending(engine)
+    counts = {k: sum(o.status == k for o in out) for k in ('stored', 'duplicate', 'conflict', 'dead_letter')}
+    typer.echo(', '.join(f'{v} {k.replace("_", " ")}' for k, v in counts.items()) + f'; {s.messages} processed, {s.errors} processing errors')
+
+@ingest_app.command('replay')
+def ingest_replay(target: str = typer.Argument(..., help='SQLAlchemy URL of an empty store to rebuild into.'),
+                  from_seq: Optional[int] = typer.Option(None, '--from', help='First ingest sequence number.'),
+                  to_seq: Optional[int] = typer.Option(None, '--to', help='Last ingest sequence number.')):
+    "Rebuild the clinical tables from the immutable data store into an empty store, and compare checksums."
+    from cde_workbench.events import replay, table_checksums
+    from cde_workbench.store import get_engine
+    source, dest = get_engine(), get_engine(target)
+    s = replay(source, dest, from_seq, to_seq)
+    typer.echo(f'replayed {s.messages} messages ({s.errors} processing errors)')
+    if from_seq is None and to_seq is None:
+        a, b = table_checksums(source), table_checksums(dest)
+        differ = [t for t in a if a[t] != b[t]]
+        typer.echo('rebuilt tables equal the live ones' if not differ else f'tables that differ: {", ".join(differ)}')
+        if differ: raise typer.Exit(1)
 
 # %% ../nbs/80_cli.ipynb #6f4794c1
 @app.command()
@@ -178,7 +198,8 @@ def demo(patients: int = typer.Option(3000, min=200, help='Patients in the synth
          seed: int = typer.Option(7, help='Random seed.')):
     "Run the whole workbench end to end on the synthetic hospital and say where the report and dashboard are."
     from cde_workbench.deploy import set_status
-    from cde_workbench.events import ingest_messages
+    from cde_workbench.events import process_pending
+    from cde_workbench.ids import store_messages
     from cde_workbench.monitor import performance_rows
     from cde_workbench.registry import get_model
     from cde_workbench.report import render_report
@@ -217,11 +238,13 @@ def demo(patients: int = typer.Option(3000, min=200, help='Patients in the synth
     for k, wk in enumerate(tqdm(weeks, desc='weeks', unit='week')):
         batch = []
         while done < len(feed) and feed[done][1] <= wk: batch.append(feed[done]); done += 1
-        ti = time.perf_counter(); ingest_messages(engine, batch, name='feed.hl7'); t_ingest += time.perf_counter() - ti
+        ti = time.perf_counter()
+        store_messages(engine, [(m, t, 'file:feed.hl7') for m, t in batch]); process_pending(engine)
+        t_ingest += time.perf_counter() - ti
         ts = time.perf_counter(); run_notebook(engine, dep, 'score', {'as_of': wk.isoformat()}); t_score += time.perf_counter() - ts
         if (k + 1) % 4 == 0 or wk == end:
             tl = time.perf_counter(); run_notebook(engine, dep, 'labels', {'as_of': wk.isoformat()}); t_labels += time.perf_counter() - tl
-    if done < len(feed): ingest_messages(engine, feed[done:], name='feed.hl7')
+    if done < len(feed): store_messages(engine, [(m, t, 'file:feed.hl7') for m, t in feed[done:]]); process_pending(engine)
     tl = time.perf_counter(); run_notebook(engine, dep, 'labels', {'as_of': (end + timedelta(days=2)).isoformat()}); t_labels += time.perf_counter() - tl
     stages.update(ingest_feed=round(t_ingest, 2), scoring_runs=round(t_score, 2), label_runs=round(t_labels, 2))
     stage('silent_trial', t0)

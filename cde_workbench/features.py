@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import numpy as np
@@ -19,10 +19,11 @@ from sklearn.utils.validation import check_is_fitted
 from sqlalchemy.engine import Connection
 
 from .config import SchemaError
-from .store import diagnoses, lab_results, medication_orders, patients, read_frame
+from .store import diagnoses, lab_results, medication_orders, patient_links, patients, read_frame
 
 # %% auto #0
-__all__ = ['EVENT_SCHEMA', 'AGE_BANDS', 'FEATURE_CODE_VERSION', 'FeatureData', 'load_feature_data', 'CountFeaturizer']
+__all__ = ['EVENT_SCHEMA', 'AGE_BANDS', 'FEATURE_CODE_VERSION', 'FeatureData', 'current_versions', 'load_feature_data',
+           'CountFeaturizer']
 
 # %% ../nbs/21_features.ipynb #c0191b29
 _T = pl.Datetime('us', 'UTC')
@@ -31,30 +32,47 @@ EVENT_SCHEMA = {'patient_key': pl.String, 'kind': pl.String, 'code': pl.String, 
 
 @dataclass
 class FeatureData:
-    "What count features are computed from: patients' demographics and a long table of events."
+    "What count features are computed from: demographics, a long table of events, and merged-record links."
     patients: pl.DataFrame
     events: pl.DataFrame
+    links: dict = field(default_factory=dict)  # surrogate key -> the key its record continues as (MRN merges)
+
+def current_versions(labs: pl.DataFrame) -> pl.DataFrame:
+    "Give each result version the time a newer one superseded it (`valid_until`); drop versions never current."
+    newest_first = labs.sort('order_id', 'code', 'result_time', 'value', descending=[False, False, True, True])
+    with_until = newest_first.with_columns(valid_until=pl.col('stored_time').cum_min().shift(1).over('order_id', 'code'))
+    return with_until.filter(pl.col('valid_until').is_null() | (pl.col('valid_until') > pl.col('stored_time'))).drop('order_id', 'result_time')
 
 def load_feature_data(conn: Connection, # open connection to the store
                       patient_keys: list[str] | None = None, # only these patients (serving); None for all
                       as_of: datetime | None = None, # only facts stored by then
                      ) -> FeatureData:
     "Load demographics and dx/med/lab events, optionally for some patients and as stored at `as_of`."
-    def q(table, kind, code, value=None):
+    links = {r.patient_key: r.resolved_key for r in conn.execute(sa.select(patient_links.c.patient_key, patient_links.c.resolved_key))}
+    keys = None
+    if patient_keys is not None:   # a merged record's history belongs to the record it continues as
+        want = {links.get(k, k) for k in patient_keys}
+        keys = sorted(want | {k for k, v in links.items() if v in want})
+    def q(table, kind, code, value=None, extra=()):
         c = table.c
         s = sa.select(c.patient_key, sa.literal(kind).label('kind'), code.label('code'),
-                      (value if value is not None else sa.null()).label('value'), c.event_time, c.stored_time)
-        if patient_keys is not None: s = s.where(c.patient_key.in_(patient_keys))
+                      (value if value is not None else sa.null()).label('value'), c.event_time, c.stored_time, *extra)
+        if keys is not None: s = s.where(c.patient_key.in_(keys))
         if as_of is not None: s = s.where(c.stored_time <= as_of)
         return s
-    parts = [q(diagnoses, 'dx', diagnoses.c.icd10), q(medication_orders, 'med', medication_orders.c.med_code),
-             q(lab_results, 'lab', lab_results.c.component, lab_results.c.value)]
-    events = pl.concat([read_frame(conn, p, EVENT_SCHEMA).cast(EVENT_SCHEMA) for p in parts])
+    r = lab_results.c
+    lab_schema = {**EVENT_SCHEMA, 'order_id': pl.String, 'result_time': _T}
+    labs = read_frame(conn, q(lab_results, 'lab', r.component, r.value,
+                              (r.order_id, sa.func.coalesce(r.result_time, r.stored_time).label('result_time'))), lab_schema).cast(lab_schema)
+    parts = [read_frame(conn, p, EVENT_SCHEMA).cast(EVENT_SCHEMA) for p in (q(diagnoses, 'dx', diagnoses.c.icd10),
+                                                                          q(medication_orders, 'med', medication_orders.c.med_code))]
+    events = pl.concat([p.with_columns(valid_until=pl.lit(None, _T)) for p in parts] + [current_versions(labs)])
+    if links: events = events.with_columns(pl.col('patient_key').replace(links))
     ps = sa.select(patients.c.patient_key, patients.c.birth_year, patients.c.sex, patients.c.race_ethnicity)
-    if patient_keys is not None: ps = ps.where(patients.c.patient_key.in_(patient_keys))
+    if keys is not None: ps = ps.where(patients.c.patient_key.in_(keys))
     if as_of is not None: ps = ps.where(patients.c.stored_time <= as_of)
     pts = read_frame(conn, ps, {'patient_key': pl.String, 'birth_year': pl.Int64, 'sex': pl.String, 'race_ethnicity': pl.String})
-    return FeatureData(pts, events)
+    return FeatureData(pts, events, links)
 
 # %% ../nbs/21_features.ipynb #2e4db76c
 _SHIFT = np.int64(1) << np.int64(34)   # room for ~544 years of seconds per patient
@@ -111,6 +129,7 @@ class CountFeaturizer(BaseEstimator, TransformerMixin):
         "(point index, token string) for every event known at each point, plus demographic tokens; and lab (code, value) seen."
         for c in ('patient_key', 'prediction_time'):
             if c not in points.columns: raise SchemaError(f"feature points need column {c!r}")
+        if data.links: points = points.with_columns(pl.col('patient_key').replace(data.links))
         keys = pl.concat([points['patient_key'], data.events['patient_key'], data.patients['patient_key']]).unique()
         kid = pl.DataFrame({'patient_key': keys, 'pid': np.arange(len(keys), dtype=np.int64)})
         pt_pid = points.select('patient_key').join(kid, on='patient_key', how='left', maintain_order='left')['pid'].to_numpy()
@@ -125,6 +144,9 @@ class CountFeaturizer(BaseEstimator, TransformerMixin):
             ev = ev.with_columns(token=self._event_tokens(ev, kind, edges))
             pi, ei = _window_pairs(ev['pid'].to_numpy(), _seconds(ev['event_time']), pt_pid, pt_sec, days)
             known = _seconds(ev['stored_time'])[ei] <= pt_sec[pi]   # point-in-time: stored by T as well
+            if 'valid_until' in ev.columns and ev['valid_until'].null_count() < ev.height:   # and not yet superseded at T
+                until = ev['valid_until'].dt.epoch('s').fill_null(np.iinfo(np.int64).max).to_numpy()
+                known &= until[ei] > pt_sec[pi]
             pi, ei = pi[known], ei[known]
             if kind == 'lab': lab_seen.append(np.unique(ei)); lab_ev = ev
             out_pt.append(pi); out_tok.append(ev['token'].to_numpy()[ei])

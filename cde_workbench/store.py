@@ -21,7 +21,9 @@ from .config import CDEError, ConfigError, database_url, project_root, utcnow
 
 # %% auto #0
 __all__ = ['metadata', 'T', 'patients', 'patient_identity', 'adt_events', 'diagnoses', 'medication_orders', 'lab_orders',
-           'lab_results', 'hl7_messages', 'models', 'deployments', 'runs', 'inferences', 'inference_labels',
+           'lab_order_events', 'lab_results', 'patient_facts', 'mrn_merges', 'patient_links', 'encounters',
+           'location_visits', 'ids_messages', 'ids_receipts', 'ids_dead_letters', 'processor_state',
+           'processing_errors', 'APPEND_ONLY', 'models', 'deployments', 'runs', 'inferences', 'inference_labels',
            'audit_log', 'UTCDateTime', 'migrations_dir', 'get_engine', 'upgrade', 'dispose_engines', 'audit',
            'read_frame', 'insert_ignore', 'insert_frame']
 
@@ -72,6 +74,7 @@ patient_identity = sa.Table('patient_identity', metadata,
 
 adt_events = _facts('adt_events',
     sa.Column('id', sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column('seq', sa.Integer, index=True),  # the IDS message it came from (null for extracts)
     sa.Column('patient_key', sa.String(32), nullable=False, index=True),
     sa.Column('encounter_id', sa.String(32), nullable=False),
     sa.Column('event_type', sa.String(8), nullable=False),
@@ -80,25 +83,38 @@ adt_events = _facts('adt_events',
 
 diagnoses = _facts('diagnoses',
     sa.Column('id', sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column('seq', sa.Integer, index=True),
     sa.Column('patient_key', sa.String(32), nullable=False, index=True),
     sa.Column('encounter_id', sa.String(32)),
     sa.Column('icd10', sa.String(16), nullable=False))
 
 medication_orders = _facts('medication_orders',
     sa.Column('id', sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column('seq', sa.Integer, index=True),
     sa.Column('patient_key', sa.String(32), nullable=False, index=True),
     sa.Column('encounter_id', sa.String(32)),
     sa.Column('med_code', sa.String(32), nullable=False),
     sa.Column('med_name', sa.String(128)))
 
-lab_orders = _facts('lab_orders',
+lab_orders = _facts('lab_orders',  # current state of each order
     sa.Column('order_id', sa.String(32), primary_key=True),
     sa.Column('patient_key', sa.String(32), nullable=False, index=True),
     sa.Column('encounter_id', sa.String(32)),
+    sa.Column('panel', sa.String(16), nullable=False),
+    sa.Column('status', sa.String(16), nullable=False, server_default='ordered'))
+
+lab_order_events = _facts('lab_order_events',  # every order control message (new, cancel) as received
+    sa.Column('id', sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column('seq', sa.Integer, index=True),
+    sa.Column('order_id', sa.String(32), nullable=False, index=True),
+    sa.Column('control', sa.String(4), nullable=False),
+    sa.Column('patient_key', sa.String(32), nullable=False),
+    sa.Column('encounter_id', sa.String(32)),
     sa.Column('panel', sa.String(16), nullable=False))
 
-lab_results = _facts('lab_results',
+lab_results = _facts('lab_results',  # every version of every result (preliminary, final, corrected)
     sa.Column('id', sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column('seq', sa.Integer, index=True),
     sa.Column('order_id', sa.String(32), nullable=False, index=True),
     sa.Column('patient_key', sa.String(32), nullable=False, index=True),
     sa.Column('component', sa.String(16), nullable=False),
@@ -109,18 +125,88 @@ lab_results = _facts('lab_results',
     sa.Column('ref_high', sa.Float),
     sa.Column('abnormal_flag', sa.String(4)),
     sa.Column('status', sa.String(2), nullable=False),
-    sa.UniqueConstraint('order_id', 'component', name='uq_lab_result'))
+    sa.Column('result_time', T),  # when this version was resulted: the newest wins
+    sa.UniqueConstraint('order_id', 'component', 'seq', name='uq_lab_result_version'))
 
-hl7_messages = sa.Table('hl7_messages', metadata,  # raw feed, append-only
+patient_facts = _facts('patient_facts',  # identifiable demographics as each message gave them
+    sa.Column('id', sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column('seq', sa.Integer, index=True),
+    sa.Column('mrn', sa.String(32), nullable=False, index=True),
+    sa.Column('patient_key', sa.String(32), nullable=False),
+    sa.Column('family_name', sa.String(64)),
+    sa.Column('given_name', sa.String(64)),
+    sa.Column('birth_date', sa.Date),
+    sa.Column('sex', sa.String(16)),
+    sa.Column('race_ethnicity', sa.String(64)))
+
+mrn_merges = _facts('mrn_merges',  # ADT^A40/A34: the retired record continues as the surviving one; nothing is deleted
+    sa.Column('id', sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column('seq', sa.Integer, index=True),
+    sa.Column('retired_mrn', sa.String(32), nullable=False),
+    sa.Column('surviving_mrn', sa.String(32), nullable=False),
+    sa.Column('retired_key', sa.String(32), nullable=False, index=True),
+    sa.Column('surviving_key', sa.String(32), nullable=False))
+
+patient_links = sa.Table('patient_links', metadata,  # current resolution of merged records
+    sa.Column('patient_key', sa.String(32), primary_key=True),
+    sa.Column('resolved_key', sa.String(32), nullable=False, index=True),
+    sa.Column('stored_time', T, nullable=False))
+
+encounters = _facts('encounters',  # current state of each hospital stay, derived from its ADT events
+    sa.Column('encounter_id', sa.String(32), primary_key=True),
+    sa.Column('patient_key', sa.String(32), nullable=False, index=True),
+    sa.Column('status', sa.String(16), nullable=False),
+    sa.Column('admit_time', T),
+    sa.Column('discharge_time', T),
+    sa.Column('ward', sa.String(32)))
+
+location_visits = _facts('location_visits',  # where the patient was, from when to when (event_time = start)
+    sa.Column('encounter_id', sa.String(32), primary_key=True),
+    sa.Column('visit', sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column('patient_key', sa.String(32), nullable=False, index=True),
+    sa.Column('ward', sa.String(32)),
+    sa.Column('end_time', T))
+
+# The immutable data store: raw messages, every receipt, and what could not be parsed. Append-only.
+ids_messages = sa.Table('ids_messages', metadata,
     sa.Column('seq', sa.Integer, primary_key=True, autoincrement=True),
     sa.Column('received_time', T, nullable=False),
-    sa.Column('sending_app', sa.String(64)),
-    sa.Column('sending_facility', sa.String(64)),
+    sa.Column('connection', sa.String(128), nullable=False),
+    sa.Column('sending_app', sa.String(64), nullable=False),
+    sa.Column('sending_facility', sa.String(64), nullable=False),
     sa.Column('message_type', sa.String(16), nullable=False),
     sa.Column('control_id', sa.String(64), nullable=False),
     sa.Column('sha256', sa.String(64), nullable=False),
-    sa.Column('raw', sa.Text, nullable=False),
-    sa.UniqueConstraint('sending_app', 'sending_facility', 'control_id', name='uq_hl7_control'))
+    sa.Column('conflict', sa.Boolean, nullable=False),  # same sender and control id as an earlier message, other payload
+    sa.Column('raw', sa.LargeBinary, nullable=False),
+    sa.UniqueConstraint('sending_app', 'sending_facility', 'control_id', 'sha256', name='uq_ids_message'))
+sa.Index('ix_ids_messages_control', ids_messages.c.control_id)
+
+ids_receipts = sa.Table('ids_receipts', metadata,
+    sa.Column('id', sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column('seq', sa.Integer, sa.ForeignKey('ids_messages.seq'), nullable=False, index=True),
+    sa.Column('received_time', T, nullable=False),
+    sa.Column('connection', sa.String(128), nullable=False))
+
+ids_dead_letters = sa.Table('ids_dead_letters', metadata,
+    sa.Column('id', sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column('received_time', T, nullable=False),
+    sa.Column('connection', sa.String(128), nullable=False),
+    sa.Column('sha256', sa.String(64), nullable=False),
+    sa.Column('reason', sa.Text, nullable=False),
+    sa.Column('raw', sa.LargeBinary, nullable=False))
+
+processor_state = sa.Table('processor_state', metadata,  # how far the event processor has got
+    sa.Column('name', sa.String(32), primary_key=True),
+    sa.Column('last_seq', sa.Integer, nullable=False),
+    sa.Column('updated_at', T, nullable=False))
+
+processing_errors = sa.Table('processing_errors', metadata,  # stored messages the processor could not derive rows from
+    sa.Column('seq', sa.Integer, sa.ForeignKey('ids_messages.seq'), primary_key=True),
+    sa.Column('reason', sa.Text, nullable=False),
+    sa.Column('at', T, nullable=False))
+
+APPEND_ONLY = ('ids_messages', 'ids_receipts', 'ids_dead_letters', 'audit_log')
 
 models = sa.Table('models', metadata,
     sa.Column('model_id', sa.Integer, primary_key=True, autoincrement=True),

@@ -31,16 +31,20 @@ def lab_abnormal_points(conn: Connection, # open connection to the store
     "Prediction points of the lab-abnormal task: one row per order, label null until the result is stored."
     if component not in LABS: raise ConfigError(f"unknown lab component {component!r} (known: {', '.join(LABS)})")
     o, r = lab_orders.c, lab_results.c
-    q = sa.select(o.order_id, o.patient_key, o.event_time.label('prediction_time')).where(o.panel == LABS[component].panel)
+    q = sa.select(o.order_id, o.patient_key, o.event_time.label('prediction_time')).where(o.panel == LABS[component].panel,
+                                                                                          o.status != 'cancelled')
     if start: q = q.where(o.event_time >= start)
     if end: q = q.where(o.event_time < end)
     if as_of: q = q.where(o.stored_time <= as_of, o.event_time <= as_of)
     pts = read_frame(conn, q, POINT_SCHEMA)
-    rq = sa.select(r.order_id, r.value, r.ref_low, r.ref_high, r.abnormal_flag, r.stored_time.label('label_time')).where(r.component == component)
+    # the label is the final (or corrected) result; when several versions are known, the newest result time wins
+    rq = sa.select(r.order_id, r.value, r.ref_low, r.ref_high, r.abnormal_flag, sa.func.coalesce(r.result_time, r.stored_time).label('result_time'),
+                   r.stored_time.label('label_time')).where(r.component == component, r.status.in_(('F', 'C')))
     if start: rq = rq.where(r.event_time >= start)
     if as_of: rq = rq.where(r.stored_time <= as_of)
     res = read_frame(conn, rq, {'order_id': pl.String, 'value': pl.Float64, 'ref_low': pl.Float64, 'ref_high': pl.Float64,
-                                'abnormal_flag': pl.String, 'label_time': pl.Datetime('us', 'UTC')})
+                                'abnormal_flag': pl.String, 'result_time': pl.Datetime('us', 'UTC'), 'label_time': pl.Datetime('us', 'UTC')})
+    res = res.sort('order_id', 'result_time', 'value', nulls_last=False).unique('order_id', keep='last', maintain_order=True)
     res = res.with_columns(label=pl.when(pl.col('ref_low').is_not_null() & pl.col('ref_high').is_not_null())
                            .then((pl.col('value') < pl.col('ref_low')) | (pl.col('value') > pl.col('ref_high')))
                            .otherwise(pl.col('abnormal_flag').is_in(['L', 'H', 'LL', 'HH', 'A'])).cast(pl.Int8))

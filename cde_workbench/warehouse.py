@@ -26,7 +26,13 @@ _TABLES = {'patients': patients, 'adt_events': adt_events, 'diagnoses': diagnose
 _TIME_COLS = ('event_time', 'stored_time')
 
 def _expected_columns(table: sa.Table) -> list[str]:
-    return [c.name for c in table.columns if c.name not in ('id', 'source')]
+    "Columns an extract gives (the surrogate id, the source tag and the HL7 sequence are the store's own)."
+    return [c.name for c in table.columns if c.name not in ('id', 'source', 'seq')]
+
+def _optional(table: sa.Table) -> dict[str, object]:
+    "Columns an extract may leave out, with the value they then take."
+    return {c.name: (c.server_default.arg if c.server_default is not None else None) for c in table.columns
+            if c.name in _expected_columns(table) and (c.nullable or c.server_default is not None)}
 
 def extract_fingerprint(folder: Path) -> str:
     "sha256 over the extract's Parquet files, in name order."
@@ -45,6 +51,8 @@ def check_tables(tables: dict[str, pl.DataFrame], # one frame per clinical table
         df = tables[tname]
         where = f"{name} ({tname})"
         want = _expected_columns(table)
+        df = df.with_columns(pl.lit(v).alias(c) for c, v in _optional(table).items() if c not in df.columns)
+        if 'result_time' in want and df.schema['result_time'] == pl.Null: df = df.with_columns(pl.col('result_time').cast(pl.Datetime('us', 'UTC')))
         missing = [c for c in want if c not in df.columns]
         if missing: raise SchemaError(f"{where}: missing column(s) {', '.join(missing)}")
         for c in want:

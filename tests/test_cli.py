@@ -31,15 +31,18 @@ def test_missing_files(tmp_path):
     one_line_error(cde('ingest', 'file', str(tmp_path / 'feed.hl7')), 'feed.hl7', 'does not exist')
 
 
-def test_malformed_hl7_file_stores_nothing(tmp_path):
+def test_malformed_hl7_messages_go_to_dead_letters(tmp_path):
     db = tmp_path / 'var'
     good = 'MSH|^~\\&|A|B|C|D|20240101000000+0000||ADT^A01|1|P|2.5\rEVN|A01|20240101000000+0000\rPID|1||M1||X^Y||19500101|F\rPV1|1|I|W||||||||||||||||E1'
     (tmp_path / 'feed.hl7').write_text(good + '\n' + 'PID|no header\n', newline='')
     r = cde('ingest', 'file', str(tmp_path / 'feed.hl7'), env={'CDE_VAR': str(db)})
-    one_line_error(r, 'feed.hl7 message 2', 'MSH')
+    assert r.returncode == 0 and '1 stored' in r.stdout and '1 dead letter' in r.stdout, r.stdout + r.stderr
     import sqlalchemy as sa
     eng = sa.create_engine(f'sqlite:///{db}/cde.sqlite')
-    with eng.connect() as c: assert c.execute(sa.text('select count(*) from hl7_messages')).scalar() == 0
+    with eng.connect() as c:
+        assert c.execute(sa.text('select count(*) from ids_messages')).scalar() == 1
+        assert 'MSH' in c.execute(sa.text('select reason from ids_dead_letters')).scalar()
+        assert c.execute(sa.text('select count(*) from encounters')).scalar() == 1
 
 
 @pytest.mark.parametrize('toml,needle', [

@@ -8,9 +8,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from cde_workbench.config import CDEError, IngestError
-from cde_workbench.events import ingest_messages
-from cde_workbench.store import (audit, audit_log, dispose_engines, get_engine, hl7_messages, insert_ignore, lab_results,
-                                 metadata, patients, read_frame)
+from cde_workbench.events import process_pending
+from cde_workbench.ids import store_messages
+from cde_workbench.store import (audit, audit_log, dispose_engines, get_engine, ids_messages, insert_ignore, lab_results,
+                                 metadata, patients, read_frame, upgrade)
 from cde_workbench.synth import HospitalConfig, generate, hl7_feed, write_warehouse_extract
 from cde_workbench.warehouse import load_warehouse_extract
 
@@ -26,7 +27,9 @@ def test_migrations_build_exactly_the_declared_schema(engine):
     with engine.connect() as c:
         diff = compare_metadata(MigrationContext.configure(c, opts={'compare_type': False}), metadata)
         version = c.execute(sa.text('select version_num from alembic_version')).scalar()
-    assert diff == [] and version == '0001'
+    from alembic.script import ScriptDirectory
+    from cde_workbench.store import migrations_dir
+    assert diff == [] and version == ScriptDirectory(str(migrations_dir())).get_current_head()
 
 
 def test_times_round_trip_as_aware_utc(engine):
@@ -41,16 +44,34 @@ def test_times_round_trip_as_aware_utc(engine):
                                                stored_time=datetime(2024, 1, 1), source='t'))
 
 
-@pytest.mark.parametrize('table', ['hl7_messages', 'audit_log'])
-def test_raw_feed_and_audit_log_are_append_only_in_the_database(engine, table):
-    with engine.begin() as c:
-        audit(c, 'test', 'x', actor='tester')
-        c.execute(hl7_messages.insert().values(received_time=datetime.now(timezone.utc), sending_app='A', sending_facility='B',
-                                               message_type='ADT^A01', control_id='1', sha256='0' * 64, raw='MSH|'))
-    for stmt in (f'UPDATE {table} SET {"raw" if table == "hl7_messages" else "actor"} = \'x\'', f'DELETE FROM {table}'):
+@pytest.mark.parametrize('table', ['ids_messages', 'ids_receipts', 'ids_dead_letters', 'audit_log'])
+def test_immutable_store_and_audit_log_are_append_only_in_the_database(engine, table):
+    t0 = datetime.now(timezone.utc)
+    with engine.begin() as c: audit(c, 'test', 'x', actor='tester')
+    store_messages(engine, [('MSH|^~\\&|A|B|C|D|20240101000000||ADT^A01|1|P|2.5', t0, 'test'), (b'junk', t0, 'test')])
+    for stmt in (f"UPDATE {table} SET {'reason' if table == 'ids_dead_letters' else 'connection' if table != 'audit_log' else 'actor'} = 'x'",
+                 f'DELETE FROM {table}'):
         with pytest.raises(sa.exc.DatabaseError, match='append-only'):
             with engine.begin() as c: c.execute(sa.text(stmt))
     with engine.connect() as c: assert c.execute(sa.select(sa.func.count()).select_from(sa.table(table))).scalar() == 1
+
+
+def test_the_skeletons_raw_feed_moves_into_the_immutable_store(store_url):
+    eng = sa.create_engine(store_url)
+    from cde_workbench import store
+    store_engine = get_engine(store_url, migrate=False)
+    upgrade(store_engine, '0001')
+    with store_engine.begin() as c:
+        c.execute(sa.text("INSERT INTO hl7_messages (received_time, sending_app, sending_facility, message_type, control_id, sha256, raw) "
+                          "VALUES (:t, 'A', 'B', 'ADT^A01', 'C1', :h, 'MSH|^~\\&|A|B')"), dict(t=datetime(2024, 1, 1, tzinfo=timezone.utc), h='0' * 64))
+    upgrade(store_engine)
+    with store_engine.connect() as c:
+        row = c.execute(sa.select(ids_messages)).one()
+        assert row.raw == b'MSH|^~\\&|A|B' and row.connection == 'migrated' and row.control_id == 'C1'
+        assert c.execute(sa.text('select count(*) from ids_receipts')).scalar() == 1
+    out = store_messages(store_engine, [('MSH|^~\\&|A|B|C|D|20240101000000||ADT^A01|C2|P|2.5', datetime.now(timezone.utc), 't')])
+    assert out[0].seq == row.seq + 1   # the sequence continues after migrated rows
+    eng.dispose()
 
 
 def test_insert_ignore_skips_existing_keys(engine):
@@ -67,26 +88,34 @@ def test_warehouse_and_feed_load_the_same_on_both_backends(engine, tmp_path, mon
     counts = write_warehouse_extract(h, tmp_path / 'x')
     assert load_warehouse_extract(engine, tmp_path / 'x') == counts
     feed = hl7_feed(h)
-    s = ingest_messages(engine, [(m, t + timedelta(seconds=30)) for t, m in feed])
-    assert s.stored == len(feed)
+    out = store_messages(engine, [(m, t + timedelta(seconds=30), 'test') for t, m in feed])
+    assert all(o.status == 'stored' for o in out)
+    s = process_pending(engine)
+    assert s.messages == len(feed) and s.errors == 0
     with engine.connect() as c:
         n_results = c.execute(sa.select(sa.func.count()).select_from(lab_results)).scalar()
         by_source = dict(c.execute(sa.select(lab_results.c.source, sa.func.count()).group_by(lab_results.c.source)).all())
     assert n_results == h.results.height and by_source['warehouse'] == counts['lab_results']
 
 
-def test_a_malformed_message_leaves_the_store_as_it_was(engine, tmp_path, monkeypatch):
+def test_a_storage_failure_stores_nothing_of_the_batch(engine, tmp_path, monkeypatch):
+    "A failing write (here a trigger standing in for a full disk) rolls the whole group commit back."
     monkeypatch.setenv('CDE_SITE_KEY_FILE', str(tmp_path / 'site.key'))
     feed = hl7_feed(generate(HospitalConfig(n_patients=40, seed=12)))
-    ingest_messages(engine, [(m, t) for t, m in feed[:20]])
+    store_messages(engine, [(m, t, 'ok') for t, m in feed[:20]])
     def snapshot():
         with engine.connect() as c:
             return {t.name: c.execute(sa.select(sa.func.count()).select_from(t)).scalar() for t in metadata.sorted_tables}
+    with engine.begin() as c:
+        if engine.dialect.name == 'postgresql':
+            c.execute(sa.text("CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                              "IF NEW.connection = 'boom' THEN RAISE EXCEPTION 'could not extend file: No space left on device'; END IF; "
+                              "RETURN NEW; END $$"))
+            c.execute(sa.text('CREATE TRIGGER boom BEFORE INSERT ON ids_receipts FOR EACH ROW EXECUTE FUNCTION boom()'))
+        else:
+            c.execute(sa.text("CREATE TRIGGER boom BEFORE INSERT ON ids_receipts WHEN NEW.connection = 'boom' "
+                              "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"))
     before = snapshot()
-    # a result message whose value is not a number, after good messages in the same batch
-    oru = next(m for _, m in feed[20:] if 'ORU^R01' in m.split('\r')[0])
-    segs = oru.split('\r'); i = next(k for k, s in enumerate(segs) if s.startswith('OBX'))
-    f = segs[i].split('|'); f[5] = 'twelve'; segs[i] = '|'.join(f)
-    with pytest.raises(IngestError, match=r'OBX-5 .twelve. .* not a number'):
-        ingest_messages(engine, [(m, t) for t, m in feed[20:40]] + [('\r'.join(segs).replace('SYN', 'BAD'), feed[40][0])], name='batch.hl7')
+    with pytest.raises(sa.exc.DatabaseError):
+        store_messages(engine, [(m, t, 'ok') for t, m in feed[20:40]] + [(feed[40][1], feed[40][0], 'boom')])
     assert snapshot() == before

@@ -1,0 +1,165 @@
+"""The event processor: same final state for every arrival order, merges, cancels and corrections,
+resumable processing, and replay into an empty store giving identical tables (SQLite and PostgreSQL)."""
+import itertools
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+
+from cde_workbench.events import DERIVED_TABLES, process_messages, process_pending, replay, table_checksums
+from cde_workbench.hl7 import format_ts, join_segments, msh, segment
+from cde_workbench.ids import store_messages
+from cde_workbench.store import dispose_engines, get_engine
+from cde_workbench.synth import HospitalConfig, generate, hl7_feed
+
+T0 = datetime(2024, 3, 1, 8, tzinfo=timezone.utc)
+KEY = bytes(32)
+
+
+def at(hours): return T0 + timedelta(hours=hours)
+
+
+def pid(mrn, family='Smith', given='Ann'):
+    return segment('PID', 1, '', (mrn, '', '', 'HOSP', 'MR'), '', (family, given), '', '19500102', 'F', '', 'White')
+
+
+def pv1(enc, ward=''):
+    return segment('PV1', 1, 'I', (ward, '', ''), *[''] * 15, enc)
+
+
+def adt(cid, event, hours, mrn='M1', enc='E1', ward='', extra=(), family='Smith'):
+    return join_segments([msh('ADT', event, cid, at(hours)), segment('EVN', event, format_ts(at(hours))), pid(mrn, family), pv1(enc, ward), *extra])
+
+
+def orm(cid, order, hours, control='NW', mrn='M1', enc='E1'):
+    return join_segments([msh('ORM', 'O01', cid, at(hours)), pid(mrn), pv1(enc), segment('ORC', control, order, *[''] * 6, format_ts(at(hours))),
+                          segment('OBR', 1, order, order, ('CBC', 'CBC', 'LOCAL'), '', '', format_ts(at(hours)))])
+
+
+def oru(cid, order, hours, value, status, mrn='M1', enc='E1', drawn=1):
+    obr = segment('OBR', 1, order, order, ('CBC', 'CBC', 'LOCAL'), '', '', format_ts(at(drawn)), *[''] * 14, format_ts(at(hours)))
+    obx = segment('OBX', 1, 'NM', ('718-7', 'Hemoglobin', 'LN'), '', value, ('g/dL',), '12-15.5', 'N',
+                  '', '', status, '', '', format_ts(at(drawn)))
+    return join_segments([msh('ORU', 'R01', cid, at(hours)), pid(mrn), pv1(enc), segment('ORC', 'RE', order), obr, obx])
+
+
+def merge(cid, hours, surviving, retired):
+    return join_segments([msh('ADT', 'A40', cid, at(hours)), segment('EVN', 'A40', format_ts(at(hours))), pid(surviving),
+                          segment('MRG', (retired, '', '', 'HOSP', 'MR'))])
+
+
+SCENARIOS = {
+    'encounter lifecycle': [adt('a1', 'A01', 0, ward='MED1'), adt('a2', 'A02', 5, ward='ICU'), adt('a3', 'A02', 30, ward='MED2'),
+                            adt('a4', 'A03', 50), adt('a5', 'A13', 51), adt('a6', 'A12', 52, ward='ICU')],
+    'merge before the retired record exists': [adt('b1', 'A01', 0, mrn='OLD', enc='E7', ward='MED1'), merge('b2', 1, 'NEW', 'OLD'),
+                                               adt('b3', 'A01', 40, mrn='NEW', enc='E8', ward='SURG'), oru('b4', 'O7', 3, '10.1', 'F', mrn='OLD', enc='E7'),
+                                               adt('b5', 'A08', 60, mrn='NEW', enc='E8', ward='SURG', family='Smythe')],
+    'result corrected': [orm('c1', 'O1', 1, enc='E3'), oru('c2', 'O1', 2, '11.0', 'P', enc='E3'), oru('c3', 'O1', 3, '11.5', 'F', enc='E3'),
+                         oru('c4', 'O1', 9, '12.5', 'C', enc='E3'), adt('c5', 'A01', 0, enc='E3', ward='MED1'), adt('c6', 'A03', 20, enc='E3')],
+    'admission cancelled, order cancelled': [adt('d1', 'A01', 0, enc='E4', ward='MED1'), orm('d2', 'O2', 1, enc='E4'), orm('d3', 'O3', 2, enc='E4'),
+                                             orm('d4', 'O3', 3, control='CA', enc='E4'), oru('d5', 'O2', 4, '13.0', 'F', enc='E4'),
+                                             adt('d6', 'A11', 6, enc='E4'), adt('d7', 'A08', 5, enc='E4', ward='MED1', family='Jones')],
+}
+SKIP = {'id', 'seq', 'stored_time', 'at'}   # arrival-dependent by definition
+
+
+def snapshot(conn):
+    out = {}
+    for t in DERIVED_TABLES:
+        cols = [c for c in t.columns if c.name not in SKIP]
+        out[t.name] = sorted(tuple(str(v) for v in r) for r in conn.execute(sa.select(*cols)))
+    return out
+
+
+@pytest.fixture
+def sqlite_engine(tmp_path):
+    eng = get_engine(f'sqlite:///{tmp_path}/events.sqlite')
+    yield eng
+    dispose_engines()
+
+
+@pytest.mark.parametrize('name', list(SCENARIOS))
+def test_every_arrival_order_gives_the_same_state(sqlite_engine, name):
+    msgs = SCENARIOS[name]
+    states, t_start = set(), time.perf_counter()
+    with sqlite_engine.connect() as conn:
+        for order in itertools.permutations(range(len(msgs))):
+            tx = conn.begin()
+            for arrival, i in enumerate(order):   # one message at a time, as a live feed delivers them
+                s = process_messages(conn, [(arrival + 1, msgs[i], T0 + timedelta(days=arrival))], KEY)
+                assert s.errors == 0
+            states.add(repr(snapshot(conn)))
+            if len(states) > 1: break
+            tx.rollback()
+    assert len(states) == 1, f'{name}: arrival order changed the final state'
+    n = len(list(itertools.permutations(msgs)))
+    print(f'{name}: {n} orderings in {time.perf_counter() - t_start:.1f} s')
+
+
+def test_scenarios_end_in_the_right_state(sqlite_engine):
+    with sqlite_engine.begin() as conn:
+        for k, (name, msgs) in enumerate(SCENARIOS.items()):
+            process_messages(conn, [(100 * k + i, m, T0) for i, m in enumerate(reversed(msgs))], KEY)
+        q = lambda sql: conn.execute(sa.text(sql)).all()
+        assert q("select status, ward, discharge_time from encounters where encounter_id='E4'") == [('cancelled', None, None)]
+        assert q("select count(*) from location_visits where encounter_id='E4'") == [(0,)]
+        assert q("select status, ward from encounters where encounter_id='E1'") == [('admitted', 'ICU')]
+        assert q("select status from lab_orders where order_id='O3'") == [('cancelled',)]
+        assert q("select status from lab_orders where order_id='O2'") == [('resulted',)]
+        assert [r[0] for r in q("select family_name from patient_identity where mrn='NEW'")] == ['Smythe']
+        retired, surviving = (q(f"select patient_key from patient_identity where mrn='{m}'")[0][0] for m in ('OLD', 'NEW'))
+        assert q('select patient_key, resolved_key from patient_links') == [(retired, surviving)]
+        assert q("select count(*) from patient_identity where mrn='OLD'")[0][0] == 1   # nothing deleted
+        assert sorted(q("select status, value from lab_results where order_id='O1'")) == [('C', 12.5), ('F', 11.5), ('P', 11.0)]
+
+
+def test_the_lifecycle_scenario_in_detail(sqlite_engine):
+    with sqlite_engine.begin() as conn:
+        process_messages(conn, [(i, m, T0) for i, m in enumerate(SCENARIOS['encounter lifecycle'])], KEY)
+        assert conn.execute(sa.text("select status, ward, discharge_time from encounters")).all() == [('admitted', 'ICU', None)]
+        assert [r[0] for r in conn.execute(sa.text('select ward from location_visits order by visit'))] == ['MED1', 'ICU']
+
+
+def test_labels_and_features_use_the_newest_result_known_at_the_time(sqlite_engine):
+    from cde_workbench.features import load_feature_data
+    from cde_workbench.tasks import lab_abnormal_points
+    with sqlite_engine.begin() as conn:
+        process_messages(conn, [(i + 1, m, at(h)) for i, (m, h) in enumerate(zip(SCENARIOS['result corrected'], (1, 2, 3, 9, 0, 20)))], KEY)
+    with sqlite_engine.connect() as conn:
+        label = lambda t: lab_abnormal_points(conn, 'HGB', as_of=t).filter(__import__('polars').col('order_id') == 'O1')['label'][0]
+        assert label(at(2.5)) is None            # only the preliminary result: no label yet
+        assert label(at(5)) == 1                 # final 11.5 is below 12
+        assert label(at(10)) == 0                # corrected to 12.5
+        ev = load_feature_data(conn).events.filter(kind='lab')
+        assert sorted(ev['value'].to_list()) == [11.0, 11.5, 12.5] and ev['valid_until'].null_count() == 1
+
+
+def test_processing_errors_are_recorded_and_the_rest_goes_on(sqlite_engine, tmp_path, monkeypatch):
+    monkeypatch.setenv('CDE_SITE_KEY_FILE', str(tmp_path / 'site.key'))
+    store_messages(sqlite_engine, [(oru('e1', 'O9', 2, 'twelve', 'F'), T0, 't'), (adt('e2', 'A01', 0, enc='E9', ward='MED1'), T0, 't')])
+    s = process_pending(sqlite_engine)
+    assert (s.messages, s.errors) == (2, 1)
+    with sqlite_engine.connect() as conn:
+        reason = conn.execute(sa.text('select reason from processing_errors where seq=1')).scalar()
+        assert "OBX-5 'twelve'" in reason and 'not a number' in reason
+        assert conn.execute(sa.text("select count(*) from encounters where encounter_id='E9'")).scalar() == 1
+    assert process_pending(sqlite_engine).messages == 0   # the cursor moved past both
+
+
+def test_resumable_processing_and_replay_rebuild_identical_tables(store_url, tmp_path, monkeypatch):
+    monkeypatch.setenv('CDE_SITE_KEY_FILE', str(tmp_path / 'site.key'))
+    live = get_engine(store_url)
+    feed = hl7_feed(generate(HospitalConfig(n_patients=60, seed=4, start='2023-10-01')))
+    extra = [m for msgs in SCENARIOS.values() for m in msgs]
+    items = [(m, t, 'live') for t, m in feed] + [(m, T0, 'live') for m in extra]
+    for i in range(0, len(items), 97):   # arrives in pieces, processed after each piece, in small batches
+        store_messages(live, items[i:i + 97])
+        process_pending(live, batch=40)
+    target = get_engine(f'sqlite:///{tmp_path}/replayed.sqlite')
+    s = replay(live, target)
+    assert s.messages == len(items)
+    a, b = table_checksums(live), table_checksums(target)
+    assert a == b and int(a['lab_results'].split(':')[0]) > 100
+    with pytest.raises(Exception, match='not empty'):
+        replay(live, target)
