@@ -9,6 +9,7 @@ import json
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Optional
@@ -21,8 +22,9 @@ from .config import CDEError, ConfigError, as_utc, database_url, load_deployment
 # `cde --help` and argument errors answer at once.
 
 # %% auto #0
-__all__ = ['app', 'ingest_app', 'DEMO_DEPLOYMENT', 'synth', 'ingest_warehouse', 'feed_with_times', 'ingest_file', 'ingest_replay',
-           'train', 'deploy', 'score', 'labels', 'report', 'dashboard', 'demo', 'main']
+__all__ = ['app', 'ingest_app', 'DEMO_DEPLOYMENT', 'synth', 'ingest_warehouse', 'feed_with_times', 'ingest_synthea',
+           'ingest_fhir', 'ingest_file', 'ingest_mllp', 'ingest_process', 'ingest_replay', 'train', 'deploy', 'score',
+           'labels', 'report', 'dashboard', 'mllp_receiver', 'demo', 'main']
 
 # %% ../nbs/80_cli.ipynb #636e4249
 app = typer.Typer(help='cde-workbench: take a clinical model from the research notebook to a silent trial, a report and a dashboard.',
@@ -59,14 +61,27 @@ def ingest_warehouse(folder: Path = typer.Argument(..., help='Folder of the extr
     typer.echo('already loaded; nothing to do' if not counts else 'loaded ' + ', '.join(f'{k} {v}' for k, v in counts.items()))
 
 def feed_with_times(path: Path, delay_seconds: float = 30.0) -> list[tuple[str, datetime]]:
-    "Messages of a feed file with a simulated receive time: message time (MSH-7) plus a delivery delay."
+    "Messages of a feed file with replayed receive times: message time (MSH-7) plus a delay, never going backwards."
     from cde_workbench.events import read_feed_file
-    from cde_workbench.hl7 import parse_message, parse_ts
-    out = []
-    for i, raw in enumerate(read_feed_file(path)):
-        m = parse_message(raw, f'{path} message {i + 1}')
-        out.append((raw, parse_ts(m.field('MSH', 7), f'{path} message {i + 1} MSH-7') + timedelta(seconds=delay_seconds)))
-    return out
+    from cde_workbench.mllp import ReplayClock
+    clock = ReplayClock(delay_seconds)
+    return [(m, clock(m)) for m in read_feed_file(path)]
+
+@ingest_app.command('synthea')
+def ingest_synthea(folder: Path = typer.Argument(..., help='Folder of a Synthea CSV export (patients.csv, encounters.csv, ...).')):
+    "Load a Synthea CSV export into the clinical tables (all or nothing; a second load of the same export does nothing)."
+    from cde_workbench.store import get_engine
+    from cde_workbench.synthea import load_synthea
+    counts = load_synthea(get_engine(), folder)
+    typer.echo('already loaded; nothing to do' if not counts else 'loaded ' + ', '.join(f'{k} {v}' for k, v in counts.items()))
+
+@ingest_app.command('fhir')
+def ingest_fhir(paths: list[Path] = typer.Argument(..., help='FHIR R4 Bundle JSON files (Patient, Encounter, Observation, Condition, MedicationRequest).')):
+    "Load FHIR R4 bundles into the clinical tables (all or nothing)."
+    from cde_workbench.fhir import load_fhir
+    from cde_workbench.store import get_engine
+    counts = load_fhir(get_engine(), paths)
+    typer.echo('already loaded; nothing to do' if not counts else 'loaded ' + ', '.join(f'{k} {v}' for k, v in counts.items()))
 
 @ingest_app.command('file')
 def ingest_file(path: Path = typer.Argument(..., help='HL7 v2 file: one message per line, segments separated by CR.'),
@@ -81,6 +96,27 @@ def ingest_file(path: Path = typer.Argument(..., help='HL7 v2 file: one message 
     s = process_pending(engine)
     counts = {k: sum(o.status == k for o in out) for k in ('stored', 'duplicate', 'conflict', 'dead_letter')}
     typer.echo(', '.join(f'{v} {k.replace("_", " ")}' for k, v in counts.items()) + f'; {s.messages} processed, {s.errors} processing errors')
+
+@ingest_app.command('mllp')
+def ingest_mllp(port: int = typer.Option(2575, help='TCP port to listen on.'),
+                host: str = typer.Option('127.0.0.1', help='Address to bind; the default keeps the receiver on this machine.'),
+                max_frame: int = typer.Option(1 << 20, min=1024, help='Largest message accepted, in bytes.'),
+                process: bool = typer.Option(True, help='Keep the clinical tables up to date behind the store (else run `cde ingest process`).'),
+                replay_clock: bool = typer.Option(False, help='Stamp messages with their own time (MSH-7) + 30 s: only for replaying a recorded feed.')):
+    "Receive HL7 v2 over MLLP; acknowledge each message once it is committed to the immutable data store (Ctrl-C stops)."
+    from cde_workbench.mllp import ReplayClock, serve
+    from cde_workbench.store import get_engine
+    engine = get_engine()
+    serve(engine, host, port, max_frame, process, clock=ReplayClock() if replay_clock else None,
+          ready=lambda p: typer.echo(f'listening on {host}:{p} (MLLP); storing into {engine.url.render_as_string(hide_password=True)}', err=True))
+
+@ingest_app.command('process')
+def ingest_process():
+    "Derive the clinical tables from stored messages not yet processed (resumes where it stopped)."
+    from cde_workbench.events import process_pending
+    from cde_workbench.store import get_engine
+    s = process_pending(get_engine())
+    typer.echo(f'{s.messages} messages processed, {s.errors} processing errors, up to sequence {s.last_seq}')
 
 @ingest_app.command('replay')
 def ingest_replay(target: str = typer.Argument(..., help='SQLAlchemy URL of an empty store to rebuild into.'),
@@ -193,13 +229,39 @@ def _reset_demo_store() -> None:
                 if f.is_file(): f.chmod(0o644)
             shutil.rmtree(p)
 
+@contextmanager
+def mllp_receiver(replay_clock: bool = False, timeout: float = 60.0):
+    "Run `cde ingest mllp` as its own process on a free loopback port for the duration; yields the port."
+    import os, signal, socket, subprocess
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0)); port = sock.getsockname()[1]
+    cmd = [sys.executable, '-c', 'from cde_workbench.cli import main; main()', 'ingest', 'mllp', '--port', str(port), '--no-process']
+    if replay_clock: cmd.append('--replay-clock')
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None: raise ConfigError(f"the MLLP receiver stopped: {proc.stderr.read().decode(errors='replace')[-500:]}")
+            try:
+                with socket.create_connection(('127.0.0.1', port), timeout=0.5): break
+            except OSError:
+                if time.monotonic() > deadline: raise ConfigError(f'the MLLP receiver did not start within {timeout:.0f} s')
+                time.sleep(0.1)
+        yield port
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try: proc.wait(30)
+        except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL); proc.wait()
+
 @app.command()
 def demo(patients: int = typer.Option(3000, min=200, help='Patients in the synthetic hospital.'),
          seed: int = typer.Option(7, help='Random seed.')):
     "Run the whole workbench end to end on the synthetic hospital and say where the report and dashboard are."
     from cde_workbench.deploy import set_status
+    import asyncio
+    import sqlalchemy as sa
     from cde_workbench.events import process_pending
-    from cde_workbench.ids import store_messages
+    from cde_workbench.mllp import send_messages
     from cde_workbench.monitor import performance_rows
     from cde_workbench.registry import get_model
     from cde_workbench.report import render_report
@@ -216,7 +278,8 @@ def demo(patients: int = typer.Option(3000, min=200, help='Patients in the synth
     with engine.begin() as c: audit(c, 'demo.start', str(database_url()), {'patients': patients, 'seed': seed})
     typer.echo(f'1/6 synthetic hospital ({patients} patients)')
     t0 = time.perf_counter()
-    cfg = HospitalConfig(n_patients=patients, seed=seed)
+    # a realistic feed: some messages sent twice, some late, a few garbled, some patients registered twice then merged
+    cfg = HospitalConfig(n_patients=patients, seed=seed, duplicate_rate=0.01, late_rate=0.02, merge_rate=0.02, malformed_rate=0.002)
     h = generate(cfg)
     out = var_dir() / 'synth'
     write_warehouse_extract(h, out / 'warehouse'); write_hl7_feed(h, out / 'feed.hl7')
@@ -228,24 +291,32 @@ def demo(patients: int = typer.Option(3000, min=200, help='Patients in the synth
     with engine.connect() as c: rec = get_model(c, dep.name)
     set_status(engine, dep.name, 'silent', rec.model_id, 'demo: silent trial')
     stage('train', t0)
-    typer.echo('4/6 silent trial: feed replayed week by week, score.ipynb after each week'); t0 = time.perf_counter()
-    feed = feed_with_times(out / 'feed.hl7')
+    typer.echo('4/6 silent trial: the feed sent week by week over MLLP to `cde ingest mllp`, score.ipynb after each week')
+    t0 = time.perf_counter()
+    feed = feed_with_times(out / 'feed.hl7')   # the receive time each message will get (the receiver's replay clock)
     start, end = datetime.fromisoformat(cfg.cutover).replace(tzinfo=timezone.utc), datetime.fromisoformat(cfg.end).replace(tzinfo=timezone.utc)
     weeks = []
     w = start
     while w < end: w = min(w + timedelta(days=7), end); weeks.append(w)
-    done, t_ingest, t_score, t_labels = 0, 0.0, 0.0, 0.0
-    for k, wk in enumerate(tqdm(weeks, desc='weeks', unit='week')):
-        batch = []
-        while done < len(feed) and feed[done][1] <= wk: batch.append(feed[done]); done += 1
-        ti = time.perf_counter()
-        store_messages(engine, [(m, t, 'file:feed.hl7') for m, t in batch]); process_pending(engine)
-        t_ingest += time.perf_counter() - ti
-        ts = time.perf_counter(); run_notebook(engine, dep, 'score', {'as_of': wk.isoformat()}); t_score += time.perf_counter() - ts
-        if (k + 1) % 4 == 0 or wk == end:
-            tl = time.perf_counter(); run_notebook(engine, dep, 'labels', {'as_of': wk.isoformat()}); t_labels += time.perf_counter() - tl
-    if done < len(feed): store_messages(engine, [(m, t, 'file:feed.hl7') for m, t in feed[done:]]); process_pending(engine)
+    done, t_ingest, t_score, t_labels, acks = 0, 0.0, 0.0, 0.0, {}
+    with mllp_receiver(replay_clock=True) as port:
+        for k, wk in enumerate(tqdm(weeks, desc='weeks', unit='week')):
+            batch = []
+            while done < len(feed) and feed[done][1] <= wk: batch.append(feed[done][0]); done += 1
+            ti = time.perf_counter()
+            for code in asyncio.run(send_messages(batch, port=port, window=32, timeout=60)).acks.values(): acks[code] = acks.get(code, 0) + 1
+            process_pending(engine)
+            t_ingest += time.perf_counter() - ti
+            ts = time.perf_counter(); run_notebook(engine, dep, 'score', {'as_of': wk.isoformat()}); t_score += time.perf_counter() - ts
+            if (k + 1) % 4 == 0 or wk == end:
+                tl = time.perf_counter(); run_notebook(engine, dep, 'labels', {'as_of': wk.isoformat()}); t_labels += time.perf_counter() - tl
+        if done < len(feed): asyncio.run(send_messages([m for m, _ in feed[done:]], port=port, window=32, timeout=60)); process_pending(engine)
     tl = time.perf_counter(); run_notebook(engine, dep, 'labels', {'as_of': (end + timedelta(days=2)).isoformat()}); t_labels += time.perf_counter() - tl
+    with engine.connect() as c:
+        n = {t: c.execute(sa.text(f'select count(*) from {t}')).scalar() for t in ('ids_messages', 'ids_receipts', 'ids_dead_letters', 'mrn_merges', 'processing_errors')}
+    typer.echo(f"  {len(feed)} messages sent ({', '.join(f'{v} {k}' for k, v in sorted(acks.items()))}): {n['ids_messages']} stored, "
+               f"{n['ids_receipts'] - n['ids_messages']} duplicates acknowledged again, {n['ids_dead_letters']} dead letters, "
+               f"{n['mrn_merges']} MRN merges, {n['processing_errors']} processing errors")
     stages.update(ingest_feed=round(t_ingest, 2), scoring_runs=round(t_score, 2), label_runs=round(t_labels, 2))
     stage('silent_trial', t0)
     typer.echo('5/6 report (report.ipynb by papermill, nbconvert)'); t0 = time.perf_counter()

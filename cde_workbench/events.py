@@ -307,12 +307,14 @@ def process_pending(engine: Engine, # the store
 DERIVED_TABLES = (patient_facts, patient_identity, patients, mrn_merges, patient_links, adt_events, encounters, location_visits,
                   diagnoses, medication_orders, lab_order_events, lab_orders, lab_results, processing_errors)
 
-def table_checksums(engine: Engine, tables=DERIVED_TABLES, source: str | None = 'hl7') -> dict[str, str]:
-    "sha256 of each table's rows (sorted; surrogate `id` and processing timestamps left out), optionally one source only."
+def table_checksums(engine: Engine, tables=DERIVED_TABLES, source: str | None = 'hl7',
+                    ignore: tuple = ('id', 'at'), # columns left out: surrogate ids and processing timestamps by default
+                   ) -> dict[str, str]:
+    "sha256 of each table's rows (sorted; the `ignore` columns left out), optionally one source only."
     out = {}
     with engine.connect() as conn:
         for t in tables:
-            cols = [c for c in t.columns if c.name not in ('id', 'at')]
+            cols = [c for c in t.columns if c.name not in ignore]
             q = sa.select(*cols)
             if source is not None and 'source' in t.c: q = q.where(t.c.source == source)
             rows = sorted(tuple('' if v is None else (v.isoformat() if hasattr(v, 'isoformat') else str(v)) for v in r) for r in conn.execute(q))

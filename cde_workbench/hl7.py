@@ -70,11 +70,11 @@ class _Fields:
         return ''.join(out)
 
     def _index(self) -> dict[str, list[str]]:
+        "Segment name -> its first segment; built once (treat a parsed message as immutable)."
         idx = self.__dict__.get('_first')
         if idx is None:
-            idx = {}
+            idx = self.__dict__['_first'] = {}
             for s in self.segments: idx.setdefault(s[0], s)
-            self.__dict__['_first'] = idx
         return idx
 
     def all(self, name: str) -> list[list[str]]:
@@ -83,7 +83,7 @@ class _Fields:
 
     def seg(self, name: str) -> list[str] | None:
         "The first segment called `name`, or None."
-        return self._index().get(name)
+        return (self.__dict__.get('_first') or self._index()).get(name)
 
     def field(self, segment: list[str] | str, # a segment name (its first occurrence) or a segment from `seg`/`all`
               n: int, # field number, HL7 numbering (MSH-1 is the field separator)
@@ -92,29 +92,30 @@ class _Fields:
               subcomponent: int = 0, # 1-based; 0 for the whole component
              ) -> str:
         "Field `n` of a segment: one repetition's component (or subcomponent), unescaped; '' if absent."
-        s = self._index().get(segment) if isinstance(segment, str) else segment
-        if not s or n < 1 or component < 1 or repetition < 1 or subcomponent < 0: return ''
+        # the hot path of every consumer: one dict lookup, then split only the field asked for
+        s = (self.__dict__.get('_first') or self._index()).get(segment) if isinstance(segment, str) else segment
+        if not s: return ''
         if s[0] in _HEADERS:
             if n <= 2:  # the separators themselves: atomic, never unescaped
-                if component != 1 or repetition != 1 or subcomponent > 1: return ''
+                if n < 1 or component != 1 or repetition != 1 or not 0 <= subcomponent <= 1: return ''
                 return self.field_sep if n == 1 else s[1] if len(s) > 1 else ''
             n -= 1
-        if n >= len(s): return ''
+        if not 0 < n < len(s): return ''
         val = s[n]
         if not val: return ''
-        if self.repetition_sep in val: 
+        if self.repetition_sep in val:
             reps = val.split(self.repetition_sep)
-            if repetition > len(reps): return ''
+            if not 0 < repetition <= len(reps): return ''
             val = reps[repetition - 1]
         elif repetition != 1: return ''
         if self.component_sep in val:
             comps = val.split(self.component_sep)
-            if component > len(comps): return ''
+            if not 0 < component <= len(comps): return ''
             val = comps[component - 1]
         elif component != 1: return ''
         if subcomponent:
             subs = val.split(self.subcomponent_sep)
-            if subcomponent > len(subs): return ''
+            if not 0 < subcomponent <= len(subs): return ''
             val = subs[subcomponent - 1]
         return self.unescape(val) if self.escape_char in val else val
 
@@ -153,6 +154,18 @@ class Message(_Fields):
 
 # %% ../nbs/11_hl7.ipynb #7ff829e2
 _SEG_ID = re.compile(r'[A-Z][A-Z0-9]{2}').fullmatch
+# a DTM that is certainly valid (days 29-31 and short forms take the full check in parse_ts)
+_DTM_SURE = re.compile(r'(?:1[89]|2\d)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|1\d|2[0-8])(?:[01]\d|2[0-3])[0-5]\d(?:[0-5]\d(?:\.\d{1,4})?)?'
+                       r'(?:[+-](?:[01]\d|2[0-3])[0-5]\d)?', re.ASCII).fullmatch
+_LINE_CHECKS: dict[str, re.Pattern] = {}
+
+def _suspect_line(fs: str) -> re.Pattern:
+    "Finds any segment after the first that is not `ID` + `fs` (or blank), or that is an MSH or envelope segment."
+    p = _LINE_CHECKS.get(fs)
+    if p is None:
+        f = re.escape(fs)
+        p = _LINE_CHECKS[fs] = re.compile(rf'\r(?![A-Z][A-Z0-9]{{2}}(?:{f}|\r|\Z)|[ \t]*(?:\r|\Z))|\r(?:MSH|BHS|BTS|FHS|FTS)(?:{f}|\r|\Z)')
+    return p
 _ENVELOPE = frozenset(('BHS', 'BTS', 'FHS', 'FTS'))
 _VERSION = re.compile(r'(\d+)\.(\d+)', re.ASCII).match
 
@@ -196,16 +209,16 @@ def _check_escapes(segs: list[list[str]], name: str, ec: str, seps: str) -> None
                     raise IngestError(f"{name}: {s[0]}-{i + (1 if first == 2 else 0)} has an unterminated escape sequence {tail!r}{hint}")
 
 def _check_identifiers(msg: Message, name: str) -> None:
-    v = _VERSION(msg.version)
-    if not v or (int(v[1]), int(v[2])) < (2, 5): return
     cs, rs = msg.component_sep, msg.repetition_sep
     for pid in msg.all('PID'):
         if len(pid) < 4 or cs not in pid[3]: continue
         for rep in pid[3].split(rs):
             c = rep.split(cs)
-            if c[0] and cs in rep and not any(x and x != '""' for x in c[3:4] + c[8:10]):
-                raise IngestError(f"{name}: PID-3 identifier {msg.unescape(c[0])!r} has no assigning authority "
-                                  f"(from v2.5 one of CX.4, CX.9 or CX.10 must be valued)")
+            if c[0] and len(c) > 1 and not any(x and x != '""' for x in c[3:4] + c[8:10]):
+                v = _VERSION(msg.version)  # the rule holds from v2.5
+                if v and (int(v[1]), int(v[2])) >= (2, 5):
+                    raise IngestError(f"{name}: PID-3 identifier {msg.unescape(c[0])!r} has no assigning authority "
+                                      f"(from v2.5 one of CX.4, CX.9 or CX.10 must be valued)")
 
 def parse_message(raw: str | bytes, # one message; segments separated by CR (LF and CRLF accepted)
                   name: str = 'message', # how errors refer to it
@@ -219,7 +232,21 @@ def parse_message(raw: str | bytes, # one message; segments separated by CR (LF 
         raise IngestError(f"{name}: is an HL7 {'file' if head == 'FHS' else 'batch'} of {len(b.messages)} messages, not one message; "
                           f"read it with parse_batch")
     if head != 'MSH': raise IngestError(f"{name}: does not start with an MSH segment (starts {text[:12]!r})")
-    fs, cs, rs, ec, ss, tc = _encoding(text, name)
+    # the usual delimiters and well-formed segments take the fast path; anything else, the checks that explain it
+    fs, cs, rs, ec, ss, tc = ('|', '^', '~', '\\', '&', '') if text.startswith('MSH|^~\\&|') else _encoding(text, name)
+    if not _suspect_line(fs).search(text):
+        segs = [line.split(fs) for line in text.split('\r') if line and not line.isspace()]
+    else: segs = _segments(text, name, fs)
+    msg = Message(text, segs, fs, cs, rs, ec, ss, tc)
+    if text.find(ec, 4 + len(segs[0][1])) >= 0: _check_escapes(segs, name, ec, fs + cs + rs + ss)
+    if (t := msg.field('MSH', 7)) and not _DTM_SURE(t): parse_ts(t, f"{name}: MSH-7 (message time)")
+    if not msg.field('MSH', 9, 1): raise IngestError(f"{name}: MSH-9 (message type) is missing")
+    if not msg.control_id: raise IngestError(f"{name}: MSH-10 (message control id) is missing")
+    if 'PID' in msg._index(): _check_identifiers(msg, name)
+    return msg
+
+def _segments(text: str, name: str, fs: str) -> list[list[str]]:
+    "Split a message into segments, saying which segment is wrong if one is."
     segs = []
     for line in text.split('\r'):
         if not line or line.isspace(): continue  # blank lines between segments: tolerated
@@ -231,13 +258,7 @@ def parse_message(raw: str | bytes, # one message; segments separated by CR (LF 
                                                f"send one message at a time or wrap them in a BHS/BTS batch")
             raise IngestError(f"{name}: batch envelope segment {sid} at segment {len(segs) + 1} inside a message")
         segs.append(line.split(fs))
-    msg = Message(text, segs, fs, cs, rs, ec, ss, tc)
-    if text.find(ec, 4 + len(segs[0][1])) >= 0: _check_escapes(segs, name, ec, fs + cs + rs + ss)
-    if t := msg.field('MSH', 7): parse_ts(t, f"{name}: MSH-7 (message time)")
-    if not msg.field('MSH', 9, 1): raise IngestError(f"{name}: MSH-9 (message type) is missing")
-    if not msg.control_id: raise IngestError(f"{name}: MSH-10 (message control id) is missing")
-    if 'PID' in msg._index(): _check_identifiers(msg, name)
-    return msg
+    return segs
 
 # %% ../nbs/11_hl7.ipynb #7052d7c2
 def escape(value, msg_chars: str = '|^~\\&') -> str:
@@ -359,6 +380,10 @@ def accept_ack_wanted(msg: Message | None, # the message (None if it could not b
     if want == 'SU': return code[1] == 'A'
     return True  # AL, empty (original mode acknowledges everything), or unknown: acknowledging is the safe side
 
+def _esc(value) -> str:
+    "Escape for an ACK field; CR and LF too, as hex, so no text can break the segment framing."
+    return escape(value).replace('\r', '\\X0D\\').replace('\n', '\\X0A\\')
+
 def _reencode(msg: Message, value: str) -> str:
     "A raw field of `msg` written with the default encoding characters."
     if (msg.component_sep, msg.repetition_sep, msg.escape_char, msg.subcomponent_sep) == ('^', '~', '\\', '&') and '|' not in value:
@@ -400,7 +425,7 @@ def build_ack(msg: Message | None, # the parsed message, or None if it could not
         if code not in _ACK_CODES[mode]: raise ValueError(f"acknowledgement code {code!r} is not valid in {mode} mode ({'/'.join(_ACK_CODES[mode])})")
         s = msg.seg('MSH')
         f = {n: _reencode(msg, s[n - 1]) for n in (3, 4, 5, 6, 11, 12) if n - 1 < len(s)}
-        trigger, acked = escape(msg.field('MSH', 9, 2)), escape(msg.control_id)
+        trigger, acked = _esc(msg.field('MSH', 9, 2)), _esc(msg.control_id)
     else:
         if code not in ('AR', 'CR', 'AE', 'CE'): raise ValueError(f"an unparseable message can only be rejected (AR/CR), not {code!r}")
         f = _recover_msh(raw)
@@ -408,11 +433,11 @@ def build_ack(msg: Message | None, # the parsed message, or None if it could not
         code = ('C' if f.get(15) else 'A') + code[1]
         trigger, acked = f.get(9, ''), f.get(10, '')
     at = at or datetime.now(timezone.utc)
-    cid = escape(control_id) if control_id else secrets.token_hex(10).upper()
+    cid = _esc(control_id) if control_id else secrets.token_hex(10).upper()
     out = ['|'.join(['MSH', '^~\\&', f.get(5, ''), f.get(6, ''), f.get(3, ''), f.get(4, ''), format_ts(at), '', f'ACK^{trigger}^ACK', cid,
                      f.get(11, '') or 'P', f.get(12, '') or '2.5']),
-           '|'.join(['MSA', code, acked, escape(text)]).rstrip('|')]
+           '|'.join(['MSA', code, acked, _esc(text)]).rstrip('|')]
     if text and code[1] != 'A':
         ec = error_code or ('101' if 'missing' in text else '102' if msg is None else '207')
-        out.append('|'.join(['ERR', '', '', f"{escape(ec)}^{escape(_TABLE_0357.get(ec, ''))}^HL70357", 'E', '', '', escape(text)]))
+        out.append('|'.join(['ERR', '', '', f"{_esc(ec)}^{_esc(_TABLE_0357.get(ec, ''))}^HL70357", 'E', '', '', _esc(text)]))
     return join_segments(out)

@@ -280,7 +280,7 @@ def migrations_dir() -> Path:
 def _sqlite_pragmas(dbapi_conn, _):
     cur = dbapi_conn.cursor()
     cur.execute('PRAGMA journal_mode=WAL')
-    cur.execute('PRAGMA synchronous=NORMAL')
+    cur.execute('PRAGMA synchronous=FULL')   # an acknowledged message must survive a crash or power cut
     cur.execute('PRAGMA busy_timeout=30000')
     cur.execute('PRAGMA foreign_keys=ON')
     cur.close()

@@ -111,6 +111,11 @@ class HospitalConfig:
     drift_component: str | None = 'HGB'  # analyser change: component shifted from `drift_date`
     drift_date: str = '2024-02-15'
     drift_shift: float = 0.35          # in the component's own unit (log scale components: log units)
+    # how real the HL7 feed is (all off by default; the demo turns them on)
+    duplicate_rate: float = 0.0        # messages the interface engine sends twice
+    late_rate: float = 0.0             # messages delivered after up to 50 later ones
+    merge_rate: float = 0.0            # admitted patients first registered under a temporary MRN, merged (A40) after discharge
+    malformed_rate: float = 0.0        # messages garbled in transit
 
     def check(self):
         "Validate the configuration; a `ConfigError` names the bad setting."
@@ -118,6 +123,8 @@ class HospitalConfig:
         except ValueError as err: raise ConfigError(f"synthetic hospital dates must be YYYY-MM-DD: {err}")
         if not s < c < e: raise ConfigError(f"synthetic hospital needs start < cutover < end, got {s}, {c}, {e}")
         if self.n_patients < 10: raise ConfigError(f"n_patients must be at least 10, got {self.n_patients}")
+        for k in ('duplicate_rate', 'late_rate', 'merge_rate', 'malformed_rate'):
+            if not 0 <= getattr(self, k) <= 0.5: raise ConfigError(f"{k} must be between 0 and 0.5, got {getattr(self, k)}")
         if self.drift_component is not None and self.drift_component not in LABS:
             raise ConfigError(f"drift_component {self.drift_component!r} unknown (known: {', '.join(LABS)})")
         return self
@@ -323,15 +330,45 @@ def write_warehouse_extract(h: Hospital, # the generated hospital
     return counts
 
 # %% ../nbs/10_synth.ipynb #379e8fca
-def _pid(p: dict) -> str:
-    return segment('PID', 1, '', (p['mrn'], '', '', 'SYNTH_HOSP', 'MR'), '', (p['family_name'], p['given_name']), '',
+def _pid(p: dict, mrn: str | None = None) -> str:
+    return segment('PID', 1, '', (mrn or p['mrn'], '', '', 'SYNTH_HOSP', 'MR'), '', (p['family_name'], p['given_name']), '',
                    p['birth_date'].strftime('%Y%m%d'), p['sex'], '', p['race_ethnicity'])
+
+def _garble(m: str, rng) -> str:
+    "A message damaged in transit: its header lost, or cut short."
+    if rng.random() < 0.5: return m.split('\r', 1)[1] if '\r' in m else 'PID|'
+    return m[:int(rng.integers(5, 30))]
+
+def _deliver(msgs: list[tuple[datetime, str]], cfg: HospitalConfig) -> list[tuple[datetime, str]]:
+    "Delivery order with the configured duplicates, late messages and garbled ones (deterministic by seed)."
+    rng = np.random.default_rng(cfg.seed + 1)
+    out = list(msgs)
+    if cfg.late_rate:
+        for i in np.flatnonzero(rng.random(len(out)) < cfg.late_rate)[::-1]:
+            j = min(len(out) - 1, int(i) + int(rng.integers(1, 51)))
+            out.insert(j, out.pop(int(i)))
+    if cfg.duplicate_rate:
+        for i in np.flatnonzero(rng.random(len(out)) < cfg.duplicate_rate)[::-1]:
+            out.insert(min(len(out), int(i) + int(rng.integers(1, 20))), out[int(i)])
+    if cfg.malformed_rate:
+        out = [(t, _garble(m, rng)) if rng.random() < cfg.malformed_rate else (t, m) for t, m in out]
+    return out
 
 def hl7_feed(h: Hospital, # the generated hospital
             ) -> list[tuple[datetime, str]]:
-    "The prospective months as (message time, HL7 message) pairs, sorted by message time."
-    cut = _utc(h.config.cutover)
+    "The prospective months as (message time, HL7 message) pairs in delivery order (message-time order unless noise is configured)."
+    cfg = h.config
+    cut = _utc(cfg.cutover)
     pts = {r['mrn']: r for r in h.patients.iter_rows(named=True)}
+    # registration under a temporary MRN until a merge after the first prospective discharge
+    merged_at: dict[str, datetime] = {}
+    if cfg.merge_rate:
+        first = (h.admissions.filter(pl.col('admit_time') >= cut).sort('admit_time').group_by('mrn', maintain_order=True).first())
+        pick = np.random.default_rng(cfg.seed + 2).random(first.height) < cfg.merge_rate
+        merged_at = {r['mrn']: r['discharge_time'] + timedelta(hours=2) for r in first.filter(pl.Series(pick)).iter_rows(named=True)}
+    mrn_at = lambda mrn, t: f'T{mrn}' if mrn in merged_at and t < merged_at[mrn] else mrn
+    _pid0 = _pid
+    def _pid_t(p, t): return _pid0(p, mrn_at(p['mrn'], t))
     msgs: list[tuple[datetime, str, str]] = []  # (time, tie-breaker, body without MSH)
     dx_by_enc: dict[str, list[str]] = {}
     for r in h.diagnoses.filter(pl.col('stored_time') >= cut).iter_rows(named=True):
@@ -343,13 +380,13 @@ def hl7_feed(h: Hospital, # the generated hospital
         if r['event_time'] < cut: continue
         pv1 = segment('PV1', 1, 'I', (ward_now.get(r['encounter_id'], ''), '', ''), '', '', '', '', '', '', '', '', '', '', '', '', '', '', '',
                       r['encounter_id'])
-        segs = [segment('EVN', r['event_type'], format_ts(r['event_time'])), _pid(pts[r['mrn']]), pv1]
+        segs = [segment('EVN', r['event_type'], format_ts(r['event_time'])), _pid_t(pts[r['mrn']], r['event_time']), pv1]
         if r['event_type'] == 'A03':
             segs += [segment('DG1', i + 1, 'I10', (code, '', 'I10'), '', format_ts(admit_at[r['encounter_id']]), 'F')
                      for i, code in enumerate(dx_by_enc.get(r['encounter_id'], []))]
         msgs.append((r['event_time'], f"0{r['event_type']}", ('ADT', r['event_type'], 'ADT_' + ('A01' if r['event_type'] != 'A03' else 'A03')), segs))
     for r in h.medications.filter(pl.col('event_time') >= cut).iter_rows(named=True):
-        segs = [_pid(pts[r['mrn']]), segment('PV1', 1, 'I', '', '', '', '', '', '', '', '', '', '', '', '', '', '', '', '', r['encounter_id']),
+        segs = [_pid_t(pts[r['mrn']], r['event_time']), segment('PV1', 1, 'I', '', '', '', '', '', '', '', '', '', '', '', '', '', '', '', '', r['encounter_id']),
                 segment('ORC', 'NW', r['order_id'], '', '', '', '', '', '', format_ts(r['event_time'])),
                 segment('RXO', (r['med_code'], r['med_name'], 'LOCAL'))]
         msgs.append((r['event_time'], '1', ('ORM', 'O01', 'ORM_O01'), segs))
@@ -361,20 +398,23 @@ def hl7_feed(h: Hospital, # the generated hospital
                               format_ts(o['event_time']))
         pv1 = segment('PV1', 1, 'I', '', '', '', '', '', '', '', '', '', '', '', '', '', '', '', '', o['encounter_id'])
         if o['event_time'] >= cut:
-            segs = [_pid(pts[o['mrn']]), pv1, segment('ORC', 'NW', o['order_id'], '', '', '', '', '', '', format_ts(o['event_time'])), obr()]
+            segs = [_pid_t(pts[o['mrn']], o['event_time']), pv1, segment('ORC', 'NW', o['order_id'], '', '', '', '', '', '', format_ts(o['event_time'])), obr()]
             msgs.append((o['event_time'], '2', ('ORM', 'O01', 'ORM_O01'), segs))
         if o['order_id'] in by_order:
-            segs = [_pid(pts[o['mrn']]), pv1, segment('ORC', 'RE', o['order_id']), obr()]
+            segs = [_pid_t(pts[o['mrn']], o['result_time']), pv1, segment('ORC', 'RE', o['order_id']), obr()]
             for i, x in enumerate(by_order[o['order_id']]):
                 segs.append(segment('OBX', i + 1, 'NM', (x['loinc'], LABS[x['component']].name, 'LN'), '', f"{x['value']:g}",
                                     (x['unit'],), f"{x['ref_low']:g}-{x['ref_high']:g}", x['abnormal_flag'], '', '', x['status'],
                                     '', '', format_ts(x['event_time'])))
             msgs.append((o['result_time'], '3', ('ORU', 'R01', 'ORU_R01'), segs))
+    for mrn, t in merged_at.items():
+        msgs.append((t, '4', ('ADT', 'A40', 'ADT_A39'), [segment('EVN', 'A40', format_ts(t)), _pid(pts[mrn]),
+                                                        segment('MRG', (f'T{mrn}', '', '', 'SYNTH_HOSP', 'MR'))]))
     msgs.sort(key=lambda m: (m[0], m[1]))
     out = []
     for i, (t, _, (mt, ev, st), segs) in enumerate(msgs):
         out.append((t, join_segments([msh(mt, ev, f'SYN{i:08d}', t, structure=st), *segs])))
-    return out
+    return _deliver(out, cfg)
 
 def write_hl7_feed(h: Hospital, path: Path) -> int:
     "Write the prospective feed to one file, a message per line (segments separated by CR); returns the count."

@@ -357,11 +357,16 @@ def _read_synthea(folder: Path) -> tuple[dict[str, pl.DataFrame], dict]:
     _refs(c, cond, 'PATIENT', pts['Id'], 'patients.csv')
     _refs(c, cond, 'ENCOUNTER', enc['Id'], 'encounters.csv')
     cond = cond.with_columns(_times(c, cond, 'START')).join(visits, on='ENCOUNTER', how='left').sort('_row')
-    # conditions carry only a date; the visit that recorded it gives the time of day
-    on_day = (pl.col('enc_start').dt.date() == pl.col('START').dt.date()) & (pl.col('START') == pl.col('START').dt.truncate('1d'))
-    cond = cond.with_columns(event_time=pl.when(on_day.fill_null(False)).then('enc_start').otherwise('START'),
+    # a condition has only a date, written in the simulation's local time zone (so up to a day off the
+    # visit's UTC start); within a day of its visit, the visit's start is the better time
+    is_date = pl.col('START') == pl.col('START').dt.truncate('1d')
+    on_day = (is_date & ((pl.col('START') - pl.col('enc_start')).abs() <= timedelta(days=1))).fill_null(False)
+    # otherwise a date is known by the end of that day, and never before the visit that coded it ends
+    known = pl.when(is_date).then(pl.col('START') + timedelta(days=1)).otherwise('START')
+    cond = cond.with_columns(event_time=pl.when(on_day).then('enc_start').otherwise('START'),
+                             stored_time=pl.when(on_day).then('enc_stop').otherwise(pl.max_horizontal('enc_stop', known)),
                              icd10=pl.col('CODE').replace_strict(SNOMED_ICD10, default=None, return_dtype=pl.String))
-    cond = cond.with_columns(stored_time=pl.max_horizontal(pl.coalesce('enc_stop', pl.col('START') + timedelta(days=1)), 'event_time'))
+    cond = cond.with_columns(stored_time=pl.max_horizontal(pl.coalesce('stored_time', known), 'event_time'))
     unmapped = Counter(cond.filter(pl.col('icd10').is_null())['CODE'].to_list())
     dx = cond.filter(pl.col('icd10').is_not_null()).select(
         as_pk('PATIENT'), pl.col('ENCOUNTER').replace_strict(eid, default=None, return_dtype=pl.String).alias('encounter_id'),

@@ -60,7 +60,9 @@ def _exercise(m: Message | Batch) -> None:
 def test_fuzz_only_ingest_errors():
     rng = random.Random(20240501)
     seeds = _seeds()
-    cases = [bytes(rng.randrange(256) for _ in range(rng.randrange(0, 60))) for _ in range(200)]
+    cases = [b'', b'MSH', b'MSH|', b'MSH\r', b'MSH\rPID|1', b'xMSH', b'MSH|^~\\&', b'MSH|^~\\&|', b'BHS', b'BHS|^~\\&', b'FHS|^~\\&\rFTS',
+             b'\x0b\x1c\r', b'MSH|^~\\&|A|B|C|D|20240230||ADT^A01|1|P|2.5', b'MSH|^~\\&|A|B|C|D|20240101||ADT^A01|\\X\\|P|2.5']
+    cases += [bytes(rng.randrange(256) for _ in range(rng.randrange(0, 60))) for _ in range(200)]
     cases += [b'MSH' + bytes(rng.randrange(256) for _ in range(rng.randrange(0, 40))) for _ in range(200)]
     cases += [_mutate(rng, rng.choice(seeds), seeds) for _ in range(3600)]
     t0 = time.perf_counter()

@@ -1,0 +1,227 @@
+"""The MLLP receiver as a real server on 127.0.0.1: framing, concurrency, acknowledgement modes, store
+failures, fuzzing, and SIGKILL at random moments with the sender resending what was not acknowledged."""
+import asyncio
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from cde_workbench.events import process_pending, table_checksums
+from cde_workbench.hl7 import parse_message
+from cde_workbench.ids import store_messages
+from cde_workbench.mllp import END, START, FrameReader, MLLPReceiver, frame, send_messages
+from cde_workbench.store import dispose_engines, get_engine
+from cde_workbench.synth import HospitalConfig, generate, hl7_feed
+
+ROOT = Path(__file__).resolve().parent.parent
+CDE = str(Path(sys.executable).parent / 'cde')
+
+
+def msg(cid, extra='', mode=''):
+    m15 = f'|||{mode}|NE' if mode else ''
+    return f'MSH|^~\\&|LAB|HOSP|CDE|WARD|20240101120000+0000||ADT^A01^ADT_A01|{cid}|P|2.5{m15}\rEVN|A01|20240101120000+0000\rPID|1||M{cid}||Doe^Jo||19600101|F\rPV1|1|I|MED1||||||||||||||||E{cid}{extra}'
+
+
+@pytest.fixture
+def engine(tmp_path):
+    eng = get_engine(f'sqlite:///{tmp_path}/mllp.sqlite')
+    yield eng
+    dispose_engines()
+
+
+def run(coro_fn, engine, **kw):
+    "Start a receiver on a free port, run `coro_fn(port, receiver)`, stop the receiver."
+    async def main():
+        rx = MLLPReceiver(engine, port=0, **kw)
+        port = await rx.start()
+        try: return await asyncio.wait_for(coro_fn(port, rx), 120)
+        finally: await rx.close()
+    return asyncio.run(main())
+
+
+def count(engine, table):
+    with engine.connect() as c: return c.execute(sa.text(f'select count(*) from {table}')).scalar()
+
+
+def test_framing_survives_any_split_and_junk():
+    rng = random.Random(5)
+    for _ in range(200):
+        msgs = [f'MSH|^~\\&|A|B|C|D|2024||ADT^A01|{i}|P|2.5\rPID|{"x" * rng.randint(0, 300)}'.encode() for i in range(rng.randint(1, 8))]
+        stream = b''.join(rng.choice([b'', b'\r\n', b'junk']) + frame(m) for m in msgs)
+        r, got, i = FrameReader(), [], 0
+        while i < len(stream):
+            n = rng.randint(1, 40); got += r.feed(stream[i:i + n]); i += n
+        assert got == msgs
+
+
+def test_concurrent_connections_every_message_once(engine, tmp_path, monkeypatch):
+    monkeypatch.setenv('CDE_SITE_KEY_FILE', str(tmp_path / 'site.key'))
+    async def go(port, rx):
+        batches = [[msg(f'{c}-{i}') for i in range(150)] for c in range(8)]
+        res = await asyncio.gather(*(send_messages(b, port=port, window=rng) for b, rng in zip(batches, (1, 4, 16, 64, 1, 8, 32, 2))))
+        return res, rx.stats
+    res, stats = run(go, engine, process=False)
+    assert all(r.acks == {i: 'AA' for i in range(150)} for r in res)
+    assert count(engine, 'ids_messages') == 1200 and count(engine, 'ids_receipts') == 1200
+    assert stats.commits < 1200   # commits were grouped across connections
+
+
+def test_ack_echoes_control_id_and_swaps_sender_and_receiver(engine):
+    async def go(port, rx):
+        r, w = await asyncio.open_connection('127.0.0.1', port)
+        w.write(frame(msg('XYZ-1'))); await w.drain()
+        data = await asyncio.wait_for(r.readuntil(END), 10); w.close()
+        return data
+    data = run(go, engine, process=False)
+    assert data.startswith(START)
+    ack = parse_message(data[1:-2])
+    assert ack.message_type == 'ACK^A01' and ack.field('MSA', 1) == 'AA' and ack.field('MSA', 2) == 'XYZ-1'
+    assert [ack.field('MSH', n) for n in (3, 4, 5, 6)] == ['CDE', 'WARD', 'LAB', 'HOSP']
+
+
+def test_duplicates_conflicts_and_garbage(engine):
+    async def go(port, rx):
+        return await send_messages([msg('D1'), msg('D1'), msg('D1', extra='\rNTE|1||changed'), b'\x00\x01not hl7'], port=port, window=4)
+    r = run(go, engine, process=False)
+    assert r.acks == {0: 'AA', 1: 'AA', 2: 'AA', 3: 'AR'} and 'MSH' in r.texts[3]
+    assert count(engine, 'ids_messages') == 2 and count(engine, 'ids_receipts') == 3 and count(engine, 'ids_dead_letters') == 1
+    with engine.connect() as c: assert c.execute(sa.text('select conflict from ids_messages order by seq')).scalars().all() == [0, 1]
+
+
+def test_enhanced_mode_sends_accept_acks_as_msh15_asks(engine):
+    async def go(port, rx):
+        r, w = await asyncio.open_connection('127.0.0.1', port)
+        for m in (msg('E1', mode='NE'), msg('E2', mode='ER'), msg('E3', mode='SU'), msg('E4', mode='AL')):
+            w.write(frame(m))
+        await w.drain()
+        acks = []
+        while len(acks) < 2:
+            acks.append(parse_message((await asyncio.wait_for(r.readuntil(END), 10))[1:-2]))
+        with pytest.raises(asyncio.TimeoutError): await asyncio.wait_for(r.readuntil(END), 0.5)   # nothing more comes
+        w.close()
+        return [(a.field('MSA', 1), a.field('MSA', 2)) for a in acks]
+    assert run(go, engine, process=False) == [('CA', 'E3'), ('CA', 'E4')]
+    assert count(engine, 'ids_messages') == 4   # all stored, whatever was acknowledged
+
+
+def test_a_store_failure_is_answered_ae_and_the_resend_is_stored_once(engine):
+    with engine.begin() as c:
+        c.execute(sa.text("CREATE TRIGGER full BEFORE INSERT ON ids_receipts BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"))
+    async def go(port, rx):
+        first = await send_messages([msg('F1'), msg('F2', mode='AL')], port=port, window=2)
+        with engine.begin() as c: c.execute(sa.text('DROP TRIGGER full'))
+        again = await send_messages([msg('F1'), msg('F2', mode='AL')], port=port, window=2)
+        return first, again
+    first, again = run(go, engine, process=False)
+    assert first.acks == {0: 'AE', 1: 'CE'} and 'disk is full' in first.texts[0]
+    assert again.acks == {0: 'AA', 1: 'CA'} and count(engine, 'ids_messages') == 2
+
+
+def test_fuzzed_frames_never_stop_the_receiver(engine):
+    rng = random.Random(11)
+    good = msg('G1').encode()
+    async def go(port, rx):
+        deadline = time.monotonic() + 15
+        for _ in range(60):   # bounded in count and time
+            if time.monotonic() > deadline: break
+            r, w = await asyncio.open_connection('127.0.0.1', port)
+            blob = bytearray(good)
+            for _ in range(rng.randint(1, 20)):
+                op = rng.random()
+                i = rng.randrange(len(blob))
+                if op < 0.4: blob[i] = rng.randrange(256)
+                elif op < 0.7: del blob[i:i + rng.randint(1, 30)]
+                else: blob[i:i] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 10)))
+            w.write(rng.choice([b'', START, b'\x1c\r', os.urandom(5)]) + frame(bytes(blob)) + rng.choice([b'', START, os.urandom(3)]))
+            await w.drain(); w.close()
+        res = await send_messages([good], port=port)
+        return res
+    assert run(go, engine, process=False).acks == {0: 'AA'}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_loses_and_doubles_nothing(tmp_path):
+    "20,000 messages; the receiver is SIGKILLed five times and restarted; the sender resends whatever was not acknowledged."
+    feed = [m for _, m in hl7_feed(generate(HospitalConfig(n_patients=3800, start='2022-01-01', cutover='2023-10-01', end='2024-04-01')))]
+    feed = feed[:20_000]
+    assert len(feed) == 20_000
+    env = {**os.environ, 'CDE_VAR': str(tmp_path / 'var'), 'CDE_SITE_KEY_FILE': str(tmp_path / 'site.key')}
+    env.pop('CDE_DATABASE_URL', None)
+    port = _free_port()
+    def start():
+        p = subprocess.Popen([CDE, 'ingest', 'mllp', '--port', str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(('127.0.0.1', port), timeout=0.5): return p
+            except OSError: time.sleep(0.1)
+            assert p.poll() is None, p.stdout.read().decode()[-2000:]
+        raise AssertionError('receiver did not start')
+    rng = random.Random(2024)
+    acked = [False] * len(feed)
+    kills, proc = 0, start()
+    t_end = time.monotonic() + 600
+    kill_at = sorted(rng.sample(range(1000, 19000), 5))
+    async def sender():
+        nonlocal kills, proc
+        while not all(acked) and time.monotonic() < t_end:
+            todo = [i for i, a in enumerate(acked) if not a]
+            try:
+                reader, writer = await asyncio.open_connection('127.0.0.1', port)
+            except OSError:
+                await asyncio.sleep(0.2); continue
+            frames, inflight, pos = FrameReader(), [], 0
+            try:
+                while pos < len(todo) or inflight:
+                    while pos < len(todo) and len(inflight) < 32:
+                        writer.write(frame(feed[todo[pos]])); inflight.append(todo[pos]); pos += 1
+                    await writer.drain()
+                    if kills < 5 and sum(acked) >= kill_at[kills]:
+                        proc.send_signal(signal.SIGKILL); proc.wait(); kills += 1
+                        proc = start()
+                        raise ConnectionError('killed')
+                    data = await asyncio.wait_for(reader.read(1 << 16), 20)
+                    if not data: raise ConnectionError('closed')
+                    for f in frames.feed(data):
+                        i = inflight.pop(0)
+                        assert parse_message(f).field('MSA', 1) == 'AA'
+                        acked[i] = True
+            except (ConnectionError, OSError, asyncio.TimeoutError):
+                pass
+            finally:
+                writer.close()
+    try:
+        asyncio.run(sender())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try: proc.wait(20)
+        except subprocess.TimeoutExpired: proc.kill()
+    assert kills == 5 and all(acked)
+    live = get_engine(f"sqlite:///{tmp_path / 'var' / 'cde.sqlite'}")
+    process_pending(live)
+    with live.connect() as c:
+        assert c.execute(sa.text('select count(*), count(distinct sha256) from ids_messages')).one() == (20_000, 20_000)
+        assert c.execute(sa.text('select count(*) from ids_receipts')).scalar() >= 20_000
+    calm = get_engine(f"sqlite:///{tmp_path / 'calm.sqlite'}")
+    os.environ['CDE_SITE_KEY_FILE'] = env['CDE_SITE_KEY_FILE']
+    try:
+        store_messages(calm, [(m, datetime.now(timezone.utc), 'calm') for m in feed])
+        process_pending(calm)
+        ignore = ('id', 'at', 'seq', 'stored_time')
+        assert table_checksums(live, ignore=ignore) == table_checksums(calm, ignore=ignore)
+    finally:
+        os.environ.pop('CDE_SITE_KEY_FILE', None)
+        dispose_engines()
