@@ -5,6 +5,9 @@ Figures (each measured in this process, against a baseline measured in the same 
   sklearn.metrics.roc_auc_score over the same resample indices.
 - count_features: point-in-time count features (window search) against a pandas merge-and-filter
   baseline on the same synthetic events and points.
+- hl7_parse_extract: our HL7 parser extracting the processor's fields against python-hl7 (and hl7apy).
+- replay_rebuild: 200,000 messages rebuilt from the immutable data store, against python-hl7's parse-only rate.
+- mllp: live ingest over MLLP with 4 concurrent senders (benchmarks/mllp.py).
 - demo stage timings: read from var/bench/demo_stages.json when `make demo` has run (no baseline:
   they are the demo's own wall times on this machine).
 """
@@ -76,8 +79,15 @@ def demo_stages():
 
 
 def main():
+    from hl7_parse import bench_hl7_parse
+    from replay import bench_replay
+    benches = [bench_bootstrap, bench_count_features, bench_hl7_parse, bench_replay]
+    try:
+        from mllp import bench_mllp
+        benches.append(bench_mllp)
+    except ImportError: pass
     figures = {}
-    for f in (bench_bootstrap, bench_count_features, demo_stages):
+    for f in (*benches, demo_stages):
         figures.update(f())
     for name, v in figures.items():
         ratio = f"  ratio {v['ratio']}x (baseline {v['baseline']} {v['unit']})" if v['ratio'] else ''

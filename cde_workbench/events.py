@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection, Engine
 from .config import IngestError, utcnow
 from .hl7 import Message, parse_message, parse_ts
 from .pseudonyms import patient_key, site_key
-from .store import (adt_events, diagnoses, encounters, ids_messages, insert_ignore, lab_order_events, lab_orders,
+from .store import (adt_events, bulk_insert, diagnoses, encounters, ids_messages, insert_ignore, lab_order_events, lab_orders,
                                  lab_results, location_visits, medication_orders, mrn_merges, patient_facts, patient_identity,
                                  patient_links, patients, processing_errors, processor_state)
 from .synth import LABS
@@ -186,21 +186,48 @@ def resolve_links(merges: list[dict]) -> dict[str, str]:
     return {k: root(k) for k in link}
 
 # %% ../nbs/13_events.ipynb #2857be54
-def _rows(conn: Connection, table: sa.Table, column, keys) -> list[dict]:
+def _rows(conn: Connection, table: sa.Table, column, keys, upto: int | None = None) -> list[dict]:
     out, keys = [], sorted(keys)
+    names = [c.name for c in table.columns]
     for i in range(0, len(keys), 500):
-        out += [dict(r._mapping) for r in conn.execute(sa.select(table).where(column.in_(keys[i:i + 500]), table.c.source == 'hl7'))]
+        q = sa.select(table).where(column.in_(keys[i:i + 500]), table.c.source == 'hl7')
+        if upto is not None: q = q.where(table.c.id <= upto)
+        out += [dict(zip(names, r)) for r in conn.execute(q)]
     return out
+
+_ADT_KEY = ('encounter_id', 'event_type', 'event_time')
+
+def _batch_ids(conn: Connection, facts: _Facts) -> dict | None:
+    "Before a batch's facts are inserted (SQLite: one writer): the highest row id of each fact table `refresh_state` reads."
+    if conn.dialect.name != 'sqlite': return None
+    return {t: conn.execute(sa.select(sa.func.max(t.c.id))).scalar() or 0
+            for t in (patient_facts, adt_events, lab_order_events) if facts.rows.get(t)}
+
+def _all_rows(conn: Connection, facts: _Facts, table: sa.Table, column, keys, before: dict | None) -> list[dict]:
+    """All hl7 facts of `keys` in `table`: read from the store, or (given the ids from `_batch_ids`) the rows stored before
+    this batch read from the store and this batch's rows taken from memory, deduplicated as the unique constraint did."""
+    if before is None: return _rows(conn, table, column, keys)
+    old = _rows(conn, table, column, keys, before[table]) if before.get(table) else []
+    new = facts.rows.get(table, [])
+    if table is adt_events:   # ON CONFLICT DO NOTHING kept the first stored row of each (encounter, type, time)
+        seen, kept = {tuple(r[k] for k in _ADT_KEY) for r in old}, []
+        for r in new:
+            k = (r['encounter_id'], r['event_type'], r['event_time'])
+            if k not in seen: seen.add(k); kept.append(r)
+        new = kept
+    return old + new
 
 def _delete(conn: Connection, table: sa.Table, column, keys):
     keys = sorted(keys)
     for i in range(0, len(keys), 500): conn.execute(table.delete().where(column.in_(keys[i:i + 500])))
 
-def refresh_state(conn: Connection, facts: _Facts) -> None:
+def refresh_state(conn: Connection, facts: _Facts,
+                  before: dict | None = None, # from `_batch_ids` before the facts were inserted: batch rows are not read back
+                 ) -> None:
     "Recompute patients, identities, merge links, encounters, visits and orders touched by a batch."
     if facts.mrns:
         by_mrn = defaultdict(list)
-        for r in _rows(conn, patient_facts, patient_facts.c.mrn, facts.mrns): by_mrn[r['mrn']].append(r)
+        for r in _all_rows(conn, facts, patient_facts, patient_facts.c.mrn, facts.mrns, before): by_mrn[r['mrn']].append(r)
         fields = ('family_name', 'given_name', 'birth_date', 'sex', 'race_ethnicity')
         ident, research = [], {}
         for mrn, rows in by_mrn.items():
@@ -212,13 +239,13 @@ def refresh_state(conn: Connection, facts: _Facts) -> None:
                 research[n['patient_key']] = dict(patient_key=n['patient_key'], birth_year=n['birth_date'].year, sex=n['sex'] or 'U',
                                                   race_ethnicity=n['race_ethnicity'] or 'Unknown', stored_time=first, source='hl7')
         _delete(conn, patient_identity, patient_identity.c.mrn, by_mrn)
-        if ident: conn.execute(patient_identity.insert(), ident)
+        bulk_insert(conn, patient_identity, ident)
         existing = {r.patient_key: r.stored_time for r in conn.execute(
             sa.select(patients.c.patient_key, patients.c.stored_time).where(patients.c.patient_key.in_(list(research))))} if research else {}
         for k, row in research.items():   # keep when the patient was first known, whichever source told us
             if k in existing: row['stored_time'] = min(row['stored_time'], existing[k])
         _delete(conn, patients, patients.c.patient_key, research)
-        if research: conn.execute(patients.insert(), list(research.values()))
+        bulk_insert(conn, patients, list(research.values()))
     if facts.merged:
         merges = [dict(r._mapping) for r in conn.execute(sa.select(mrn_merges))]
         links = resolve_links(merges)
@@ -227,7 +254,7 @@ def refresh_state(conn: Connection, facts: _Facts) -> None:
         if links: conn.execute(patient_links.insert(), [dict(patient_key=k, resolved_key=v, stored_time=when[k]) for k, v in links.items()])
     if facts.encounters:
         by_enc = defaultdict(list)
-        for r in _rows(conn, adt_events, adt_events.c.encounter_id, facts.encounters): by_enc[r['encounter_id']].append(r)
+        for r in _all_rows(conn, facts, adt_events, adt_events.c.encounter_id, facts.encounters, before): by_enc[r['encounter_id']].append(r)
         states, visits = [], []
         for enc, evs in by_enc.items():
             st, vs = encounter_state(evs)
@@ -235,14 +262,14 @@ def refresh_state(conn: Connection, facts: _Facts) -> None:
             visits += [dict(encounter_id=enc, patient_key=st['patient_key'], stored_time=st['stored_time'], source='hl7', **v) for v in vs]
         _delete(conn, encounters, encounters.c.encounter_id, by_enc)
         _delete(conn, location_visits, location_visits.c.encounter_id, by_enc)
-        if states: conn.execute(encounters.insert(), states)
-        if visits: conn.execute(location_visits.insert(), visits)
+        bulk_insert(conn, encounters, states)
+        bulk_insert(conn, location_visits, visits)
     if facts.orders:
         by_order = defaultdict(list)
-        for r in _rows(conn, lab_order_events, lab_order_events.c.order_id, facts.orders): by_order[r['order_id']].append(r)
+        for r in _all_rows(conn, facts, lab_order_events, lab_order_events.c.order_id, facts.orders, before): by_order[r['order_id']].append(r)
         _delete(conn, lab_orders, lab_orders.c.order_id, by_order)
         rows = [dict(order_id=o, source='hl7', **order_state(evs)) for o, evs in by_order.items()]
-        if rows: conn.execute(lab_orders.insert(), rows)
+        bulk_insert(conn, lab_orders, rows)
 
 # %% ../nbs/13_events.ipynb #422c90bd
 @dataclass
@@ -267,13 +294,13 @@ def process_messages(conn: Connection, # an open transaction
         except IngestError as e:
             if seq is None: raise
             errors.append(dict(seq=seq, reason=str(e), at=utcnow()))
+    before = _batch_ids(conn, facts)
     for table, rows in facts.rows.items():
-        if table is lab_results or table is adt_events: insert_ignore(conn, table, rows)
-        else: conn.execute(table.insert(), rows)
+        bulk_insert(conn, table, rows, ignore_conflicts=table is lab_results or table is adt_events)
         summary.rows[table.name] = len(rows)
     if errors: insert_ignore(conn, processing_errors, errors)
     summary.errors = len(errors)
-    refresh_state(conn, facts)
+    refresh_state(conn, facts, before)
     return summary
 
 PROCESSOR = 'events'
@@ -339,7 +366,7 @@ def replay(source: Engine, # the store holding the immutable data store
     with source.connect() as src:
         result = src.execution_options(stream_results=True, yield_per=batch).execute(q)
         for part in result.partitions(batch):
-            with target.begin() as dst: dst.execute(ids_messages.insert(), [dict(r._mapping) for r in part])
+            with target.begin() as dst: bulk_insert(dst, ids_messages, [dict(r._mapping) for r in part])
     if target.dialect.name == 'postgresql':   # keep the sequence ahead of the copied numbers
         with target.begin() as dst:
             dst.execute(sa.text("SELECT setval(pg_get_serial_sequence('ids_messages', 'seq'), COALESCE((SELECT max(seq) FROM ids_messages), 0) + 1, false)"))

@@ -5,6 +5,8 @@
 # %% ../nbs/11_hl7.ipynb #c012876c
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import re
 import secrets
@@ -24,19 +26,26 @@ def format_ts(t: datetime) -> str:
     "An aware datetime as an HL7 DTM in UTC, e.g. `20240101120000+0000`."
     return t.astimezone(timezone.utc).strftime('%Y%m%d%H%M%S+0000')
 
+@functools.lru_cache(maxsize=1 << 16)   # a feed repeats the same timestamps across segments and messages
+def _parse_dtm(value: str) -> datetime | str:
+    "The instant an HL7 DTM denotes, or the reason it is not one."
+    m = _DTM.fullmatch(value.strip())
+    if m is None: return 'is not an HL7 date-time'
+    y, mo, d, h, mi, s, frac, sign, zh, zm = m.groups()
+    if sign and (int(zh) > 23 or int(zm) > 59): return 'has a bad time-zone offset'
+    off = timedelta(hours=int(zh), minutes=int(zm)) if sign else timedelta(0)
+    try: t = datetime(int(y), int(mo or 1), int(d or 1), int(h or 0), int(mi or 0), int(s or 0), int((frac or '0').ljust(6, '0')[:6]),
+                      tzinfo=timezone(-off if sign == '-' else off))
+    except ValueError as e: return f'is not a valid date-time ({e})'
+    return t.astimezone(timezone.utc)
+
 def parse_ts(value: str, # an HL7 DTM, e.g. `20240301093000+0100`
              what: str = 'timestamp', # how errors refer to it
             ) -> datetime:
     "Parse an HL7 DTM into an aware UTC datetime; no offset means UTC."
-    m = _DTM.fullmatch(value.strip())
-    if m is None: raise IngestError(f"{what}: {value!r} is not an HL7 date-time")
-    y, mo, d, h, mi, s, frac, sign, zh, zm = m.groups()
-    if sign and (int(zh) > 23 or int(zm) > 59): raise IngestError(f"{what}: bad time-zone offset in {value!r}")
-    off = timedelta(hours=int(zh), minutes=int(zm)) if sign else timedelta(0)
-    try: t = datetime(int(y), int(mo or 1), int(d or 1), int(h or 0), int(mi or 0), int(s or 0), int((frac or '0').ljust(6, '0')[:6]),
-                      tzinfo=timezone(-off if sign == '-' else off))
-    except ValueError as e: raise IngestError(f"{what}: {value!r} is not a valid date-time ({e})")
-    return t.astimezone(timezone.utc)
+    t = _parse_dtm(value)
+    if isinstance(t, str): raise IngestError(f"{what}: {value!r} {t}")
+    return t
 
 # %% ../nbs/11_hl7.ipynb #7ffe382c
 _HEADERS = frozenset(('MSH', 'BHS', 'FHS'))  # field 1 is the separator itself, field 2 the encoding characters

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
+import queue
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -108,12 +111,22 @@ class ReplayClock:
         return self.last
 
 # %% ../nbs/12a_mllp.ipynb #2430e273
+@dataclass(eq=False)   # hashed by identity: kept in a set
+class _Conn:
+    name: str
+    writer: asyncio.StreamWriter
+    outstanding: int = 0                                   # messages handed to the committer, not yet answered (loop)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    queued: int = 0                                        # messages put in the inbox (written by the loop)
+    committed: int = 0                                     # of those, committed or failed (written by the committer)
+    acked_at: float = 0.0                                  # when its last outstanding message was answered
+    turnaround: float = float('inf')                       # how soon it sends again once answered (moving average, s)
+
 @dataclass
 class _Item:
-    raw: bytes
+    raw: bytes | OversizedFrame
     received: datetime
-    connection: str
-    future: asyncio.Future
+    conn: _Conn
 
 @dataclass
 class ReceiverStats:
@@ -124,56 +137,133 @@ class ReceiverStats:
     store_failures: int = 0
     acks: dict = field(default_factory=dict)
 
+def _ack_code(ack: bytes) -> str:
+    i = ack.find(b'\rMSA|')
+    return ack[i + 5:i + 7].decode(errors='replace') if i >= 0 else '?'
+
 class MLLPReceiver:
     "An asyncio MLLP server that acknowledges each message after its group commit to the immutable data store."
     def __init__(self, engine: Engine, host: str = '127.0.0.1', port: int = 2575, max_frame: int = 1 << 20,
-                 max_batch: int = 1000, process: bool = True, process_every: float = 0.5, clock=None):
+                 max_batch: int = 1000, process: bool = True, process_every: float = 0.5, clock=None,
+                 linger: float = 0.002): # longest a batch waits for connections that answer each ACK at once (s)
         self.engine, self.host, self.port, self.max_frame, self.max_batch = engine, host, port, max_frame, max_batch
+        self.linger = linger
+        self._conns: set[_Conn] = set()
         self.clock = clock   # receive time of a message; None: the wall clock
         self.process, self.process_every = process, process_every
         self.stats = ReceiverStats()
-        self._queue: asyncio.Queue | None = None
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()   # _Item, or None to stop the committer
+        self._committer: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._server = None
         self._tasks: list[asyncio.Task] = []
-        self._store_pool = ThreadPoolExecutor(1, thread_name_prefix='cde-ids')      # one writer: commits stay in order
         self._process_pool = ThreadPoolExecutor(1, thread_name_prefix='cde-events')
         self._stored_since_processing = asyncio.Event()
 
     async def start(self) -> int:
         "Start listening; returns the port (useful with port 0)."
-        self._queue = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._committer = threading.Thread(target=self._commit_loop, name='cde-ids-committer', daemon=True)
+        self._committer.start()
         self._server = await asyncio.start_server(self._handle, self.host, self.port, limit=1 << 16)
         self.port = self._server.sockets[0].getsockname()[1]
-        self._tasks.append(asyncio.create_task(self._committer()))
         if self.process: self._tasks.append(asyncio.create_task(self._processor()))
         return self.port
 
     async def close(self):
-        "Stop accepting, finish what is queued, stop."
+        "Stop accepting, store and answer what is already received, stop."
         if self._server: self._server.close(); await self._server.wait_closed()
-        while self._queue is not None and not self._queue.empty(): await asyncio.sleep(0.01)
+        if self._committer is not None:
+            self._inbox.put(None)   # after everything already in the inbox
+            await asyncio.to_thread(self._committer.join)
+            await asyncio.sleep(0)   # the last deliveries were scheduled before the join returned
         for t in self._tasks: t.cancel()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError): await t
-        self._store_pool.shutdown(wait=True); self._process_pool.shutdown(wait=True)
+        self._process_pool.shutdown(wait=True)
 
-    async def _committer(self):
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self.max_batch and not self._queue.empty(): batch.append(self._queue.get_nowait())
-            items = [(it.raw, it.received, it.connection) for it in batch]
-            try: outcomes = await loop.run_in_executor(self._store_pool, store_messages, self.engine, items)
-            except Exception as e:   # database down, disk full, ...: every message of the batch gets AE/CE
-                self.stats.store_failures += 1
-                reason = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
-                for it in batch:
-                    if not it.future.done(): it.future.set_result((None, reason))
-                continue
-            self.stats.commits += 1
-            for it, o in zip(batch, outcomes):
-                if not it.future.done(): it.future.set_result((o, ''))
-            self._stored_since_processing.set()
+    # --- the committer thread: the only writer to the store
+    def _commit_loop(self):
+        stop = False
+        while not stop:
+            it = self._inbox.get()
+            if it is None: return
+            batch = [it]
+            stop = self._gather(batch)
+            results, stored = self._commit(batch)
+            for it in batch: it.conn.committed += 1
+            try: self._loop.call_soon_threadsafe(self._deliver, batch, results, stored)
+            except RuntimeError: return   # the loop is gone: nobody to answer
+
+    def _gather(self, batch: list[_Item]) -> bool:
+        "Add to `batch` what is in the inbox, then what the lingering connections send (see above); True when told to stop."
+        def take(block: float | None) -> bool:
+            while len(batch) < self.max_batch:
+                try: it = self._inbox.get(timeout=block) if block else self._inbox.get_nowait()
+                except queue.Empty: return False
+                if it is None: return True
+                batch.append(it); expected.discard(it.conn); block = None
+            return False
+        expected: set = set()
+        if take(None): return True
+        # connections with everything answered that send again within the linger: wait for them, up to the linger
+        expected = {c for c in list(self._conns) if c.queued == c.committed and c.turnaround < self.linger} - {it.conn for it in batch}
+        deadline = time.monotonic() + self.linger
+        while expected and len(batch) < self.max_batch:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                for c in expected: c.turnaround = float('inf')   # it did not: stop waiting for it until it shows it again
+                break
+            if take(left): return True
+        return False
+
+    def _commit(self, batch: list[_Item]) -> tuple[list, bool]:
+        "Store a batch in one transaction. For each item, what its ACK is made of: (outcome, failure), or the framed reject of an oversized frame."
+        results: list = [None] * len(batch)
+        msgs = [(i, it) for i, it in enumerate(batch) if not isinstance(it.raw, OversizedFrame)]
+        for i, it in enumerate(batch):
+            if isinstance(it.raw, OversizedFrame): results[i] = self._oversized(it.raw, it.conn.name)
+        if not msgs: return results, False
+        try: outcomes = store_messages(self.engine, [(it.raw, it.received, it.conn.name) for _, it in msgs])
+        except Exception as e:   # database down, disk full, ...: every message of the batch gets AE/CE
+            self.stats.store_failures += 1
+            reason = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+            for i, _ in msgs: results[i] = (None, reason)
+            return results, False
+        self.stats.commits += 1
+        for (i, _), o in zip(msgs, outcomes): results[i] = (o, '')
+        return results, True
+
+    def _oversized(self, f: OversizedFrame, conn_name: str) -> bytes:
+        reason = f'frame of {f.size} bytes or more exceeds the {self.max_frame}-byte limit'
+        try:
+            with self.engine.begin() as c:
+                c.execute(ids_dead_letters.insert().values(received_time=utcnow(), connection=conn_name, sha256=hashlib.sha256(f.head).hexdigest(),
+                                                           reason=reason, raw=f.head))
+        except Exception: self.stats.store_failures += 1   # still rejected: resending the same frame cannot help
+        return frame(build_ack(None, 'AR', reason, raw=f.head))
+
+    # --- back on the loop
+    def _deliver(self, batch: list[_Item], results: list, stored: bool):
+        "Build and write each connection's ACKs for a committed batch, in order, in one send (while the committer goes on to the next batch)."
+        out: dict[int, tuple[_Conn, list[bytes]]] = {}
+        broken: set[_Conn] = set()
+        now = time.monotonic()
+        for it, r in zip(batch, results):
+            c = it.conn
+            c.outstanding -= 1
+            if c.outstanding == 0: c.idle.set(); c.acked_at = now
+            if c in broken: continue
+            try: ack = r if isinstance(r, bytes) else ack_bytes(it.raw, *r)
+            except Exception: broken.add(c); continue
+            if ack is None: continue
+            code = _ack_code(ack)
+            self.stats.acks[code] = self.stats.acks.get(code, 0) + 1
+            out.setdefault(id(c), (c, []))[1].append(ack)
+        for c, parts in out.values():
+            if not c.writer.is_closing(): c.writer.write(b''.join(parts))
+        for c in broken: c.writer.close()   # after the ACKs before it: the sender resends the rest
+        if stored: self._stored_since_processing.set()
 
     async def _processor(self):
         "Keep the clinical tables up to date behind the store, in small batches so commits are not held up."
@@ -186,51 +276,30 @@ class MLLPReceiver:
             except Exception: pass   # the next stored message retries; the cursor only moves on success
             await asyncio.sleep(self.process_every)
 
-    def _oversized(self, f: OversizedFrame, conn_name: str) -> bytes:
-        reason = f'frame of {f.size} bytes or more exceeds the {self.max_frame}-byte limit'
-        with self.engine.begin() as c:
-            c.execute(ids_dead_letters.insert().values(received_time=utcnow(), connection=conn_name, sha256=hashlib.sha256(f.head).hexdigest(),
-                                                       reason=reason, raw=f.head))
-        return frame(build_ack(None, 'AR', reason, raw=f.head))
-
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.stats.connections += 1
         peer = writer.get_extra_info('peername') or ('?', 0)
-        name = f'mllp:{peer[0]}:{peer[1]}#{self.stats.connections}'
+        conn = _Conn(f'mllp:{peer[0]}:{peer[1]}#{self.stats.connections}', writer)
         frames = FrameReader(self.max_frame)
-        pending: asyncio.Queue = asyncio.Queue()
-        async def send_acks():
-            while True:
-                raw, fut = await pending.get()
-                if raw is None: return
-                if isinstance(fut, bytes): ack = fut
-                else:
-                    outcome, failure = await fut
-                    ack = ack_bytes(raw, outcome, failure)
-                if ack:
-                    code = ack[ack.find(b'MSA|') + 4:ack.find(b'MSA|') + 6].decode(errors='replace')
-                    self.stats.acks[code] = self.stats.acks.get(code, 0) + 1
-                    writer.write(ack)
-                    await writer.drain()
-        acks = asyncio.create_task(send_acks())
-        loop = asyncio.get_running_loop()
+        self._conns.add(conn)
         try:
-            while not acks.done():
+            while True:
                 data = await reader.read(1 << 16)
                 if not data: break
-                for f in frames.feed(data):
-                    if isinstance(f, OversizedFrame):
-                        ack = await loop.run_in_executor(self._store_pool, self._oversized, f, name)
-                        await pending.put((f.head, ack)); continue
-                    self.stats.messages += 1
-                    fut = loop.create_future()
-                    await self._queue.put(_Item(f, self.clock(f) if self.clock else utcnow(), name, fut))
-                    await pending.put((f, fut))
-            await pending.put((None, None))
-            await acks
+                got = frames.feed(data)
+                if not got: continue
+                now = utcnow()   # every frame of one read arrived together
+                if conn.outstanding == 0 and conn.acked_at:   # it was waiting for nothing: how soon did it send again?
+                    gap = time.monotonic() - conn.acked_at
+                    conn.turnaround = gap if conn.turnaround == float('inf') else 0.7 * conn.turnaround + 0.3 * gap
+                for f in got:
+                    if not isinstance(f, OversizedFrame): self.stats.messages += 1
+                    conn.outstanding += 1; conn.queued += 1; conn.idle.clear()
+                    self._inbox.put(_Item(f, self.clock(f) if self.clock and not isinstance(f, OversizedFrame) else now, conn))
+            if conn.outstanding: await conn.idle.wait()   # the sender closed: answer what it sent, then close
         except (ConnectionError, asyncio.IncompleteReadError): pass
         finally:
-            acks.cancel()
+            self._conns.discard(conn)
             with contextlib.suppress(Exception): writer.close(); await writer.wait_closed()
 
 # %% ../nbs/12a_mllp.ipynb #68f74883
@@ -277,6 +346,7 @@ def serve(engine: Engine, host: str = '127.0.0.1', port: int = 2575, max_frame: 
         rx = MLLPReceiver(engine, host, port, max_frame, process=process, clock=clock)
         try: bound = await rx.start()
         except OSError as e: raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}")
+        gc.collect(); gc.freeze()   # what is loaded by now lives as long as the process: full collections need not walk it
         if ready: ready(bound)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -5,6 +5,7 @@
 # %% ../nbs/01_store.ipynb #3aa326ca
 from __future__ import annotations
 
+import functools
 import json
 import os
 from contextlib import contextmanager
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import polars as pl
 import sqlalchemy as sa
+import sqlalchemy.dialects.postgresql
+import sqlalchemy.dialects.sqlite
 from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Connection, Engine
@@ -25,7 +28,7 @@ __all__ = ['metadata', 'T', 'patients', 'patient_identity', 'adt_events', 'diagn
            'location_visits', 'ids_messages', 'ids_receipts', 'ids_dead_letters', 'processor_state',
            'processing_errors', 'APPEND_ONLY', 'models', 'deployments', 'runs', 'inferences', 'inference_labels',
            'audit_log', 'UTCDateTime', 'migrations_dir', 'get_engine', 'upgrade', 'dispose_engines', 'audit',
-           'read_frame', 'insert_ignore', 'insert_frame']
+           'read_frame', 'insert_ignore', 'bulk_insert', 'insert_frame']
 
 # %% ../nbs/01_store.ipynb #60a7e206
 class UTCDateTime(sa.types.TypeDecorator):
@@ -349,6 +352,43 @@ def insert_ignore(conn: Connection, table: sa.Table, rows: list[dict]) -> int:
     if conn.dialect.name == 'postgresql': from sqlalchemy.dialects.postgresql import insert
     else: from sqlalchemy.dialects.sqlite import insert
     conn.execute(insert(table).on_conflict_do_nothing(), rows)
+    return len(rows)
+
+def _driver_value(dialect: str, col: sa.Column):
+    "A function turning a Python value into what the DBAPI driver stores for `col` (as the column type would)."
+    if isinstance(col.type, UTCDateTime):
+        if dialect == 'sqlite':
+            @functools.lru_cache(maxsize=1 << 14)   # rows of one message share their times: format each once
+            def f(v):
+                if v is None: return None
+                if v.tzinfo is None: raise CDEError(f"naive datetime {v.isoformat()} given to the store; use UTC")
+                return v.astimezone(timezone.utc).strftime('%Y-%m-%d %H:%M:%S.%f')
+            return f
+        def g(v):
+            if v is not None and v.tzinfo is None: raise CDEError(f"naive datetime {v.isoformat()} given to the store; use UTC")
+            return v
+        return g
+    if dialect == 'sqlite' and isinstance(col.type, sa.Date): return lambda v: None if v is None else v.isoformat()
+    if dialect == 'sqlite' and isinstance(col.type, sa.Boolean): return lambda v: None if v is None else int(v)
+    return None
+
+def bulk_insert(conn: Connection, table: sa.Table, rows: list[dict], ignore_conflicts: bool = False) -> int:
+    "Insert many rows through the driver's executemany (no per-row statement processing); for bulk paths such as replay."
+    if not rows: return 0
+    cols = [c for c in table.columns if c.name in rows[0]]
+    d = conn.dialect.name
+    if ignore_conflicts:
+        ins = (sa.dialects.postgresql.insert if d == 'postgresql' else sa.dialects.sqlite.insert)(table).on_conflict_do_nothing()
+    else: ins = table.insert()
+    compiled = ins.compile(dialect=conn.dialect, column_keys=[c.name for c in cols])
+    conv = [(c.name, _driver_value(d, c)) for c in cols]
+    if compiled.positional:
+        order = [compiled.binds[p].key for p in compiled.positiontup]
+        fn = dict(conv)
+        params = [tuple((fn[k](r[k]) if fn[k] else r[k]) for k in order) for r in rows]
+    else:
+        params = [{k: (f(r[k]) if f else r[k]) for k, f in conv} for r in rows]
+    conn.exec_driver_sql(str(compiled), params)
     return len(rows)
 
 def insert_frame(conn: Connection, table: sa.Table, df: pl.DataFrame, chunk: int = 50_000) -> int:

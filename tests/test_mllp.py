@@ -210,13 +210,13 @@ def test_sigkill_at_random_moments_loses_and_doubles_nothing(tmp_path):
         try: proc.wait(20)
         except subprocess.TimeoutExpired: proc.kill()
     assert kills == 5 and all(acked)
+    os.environ['CDE_SITE_KEY_FILE'] = env['CDE_SITE_KEY_FILE']   # the receiver's key: finish its processing with it
     live = get_engine(f"sqlite:///{tmp_path / 'var' / 'cde.sqlite'}")
     process_pending(live)
     with live.connect() as c:
         assert c.execute(sa.text('select count(*), count(distinct sha256) from ids_messages')).one() == (20_000, 20_000)
         assert c.execute(sa.text('select count(*) from ids_receipts')).scalar() >= 20_000
     calm = get_engine(f"sqlite:///{tmp_path / 'calm.sqlite'}")
-    os.environ['CDE_SITE_KEY_FILE'] = env['CDE_SITE_KEY_FILE']
     try:
         store_messages(calm, [(m, datetime.now(timezone.utc), 'calm') for m in feed])
         process_pending(calm)
