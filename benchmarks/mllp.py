@@ -32,15 +32,14 @@ import asyncio
 import contextlib
 import gc
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import zlib
 from datetime import datetime, timezone
 from pathlib import Path
+
+from cde_workbench.cli import mllp_receiver
 
 import numpy as np
 
@@ -61,31 +60,6 @@ def _shard(msgs: list[bytes], k: int) -> list[list[bytes]]:
         mrn = m[i:m.find(b'\r', i + 1)].split(b'|')[3].split(b'^')[0] if i >= 0 else b''
         out[zlib.crc32(mrn) % k].append(m)
     return out
-
-
-@contextlib.contextmanager
-def _receiver(env: dict, timeout: float = 30.0):
-    "`cde ingest mllp --no-process` as a subprocess on a free loopback port; yields the port."
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
-    cmd = [sys.executable, '-c', 'from cde_workbench.cli import main; main()', 'ingest', 'mllp',
-           '--host', '127.0.0.1', '--port', str(port), '--no-process']
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"receiver stopped: {proc.stderr.read().decode(errors='replace')[-500:]}")
-            try:
-                with socket.create_connection(('127.0.0.1', port), timeout=0.5): break
-            except OSError:
-                if time.monotonic() > deadline: raise RuntimeError('receiver did not start')
-                time.sleep(0.05)
-        yield port
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try: proc.wait(30)
-        except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL); proc.wait()
 
 
 async def _sender(port: int, msgs: list[bytes], window: int, stop_at: float, ack_timeout: float = 10.0):
@@ -171,7 +145,7 @@ def _bench_db(db: str, url: str | None, msgs: list[bytes], shards, seconds: floa
                'CDE_DATABASE_URL': url or f'sqlite:///{var}/cde.sqlite'}
         if url:   # a fresh database per run: PostgreSQL's throwaway server, emptied
             _reset_pg(url)
-        with _receiver(env) as port:
+        with mllp_receiver(env=env) as port:
             runs[w] = _load(port, shards, w, seconds)
     if url: _reset_pg(url)
     base = _one_per_transaction(url or f"sqlite:///{Path(d) / f'{db}-base.sqlite'}", msgs)

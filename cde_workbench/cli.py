@@ -230,14 +230,14 @@ def _reset_demo_store() -> None:
             shutil.rmtree(p)
 
 @contextmanager
-def mllp_receiver(replay_clock: bool = False, timeout: float = 60.0):
-    "Run `cde ingest mllp` as its own process on a free loopback port for the duration; yields the port."
+def mllp_receiver(replay_clock: bool = False, timeout: float = 60.0, env: dict | None = None):
+    "Run `cde ingest mllp --no-process` as its own process on a free loopback port for the duration; yields the port."
     import os, signal, socket, subprocess
     with socket.socket() as sock:
         sock.bind(('127.0.0.1', 0)); port = sock.getsockname()[1]
     cmd = [sys.executable, '-c', 'from cde_workbench.cli import main; main()', 'ingest', 'mllp', '--port', str(port), '--no-process']
     if replay_clock: cmd.append('--replay-clock')
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
         while True:
