@@ -22,9 +22,10 @@ from .config import CDEError, ConfigError, as_utc, database_url, load_deployment
 # `cde --help` and argument errors answer at once.
 
 # %% auto #0
-__all__ = ['app', 'ingest_app', 'DEMO_DEPLOYMENT', 'synth', 'ingest_warehouse', 'feed_with_times', 'ingest_synthea',
-           'ingest_fhir', 'ingest_file', 'ingest_mllp', 'ingest_process', 'ingest_replay', 'train', 'deploy', 'score',
-           'labels', 'report', 'dashboard', 'mllp_receiver', 'demo', 'main']
+__all__ = ['app', 'ingest_app', 'models_app', 'DEMO_DEPLOYMENT', 'DEPLOYR_DEPLOYMENTS', 'synth', 'ingest_warehouse',
+           'feed_with_times', 'ingest_synthea', 'ingest_fhir', 'ingest_file', 'ingest_mllp', 'ingest_process',
+           'ingest_replay', 'train', 'deploy', 'score', 'labels', 'report', 'dashboard', 'models_list', 'models_show',
+           'models_alias', 'mllp_receiver', 'demo', 'evaluate', 'main']
 
 # %% ../nbs/80_cli.ipynb #636e4249
 app = typer.Typer(help='cde-workbench: take a clinical model from the research notebook to a silent trial, a report and a dashboard.',
@@ -137,7 +138,7 @@ def ingest_replay(target: str = typer.Argument(..., help='SQLAlchemy URL of an e
 # %% ../nbs/80_cli.ipynb #6f4794c1
 @app.command()
 def train(deployment: str = typer.Argument(..., help='Deployment name (a folder under deployments/).')):
-    "Train, validate and register the deployment's model (runs deployments/<name>/train.ipynb)."
+    "Train the candidates, choose on validation, register the best, and evaluate it on the test years (train and evaluate notebooks)."
     from cde_workbench.registry import get_model
     from cde_workbench.schedule import run_notebook
     from cde_workbench.store import get_engine
@@ -146,23 +147,25 @@ def train(deployment: str = typer.Argument(..., help='Deployment name (a folder 
     run = run_notebook(engine, dep, 'train', {})
     with engine.connect() as c: rec = get_model(c, dep.name)
     t = rec.metrics['test_auroc']
-    typer.echo(f"registered {rec.name} v{rec.version} (sha256 {rec.sha256[:12]}…): test AUROC {t['estimate']:.3f} "
-               f"[{t['low']:.3f}, {t['high']:.3f}]; run record {run.output}")
+    ev = run_notebook(engine, dep, 'evaluate', {'model': rec.version})
+    typer.echo(f"registered {rec.name} v{rec.version} ({rec.params['model']['kind']}, sha256 {rec.sha256[:12]}…): test AUROC "
+               f"{t['estimate']:.3f} [{t['low']:.3f}, {t['high']:.3f}]; run records {run.output}, {ev.output}\n"
+               f"make it the champion after review: cde models alias {rec.name} champion {rec.version}")
 
 @app.command()
 def deploy(deployment: str = typer.Argument(..., help='Deployment name.'),
            status: str = typer.Argument(..., help='New lifecycle state: draft, silent, live, paused or retired.'),
-           version: Optional[int] = typer.Option(None, help='Model version to serve (default: the newest registered).'),
+           model: Optional[str] = typer.Option(None, '--model', help='Model version number or alias to serve (default: the champion, else the newest).'),
            reason: str = typer.Option('', help='Why, for the audit log.')):
     "Move a deployment through its lifecycle (draft → silent → live → retired, with pause); audited."
     from cde_workbench.deploy import set_status
-    from cde_workbench.registry import get_model
+    from cde_workbench.registry import resolve_model
     from cde_workbench.store import get_engine
     dep = load_deployment(deployment)
     engine = get_engine()
     mid = None
     if status in ('silent', 'live'):
-        with engine.connect() as c: mid = get_model(c, dep.name, version).model_id
+        with engine.connect() as c: mid = resolve_model(c, dep.name, model).model_id
     st = set_status(engine, dep.name, status, mid, reason)
     typer.echo(f'{dep.name}: {st.status} (model id {st.model_id})')
 
@@ -204,8 +207,61 @@ def dashboard(port: int = typer.Option(8866, help='Port on 127.0.0.1.')):
     try: subprocess.run(cmd, check=False)
     except KeyboardInterrupt: pass
 
+# %% ../nbs/80_cli.ipynb #1847379b
+models_app = typer.Typer(help='The model registry: immutable versions, lineage and aliases.', no_args_is_help=True)
+app.add_typer(models_app, name='models')
+
+@models_app.command('list')
+def models_list(name: Optional[str] = typer.Argument(None, help='Only this model (default: every model).'),
+                as_json: bool = typer.Option(False, '--json', help='Print JSON instead of a table.')):
+    "Registered versions, newest first, with aliases, model kind and test AUROC."
+    from cde_workbench.registry import list_models
+    from cde_workbench.store import get_engine
+    with get_engine().connect() as c: df = list_models(c, name)
+    if name is not None and df.is_empty(): raise ConfigError(f"no registered model {name!r}")
+    if as_json: typer.echo(json.dumps(df.to_dicts(), indent=1)); return
+    if df.is_empty(): typer.echo('no registered models; train one with `cde train <deployment>`'); return
+    auc = lambda r: '—' if r['test_auroc'] is None else f"{r['test_auroc']:.3f} [{r['test_auroc_low']:.3f}, {r['test_auroc_high']:.3f}]"
+    rows = [(r['name'], str(r['version']), r['aliases'] or '', r['model_kind'], auc(r), r['sha256'] + '…') for r in df.iter_rows(named=True)]
+    head = ('name', 'version', 'aliases', 'kind', 'test AUROC [95% CI]', 'sha256')
+    w = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]: typer.echo('  '.join(v.ljust(w[i]) for i, v in enumerate(r)).rstrip())
+
+@models_app.command('show')
+def models_show(name: str = typer.Argument(..., help='Model name.'),
+                ref: Optional[str] = typer.Argument(None, help='Version number or alias (default: the champion, else the newest).')):
+    "One version's lineage (feature-set hash, data fingerprint, code version), parameters, metrics and alias history, as JSON."
+    from cde_workbench.registry import alias_history, list_models, resolve_model
+    from cde_workbench.store import get_engine
+    with get_engine().connect() as c:
+        rec = resolve_model(c, name, ref)
+        aliases = list_models(c, name).filter(version=rec.version)['aliases'][0]
+        hist = alias_history(c, name)
+    out = {'name': rec.name, 'version': rec.version, 'model_id': rec.model_id, 'aliases': aliases.split(',') if aliases else [],
+           'sha256': rec.sha256, 'path': rec.path, 'feature_set_hash': rec.feature_set_hash, 'data_fingerprint': rec.data_fingerprint,
+           'code_version': rec.code_version, 'params': rec.params, 'metrics': rec.metrics,
+           'alias_history': [{**r, 'set_at': r['set_at'].isoformat()} for r in hist.to_dicts()]}
+    typer.echo(json.dumps(out, indent=1, default=str))
+
+@models_app.command('alias')
+def models_alias(name: str = typer.Argument(..., help='Model name.'),
+                 alias: str = typer.Argument(..., help='champion or challenger.'),
+                 version: Optional[int] = typer.Argument(None, help='Version to point the alias at (omit with --clear).'),
+                 clear: bool = typer.Option(False, '--clear', help='Remove the alias.'),
+                 reason: str = typer.Option('', help='Why, for the alias history and the audit log.')):
+    "Point champion or challenger at a version (or clear it); the move is appended to the alias history and audited."
+    from cde_workbench.registry import set_alias
+    from cde_workbench.store import get_engine
+    if (version is None) != clear: raise ConfigError('give a VERSION, or --clear to remove the alias (not both)')
+    rec = set_alias(get_engine(), name, alias, version, reason)
+    typer.echo(f'{name}@{alias} -> ' + (f'v{rec.version} (sha256 {rec.sha256[:12]}…)' if rec else 'cleared'))
+
+
 # %% ../nbs/80_cli.ipynb #15886338
-DEMO_DEPLOYMENT = 'hgb_abnormal'
+DEMO_DEPLOYMENT = 'hgb_abnormal'   # the one that runs a silent trial
+# DEPLOYR's twelve lab-abnormal tasks, trained and evaluated retrospectively by the demo
+DEPLOYR_DEPLOYMENTS = ('hct_abnormal', 'hgb_abnormal', 'plt_abnormal', 'wbc_abnormal', 'alb_abnormal', 'bun_abnormal', 'ca_abnormal',
+                       'co2_abnormal', 'creat_abnormal', 'k_abnormal', 'na_abnormal', 'mg_abnormal')
 
 def _reset_demo_store() -> None:
     "Start the demo from an empty default store; refuse to touch a store the demo did not create."
@@ -222,7 +278,7 @@ def _reset_demo_store() -> None:
         dispose_engines()
         if not ours and anything: raise ConfigError(f'{db} holds data the demo did not create; move it away or set CDE_VAR to another folder')
         for p in (db, db.with_name(db.name + '-wal'), db.with_name(db.name + '-shm')): p.unlink(missing_ok=True)
-    for d in ('synth', f'models/{DEMO_DEPLOYMENT}'):
+    for d in ('synth', *(f'models/{n}' for n in DEPLOYR_DEPLOYMENTS)):
         p = var_dir() / d
         if p.exists():
             for f in p.rglob('*'):
@@ -263,7 +319,7 @@ def demo(patients: int = typer.Option(3000, min=200, help='Patients in the synth
     from cde_workbench.events import process_pending
     from cde_workbench.mllp import send_messages
     from cde_workbench.monitor import performance_rows
-    from cde_workbench.registry import get_model
+    from cde_workbench.registry import get_model, set_alias
     from cde_workbench.report import render_report
     from cde_workbench.schedule import run_notebook
     from cde_workbench.store import audit, get_engine
@@ -286,8 +342,14 @@ def demo(patients: int = typer.Option(3000, min=200, help='Patients in the synth
     stage('synth', t0)
     typer.echo('2/6 warehouse extract into the store'); t0 = time.perf_counter()
     load_warehouse_extract(engine, out / 'warehouse'); stage('warehouse_load', t0)
-    typer.echo('3/6 training (train.ipynb by papermill)'); t0 = time.perf_counter()
-    run_notebook(engine, dep, 'train', {})
+    typer.echo(f'3/6 training and evaluating DEPLOYR\'s {len(DEPLOYR_DEPLOYMENTS)} lab tasks (train.ipynb, evaluate.ipynb by papermill)')
+    t0 = time.perf_counter()
+    for name in tqdm(DEPLOYR_DEPLOYMENTS, desc='tasks', unit='task'):
+        d = load_deployment(name)
+        run_notebook(engine, d, 'train', {})
+        with engine.connect() as c: rec = get_model(c, d.name)
+        set_alias(engine, d.name, 'champion', rec.version, 'demo: the only version, reviewed in the demo report')
+        run_notebook(engine, d, 'evaluate', {})
     with engine.connect() as c: rec = get_model(c, dep.name)
     set_status(engine, dep.name, 'silent', rec.model_id, 'demo: silent trial')
     stage('train', t0)
@@ -330,6 +392,35 @@ def demo(patients: int = typer.Option(3000, min=200, help='Patients in the synth
         typer.echo(f'  {r.period:>13}: n={r.n}, prevalence {r.prevalence}, AUROC {r.auroc}')
     typer.echo(f'\nDemo finished in {stages["total"]:.0f} s.\nReport: {path}\nDashboard: run `make dashboard` '
                f'(or `.venv/bin/cde dashboard`) and open the address it prints (127.0.0.1, with a token).')
+
+# %% ../nbs/80_cli.ipynb #81057cfe
+@app.command()
+def evaluate(file: Path = typer.Argument(..., help='Predictions file (.csv or .parquet), one row per case.'),
+             label: str = typer.Option(..., '--label', help='Column of the 0/1 outcome.'),
+             score: str = typer.Option(..., '--score', help='Column of the predicted probability (0 to 1).'),
+             threshold: float = typer.Option(0.5, '--threshold', help='A score at or above it counts as positive.'),
+             group: list[str] = typer.Option([], '--group', help='Subgroup column (repeat the option for several).'),
+             nb_thresholds: Optional[str] = typer.Option(None, '--nb-thresholds', help='Net-benefit thresholds, comma-separated (default 0.01 to 0.99 by 0.01).'),
+             n_features: Optional[str] = typer.Option(None, '--n-features', help='Column of non-zero feature counts: adds AUROC by feature count.'),
+             n_boot: int = typer.Option(1000, '--n-boot', min=1, help='Bootstrap resamples.'),
+             seed: int = typer.Option(0, '--seed', help='Random seed of the resamples.'),
+             min_group_size: int = typer.Option(30, '--min-group-size', min=1, help='Smaller subgroups are suppressed.'),
+             as_json: bool = typer.Option(False, '--json', help='Print the result as JSON on stdout instead of a summary and an HTML report.')):
+    "Evaluate a predictions file: AUROC, AP, threshold metrics, Brier, calibration, net benefit and subgroups, with bootstrap CIs."
+    from cde_workbench.config import reports_dir
+    from cde_workbench.evaluate import evaluate_predictions, read_predictions, summary_text
+    try: nb = None if nb_thresholds is None else [float(t) for t in nb_thresholds.split(',') if t.strip()]
+    except ValueError: raise typer.BadParameter(f'comma-separated numbers expected, got {nb_thresholds!r}', param_hint='--nb-thresholds') from None
+    y, s, groups, nf = read_predictions(file, label, score, group, n_features)
+    result = evaluate_predictions(y, s, threshold, groups, nb, n_boot, seed, min_group_size=min_group_size, n_features=nf)
+    if as_json: typer.echo(json.dumps(result, allow_nan=False)); return
+    typer.echo(summary_text(result))
+    from cde_workbench.report import evaluation_report_html
+    html = evaluation_report_html(result, y, s, f'Evaluation of {Path(file).name}')
+    out = reports_dir() / 'evaluate' / f"{Path(file).stem}-{utcnow().strftime('%Y%m%dT%H%M%SZ')}.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(html, encoding='utf-8')
+    typer.echo(f'report: {out}')
 
 # %% ../nbs/80_cli.ipynb #0eead321
 def _usage_errors() -> tuple:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['CDEError', 'ConfigError', 'SchemaError', 'IngestError', 'PipelineError', 'project_root', 'var_dir', 'database_url',
-           'deployments_dir', 'reports_dir', 'utcnow', 'as_utc', 'Deployment', 'load_deployment']
+__all__ = ['PIPELINES_FOLDER', 'CDEError', 'ConfigError', 'SchemaError', 'IngestError', 'PipelineError', 'project_root',
+           'var_dir', 'database_url', 'deployments_dir', 'reports_dir', 'utcnow', 'as_utc', 'Deployment',
+           'load_deployment']
 
 # %% ../nbs/00_config.ipynb #1a642814
 class CDEError(Exception):
@@ -74,7 +75,6 @@ def as_utc(value: datetime | str, # a datetime or ISO-8601 string with an offset
     return value.astimezone(timezone.utc)
 
 # %% ../nbs/00_config.ipynb #b3d25c55
-_COMPONENTS = ('HCT', 'HGB', 'PLT', 'WBC', 'ALB', 'BUN', 'CA', 'CO2', 'CREAT', 'K', 'NA', 'MG')
 _MODES = ('silent', 'shown', 'randomised')
 
 @dataclass(frozen=True)
@@ -92,24 +92,27 @@ class Deployment:
     evaluation: dict = field(default_factory=dict)
 
     def notebook(self, kind: str) -> Path:
-        "Path of this deployment's pipeline notebook `kind` (train, score, labels, report, ...)."
-        p = self.path / f'{kind}.ipynb'
-        if not p.exists(): raise ConfigError(f"deployment {self.name!r} has no {kind} notebook ({p})")
-        return p
+        "Path of pipeline notebook `kind` (train, evaluate, score, labels, report): the deployment's own, else the shared one."
+        own, shared = self.path / f'{kind}.ipynb', self.path.parent / PIPELINES_FOLDER / f'{kind}.ipynb'
+        for p in (own, shared):
+            if p.exists(): return p
+        raise ConfigError(f"deployment {self.name!r} has no {kind} notebook ({own}, nor a shared {shared})")
+
+# pipeline notebooks every deployment shares unless its folder has its own copy
+PIPELINES_FOLDER = '_pipelines'
 
 _SCHEMA = {  # section -> {key: type}; a missing optional section takes the defaults below
-    'task': {'kind': str, 'component': str},
-    'features': {'demographics': bool, 'diagnoses': bool, 'medication_days': int, 'lab_days': int, 'lab_bins': int},
+    'task': None,      # checked by `tasks.Task.from_dict` (its keys depend on the task's kind)
+    'features': None,  # checked by `features.FeatureSet.from_dict`
     'split': {'train_years': list, 'validation_years': list, 'test_years': list},
-    'model': {'kind': str, 'n_estimators': int, 'min_samples_leaf': int, 'max_features': str, 'seed': int},
+    'model': {'candidates': list, 'seed': int, 'grid': dict},  # grid: {kind: {param: [values]}}, checked by `train`
     'output': {'mode': str, 'threshold': float},
     'schedule': {'score_every_minutes': int},
     'evaluation': {'bootstrap': int, 'seed': int, 'ci': float},
 }
-_REQUIRED = {'task': ('kind', 'component'), 'split': ('train_years', 'validation_years', 'test_years'), 'output': ('mode',)}
+_REQUIRED = {'split': ('train_years', 'validation_years', 'test_years'), 'output': ('mode',)}
 _DEFAULTS = {
-    'features': {'demographics': True, 'diagnoses': True, 'medication_days': 28, 'lab_days': 14, 'lab_bins': 5},
-    'model': {'kind': 'random_forest', 'n_estimators': 300, 'min_samples_leaf': 3, 'max_features': 'sqrt', 'seed': 0},
+    'model': {'candidates': ['logistic_regression', 'random_forest', 'hist_gradient_boosting'], 'seed': 0, 'grid': {}},
     'output': {'threshold': 0.5},
     'schedule': {'score_every_minutes': 15},
     'evaluation': {'bootstrap': 1000, 'seed': 20240101, 'ci': 0.95},
@@ -118,6 +121,7 @@ _DEFAULTS = {
 def _check_section(fname: Path, section: str, values) -> dict:
     if not isinstance(values, dict): raise ConfigError(f"{fname}: [{section}] must be a table")
     spec = _SCHEMA[section]
+    if spec is None: return values   # checked by its own module
     for k, v in values.items():
         if k not in spec: raise ConfigError(f"{fname}: unknown key {k!r} in [{section}] (known: {', '.join(spec)})")
         want = spec[k]
@@ -147,8 +151,13 @@ def load_deployment(name_or_path: str | Path, # deployment name (folder under `d
         if k not in raw: raise ConfigError(f"{fname}: missing required {'key' if k == 'name' else 'section'} {k!r}")
     if raw['name'] != folder.name: raise ConfigError(f"{fname}: name {raw['name']!r} must match its folder {folder.name!r}")
     sec = {s: _check_section(fname, s, dict(raw.get(s, {}))) for s in _SCHEMA}
-    if sec['task']['kind'] != 'lab_abnormal': raise ConfigError(f"{fname}: [task] kind {sec['task']['kind']!r} is not supported (known: lab_abnormal)")
-    if sec['task']['component'] not in _COMPONENTS: raise ConfigError(f"{fname}: [task] component {sec['task']['component']!r} unknown (known: {', '.join(_COMPONENTS)})")
+    # tasks, feature sets and model kinds are defined in their own modules; imported here, not at the top, to avoid a cycle
+    from cde_workbench.features import FeatureSet
+    from cde_workbench.tasks import Task
+    from cde_workbench.train import model_grid
+    Task.from_dict(sec['task'], f'{fname}: [task]')
+    sec['features'] = asdict(FeatureSet.from_dict(sec['features'], f'{fname}: [features]'))
+    model_grid(sec['model'], f'{fname}: [model]')
     if sec['output']['mode'] not in _MODES: raise ConfigError(f"{fname}: [output] mode {sec['output']['mode']!r} unknown (known: {', '.join(_MODES)})")
     if not 0 < sec['output']['threshold'] < 1: raise ConfigError(f"{fname}: [output] threshold must be between 0 and 1")
     years = [y for k in ('train_years', 'validation_years', 'test_years') for y in sec['split'][k]]

@@ -18,6 +18,7 @@ import ipywidgets as widgets
 import polars as pl
 
 from .config import ConfigError, deployments_dir, load_deployment, project_root, var_dir
+from .deploy import deployment_state
 from .monitor import Health, health, packets, weekly
 from .store import get_engine
 
@@ -61,6 +62,9 @@ def monitor_view(names: list[str] | None = None, # deployments to show; default 
     engine = get_engine()
     tabs = []
     with engine.connect() as conn:
+        # deployments in use first (live, silent, paused), then the rest: a clinician's first tab is a model that is running
+        order = {'live': 0, 'silent': 1, 'paused': 2}
+        names = sorted(names, key=lambda n: (order.get(deployment_state(conn, n).status, 3), n))
         for n in names:
             dep = load_deployment(n)
             h = health(conn, dep)

@@ -13,7 +13,7 @@ from sqlalchemy.engine import Engine
 
 from .config import Deployment, utcnow
 from .store import inference_labels, inferences, insert_ignore, read_frame
-from .tasks import lab_abnormal_points
+from .tasks import Task, task_points
 
 # %% auto #0
 __all__ = ['extract_labels']
@@ -31,7 +31,7 @@ def extract_labels(engine: Engine, # the store
              .where(i.deployment == dep.name, l.inference_id.is_(None)))
         todo = read_frame(conn, q, {'inference_id': pl.Int64, 'order_id': pl.String, 'prediction_time': pl.Datetime('us', 'UTC')})
         if todo.is_empty(): return 0
-        pts = lab_abnormal_points(conn, dep.task['component'], start=todo['prediction_time'].min(), as_of=as_of)
+        pts = task_points(conn, Task.from_dict(dep.task), start=todo['prediction_time'].min(), as_of=as_of, allow_empty=True)
     got = todo.join(pts.filter(pl.col('label').is_not_null()).select('order_id', 'label', 'label_time'), on='order_id')
     now = utcnow()
     rows = [dict(inference_id=a, label=int(b), label_time=c, run_id=run_id, extracted_at=now)

@@ -14,7 +14,7 @@ from sqlalchemy.engine import Connection
 from .config import Deployment, PipelineError
 from .deploy import deployment_state
 from .evaluate import Estimate, auroc_ci, prevalence_ci
-from .registry import get_model, test_predictions
+from .registry import get_model, resolve_model, test_predictions
 from .store import inference_labels, inferences, read_frame
 
 # %% auto #0
@@ -53,7 +53,7 @@ def _row(period, y, s, dep) -> PerformanceRow:
 def performance_rows(conn: Connection, dep: Deployment) -> list[PerformanceRow]:
     "Retrospective (test years) and prospective (silent trial) prevalence and AUROC with CIs."
     state = deployment_state(conn, dep.name)
-    rec = get_model(conn, model_id=state.model_id) if state.model_id else get_model(conn, dep.name)
+    rec = get_model(conn, model_id=state.model_id) if state.model_id else resolve_model(conn, dep.name)
     retro = test_predictions(rec)
     pk = packets(conn, dep.name).filter(pl.col('label').is_not_null(), pl.col('model_id') == rec.model_id)
     return [_row('retrospective', retro['label'].to_numpy(), retro['score'].to_numpy(), dep),

@@ -21,10 +21,11 @@ from sqlalchemy.engine import Connection, Engine
 
 import cde_workbench
 from .config import ConfigError, PipelineError, project_root, utcnow, var_dir
-from .store import audit, models
+from .store import audit, model_aliases, models, read_frame
 
 # %% auto #0
-__all__ = ['sha256_file', 'code_version', 'ModelRecord', 'register_model', 'get_model', 'load_bundle', 'test_predictions']
+__all__ = ['ALIASES', 'sha256_file', 'code_version', 'ModelRecord', 'register_model', 'get_model', 'load_bundle',
+           'test_predictions', 'set_alias', 'get_alias', 'resolve_model', 'list_models', 'alias_history']
 
 # %% ../nbs/23_registry.ipynb #20441fa2
 _TRUSTED_PREFIXES = ('sklearn.', 'numpy.', 'scipy.', 'cde_workbench.', 'builtins.', 'collections.')
@@ -134,3 +135,80 @@ def test_predictions(record: ModelRecord) -> pl.DataFrame:
     p = record.folder / 'test_predictions.parquet'
     if not p.exists(): raise PipelineError(f"model {record.name} v{record.version} has no saved test predictions ({p})")
     return pl.read_parquet(p)
+
+# %% ../nbs/23_registry.ipynb #9d90947f
+ALIASES = ('champion', 'challenger')
+
+def set_alias(engine: Engine, # the store
+              name: str, # model name
+              alias: str, # 'champion' or 'challenger'
+              version: int | None, # version to point at; None clears the alias
+              reason: str = '', # why (kept in the alias history and the audit log)
+              actor: str | None = None, # who; default the OS user
+             ) -> ModelRecord | None:
+    "Point an alias of a model at one of its versions (or clear it); audited. Returns the version now aliased."
+    if alias not in ALIASES: raise ConfigError(f"unknown alias {alias!r} (known: {', '.join(ALIASES)})")
+    actor = actor or os.environ.get('CDE_ACTOR') or os.environ.get('USER') or 'unknown'
+    with engine.begin() as conn:
+        rec = get_model(conn, name, version) if version is not None else None
+        if version is None and get_alias(conn, name, alias) is None:
+            raise ConfigError(f"model {name!r} has no {alias} to clear")
+        if rec is not None:   # one version holds at most one alias: champion and challenger must differ
+            other = [a for a in ALIASES if a != alias and (o := get_alias(conn, name, a)) is not None and o.model_id == rec.model_id]
+            if other: raise ConfigError(f"{name} v{version} is already the {other[0]}; move or clear that alias first")
+        conn.execute(model_aliases.insert().values(name=name, alias=alias, model_id=rec.model_id if rec else None,
+                                                   set_at=utcnow(), actor=actor, reason=reason))
+        audit(conn, 'model.alias', f'{name}@{alias}', {'version': version, 'reason': reason}, actor=actor)
+    return rec
+
+def get_alias(conn: Connection, name: str, alias: str) -> ModelRecord | None:
+    "The version an alias currently points at, or None."
+    a = model_aliases.c
+    mid = conn.execute(sa.select(a.model_id).where(a.name == name, a.alias == alias).order_by(a.id.desc()).limit(1)).scalar()
+    return get_model(conn, model_id=mid) if mid is not None else None
+
+def resolve_model(conn: Connection, # open connection
+                  name: str, # model name
+                  ref: str | int | None = None, # a version number, an alias, or None for the champion (else the newest)
+                 ) -> ModelRecord:
+    "A model version by number or alias; by default the champion when one is set, else the newest version."
+    if ref is None: return get_alias(conn, name, 'champion') or get_model(conn, name)
+    if isinstance(ref, int) or str(ref).isdigit(): return get_model(conn, name, int(ref))
+    if ref not in ALIASES: raise ConfigError(f"{ref!r} is neither a version number nor an alias ({', '.join(ALIASES)})")
+    rec = get_alias(conn, name, ref)
+    if rec is None: raise ConfigError(f"model {name!r} has no {ref}; set one with `cde models alias {name} {ref} VERSION`")
+    return rec
+
+def _headline(metrics: dict) -> dict:
+    "Test AUROC and its interval from a version's metrics, whatever evaluation produced them."
+    t = metrics.get('test_auroc') or {}
+    if 'estimate' in t: return {'test_auroc': t['estimate'], 'test_auroc_low': t.get('low'), 'test_auroc_high': t.get('high')}
+    m = (metrics.get('test') or {}).get('metrics', {}).get('auroc') or {}
+    ci = m.get('ci') or [None, None]
+    return {'test_auroc': m.get('estimate'), 'test_auroc_low': ci[0], 'test_auroc_high': ci[1]}
+
+def list_models(conn: Connection, name: str | None = None) -> pl.DataFrame:
+    "Every registered version (or one model's), newest first, with its aliases and headline test AUROC."
+    q = sa.select(models).order_by(models.c.name, models.c.version.desc())
+    if name is not None: q = q.where(models.c.name == name)
+    recs = [_record(r) for r in conn.execute(q)]
+    a = model_aliases.c
+    current = {}   # model_id -> aliases pointing at it now
+    for n, al in conn.execute(sa.select(a.name, a.alias).distinct()):
+        rec = get_alias(conn, n, al)
+        if rec is not None: current.setdefault(rec.model_id, []).append(al)
+    rows = [{'name': r.name, 'version': r.version, 'aliases': ','.join(sorted(current.get(r.model_id, []))),
+             'model_kind': (r.params.get('model') or {}).get('kind', ''), **_headline(r.metrics),
+             'feature_set_hash': r.feature_set_hash[:12], 'sha256': r.sha256[:12], 'code_version': r.code_version}
+            for r in recs]
+    schema = {'name': pl.String, 'version': pl.Int64, 'aliases': pl.String, 'model_kind': pl.String, 'test_auroc': pl.Float64,
+              'test_auroc_low': pl.Float64, 'test_auroc_high': pl.Float64, 'feature_set_hash': pl.String, 'sha256': pl.String,
+              'code_version': pl.String}
+    return pl.DataFrame(rows, schema=schema)
+
+def alias_history(conn: Connection, name: str) -> pl.DataFrame:
+    "Every alias move of a model, oldest first."
+    a, m = model_aliases.c, models.c
+    q = (sa.select(a.set_at, a.alias, m.version, a.actor, a.reason).select_from(model_aliases.outerjoin(models, a.model_id == m.model_id))
+         .where(a.name == name).order_by(a.id))
+    return read_frame(conn, q, {'set_at': pl.Datetime('us', 'UTC'), 'alias': pl.String, 'version': pl.Int64, 'actor': pl.String, 'reason': pl.String})

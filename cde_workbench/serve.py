@@ -18,7 +18,7 @@ from .deploy import SCORING_STATES, deployment_state
 from .features import load_feature_data
 from .registry import get_model, load_bundle
 from .store import inferences, insert_ignore
-from .tasks import lab_abnormal_points
+from .tasks import Task, task_points
 
 # %% auto #0
 __all__ = ['ScoringSummary', 'score_pending']
@@ -42,12 +42,16 @@ def score_pending(engine: Engine, # the store
         state = deployment_state(conn, dep.name)
         if state.status not in SCORING_STATES:
             raise ConfigError(f"deployment {dep.name!r} is {state.status or 'not registered'}; only silent or live deployments are scored")
+        task = Task.from_dict(dep.task)
+        if task.kind != 'lab_abnormal':   # time-triggered tasks need a clock-driven scorer, not this order-driven one
+            raise ConfigError(f"deployment {dep.name!r}: the scoring run serves order-triggered lab tasks; task kind {task.kind!r} is not served yet")
         rec = get_model(conn, model_id=state.model_id)
         bundle = load_bundle(rec)
         if bundle['component'] != dep.task['component']:
             raise PipelineError(f"model {rec.name} v{rec.version} predicts {bundle['component']}, deployment wants {dep.task['component']}")
         if since is None: since = datetime(max(dep.split['test_years']) + 1, 1, 1, tzinfo=as_of.tzinfo)
-        pts = lab_abnormal_points(conn, dep.task['component'], start=since, as_of=as_of)
+        # the task's own cohort and exclusions, as known by the run's clock: the same definition training used
+        pts = task_points(conn, task, start=since, as_of=as_of, allow_empty=True)
         done = {r[0] for r in conn.execute(sa.select(inferences.c.order_id).where(inferences.c.deployment == dep.name,
                                                                                  inferences.c.prediction_time >= since))}
         pts = pts.filter(~pl.col('order_id').is_in(list(done)))

@@ -26,9 +26,9 @@ from .config import CDEError, ConfigError, database_url, project_root, utcnow
 __all__ = ['metadata', 'T', 'patients', 'patient_identity', 'adt_events', 'diagnoses', 'medication_orders', 'lab_orders',
            'lab_order_events', 'lab_results', 'patient_facts', 'mrn_merges', 'patient_links', 'encounters',
            'location_visits', 'ids_messages', 'ids_receipts', 'ids_dead_letters', 'processor_state',
-           'processing_errors', 'APPEND_ONLY', 'models', 'deployments', 'runs', 'inferences', 'inference_labels',
-           'audit_log', 'UTCDateTime', 'migrations_dir', 'get_engine', 'upgrade', 'dispose_engines', 'audit',
-           'read_frame', 'insert_ignore', 'bulk_insert', 'insert_frame']
+           'processing_errors', 'APPEND_ONLY', 'models', 'model_aliases', 'deployments', 'runs', 'inferences',
+           'inference_labels', 'audit_log', 'UTCDateTime', 'migrations_dir', 'get_engine', 'upgrade', 'dispose_engines',
+           'audit', 'read_frame', 'insert_ignore', 'bulk_insert', 'insert_frame']
 
 # %% ../nbs/01_store.ipynb #60a7e206
 class UTCDateTime(sa.types.TypeDecorator):
@@ -209,7 +209,7 @@ processing_errors = sa.Table('processing_errors', metadata,  # stored messages t
     sa.Column('reason', sa.Text, nullable=False),
     sa.Column('at', T, nullable=False))
 
-APPEND_ONLY = ('ids_messages', 'ids_receipts', 'ids_dead_letters', 'audit_log')
+APPEND_ONLY = ('ids_messages', 'ids_receipts', 'ids_dead_letters', 'audit_log', 'models', 'model_aliases')
 
 models = sa.Table('models', metadata,
     sa.Column('model_id', sa.Integer, primary_key=True, autoincrement=True),
@@ -224,6 +224,17 @@ models = sa.Table('models', metadata,
     sa.Column('metrics', sa.Text, nullable=False),
     sa.Column('created_at', T, nullable=False),
     sa.UniqueConstraint('name', 'version', name='uq_model_version'))
+
+# an alias (champion, challenger) moves by appending a row: the newest row per (name, alias) is current
+model_aliases = sa.Table('model_aliases', metadata,
+    sa.Column('id', sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column('name', sa.String(64), nullable=False),
+    sa.Column('alias', sa.String(32), nullable=False),
+    sa.Column('model_id', sa.Integer, sa.ForeignKey('models.model_id'), nullable=True),  # NULL: alias cleared
+    sa.Column('set_at', T, nullable=False),
+    sa.Column('actor', sa.String(64), nullable=False),
+    sa.Column('reason', sa.Text, nullable=False),
+    sa.Index('ix_model_aliases_name_alias', 'name', 'alias', 'id'))
 
 deployments = sa.Table('deployments', metadata,
     sa.Column('name', sa.String(64), primary_key=True),

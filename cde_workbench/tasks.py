@@ -5,22 +5,27 @@
 # %% ../nbs/20_tasks.ipynb #4152c79c
 from __future__ import annotations
 
-from datetime import datetime
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timedelta
+from typing import Callable
 
+import numpy as np
 import polars as pl
+import scipy.sparse as sp
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from .config import ConfigError
-from .store import lab_orders, lab_results, read_frame
+from .config import ConfigError, PipelineError
+from .store import adt_events, diagnoses, lab_orders, lab_results, location_visits, medication_orders, read_frame
 from .synth import LABS
 
 # %% auto #0
-__all__ = ['POINT_SCHEMA', 'lab_abnormal_points']
+__all__ = ['POINT_SCHEMA', 'TASK_KINDS', 'EVENT_TABLES', 'DEPLOYR_TASKS', 'ICU_TRANSFER_24H', 'lab_abnormal_points', 'Task',
+           'LeakageError', 'check_point_in_time', 'exclusion_mask', 'task_points']
 
-# %% ../nbs/20_tasks.ipynb #c56efeeb
-POINT_SCHEMA = {'order_id': pl.String, 'patient_key': pl.String, 'prediction_time': pl.Datetime('us', 'UTC'),
-                'label': pl.Int8, 'label_time': pl.Datetime('us', 'UTC')}
+# %% ../nbs/20_tasks.ipynb #37d3b96e
+_T = pl.Datetime('us', 'UTC')
+POINT_SCHEMA = {'order_id': pl.String, 'patient_key': pl.String, 'prediction_time': _T, 'label': pl.Int8, 'label_time': _T}
 
 def lab_abnormal_points(conn: Connection, # open connection to the store
                         component: str, # lab component code, e.g. 'HGB'
@@ -43,10 +48,229 @@ def lab_abnormal_points(conn: Connection, # open connection to the store
     if start: rq = rq.where(r.event_time >= start)
     if as_of: rq = rq.where(r.stored_time <= as_of)
     res = read_frame(conn, rq, {'order_id': pl.String, 'value': pl.Float64, 'ref_low': pl.Float64, 'ref_high': pl.Float64,
-                                'abnormal_flag': pl.String, 'result_time': pl.Datetime('us', 'UTC'), 'label_time': pl.Datetime('us', 'UTC')})
+                                'abnormal_flag': pl.String, 'result_time': _T, 'label_time': _T})
     res = res.sort('order_id', 'result_time', 'value', nulls_last=False).unique('order_id', keep='last', maintain_order=True)
     res = res.with_columns(label=pl.when(pl.col('ref_low').is_not_null() & pl.col('ref_high').is_not_null())
                            .then((pl.col('value') < pl.col('ref_low')) | (pl.col('value') > pl.col('ref_high')))
                            .otherwise(pl.col('abnormal_flag').is_in(['L', 'H', 'LL', 'HH', 'A'])).cast(pl.Int8))
     pts = pts.join(res.select('order_id', 'label', 'label_time'), on='order_id', how='left')
     return pts.select(list(POINT_SCHEMA)).cast(POINT_SCHEMA).sort('prediction_time', 'order_id')
+
+# %% ../nbs/20_tasks.ipynb #2746a6fa
+TASK_KINDS = ('lab_abnormal', 'event_within')
+EVENT_TABLES = {t.name: t for t in (adt_events, location_visits, diagnoses, medication_orders, lab_results)}
+_KIND_KEYS = {'lab_abnormal': {'component', 'exclude_if_resulted_within_hours'},
+              'event_within': {'event_table', 'event_filter', 'window_hours', 'every_hours', 'exclude_if_event_before'}}
+
+@dataclass(frozen=True)
+class Task:
+    "A prediction task: cohort, label and prediction time, with its exclusions, as data."
+    kind: str                                        # 'lab_abnormal' or 'event_within'
+    name: str = ''                                   # a short name (defaults from the definition)
+    component: str | None = None                     # lab_abnormal: the lab component
+    exclude_if_resulted_within_hours: float | None = None  # lab_abnormal: skip an order when the component had a result (known at T) in the previous N hours
+    event_table: str | None = None                   # event_within: the table holding the event
+    event_filter: tuple = ()                         # event_within: ((column, (values, ...)), ...) rows that count as the event
+    window_hours: float | None = None                # event_within: the event starts in (T, T + window]
+    every_hours: float | None = None                 # event_within: prediction times every N hours after admission
+    exclude_if_event_before: bool = True             # event_within: skip points where the event already started in this stay (known at T)
+
+    @classmethod
+    def from_dict(cls, d: dict, # e.g. the `[task]` table of a deployment.toml
+                  where: str = 'task', # how errors refer to the input
+                 ) -> Task:
+        "Build and check a task from a plain dict; any problem is a `ConfigError` naming the key."
+        d = dict(d)
+        if 'kind' not in d: raise ConfigError(f"{where}: missing required key 'kind' (known kinds: {', '.join(TASK_KINDS)})")
+        if d['kind'] not in TASK_KINDS: raise ConfigError(f"{where}: unknown task kind {d['kind']!r} (known: {', '.join(TASK_KINDS)})")
+        allowed = {'kind', 'name'} | _KIND_KEYS[d['kind']]
+        bad = [k for k in d if k not in allowed]
+        if bad: raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, bad))} for a {d['kind']} task (known: {', '.join(sorted(allowed))})")
+        if isinstance(d.get('event_filter'), dict):
+            d['event_filter'] = tuple((c, tuple(v) if isinstance(v, (list, tuple)) else (v,)) for c, v in sorted(d['event_filter'].items()))
+        return cls(**d).check(where)
+
+    def check(self, where: str = 'task') -> Task:
+        "Validate the definition; a `ConfigError` names the bad setting."
+        if self.kind not in TASK_KINDS: raise ConfigError(f"{where}: unknown task kind {self.kind!r} (known: {', '.join(TASK_KINDS)})")
+        num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+        if self.kind == 'lab_abnormal':
+            if self.component not in LABS: raise ConfigError(f"{where}: unknown lab component {self.component!r} (known: {', '.join(LABS)})")
+            h = self.exclude_if_resulted_within_hours
+            if h is not None and not num(h): raise ConfigError(f"{where}: exclude_if_resulted_within_hours must be a positive number of hours, got {h!r}")
+        else:
+            if self.event_table not in EVENT_TABLES: raise ConfigError(f"{where}: unknown event table {self.event_table!r} (known: {', '.join(EVENT_TABLES)})")
+            cols = EVENT_TABLES[self.event_table].c
+            for c, vals in self.event_filter:
+                if c not in cols: raise ConfigError(f"{where}: event_filter names column {c!r}, not in table {self.event_table} (columns: {', '.join(cols.keys())})")
+            for k in ('window_hours', 'every_hours'):
+                if not num(getattr(self, k)): raise ConfigError(f"{where}: {k} must be a positive number of hours, got {getattr(self, k)!r}")
+        return self
+
+    @property
+    def label(self) -> str:
+        "The task's name, or one made from its definition."
+        if self.name: return self.name
+        return f'{self.component.lower()}_abnormal' if self.kind == 'lab_abnormal' else f'{self.event_table}_within_{self.window_hours:g}h'
+
+DEPLOYR_TASKS: dict[str, Task] = {c: Task('lab_abnormal', name=f'{c.lower()}_abnormal', component=c) for c in LABS}
+ICU_TRANSFER_24H = Task.from_dict({'kind': 'event_within', 'name': 'icu_transfer_24h', 'event_table': 'adt_events',
+                                   'event_filter': {'ward': 'ICU'}, 'window_hours': 24, 'every_hours': 6})
+
+# %% ../nbs/20_tasks.ipynb #b504e7d6
+class LeakageError(PipelineError):
+    "An exclusion, label window or feature used data not known at the prediction time."
+
+def _row(values, i: int) -> np.ndarray:
+    if sp.issparse(values): return np.asarray(values[i].toarray()).ravel()
+    if isinstance(values, (pl.Series, pl.DataFrame)): values = values.to_numpy()
+    return np.atleast_1d(np.asarray(values)[i]).ravel()
+
+def check_point_in_time(conn: Connection, # open connection to the store
+                        points: pl.DataFrame, # the points (patient_key, prediction_time, optional point_id)
+                        produced, # what the code produced, one row per point (array, Series or sparse matrix)
+                        recompute: Callable, # recompute(conn, one_point_frame, as_of) -> that point's row
+                        n: int = 50, # points to check (a seeded sample; all if fewer)
+                        seed: int = 0, # sample seed
+                        what: str = 'values', # how the error names what was checked
+                       ) -> int:
+    "Recompute `produced` for sampled points with the store as it was at each prediction time; raise `LeakageError` on any difference; returns the number checked."
+    if points.is_empty(): raise PipelineError(f"leakage check of {what}: no points to check")
+    idx = np.random.default_rng(seed).choice(points.height, min(n, points.height), replace=False)
+    bad = []
+    for i in sorted(idx.tolist()):
+        row = points[i]
+        T = row['prediction_time'][0]
+        got, want = _row(produced, i), _row(recompute(conn, row, T), 0)
+        if got.shape != want.shape or not np.array_equal(got, want, equal_nan=True):
+            pid = row[next((c for c in ('point_id', 'order_id') if c in row.columns), 'patient_key')][0]
+            bad.append(f"point {pid} at {T.isoformat()}: produced {got.tolist()[:8]}, as known then {want.tolist()[:8]}")
+    if bad: raise LeakageError(f"{what} use data not known at the prediction time in {len(bad)} of {len(idx)} checked point(s); first: {bad[0]}")
+    return len(idx)
+
+# %% ../nbs/20_tasks.ipynb #260fceb3
+def _recent(ev_pid, ev_sec, pt_pid, pt_sec, hours: float):
+    "Pairs (point, event) with event second in [T - hours, T]; events sorted by (pid, sec)."
+    keys = ev_pid.astype(np.int64) * (1 << 34) + ev_sec
+    base = pt_pid.astype(np.int64) * (1 << 34)
+    lo = np.searchsorted(keys, base + pt_sec - int(hours * 3600), side='left')
+    hi = np.searchsorted(keys, base + pt_sec, side='right')
+    n = np.maximum(hi - lo, 0)
+    pi = np.repeat(np.arange(len(pt_pid)), n)
+    ends = np.cumsum(n)
+    return pi, np.arange(int(n.sum())) + np.repeat(lo - (ends - n), n)
+
+def _pids(*cols: pl.Series) -> list[np.ndarray]:
+    keys = pl.concat([c.cast(pl.String) for c in cols]).unique().sort()
+    m = pl.DataFrame({'k': keys, 'pid': np.arange(len(keys))})
+    return [pl.DataFrame({'k': c.cast(pl.String)}).join(m, on='k', how='left', maintain_order='left')['pid'].to_numpy() for c in cols]
+
+def _known_recent(points: pl.DataFrame, ev: pl.DataFrame, hours: float) -> np.ndarray:
+    "Per point: is there an event of the same patient in [T - hours, T] stored by T?"
+    if ev.is_empty() or points.is_empty(): return np.zeros(points.height, bool)
+    ev = ev.sort('patient_key', 'event_time')
+    ep, pp = _pids(ev['patient_key'], points['patient_key'])
+    sec = lambda s: s.dt.epoch('s').to_numpy().astype(np.int64)
+    ps = sec(points['prediction_time'])
+    pi, ei = _recent(ep, sec(ev['event_time']), pp, ps, hours)
+    us = lambda s: s.dt.epoch('us').to_numpy().astype(np.int64)
+    ok = us(ev['stored_time'])[ei] <= us(points['prediction_time'])[pi]   # stored by T, to the microsecond as the store's as_of
+    out = np.zeros(points.height, bool); out[pi[ok]] = True
+    return out
+
+def exclusion_mask(conn: Connection, # open connection to the store
+                   task: Task, # the task whose exclusions apply
+                   points: pl.DataFrame, # candidate points (patient_key, prediction_time)
+                   as_of: datetime | None = None, # the store as it was then (facts with event and stored time ≤ as_of)
+                  ) -> np.ndarray:
+    "True for points the task's exclusions remove, using only facts known at each point's prediction time."
+    out = np.zeros(points.height, bool)
+    if points.is_empty(): return out
+    keys = points['patient_key'].unique().to_list()
+    if task.kind == 'lab_abnormal' and task.exclude_if_resulted_within_hours:
+        r = lab_results.c
+        q = sa.select(r.patient_key, r.event_time, r.stored_time).where(r.component == task.component, r.patient_key.in_(keys))
+        if as_of is not None: q = q.where(r.stored_time <= as_of, r.event_time <= as_of)
+        ev = read_frame(conn, q, {'patient_key': pl.String, 'event_time': _T, 'stored_time': _T})
+        out |= _known_recent(points, ev, task.exclude_if_resulted_within_hours)
+    if task.kind == 'event_within' and task.exclude_if_event_before:
+        ev = _task_events(conn, task, keys, as_of)
+        if 'admit_time' not in points.columns: raise PipelineError(f"task {task.label}: event_within points need admit_time to apply exclude_if_event_before")
+        # an event that started since admission and was stored by T: it already happened in this stay
+        j = (points.select('patient_key', 'prediction_time', 'admit_time').with_row_index('i').join(ev, on='patient_key')
+             .filter((pl.col('event_time') >= pl.col('admit_time')) & (pl.col('event_time') <= pl.col('prediction_time'))
+                     & (pl.col('stored_time') <= pl.col('prediction_time'))))
+        out[j['i'].unique().to_numpy()] = True
+    return out
+
+def _task_events(conn: Connection, task: Task, keys: list[str] | None, as_of: datetime | None) -> pl.DataFrame:
+    "The task's event rows (patient_key, event_time, stored_time)."
+    t = EVENT_TABLES[task.event_table]
+    q = sa.select(t.c.patient_key, t.c.event_time, t.c.stored_time)
+    for c, vals in task.event_filter: q = q.where(t.c[c].in_(list(vals)))
+    if keys is not None: q = q.where(t.c.patient_key.in_(keys))
+    if as_of is not None: q = q.where(t.c.stored_time <= as_of, t.c.event_time <= as_of)
+    return read_frame(conn, q, {'patient_key': pl.String, 'event_time': _T, 'stored_time': _T})
+
+# %% ../nbs/20_tasks.ipynb #aa4c1f9d
+def _event_within_points(conn: Connection, task: Task, start, end, as_of) -> pl.DataFrame:
+    a = adt_events.c
+    q = sa.select(a.encounter_id, a.patient_key, a.event_type, a.event_time, a.stored_time).where(a.event_type.in_(('A01', 'A03')))
+    if as_of is not None: q = q.where(a.stored_time <= as_of, a.event_time <= as_of)
+    adt = read_frame(conn, q, {'encounter_id': pl.String, 'patient_key': pl.String, 'event_type': pl.String, 'event_time': _T, 'stored_time': _T})
+    adm = adt.filter(pl.col('event_type') == 'A01').group_by('encounter_id').agg(pl.col('patient_key').first(), pl.col('event_time').min().alias('admit_time'),
+                                                                                pl.col('stored_time').min().alias('admit_stored'))
+    dis = adt.filter(pl.col('event_type') == 'A03').group_by('encounter_id').agg(pl.col('stored_time').min().alias('discharge_stored'))
+    stays = adm.join(dis, on='encounter_id', how='left')
+    horizon = as_of or end or (adt['stored_time'].max() if adt.height else None)
+    if horizon is None or stays.is_empty(): return pl.DataFrame(schema={'point_id': pl.String, 'encounter_id': pl.String, 'patient_key': pl.String,
+                                                                         'prediction_time': _T, 'admit_time': _T})
+    step = timedelta(hours=task.every_hours)
+    stays = stays.with_columns(stop=pl.min_horizontal(pl.col('discharge_stored').fill_null(horizon), pl.lit(horizon).cast(_T)))
+    pts = (stays.with_columns(prediction_time=pl.datetime_ranges(pl.col('admit_time') + step, pl.col('stop'), step, closed='left'))
+           .explode('prediction_time').drop_nulls('prediction_time')
+           .filter(pl.col('prediction_time') >= pl.col('admit_stored')))
+    if end is not None: pts = pts.filter(pl.col('prediction_time') < end)
+    if start is not None: pts = pts.filter(pl.col('prediction_time') >= start)
+    if as_of is not None: pts = pts.filter(pl.col('prediction_time') <= as_of)
+    return pts.select(pl.format('{}@{}', 'encounter_id', pl.col('prediction_time').dt.strftime('%Y%m%dT%H%M%S')).alias('point_id'),
+                      'encounter_id', 'patient_key', pl.col('prediction_time').cast(_T), pl.col('admit_time').cast(_T))
+
+def _event_within_labels(conn: Connection, task: Task, pts: pl.DataFrame, as_of) -> pl.DataFrame:
+    "Label 1 when an event starts in (T, T + window] (label_time: when it was stored), else 0 (label_time: T + window); null if not yet known."
+    win = timedelta(hours=task.window_hours)
+    ev = _task_events(conn, task, pts['patient_key'].unique().to_list(), None)
+    if as_of is not None: ev = ev.filter(pl.col('stored_time') <= as_of)
+    hit = (pts.select('point_id', 'patient_key', 'prediction_time').join(ev, on='patient_key')
+           .filter((pl.col('event_time') > pl.col('prediction_time')) & (pl.col('event_time') <= pl.col('prediction_time') + win))
+           .group_by('point_id').agg(pl.col('stored_time').min().alias('hit_time')))
+    out = pts.join(hit, on='point_id', how='left').with_columns(
+        label=pl.when(pl.col('hit_time').is_not_null()).then(1).otherwise(0).cast(pl.Int8),
+        label_time=pl.coalesce('hit_time', pl.col('prediction_time') + win).cast(_T)).drop('hit_time')
+    if as_of is not None:
+        unknown = pl.col('label_time') > as_of
+        out = out.with_columns(label=pl.when(unknown).then(None).otherwise('label'), label_time=pl.when(unknown).then(None).otherwise('label_time'))
+    return out
+
+# %% ../nbs/20_tasks.ipynb #6a7cc107
+def task_points(conn: Connection, # open connection to the store
+                task: Task | dict, # the task (or its `[task]` table)
+                start: datetime | None = None, # first prediction time included
+                end: datetime | None = None, # prediction times before this
+                as_of: datetime | None = None, # the store as it was then: only facts stored by then
+                allow_empty: bool = False, # an empty cohort is an error unless allowed (e.g. an incremental scoring run)
+               ) -> pl.DataFrame:
+    "Prediction points of a task after its exclusions: point_id, patient_key, prediction_time, label, label_time (+ order_id or encounter_id)."
+    task = Task.from_dict(task) if isinstance(task, dict) else task.check()
+    if task.kind == 'lab_abnormal':
+        pts = lab_abnormal_points(conn, task.component, start, end, as_of).with_columns(point_id=pl.col('order_id'))
+        pts = pts.select('point_id', *POINT_SCHEMA)
+    else:
+        pts = _event_within_points(conn, task, start, end, as_of)
+        if pts.height: pts = _event_within_labels(conn, task, pts, as_of)
+        else: pts = pts.with_columns(label=pl.lit(None, pl.Int8), label_time=pl.lit(None, _T))
+    if pts.height: pts = pts.filter(~pl.Series(exclusion_mask(conn, task, pts)))
+    if pts.is_empty() and not allow_empty:
+        span = ', '.join(f'{k} {v.isoformat()}' for k, v in (('from', start), ('before', end), ('as of', as_of)) if v) or 'all time'
+        raise PipelineError(f"task {task.label}: the cohort is empty ({span})")
+    return pts.sort('prediction_time', 'point_id')

@@ -120,3 +120,24 @@ def test_dashboard_in_chromium_shows_the_store_count(demo):
         try: os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError): pass
         log.close()
+
+
+def test_demo_trains_and_evaluates_all_twelve_deployr_tasks(demo):
+    from cde_workbench.cli import DEPLOYR_DEPLOYMENTS
+    eng = demo['engine']
+    html = (demo['base'] / 'reports' / 'hgb_abnormal' / 'report.html').read_text()
+    for name in DEPLOYR_DEPLOYMENTS:   # the retrospective rows of DEPLOYR's Table 2, one per lab task
+        slug = name.replace('_', '-')
+        assert re.search(rf'id="auroc-retro-{slug}">0\.\d\d \[0\.\d\d, 0\.\d\d\]<', html), name
+        assert re.search(rf'id="prev-retro-{slug}">0\.\d\d \[0\.\d\d, 0\.\d\d\]<', html), name
+    assert q(eng, "select count(distinct name) from models")[0][0] == 12
+    champions = q(eng, "select name, model_id from model_aliases where alias = 'champion'")
+    assert sorted(n for n, _ in champions) == sorted(DEPLOYR_DEPLOYMENTS)
+    ok = q(eng, "select kind, count(*) from runs where kind in ('train', 'evaluate') and status = 'succeeded' group by kind")
+    assert dict(ok) == {'train': 12, 'evaluate': 12}
+    # every model's candidates were compared on validation, and the chosen kind is one of them
+    import json
+    for (metrics, params) in q(eng, 'select metrics, params from models'):
+        m, p = json.loads(metrics), json.loads(params)
+        kinds = {v['kind'] for v in m['validation']}
+        assert kinds == {'logistic_regression', 'random_forest', 'hist_gradient_boosting'} and p['model']['kind'] in kinds

@@ -119,3 +119,19 @@ def test_a_storage_failure_stores_nothing_of_the_batch(engine, tmp_path, monkeyp
     with pytest.raises(sa.exc.DatabaseError):
         store_messages(engine, [(m, t, 'ok') for t, m in feed[20:40]] + [(feed[40][1], feed[40][0], 'boom')])
     assert snapshot() == before
+
+
+@pytest.mark.parametrize('table', ['models', 'model_aliases'])
+def test_registered_models_and_alias_history_are_append_only_in_the_database(engine, table, tmp_path, monkeypatch):
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from cde_workbench.registry import register_model, set_alias
+    monkeypatch.setenv('CDE_VAR', str(tmp_path))
+    est = LogisticRegression().fit(np.array([[0.], [1.]]), [0, 1])
+    register_model(engine, 'm', {'estimator': est}, {}, {}, 'f' * 64, 'd' * 64)
+    set_alias(engine, 'm', 'champion', 1, 'test')
+    col = 'name'
+    for stmt in (f"UPDATE {table} SET {col} = 'x'", f'DELETE FROM {table}'):
+        with pytest.raises(sa.exc.DatabaseError, match='append-only'):
+            with engine.begin() as c: c.execute(sa.text(stmt))
+    with engine.connect() as c: assert c.execute(sa.select(sa.func.count()).select_from(sa.table(table))).scalar() == 1
