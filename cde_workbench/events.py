@@ -5,18 +5,24 @@
 # %% ../nbs/13_events.ipynb #2d94e96f
 from __future__ import annotations
 
+import functools
+import gc
 import hashlib
+import queue
+import re
+import threading
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 
 from .config import IngestError, utcnow
-from .hl7 import Message, parse_message, parse_ts
+from .hl7 import Message, parse_message, parse_ts, split_plain
 from .pseudonyms import patient_key, site_key
 from .store import (adt_events, bulk_insert, diagnoses, encounters, ids_messages, insert_ignore, lab_order_events, lab_orders,
                                  lab_results, location_visits, medication_orders, mrn_merges, patient_facts, patient_identity,
@@ -290,8 +296,10 @@ def process_messages(conn: Connection, # an open transaction
     for seq, raw, received in messages:
         summary.messages += 1
         if seq is not None: summary.last_seq = max(summary.last_seq, seq)
+        mark = {t: len(r) for t, r in facts.rows.items()}
         try: message_facts(parse_message(raw, f'message {seq}'), seq, received, facts, key)
         except IngestError as e:
+            for t, r in facts.rows.items(): del r[mark.get(t, 0):]   # all or nothing: a refused message states no facts
             if seq is None: raise
             errors.append(dict(seq=seq, reason=str(e), at=utcnow()))
     before = _batch_ids(conn, facts)
@@ -350,16 +358,8 @@ def table_checksums(engine: Engine, tables=DERIVED_TABLES, source: str | None = 
             out[t.name] = f'{len(rows)}:{h.hexdigest()}'
     return out
 
-def replay(source: Engine, # the store holding the immutable data store
-           target: Engine, # an empty store to rebuild into
-           from_seq: int | None = None, # first ingest sequence to replay
-           to_seq: int | None = None, # last ingest sequence to replay
-           batch: int = 5000, # messages per transaction
-          ) -> ProcessSummary:
-    "Rebuild the clinical tables from raw messages into an empty store."
-    with target.connect() as conn:
-        if conn.execute(sa.select(sa.func.count()).select_from(ids_messages)).scalar():
-            raise IngestError(f"replay target {target.url.render_as_string(hide_password=True)} is not empty")
+def _copy_and_process(source: Engine, target: Engine, from_seq: int | None, to_seq: int | None, batch: int) -> ProcessSummary:
+    "Replay the general way: copy the raw messages, then `process_pending` them batch by batch (any target)."
     q = sa.select(ids_messages).order_by(ids_messages.c.seq)
     if from_seq is not None: q = q.where(ids_messages.c.seq >= from_seq)
     if to_seq is not None: q = q.where(ids_messages.c.seq <= to_seq)
@@ -372,6 +372,364 @@ def replay(source: Engine, # the store holding the immutable data store
             dst.execute(sa.text("SELECT setval(pg_get_serial_sequence('ids_messages', 'seq'), COALESCE((SELECT max(seq) FROM ids_messages), 0) + 1, false)"))
     return process_pending(target, batch)
 
+def replay(source: Engine, # the store holding the immutable data store
+           target: Engine, # an empty store to rebuild into
+           from_seq: int | None = None, # first ingest sequence to replay
+           to_seq: int | None = None, # last ingest sequence to replay
+           batch: int = 5000, # messages per read (and, on the general path, per transaction)
+          ) -> ProcessSummary:
+    "Rebuild the clinical tables from raw messages into an empty store."
+    with target.connect() as conn:
+        if conn.execute(sa.select(sa.func.count()).select_from(ids_messages)).scalar():
+            raise IngestError(f"replay target {target.url.render_as_string(hide_password=True)} is not empty")
+        # the one-pass rebuild needs the derived tables empty too (warehouse rows would take part in the state)
+        fresh = target.dialect.name == 'sqlite' and not any(conn.execute(sa.select(sa.literal(1)).select_from(t).limit(1)).first()
+                                                           for t in (*DERIVED_TABLES, processor_state))
+    if fresh: return _rebuild_sqlite(source, target, from_seq, to_seq, batch)
+    return _copy_and_process(source, target, from_seq, to_seq, batch)
+
+# %% ../nbs/13_events.ipynb #007aeac9
+_REBUILD_COLUMNS = {
+    patient_facts: ('seq', 'mrn', 'patient_key', 'family_name', 'given_name', 'birth_date', 'sex', 'race_ethnicity', 'event_time', 'stored_time', 'source'),
+    mrn_merges: ('seq', 'retired_mrn', 'surviving_mrn', 'retired_key', 'surviving_key', 'event_time', 'stored_time', 'source'),
+    adt_events: ('seq', 'patient_key', 'encounter_id', 'event_type', 'ward', 'event_time', 'stored_time', 'source'),
+    diagnoses: ('seq', 'patient_key', 'encounter_id', 'icd10', 'event_time', 'stored_time', 'source'),
+    medication_orders: ('seq', 'patient_key', 'encounter_id', 'med_code', 'med_name', 'event_time', 'stored_time', 'source'),
+    lab_order_events: ('seq', 'order_id', 'control', 'patient_key', 'encounter_id', 'panel', 'event_time', 'stored_time', 'source'),
+    lab_results: ('seq', 'order_id', 'patient_key', 'component', 'loinc', 'value', 'unit', 'ref_low', 'ref_high', 'abnormal_flag', 'status',
+                  'result_time', 'event_time', 'stored_time', 'source'),
+}
+_SQLITE_TIME = '%Y-%m-%d %H:%M:%S.%f'   # how the store's UTCDateTime is written on SQLite
+# YYYYMMDDHHMMSS in UTC (+0000 or no offset) with a day every month has
+_CANONICAL_DTM = re.compile(r'(?:1[89]|2\d)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|1\d|2[0-8])(?:[01]\d|2[0-3])[0-5]\d[0-5]\d(?:\+0000)?', re.ASCII).fullmatch
+
+class _NotPlain(Exception):
+    "The message needs the full parser and `message_facts`."
+
+def _c1(s: list[str] | None, n: int) -> str:
+    "Component 1 of field n of a plain segment."
+    return s[n].split('^', 1)[0] if s is not None and n < len(s) else ''
+
+def _cn(s: list[str] | None, n: int, c: int) -> str:
+    "Component c of field n of a plain segment."
+    if s is None or n >= len(s): return ''
+    p = s[n].split('^')
+    return p[c - 1] if c <= len(p) else ''
+
+class _Rebuild:
+    "Facts of a one-pass rebuild as driver-value rows, and the running state reductions."
+    def __init__(self, key: bytes):
+        self.key = key
+        self.rows: dict[sa.Table, list[tuple]] = {t: [] for t in _REBUILD_COLUMNS}
+        self.offered: dict[str, int] = defaultdict(int)
+        self.errors: list[dict] = []
+        self.pk: dict[str, str] = {}; self.times: dict[str, str] = {}; self.dobs: dict[str, str] = {}
+        self.people: dict[str, list] = {}       # mrn -> [newest key, newest row, first stored time]
+        self.adt: dict[str, list[dict]] = {}    # encounter -> its distinct ADT events
+        self.adt_seen: set = set()
+        self.orders: dict[str, list] = {}       # order -> [first NW (key, row), first any (key, row), cancelled, resulted, first stored]
+        self.merges: list[dict] = []
+
+    # values worked out once per distinct input
+    def key_of(self, mrn: str) -> str:
+        k = self.pk.get(mrn)
+        if k is None: k = self.pk[mrn] = patient_key(mrn, self.key)
+        return k
+
+    def time_of(self, v: str) -> str:
+        t = self.times.get(v)
+        if t is None:
+            if _CANONICAL_DTM(v):   # certainly valid, UTC, whole seconds: what parse_ts gives, written as SQLite's text
+                t = f'{v[:4]}-{v[4:6]}-{v[6:8]} {v[8:10]}:{v[10:12]}:{v[12:14]}.000000'
+            else:
+                try: t = parse_ts(v).strftime(_SQLITE_TIME)
+                except IngestError: raise _NotPlain
+            self.times[v] = t
+        return t
+
+    def dob_of(self, v: str) -> str:
+        d = self.dobs.get(v)
+        if d is None:
+            try: d = self.dobs[v] = parse_ts(v).date().isoformat()
+            except IngestError: raise _NotPlain
+        return d
+
+    def plain(self, segs: list[list[str]], seq: int, rcv: str) -> list[tuple[sa.Table, tuple]]:
+        "The rows `message_facts` states for a plain message, as driver values; `_NotPlain` for anything it would refuse."
+        first: dict[str, list[str]] = {}
+        for s in segs: first.setdefault(s[0], s)
+        h = segs[0]
+        p = h[8].split('^')   # MSH-9 (MSH segments are counted from MSH-2)
+        kind, event = p[0], (p[1] if len(p) > 1 else '')
+        mt = kind + ('^' + event if event else '')
+        v = _c1(h, 6)
+        if not v: raise _NotPlain
+        sent = self.time_of(v)
+        evn = first.get('EVN')
+        at = (self.time_of(v) if (v := _c1(evn, 2)) else sent) if evn is not None else sent
+        pid = first.get('PID')
+        mrn = _c1(pid, 3)
+        if not mrn: raise _NotPlain
+        pk = self.key_of(mrn)
+        dob = _c1(pid, 7)
+        out = [(patient_facts, (seq, mrn, pk, _cn(pid, 5, 1) or None, _cn(pid, 5, 2) or None, self.dob_of(dob) if dob else None,
+                                _c1(pid, 8) or None, _c1(pid, 10) or None, at, rcv, 'hl7'))]
+        if kind == 'ADT' and event in MERGE_EVENTS:
+            retired = _c1(first.get('MRG'), 1)
+            if not retired: raise _NotPlain
+            out.append((mrn_merges, (seq, retired, mrn, self.key_of(retired), pk, at, rcv, 'hl7')))
+            return out
+        pv1 = first.get('PV1')
+        enc = _c1(pv1, 19) or None
+        if kind == 'ADT' and event in ADT_EVENTS:
+            if not enc: raise _NotPlain
+            out.append((adt_events, (seq, pk, enc, event, _c1(pv1, 3) or None, at, rcv, 'hl7')))
+            for dg in segs:
+                if dg[0] == 'DG1' and (code := _c1(dg, 3)):
+                    out.append((diagnoses, (seq, pk, enc, code, self.time_of(t) if (t := _c1(dg, 5)) else at, rcv, 'hl7')))
+        elif mt == 'ORM^O01':
+            orc, obr = first.get('ORC'), first.get('OBR')
+            t = self.time_of(v) if (v := _c1(orc, 9)) else sent
+            if (rxo := first.get('RXO')) is not None:
+                out.append((medication_orders, (seq, pk, enc, _cn(rxo, 1, 1), _cn(rxo, 1, 2) or None, t, rcv, 'hl7')))
+            elif obr is not None:
+                oid = _c1(obr, 2) or _c1(orc, 2)
+                if not oid: raise _NotPlain
+                out.append((lab_order_events, (seq, oid, _c1(orc, 1) or 'NW', pk, enc, _c1(obr, 4),
+                                               self.time_of(v) if (v := _c1(obr, 7)) else t, rcv, 'hl7')))
+            else: raise _NotPlain
+        elif mt == 'ORU^R01':
+            orc, obr = first.get('ORC'), first.get('OBR')
+            oid = _c1(obr, 2) or _c1(orc, 2)
+            if not oid: raise _NotPlain
+            observed = self.time_of(v) if (v := _c1(obr, 7)) else sent
+            resulted = self.time_of(v) if (v := _c1(obr, 22)) else sent
+            out.append((lab_order_events, (seq, oid, 'RE', pk, enc, _c1(obr, 4), observed, rcv, 'hl7')))
+            times, time_of = self.times, self.time_of
+            for obx in segs:   # the hot loop: fields read directly
+                if obx[0] != 'OBX': continue
+                if len(obx) < 15: obx = obx + [''] * (15 - len(obx))
+                loinc = obx[3].partition('^')[0]
+                comp = LOINC_TO_COMPONENT.get(loinc)
+                if comp is None: continue
+                try: value = float(obx[5].partition('^')[0])
+                except ValueError: raise _NotPlain
+                rng = obx[7].partition('^')[0]
+                low = high = None
+                if '-' in rng[1:]:
+                    lo, _, hi = rng[1:].partition('-')
+                    try: low, high = float(rng[0] + lo), float(hi)
+                    except ValueError: raise _NotPlain
+                t = obx[14].partition('^')[0]
+                out.append((lab_results, (seq, oid, pk, comp, loinc, value, obx[6].partition('^')[0] or None, low, high,
+                                          obx[8].partition('^')[0] or None, obx[11].partition('^')[0] or 'F', resulted,
+                                          (times.get(t) or time_of(t)) if t else observed, rcv, 'hl7')))
+        else: raise _NotPlain
+        return out
+
+    def full(self, raw: bytes | str, seq: int, received: datetime) -> list[tuple[sa.Table, tuple]]:
+        "The rows of any message, through `parse_message` and `message_facts` (as live processing), as driver values."
+        facts = _Facts()
+        message_facts(parse_message(raw, f'message {seq}'), seq, received, facts, self.key)
+        def conv(v):
+            if isinstance(v, datetime): return v.astimezone(timezone.utc).strftime(_SQLITE_TIME)
+            if isinstance(v, date): return v.isoformat()
+            return v
+        return [(t, tuple(conv(r[c]) for c in _REBUILD_COLUMNS[t])) for t, rows in facts.rows.items() for r in rows]
+
+    def add(self, seq: int, raw: bytes | str, rcv: str) -> None:
+        "One stored message: its fact rows, or its processing error."
+        segs = split_plain(raw)
+        try:
+            if segs is None: raise _NotPlain
+            out = self.plain(segs, seq, rcv)
+        except _NotPlain:
+            try: out = self.full(raw, seq, datetime.fromisoformat(rcv).replace(tzinfo=timezone.utc))
+            except IngestError as e:
+                self.errors.append(dict(seq=seq, reason=str(e), at=utcnow())); return
+        rows = self.rows
+        for t, r in out: rows[t].append(r)
+
+    def reduce(self) -> None:
+        "Fold the rows gathered so far into the running state, in sequence order."
+        people = self.people
+        for r in self.rows[patient_facts]:   # newest by (event time, content), as `newest`; first stored time
+            k = (r[8], ('' if r[3] is None else r[3], '' if r[4] is None else r[4], '' if r[5] is None else r[5],
+                        '' if r[6] is None else r[6], '' if r[7] is None else r[7]))
+            cur = people.get(r[1])
+            if cur is None: people[r[1]] = [k, r, r[9]]
+            else:
+                if k > cur[0]: cur[0], cur[1] = k, r
+                if r[9] < cur[2]: cur[2] = r[9]
+        for r in self.rows[adt_events]:   # the unique key keeps the first row of each (encounter, type, time)
+            if (r[2], r[3], r[5]) in self.adt_seen: continue
+            self.adt_seen.add((r[2], r[3], r[5]))
+            self.adt.setdefault(r[2], []).append(dict(patient_key=r[1], event_type=r[3], ward=r[4], event_time=r[5], stored_time=r[6]))
+        orders = self.orders
+        for r in self.rows[lab_order_events]:   # `order_state` as a running reduction: first (by time and content) order, flags
+            k = (r[6], r[5] or '', r[4] or '')
+            o = orders.get(r[1])
+            if o is None: o = orders[r[1]] = [None, (k, r), False, False, r[7]]
+            else:
+                if k < o[1][0]: o[1] = (k, r)
+                if r[7] < o[4]: o[4] = r[7]
+            if r[2] == 'NW' and (o[0] is None or k < o[0][0]): o[0] = (k, r)
+            if r[2] in ('CA', 'OC', 'DC'): o[2] = True
+            elif r[2] == 'RE': o[3] = True
+        for r in self.rows[mrn_merges]:
+            self.merges.append(dict(retired_key=r[3], surviving_key=r[4], event_time=r[5], stored_time=r[6]))
+
+    def take(self) -> list[tuple[sa.Table, list[tuple]]]:
+        "Fold the fact rows gathered so far into the running state and hand them over for inserting."
+        self.reduce()
+        out = [(t, rows) for t, rows in self.rows.items() if rows]
+        for t, rows in out: self.offered[t.name] += len(rows); self.rows[t] = []
+        return out
+
+    def state(self, dst: Connection) -> None:
+        "Insert the current state of every patient, merge link, encounter, visit and order."
+        def put(table, columns, rows): _insert(dst, _statement(dst.dialect, table, columns), rows)
+        ident, research = [], {}
+        for mrn, (_, r, first) in self.people.items():
+            ident.append((mrn, r[2], r[3], r[4], r[5], first))
+            if r[5] is not None: research[r[2]] = (r[2], int(r[5][:4]), r[6] or 'U', r[7] or 'Unknown', first, 'hl7')
+        put(patient_identity, ('mrn', 'patient_key', 'family_name', 'given_name', 'birth_date', 'stored_time'), ident)
+        put(patients, ('patient_key', 'birth_year', 'sex', 'race_ethnicity', 'stored_time', 'source'), list(research.values()))
+        if self.merges:
+            links = resolve_links(self.merges)
+            when = {m['retired_key']: m['stored_time'] for m in self.merges}
+            put(patient_links, ('patient_key', 'resolved_key', 'stored_time'), [(k, v, when[k]) for k, v in links.items()])
+        states, visits = [], []
+        for enc, evs in self.adt.items():
+            st, vs = encounter_state(evs)
+            states.append((enc, st['patient_key'], st['status'], st['admit_time'], st['discharge_time'], st['ward'], st['event_time'],
+                           st['stored_time'], 'hl7'))
+            visits += [(enc, v['visit'], st['patient_key'], v['ward'], v['end_time'], v['event_time'], st['stored_time'], 'hl7') for v in vs]
+        put(encounters, ('encounter_id', 'patient_key', 'status', 'admit_time', 'discharge_time', 'ward', 'event_time',
+                                       'stored_time', 'source'), states)
+        put(location_visits, ('encounter_id', 'visit', 'patient_key', 'ward', 'end_time', 'event_time', 'stored_time', 'source'),
+                     visits)
+        orders = []
+        for oid, (nw, anyk, cancelled, resulted, first) in self.orders.items():
+            r = (nw or anyk)[1]
+            orders.append((oid, r[3], r[4], r[5], 'cancelled' if cancelled and not resulted else ('resulted' if resulted else 'ordered'),
+                           r[6], first, 'hl7'))
+        put(lab_orders, ('order_id', 'patient_key', 'encounter_id', 'panel', 'status', 'event_time', 'stored_time', 'source'), orders)
+        if self.errors: insert_ignore(dst, processing_errors, self.errors)
+
+def _statement(dialect, table: sa.Table, columns: tuple[str, ...], ignore: bool = False) -> tuple[str, list[int] | None]:
+    "The INSERT SQLAlchemy compiles for `columns` of `table`, and how to reorder a row of `columns` for its parameters."
+    ins = sqlite_insert(table).on_conflict_do_nothing() if ignore else table.insert()
+    compiled = ins.compile(dialect=dialect, column_keys=list(columns))
+    order = [compiled.binds[p].key for p in compiled.positiontup]
+    return str(compiled), (None if order == list(columns) else [columns.index(k) for k in order])
+
+def _insert(conn: Connection, stmt: tuple[str, list[int] | None], rows: list[tuple]) -> None:
+    "executemany of driver-value rows straight on the sqlite3 connection (no per-row processing)."
+    if not rows: return
+    sql, order = stmt
+    if order is not None: rows = [tuple(r[i] for i in order) for r in rows]
+    conn.connection.driver_connection.executemany(sql, rows)
+
+class _Writer(threading.Thread):
+    "Runs the rebuild's writes while the caller parses the next messages: sqlite3 lets go of the GIL while it writes."
+    def __init__(self):
+        super().__init__(name='cde-replay-writer', daemon=True)
+        self.jobs, self.error = queue.Queue(maxsize=16), None
+        self.start()
+
+    def run(self):
+        while (job := self.jobs.get()) is not None:
+            if self.error is None:
+                try: job()
+                except BaseException as e: self.error = e   # noqa: BLE001 - handed to the caller
+    def submit(self, job, *args):
+        "Run `job(*args)` after the jobs before it; raises the first failure so far."
+        if self.error is not None: raise self.error
+        self.jobs.put(functools.partial(job, *args))
+
+    def close(self, check: bool = True):
+        "Wait for every job; raise the first failure when `check`."
+        self.jobs.put(None); self.join()
+        if check and self.error is not None: raise self.error
+
+def _source_file(source: Engine) -> str | None:
+    "The file of a SQLite source, so its messages can be copied inside SQLite; else None."
+    db = source.url.database if source.dialect.name == 'sqlite' else None
+    return db if db and db != ':memory:' and not db.startswith('file:') else None
+
+def _sqlite_text_time(v) -> str:
+    "A stored time as SQLite's text for it, whichever store it was read from."
+    if isinstance(v, str):
+        if len(v) == 26 and v[10] == ' ': return v
+        v = datetime.fromisoformat(v)
+    if v.tzinfo is not None: v = v.astimezone(timezone.utc)
+    return v.strftime(_SQLITE_TIME)
+
+def _rebuild_sqlite(source: Engine, target: Engine, from_seq: int | None, to_seq: int | None, batch: int) -> ProcessSummary:
+    "The one-pass rebuild into a fresh SQLite store (see above)."
+    rb, summary = _Rebuild(site_key()), ProcessSummary()
+    # millions of small objects stay alive until inserted, and none form cycles: the cyclic collector's repeated passes
+    # over them cost more than the parsing (measured: split_plain 19 -> 9 us a message); paused, and resumed after
+    collecting = gc.isenabled(); gc.disable()
+    try:
+        with source.connect() as src, target.connect() as dst: _rebuild_pass(src, dst, _source_file(source), from_seq, to_seq, batch, rb, summary)
+    finally:
+        if collecting: gc.enable()
+    summary.errors, summary.rows = len(rb.errors), {k: v for k, v in rb.offered.items() if v}
+    return summary
+
+def _rebuild_pass(src: Connection, dst: Connection, src_file: str | None, from_seq: int | None, to_seq: int | None, batch: int,
+                  rb: _Rebuild, summary: ProcessSummary) -> None:
+    cols = tuple(c.name for c in ids_messages.columns)
+    if src_file is not None and to_seq is None:   # both reads below stop here: what a live source appends meanwhile is left out
+        to_seq = src.execute(sa.select(sa.func.max(ids_messages.c.seq))).scalar() or 0
+    bounds = {k: v for k, v in (('lo', from_seq), ('hi', to_seq)) if v is not None}
+    where = ' AND '.join([*(['seq >= :lo'] if from_seq is not None else []), *(['seq <= :hi'] if to_seq is not None else [])])
+    # driver values, no type processing; from a SQLite file only what processing needs (SQLite copies the rest itself)
+    q = sa.text(f"SELECT {'seq, received_time, raw' if src_file else ', '.join(cols)} FROM ids_messages"
+                f"{' WHERE ' + where if where else ''} ORDER BY seq")
+    copy = _statement(dst.dialect, ids_messages, cols)
+    copy_range = f"INSERT INTO ids_messages ({', '.join(cols)}) SELECT {', '.join(cols)} FROM replay_source.ids_messages WHERE seq BETWEEN ? AND ?"
+    stmts = {t: _statement(dst.dialect, t, c, ignore=t is lab_results or t is adt_events) for t, c in _REBUILD_COLUMNS.items()}
+    raw = dst.connection.driver_connection
+    pragmas = {p: raw.execute(f'PRAGMA {p}').fetchone()[0] for p in ('synchronous', 'cache_size')}
+    raw.execute('PRAGMA synchronous=NORMAL'); raw.execute('PRAGMA cache_size=-262144')   # 256 MB for the indexes being built
+    if src_file: raw.execute('ATTACH DATABASE ? AS replay_source', (src_file,))   # outside any transaction, as SQLite requires
+    try:
+        with dst.begin():
+            dst.exec_driver_sql('BEGIN')   # now, so the index changes below are part of the transaction (pysqlite begins only at DML)
+            # secondary indexes of the tables loaded: dropped, built again once (sorted) before the commit, as they were
+            names = ', '.join(f"'{t.name}'" for t in (*_REBUILD_COLUMNS, ids_messages))
+            indexes = dst.exec_driver_sql(f"SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL "
+                                          f"AND tbl_name IN ({names})").all()
+            for name, _ in indexes: dst.exec_driver_sql(f'DROP INDEX "{name}"')
+            result = src.execution_options(stream_results=True, yield_per=batch).execute(q, bounds)
+            writer = _Writer()   # the only user of the target connection until it is closed
+            try:
+                for part in result.partitions(batch):
+                    if src_file:
+                        rows = [(r[0], _sqlite_text_time(r[1]), r[2]) for r in part]
+                        writer.submit(raw.execute, copy_range, (rows[0][0], rows[-1][0]))
+                    else:
+                        rows = [(r[0], _sqlite_text_time(r[1]), bytes(r[9])) for r in part]
+                        writer.submit(_insert, dst, copy, [(r[0], _sqlite_text_time(r[1]), *r[2:8], int(r[8]), bytes(r[9])) for r in part])
+                    for seq, rcv, data in rows: rb.add(seq, data, rcv)
+                    for t, facts in rb.take(): writer.submit(_insert, dst, stmts[t], facts)
+                    summary.messages += len(rows); summary.last_seq = rows[-1][0]
+            except BaseException:
+                writer.close(check=False); raise
+            writer.close()
+            for _, sql in indexes: dst.exec_driver_sql(sql)
+            rb.state(dst)
+            if summary.messages:
+                dst.execute(processor_state.insert().values(name=PROCESSOR, last_seq=summary.last_seq, updated_at=utcnow()))
+    finally:
+        if src_file: raw.execute('DETACH DATABASE replay_source')
+        raw.execute(f"PRAGMA synchronous={pragmas['synchronous']}"); raw.execute(f"PRAGMA cache_size={pragmas['cache_size']}")
+    raw.execute('PRAGMA wal_checkpoint(FULL)')   # synchronous is FULL again: the checkpoint fsyncs, on disk before we return
+
+# %% ../nbs/13_events.ipynb #7487b47b
 def read_feed_file(path, # a file with one HL7 message per line, segments separated by CR
                   ) -> list[str]:
     "The messages in a feed file; a missing or empty file is an `IngestError`."

@@ -16,8 +16,8 @@ from datetime import datetime, timedelta, timezone
 from .config import IngestError
 
 # %% auto #0
-__all__ = ['format_ts', 'parse_ts', 'Message', 'parse_message', 'escape', 'segment', 'msh', 'join_segments', 'Batch',
-           'parse_batch', 'ack_mode', 'accept_ack_wanted', 'build_ack']
+__all__ = ['format_ts', 'parse_ts', 'Message', 'parse_message', 'escape', 'segment', 'msh', 'join_segments', 'split_plain',
+           'Batch', 'parse_batch', 'ack_mode', 'accept_ack_wanted', 'build_ack']
 
 # %% ../nbs/11_hl7.ipynb #4cafe5e5
 _DTM = re.compile(r'(\d{4})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d+))?)?)?)?)?)?(?:([+-])(\d{2})(\d{2}))?', re.ASCII)
@@ -296,6 +296,25 @@ def join_segments(segs: list[str]) -> str:
     return '\r'.join(segs)
 
 # %% ../nbs/11_hl7.ipynb #c15bc392
+_PLAIN_HEAD = 'MSH|^~\\&|'
+
+def split_plain(raw: str | bytes, # one message
+               ) -> list[list[str]] | None:
+    "The segments of a message `parse_message` accepts and that needs no decoding (default delimiters, no escapes or repetitions); else None."
+    text = _normalise(raw)
+    # escapes and repetitions need the full parser; MSH-2 (text[4:8]) holds the only allowed ones
+    if not text.startswith(_PLAIN_HEAD) or text.find('\\', 8) >= 0 or text.find('~', 8) >= 0 or _suspect_line('|').search(text): return None
+    segs = [line.split('|') for line in text.split('\r') if line and not line.isspace()]
+    h = segs[0]
+    if len(h) < 10 or not h[8].split('^', 1)[0] or not h[9].split('^', 1)[0]: return None   # MSH-9 / MSH-10 missing
+    if (t := h[6].split('^', 1)[0]) and not _DTM_SURE(t) and isinstance(_parse_dtm(t), str): return None   # MSH-7, as parse_message checks it
+    for s in segs:   # a PID-3 with components but no assigning authority may be refused (v2.5+): the full check decides
+        if s[0] == 'PID' and len(s) > 3 and '^' in s[3]:
+            c = s[3].split('^')
+            if c[0] and not any(x and x != '""' for x in c[3:4] + c[8:10]): return None
+    return segs
+
+# %% ../nbs/11_hl7.ipynb #92de98b5
 @dataclass
 class Batch(_Fields):
     "An HL7 batch (BHS … BTS) or file (FHS, batches, FTS): its envelope segments and its messages, batch by batch."
@@ -369,7 +388,7 @@ def parse_batch(raw: str | bytes, # a batch (BHS … BTS) or file (FHS … FTS);
     parsed = [[parse_message('\r'.join(lines), inner(b, i)) for i, lines in enumerate(msgs, 1)] for b, msgs in enumerate(batches, 1)]
     return Batch(text, env, fs, cs, rs, ec, ss, tc, parsed)
 
-# %% ../nbs/11_hl7.ipynb #92de98b5
+# %% ../nbs/11_hl7.ipynb #54058ad2
 _ACK_CODES = {'original': ('AA', 'AE', 'AR'), 'enhanced': ('CA', 'CE', 'CR', 'AA', 'AE', 'AR')}
 _TABLE_0357 = {'101': 'Required field missing', '102': 'Data type error', '207': 'Application internal error'}
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -53,6 +54,7 @@ def store_messages(engine: Engine, # the store
             outcomes[i] = StoreOutcome('dead_letter', reason=reason)
             continue
         parsed.append((i, m, data, received, conn_name))
+    if engine.dialect.name == 'postgresql': return _store_postgres(engine, parsed, dead, outcomes)
     with engine.begin() as conn:
         known: dict[tuple, list[tuple[str, int]]] = {}   # (app, facility, control id) -> [(sha256, seq)]
         ids = sorted({m.control_id for _, m, *_ in parsed})
@@ -91,4 +93,74 @@ def store_messages(engine: Engine, # the store
                 receipts.append(dict(seq=outcomes[i].seq, received_time=received, connection=conn_name))
         if receipts: conn.execute(ids_receipts.insert(), receipts)
         if dead: conn.execute(ids_dead_letters.insert(), dead)
+    return outcomes
+
+# %% ../nbs/12_ids.ipynb #892c2eb6
+_PG_STORE = """
+WITH u AS (
+  SELECT u.*,
+         (SELECT m.seq FROM ids_messages m WHERE m.sending_app = u.app AND m.sending_facility = u.fac AND m.control_id = u.cid
+                                             AND m.sha256 = u.sha) AS old_seq,
+         (SELECT true FROM ids_messages m WHERE m.sending_app = u.app AND m.sending_facility = u.fac AND m.control_id = u.cid LIMIT 1) AS seen
+  FROM unnest(%(app)s::varchar[], %(fac)s::varchar[], %(cid)s::varchar[], %(sha)s::varchar[], %(mtype)s::varchar[],
+              %(received)s::timestamptz[], %(conn)s::varchar[], %(raw)s::bytea[], %(bconf)s::boolean[])
+    WITH ORDINALITY AS u(app, fac, cid, sha, mtype, received, conn, raw, bconf, i)),
+ins AS (
+  INSERT INTO ids_messages (received_time, connection, sending_app, sending_facility, message_type, control_id, sha256, conflict, raw)
+  SELECT received, conn, app, fac, mtype, cid, sha, bconf OR seen IS NOT NULL, raw FROM u WHERE old_seq IS NULL ORDER BY i
+  RETURNING seq, sending_app, sending_facility, control_id, sha256, conflict),
+got AS (
+  SELECT old_seq AS seq, app AS sending_app, fac AS sending_facility, cid AS control_id, sha AS sha256, false AS new, false AS conflict
+  FROM u WHERE old_seq IS NOT NULL
+  UNION ALL SELECT seq, sending_app, sending_facility, control_id, sha256, true, conflict FROM ins),
+rec AS (
+  INSERT INTO ids_receipts (seq, received_time, connection)
+  SELECT g.seq, r.received, r.conn
+  FROM unnest(%(r_app)s::varchar[], %(r_fac)s::varchar[], %(r_cid)s::varchar[], %(r_sha)s::varchar[], %(r_received)s::timestamptz[],
+              %(r_conn)s::varchar[]) WITH ORDINALITY AS r(app, fac, cid, sha, received, conn, i)
+  JOIN got g ON g.sending_app = r.app AND g.sending_facility = r.fac AND g.control_id = r.cid AND g.sha256 = r.sha
+  ORDER BY r.i),
+dl AS (
+  INSERT INTO ids_dead_letters (received_time, connection, sha256, reason, raw)
+  SELECT * FROM unnest(%(d_received)s::timestamptz[], %(d_conn)s::varchar[], %(d_sha)s::varchar[], %(d_reason)s::text[], %(d_raw)s::bytea[]))
+SELECT seq, sending_app, sending_facility, control_id, sha256, new, conflict FROM got
+"""
+
+_PLANNED_ONCE: dict[str, Engine] = {}
+
+def _planned_once(engine: Engine) -> Engine:
+    "An autocommit engine on the same database whose sessions keep the statement's cached (generic) plan: planned once per connection, not per batch."
+    url = engine.url.render_as_string(hide_password=False)
+    if url not in _PLANNED_ONCE:   # PostgreSQL would otherwise re-plan it for every batch (its cost estimates favour custom plans)
+        _PLANNED_ONCE[url] = sa.create_engine(engine.url, isolation_level='AUTOCOMMIT', pool_size=2,
+                                              connect_args={'options': '-c plan_cache_mode=force_generic_plan'})
+    return _PLANNED_ONCE[url]
+
+def _store_postgres(engine: Engine, parsed: list, dead: list[dict], outcomes: list) -> list[StoreOutcome]:
+    "`store_messages` on PostgreSQL: one statement, one round trip (see above)."
+    p: dict[str, list] = defaultdict(list)
+    first: set = set()
+    shas: dict[tuple, set] = {}   # (app, facility, control id) -> the payloads this batch has sent under it so far
+    items = []
+    for i, m, data, received, conn_name in parsed:
+        k = (m.field('MSH', 3), m.field('MSH', 4), m.control_id[:64], hashlib.sha256(data).hexdigest())
+        is_first = k not in first
+        if is_first:   # the first time this batch has it: stored now unless the store has it
+            first.add(k)
+            seen = shas.setdefault(k[:3], set())
+            for col, v in zip(('app', 'fac', 'cid', 'sha', 'mtype', 'received', 'conn', 'raw', 'bconf'),
+                              (*k, m.message_type[:16], received, conn_name, data, bool(seen))): p[col].append(v)
+            seen.add(k[3])
+        items.append((i, m, k, is_first))
+        for col, v in zip(('r_app', 'r_fac', 'r_cid', 'r_sha', 'r_received', 'r_conn'), (*k, received, conn_name)): p[col].append(v)
+    for col, name in (('received', 'received_time'), ('conn', 'connection'), ('sha', 'sha256'), ('reason', 'reason'), ('raw', 'raw')):
+        p['d_' + col] = [d[name] for d in dead]
+    with _planned_once(engine).connect() as conn:   # autocommit: the one statement is its own transaction
+        got = {tuple(r[1:5]): (r[0], r[5], r[6]) for r in conn.exec_driver_sql(_PG_STORE, p)}
+    for i, m, k, is_first in items:
+        seq, new, conflict = got[k]
+        if new and is_first:
+            outcomes[i] = StoreOutcome('conflict' if conflict else 'stored', seq, message=m,
+                                       reason='same sender and control id as an earlier message, different content' if conflict else '')
+        else: outcomes[i] = StoreOutcome('duplicate', seq, message=m)
     return outcomes

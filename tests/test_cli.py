@@ -48,7 +48,7 @@ def test_malformed_hl7_messages_go_to_dead_letters(tmp_path):
 @pytest.mark.parametrize('toml,needle', [
     ('name = "bad"\n[task]\nkind = "lab_abnormal"\ncomponent = "HGB"\n', "missing required section 'split'"),
     ('name = "bad"\n[task\n', 'not valid TOML'),
-    ('name = "bad"\n[task]\nkind = "lab_abnormal"\ncomponent = "HGB"\ncolour = 1\n[split]\ntrain_years = [2019]\nvalidation_years = [2020]\ntest_years = [2021]\n[output]\nmode = "silent"\n', "unknown key 'colour' in [task]"),
+    ('name = "bad"\n[task]\nkind = "lab_abnormal"\ncomponent = "HGB"\ncolour = 1\n[split]\ntrain_years = [2019]\nvalidation_years = [2020]\ntest_years = [2021]\n[output]\nmode = "silent"\n', "[task]: unknown key(s) 'colour' for a lab_abnormal task"),
 ])
 def test_malformed_deployment_toml(tmp_path, toml, needle):
     (tmp_path / 'bad').mkdir()

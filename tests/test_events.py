@@ -163,3 +163,74 @@ def test_resumable_processing_and_replay_rebuild_identical_tables(store_url, tmp
     assert a == b and int(a['lab_results'].split(':')[0]) > 100
     with pytest.raises(Exception, match='not empty'):
         replay(live, target)
+
+
+def tricky():
+    "Messages the one-pass rebuild must hand to the full parser, or that the processor refuses."
+    a01 = adt('t1', 'A01', 3, mrn='M9', enc='E9', ward='MED1')
+    short_obx = oru('t7', 'O8', 6, '9.5', 'F', mrn='M9', enc='E9').rsplit('|', 9)[0]   # OBX without OBX-8 onwards
+    return [
+        adt('t0', 'A01', 2, mrn='M8', enc='E8', ward='MED1', family='O|Brien'),                        # an escape sequence
+        a01.replace('|M9^^^HOSP^MR|', '|M9^^^HOSP^MR~X9^^^OTHER^MR|'),                                   # a repetition
+        oru('t2', 'O9', 4, 'twelve', 'F', mrn='M9', enc='E9'),                                           # a processing error
+        join_segments([msh('ADT', 'A04', 't3', at(5)), pid('M9')]),                                      # a type not processed
+        adt('t4', 'A02', 29 * 24 + 5, mrn='M9', enc='E9', ward='ICU'),                                   # MSH-7 on a 30th
+        oru('t5', 'O9', 7, '10.5^x', 'C', mrn='M9', enc='E9'),                                           # OBX-5 with components
+        short_obx,
+        join_segments([msh('ADT', 'A34', 't6', at(8)), segment('EVN', 'A34', format_ts(at(8))), pid('M9'), segment('MRG', 'M8')]),
+        adt('t8', 'A08', 9, mrn='M9', enc='E9', ward='ICU').replace('|19500102|', '||'),                  # no birth date
+        adt('t9', 'A03', 10, mrn='M9', enc='', ward='ICU'),                                              # no visit number
+    ]
+
+
+def noisy_live(tmp_path, monkeypatch):
+    "A live SQLite store holding a noisy feed (duplicates, late messages, merges), the scenarios and the tricky messages."
+    monkeypatch.setenv('CDE_SITE_KEY_FILE', str(tmp_path / 'site.key'))
+    live = get_engine(f'sqlite:///{tmp_path}/live.sqlite')
+    feed = hl7_feed(generate(HospitalConfig(n_patients=150, seed=8, start='2023-10-01', duplicate_rate=0.05, late_rate=0.1, merge_rate=0.5,
+                                            malformed_rate=0.02)))
+    items = [(m, t, 'live') for t, m in feed] + [(m, T0, 'live') for msgs in SCENARIOS.values() for m in msgs] + [(m, T0, 'live') for m in tricky()]
+    store_messages(live, items)
+    return live
+
+
+@pytest.mark.parametrize('bounds', [(None, None), (40, 300)])
+def test_one_pass_rebuild_equals_processing_batch_by_batch(tmp_path, monkeypatch, bounds):
+    from cde_workbench.events import _copy_and_process, _rebuild_sqlite
+    from cde_workbench.store import ids_messages, processor_state
+    live = noisy_live(tmp_path, monkeypatch)
+    fast, slow = (get_engine(f'sqlite:///{tmp_path}/{n}.sqlite') for n in ('fast', 'slow'))
+    a = _rebuild_sqlite(live, fast, *bounds, batch=64)   # several batches
+    b = _copy_and_process(live, slow, *bounds, batch=50)
+    assert (a.messages, a.errors, a.last_seq, a.rows) == (b.messages, b.errors, b.last_seq, b.rows)
+    assert a.messages == (261 if bounds[0] else len(live_seqs(live)))
+    if bounds[0] is None: assert a.errors >= 3 and a.rows['mrn_merges'] > 3   # the tricky messages and the merges took part
+    tables = (*DERIVED_TABLES, ids_messages, processor_state)
+    assert table_checksums(fast, tables, source=None, ignore=('id', 'at', 'updated_at')) == table_checksums(slow, tables, source=None, ignore=('id', 'at', 'updated_at'))
+    assert process_pending(fast).messages == 0   # the cursor is where processing would have left it
+
+
+def live_seqs(engine):
+    with engine.connect() as c: return c.execute(sa.text('select seq from ids_messages')).scalars().all()
+
+
+@pytest.mark.parametrize('table', ['lab_results', 'lab_orders'])
+def test_a_failed_rebuild_leaves_the_target_empty_and_as_it_was(tmp_path, monkeypatch, table):
+    "A failure while facts are written (the writer thread) or while the state is: everything rolls back, indexes and PRAGMAs too."
+    import gc
+    live = noisy_live(tmp_path, monkeypatch)
+    target = get_engine(f'sqlite:///{tmp_path}/target.sqlite')
+    with target.begin() as c:
+        c.execute(sa.text(f"CREATE TRIGGER full BEFORE INSERT ON {table} BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"))
+    schema = lambda: target.connect().execute(sa.text('select type, name, sql from sqlite_master order by name')).all()
+    before = schema()
+    with pytest.raises(Exception, match='disk is full'): replay(live, target, batch=64)
+    assert schema() == before and gc.isenabled()
+    with target.connect() as c:
+        assert all(c.execute(sa.text(f'select count(*) from {t.name}')).scalar() == 0 for t in DERIVED_TABLES)
+        assert c.execute(sa.text('select count(*) from ids_messages')).scalar() == 0
+        assert c.execute(sa.text('PRAGMA synchronous')).scalar() == 2   # FULL again for whoever uses the connection next
+        c.execute(sa.text('DROP TRIGGER full')); c.commit()
+    process_pending(live, batch=40)
+    replay(live, target)   # done again, it succeeds, and equals the live-built tables
+    assert table_checksums(target) == table_checksums(live)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from cde_workbench.config import IngestError
-from cde_workbench.hl7 import Batch, Message, ack_mode, build_ack, parse_batch, parse_message
+from cde_workbench.hl7 import Batch, Message, ack_mode, build_ack, parse_batch, parse_message, split_plain
 
 DATA = Path(__file__).resolve().parent.parent / '..' / 'shared' / 'data' / 'hl7v2' / 'messages'
 SPECIAL = [b'|', b'^', b'~', b'\\', b'&', b'#', b'\r', b'\n', b'\r\n', b'\x0b', b'\x1c', b'\x00', b'\xff', b'\xc3', b'\xe2\x80\xa8',
@@ -83,3 +83,28 @@ def test_fuzz_only_ingest_errors():
                 _exercise(m)
     assert time.perf_counter() - t0 < 30
     assert outcomes['parsed'] > 200 and outcomes['refused'] > 2000, outcomes  # the mutations reach both sides
+
+
+def test_split_plain_only_for_messages_parse_message_reads_the_same():
+    "The trusted fast path (replay) returns segments only for a message parse_message accepts, the very same segments,"
+    "with nothing to decode (no escapes, no repetitions): so a component is a plain split."
+    rng = random.Random(7)
+    seeds = _seeds()
+    plain = [s.replace(b'20240101|', b'20240101120000|') for s in seeds]   # a full MSH-7 keeps more seeds plain
+    cases = plain + [_mutate(rng, rng.choice(plain), seeds) for _ in range(4000)]
+    taken = 0
+    for i, raw in enumerate(cases):
+        segs = split_plain(raw)
+        if segs is None: continue
+        taken += 1
+        m = parse_message(raw, f'case {i}')   # must not raise
+        assert m.segments == segs, i
+        assert (m.field_sep, m.component_sep, m.repetition_sep, m.escape_char, m.subcomponent_sep, m.truncation_char) == ('|', '^', '~', '\\', '&', '')
+        for s in segs:
+            for n, v in enumerate(s):
+                if n == 0 or (s[0] == 'MSH' and n == 1): continue   # the segment ID; MSH-2, the encoding characters
+                assert '\\' not in v and '~' not in v, (i, s[0], n)
+                comps = v.split('^')
+                for c in range(1, len(comps) + 2):
+                    assert m.field(s, n + 1 if s[0] == 'MSH' else n, c) == (comps[c - 1] if c <= len(comps) else ''), (i, s[0], n, c)
+    assert taken > 500, taken   # many stay plain (about 800 of 4,000 with this seed)
