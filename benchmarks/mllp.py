@@ -171,9 +171,10 @@ def bench_mllp(n_patients: int = 8000, seconds: float = 4.0, postgres: bool = Tr
             sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
             from tests.pgserver import postgres_available, throwaway_postgres
             if postgres_available():
-                with throwaway_postgres() as url:
+                # durable: an ACK means the commit reached the disk, as on a production server
+                with throwaway_postgres(durable=True) as url:
                     figs.update(_bench_db('postgres', url, msgs, shards, seconds, d,
-                                          'throwaway server with fsync and synchronous_commit off'))
+                                          'throwaway server with fsync and synchronous_commit on'))
     return figs
 
 

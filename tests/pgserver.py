@@ -168,8 +168,9 @@ class PgServer:
     """
 
     def __init__(self, dbname: str = "cde_test", *, timeout: float = 30.0,
-                 base_dir: Optional[str] = None, bindir: Optional[str] = None):
+                 base_dir: Optional[str] = None, bindir: Optional[str] = None, durable: bool = False):
         self.dbname = dbname
+        self.durable = durable  # fsync, synchronous commit and full-page writes on, as a production server runs
         self.timeout = timeout
         self.base_dir = base_dir
         self.bindir = Path(bindir) if bindir else find_pg_bindir()
@@ -261,9 +262,9 @@ class PgServer:
             "listen_addresses": "'127.0.0.1'",
             "port": str(self.port),
             "unix_socket_directories": f"'{self.tmpdir}'",
-            "fsync": "off",
-            "synchronous_commit": "off",
-            "full_page_writes": "off",
+            "fsync": "on" if self.durable else "off",
+            "synchronous_commit": "on" if self.durable else "off",
+            "full_page_writes": "on" if self.durable else "off",
             "max_connections": "50",
             "shared_buffers": "32MB",
             "dynamic_shared_memory_type": "posix",
@@ -344,7 +345,7 @@ class PgServer:
 
 @contextlib.contextmanager
 def throwaway_postgres(dbname: str = "cde_test", *, timeout: float = 30.0,
-                       base_dir: Optional[str] = None) -> Iterator[str]:
+                       base_dir: Optional[str] = None, durable: bool = False) -> Iterator[str]:
     """Start a brand-new PostgreSQL server and yield its SQLAlchemy URL
     ``postgresql+psycopg://postgres@127.0.0.1:PORT/<dbname>``; stop it and delete
     its files on exit.
@@ -354,8 +355,10 @@ def throwaway_postgres(dbname: str = "cde_test", *, timeout: float = 30.0,
     tail) if the server fails to start within ``timeout`` seconds.
     ``base_dir`` is where the temporary directory goes (default: $TMPDIR or
     /tmp); when running as root it must be traversable by the postgres user.
+    ``durable=True`` turns fsync and synchronous commit on (benchmarks of
+    acknowledged-after-commit ingest); tests run faster without.
     """
-    server = PgServer(dbname, timeout=timeout, base_dir=base_dir)
+    server = PgServer(dbname, timeout=timeout, base_dir=base_dir, durable=durable)
     server.start()
     try:
         yield server.url  # type: ignore[misc]
