@@ -11,14 +11,17 @@ from pathlib import Path
 
 import polars as pl
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from .config import IngestError, SchemaError
-from .store import (adt_events, audit, audit_log, diagnoses, insert_frame, insert_ignore, lab_orders,
-                                 lab_results, medication_orders, patients)
+from collections import defaultdict
+
+from .events import encounter_state
+from .store import (adt_events, audit, audit_log, bulk_insert, diagnoses, encounters, insert_frame, insert_ignore,
+                                 lab_orders, lab_results, location_visits, medication_orders, patients)
 
 # %% auto #0
-__all__ = ['extract_fingerprint', 'check_tables', 'read_extract', 'load_tables', 'load_warehouse_extract']
+__all__ = ['extract_fingerprint', 'check_tables', 'read_extract', 'derive_encounters', 'load_tables', 'load_warehouse_extract']
 
 # %% ../nbs/14_warehouse.ipynb #9996f574
 _TABLES = {'patients': patients, 'adt_events': adt_events, 'diagnoses': diagnoses,
@@ -79,6 +82,28 @@ def read_extract(folder: Path, # folder with one Parquet file per clinical table
         except Exception as e: raise SchemaError(f"{p}: not a readable Parquet file ({e})")
     return check_tables(tables, str(folder))
 
+def derive_encounters(conn: Connection, # the open transaction of a load
+                      encounter_ids: list[str], # stays whose ADT events were just loaded
+                      source: str, # tag of the derived rows
+                     ) -> tuple[int, int]:
+    "Encounters and location visits of these stays from all their ADT events, by the event processor's own rules."
+    by_enc = defaultdict(list)
+    for k in range(0, len(encounter_ids), 500):   # chunks keep the IN lists within every backend's parameter limits
+        chunk = encounter_ids[k:k + 500]
+        for r in conn.execute(sa.select(adt_events).where(adt_events.c.encounter_id.in_(chunk))): by_enc[r.encounter_id].append(dict(r._mapping))
+    states, visits = [], []
+    for enc, evs in by_enc.items():
+        st, vs = encounter_state(evs)
+        states.append(dict(encounter_id=enc, source=source, **st))
+        visits += [dict(encounter_id=enc, patient_key=st['patient_key'], stored_time=st['stored_time'], source=source, **v) for v in vs]
+    for k in range(0, len(encounter_ids), 500):   # an earlier load's rows for the same stays are replaced, never doubled
+        chunk = encounter_ids[k:k + 500]
+        conn.execute(location_visits.delete().where(location_visits.c.encounter_id.in_(chunk)))
+        conn.execute(encounters.delete().where(encounters.c.encounter_id.in_(chunk)))
+    bulk_insert(conn, encounters, states)
+    bulk_insert(conn, location_visits, visits)
+    return len(states), len(visits)
+
 def load_tables(engine: Engine, # the store
                 tables: dict[str, pl.DataFrame], # frames checked by `check_tables`
                 fingerprint: str, # identifies this input; a second load of the same fingerprint does nothing
@@ -94,7 +119,11 @@ def load_tables(engine: Engine, # the store
             df = df.with_columns(pl.lit(source).alias('source'))
             if name == 'patients': counts[name] = insert_ignore(conn, patients, df.to_dicts())
             else: counts[name] = insert_frame(conn, _TABLES[name], df)
-        audit(conn, f'{source}.load', fingerprint, {**(detail or {}), 'rows': counts})
+        derived = {}
+        if counts.get('adt_events'):   # the stays' state and ward visits, as the event processor derives them from HL7
+            derived = dict(zip(('encounters', 'location_visits'),
+                               derive_encounters(conn, tables['adt_events']['encounter_id'].unique().to_list(), source)))
+        audit(conn, f'{source}.load', fingerprint, {**(detail or {}), 'rows': counts, 'derived': derived})
     return counts
 
 def load_warehouse_extract(engine: Engine, # the store
