@@ -186,3 +186,16 @@ def test_sklearn_conventions(estimator, check):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         check(estimator)
+
+
+def test_events_in_any_order_give_the_same_matrix(store):
+    "Events straight from a file (not grouped by patient in time order) are sorted once by the transform: same rows."
+    eng, _ = store
+    with eng.connect() as c:
+        pts = lab_abnormal_points(c, 'HGB').sample(500, seed=7); data = load_feature_data(c)
+    fz = CountFeaturizer(numeric_labs=('HGB', 'K')).fit(pts, data)
+    grouped = fz.transform(pts, data)
+    for seed in (1, 2):
+        shuffled = FeatureData(data.patients, data.events.sample(fraction=1.0, shuffle=True, seed=seed), data.links)
+        X = fz.transform(pts, shuffled)
+        assert (X != grouped).nnz == 0 and X.nnz == grouped.nnz
