@@ -120,6 +120,8 @@ def bootstrap_auroc(y: np.ndarray, # labels, 0 or 1
     C, n = cells.n_cells, len(cells.code)
     code = cells.code.astype(np.int32 if 2 * C < 2**31 - 1 else np.int64)
     out = np.empty(idx.shape[0])
+    # `count_blocks` + `_auroc_counts` give the same values, but this scalar loop is ~15% faster (no block
+    # temporaries), and this is the path the 25× speed target is measured on
     for b0, rows in _chunks(idx, chunk):
         for r in range(rows.shape[0]):   # one resample at a time: its 2C counters stay in cache
             cnt = np.bincount(code.take(rows[r]), minlength=2 * C)

@@ -31,8 +31,9 @@ from .synth import LABS
 
 # %% auto #0
 __all__ = ['LOINC_TO_COMPONENT', 'ADT_EVENTS', 'MERGE_EVENTS', 'PROCESSOR', 'DERIVED_TABLES', 'message_facts', 'encounter_state',
-           'newest', 'order_state', 'resolve_links', 'refresh_state', 'ProcessSummary', 'process_messages',
-           'processed_up_to', 'process_pending', 'table_checksums', 'replay', 'read_feed_file']
+           'encounter_rows', 'newest', 'order_state', 'resolve_links', 'replace_encounters', 'refresh_state',
+           'ProcessSummary', 'process_messages', 'processed_up_to', 'process_pending', 'table_checksums', 'replay',
+           'read_feed_file']
 
 # %% ../nbs/13_events.ipynb #7d67f73d
 LOINC_TO_COMPONENT = {c.loinc: c.code for c in LABS.values()}
@@ -163,6 +164,17 @@ def encounter_state(events: list[dict]) -> tuple[dict, list[dict]]:
                  event_time=last['event_time'], stored_time=max(e['stored_time'] for e in evs), patient_key=last['patient_key'])
     return state, visits
 
+def encounter_rows(by_encounter: dict[str, list[dict]], # each stay's ADT events (rows of `adt_events`)
+                   source: str, # tag of the derived rows
+                  ) -> tuple[list[dict], list[dict]]:
+    "Rows of `encounters` and `location_visits` for these stays, by `encounter_state`."
+    states, visits = [], []
+    for enc, evs in by_encounter.items():
+        st, vs = encounter_state(evs)
+        states.append(dict(encounter_id=enc, source=source, **st))
+        visits += [dict(encounter_id=enc, patient_key=st['patient_key'], stored_time=st['stored_time'], source=source, **v) for v in vs]
+    return states, visits
+
 def newest(rows: list[dict], fields: Iterable[str]) -> dict:
     "The row with the newest event time; equal times are broken by content, not arrival."
     fields = list(fields)
@@ -227,6 +239,18 @@ def _delete(conn: Connection, table: sa.Table, column, keys):
     keys = sorted(keys)
     for i in range(0, len(keys), 500): conn.execute(table.delete().where(column.in_(keys[i:i + 500])))
 
+def replace_encounters(conn: Connection, # an open transaction
+                       by_encounter: dict[str, list[dict]], # each stay's ADT events, all of them
+                       source: str, # tag of the derived rows
+                      ) -> tuple[int, int]:
+    "Recompute these stays' encounter and location-visit rows, replacing any earlier ones; returns how many of each."
+    states, visits = encounter_rows(by_encounter, source)
+    _delete(conn, encounters, encounters.c.encounter_id, by_encounter)
+    _delete(conn, location_visits, location_visits.c.encounter_id, by_encounter)
+    bulk_insert(conn, encounters, states)
+    bulk_insert(conn, location_visits, visits)
+    return len(states), len(visits)
+
 def refresh_state(conn: Connection, facts: _Facts,
                   before: dict | None = None, # from `_batch_ids` before the facts were inserted: batch rows are not read back
                  ) -> None:
@@ -261,15 +285,7 @@ def refresh_state(conn: Connection, facts: _Facts,
     if facts.encounters:
         by_enc = defaultdict(list)
         for r in _all_rows(conn, facts, adt_events, adt_events.c.encounter_id, facts.encounters, before): by_enc[r['encounter_id']].append(r)
-        states, visits = [], []
-        for enc, evs in by_enc.items():
-            st, vs = encounter_state(evs)
-            states.append(dict(encounter_id=enc, source='hl7', **st))
-            visits += [dict(encounter_id=enc, patient_key=st['patient_key'], stored_time=st['stored_time'], source='hl7', **v) for v in vs]
-        _delete(conn, encounters, encounters.c.encounter_id, by_enc)
-        _delete(conn, location_visits, location_visits.c.encounter_id, by_enc)
-        bulk_insert(conn, encounters, states)
-        bulk_insert(conn, location_visits, visits)
+        replace_encounters(conn, by_enc, 'hl7')
     if facts.orders:
         by_order = defaultdict(list)
         for r in _all_rows(conn, facts, lab_order_events, lab_order_events.c.order_id, facts.orders, before): by_order[r['order_id']].append(r)
@@ -599,16 +615,12 @@ class _Rebuild:
             links = resolve_links(self.merges)
             when = {m['retired_key']: m['stored_time'] for m in self.merges}
             put(patient_links, ('patient_key', 'resolved_key', 'stored_time'), [(k, v, when[k]) for k, v in links.items()])
-        states, visits = [], []
-        for enc, evs in self.adt.items():
-            st, vs = encounter_state(evs)
-            states.append((enc, st['patient_key'], st['status'], st['admit_time'], st['discharge_time'], st['ward'], st['event_time'],
-                           st['stored_time'], 'hl7'))
-            visits += [(enc, v['visit'], st['patient_key'], v['ward'], v['end_time'], v['event_time'], st['stored_time'], 'hl7') for v in vs]
-        put(encounters, ('encounter_id', 'patient_key', 'status', 'admit_time', 'discharge_time', 'ward', 'event_time',
-                                       'stored_time', 'source'), states)
-        put(location_visits, ('encounter_id', 'visit', 'patient_key', 'ward', 'end_time', 'event_time', 'stored_time', 'source'),
-                     visits)
+        states, visits = encounter_rows(self.adt, 'hl7')
+        for table, cols, rows in ((encounters, ('encounter_id', 'patient_key', 'status', 'admit_time', 'discharge_time', 'ward',
+                                                'event_time', 'stored_time', 'source'), states),
+                                  (location_visits, ('encounter_id', 'visit', 'patient_key', 'ward', 'end_time', 'event_time',
+                                                     'stored_time', 'source'), visits)):
+            put(table, cols, [tuple(r[c] for c in cols) for r in rows])
         orders = []
         for oid, (nw, anyk, cancelled, resulted, first) in self.orders.items():
             r = (nw or anyk)[1]

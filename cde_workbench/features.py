@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 
@@ -310,12 +310,12 @@ class CountFeaturizer(TransformerMixin, BaseEstimator):
     @classmethod
     def from_feature_set(cls, fs: FeatureSet, data: FeatureData | None = None) -> CountFeaturizer:
         "The transformer for a feature-set definition."
-        fs.check()
-        return cls(fs.demographics, fs.diagnoses, fs.medication_days, fs.lab_days, fs.lab_bins, tuple(fs.numeric_labs), data)
+        fs.check()   # by field name, so a new FeatureSet field cannot shift the arguments
+        return cls(**{f.name: getattr(fs, f.name) for f in fields(FeatureSet)} | {'numeric_labs': tuple(fs.numeric_labs)}, data=data)
 
     def feature_set(self) -> FeatureSet:
         "This transformer's feature-set definition."
-        return FeatureSet(self.demographics, self.diagnoses, self.medication_days, self.lab_days, self.lab_bins, tuple(self.numeric_labs)).check()
+        return FeatureSet(**{f.name: getattr(self, f.name) for f in fields(FeatureSet)} | {'numeric_labs': tuple(self.numeric_labs)}).check()
 
     def definition_hash(self) -> str:
         "sha256 of the feature-set definition (parameters and code version)."
@@ -515,8 +515,10 @@ def _frame_hash(df: pl.DataFrame) -> str:
     return h.hexdigest()
 
 def feature_data_fingerprint(data: FeatureData) -> str:
-    "sha256 over the events, demographics and links (order-independent)."
-    return hashlib.sha256(''.join(_frame_hash(f) for f in (data.events, data.patients, data.link_frame())).encode()).hexdigest()
+    "sha256 over the events, demographics and links (order-independent); computed once per FeatureData, like its index."
+    if 'fingerprint' not in data._index:
+        data._index['fingerprint'] = hashlib.sha256(''.join(_frame_hash(f) for f in (data.events, data.patients, data.link_frame())).encode()).hexdigest()
+    return data._index['fingerprint']
 
 def points_fingerprint(points: pl.DataFrame) -> str:
     "sha256 over the points' patient keys and prediction times, in row order (rows of the matrix)."

@@ -16,7 +16,7 @@ from sqlalchemy.engine import Engine
 
 from .config import IngestError
 from .hl7 import Message, parse_message
-from .store import ids_dead_letters, ids_messages, ids_receipts
+from .store import engine_variant, ids_dead_letters, ids_messages, ids_receipts
 
 # %% auto #0
 __all__ = ['StoreOutcome', 'store_messages']
@@ -126,15 +126,11 @@ dl AS (
 SELECT seq, sending_app, sending_facility, control_id, sha256, new, conflict FROM got
 """
 
-_PLANNED_ONCE: dict[str, Engine] = {}
-
 def _planned_once(engine: Engine) -> Engine:
     "An autocommit engine on the same database whose sessions keep the statement's cached (generic) plan: planned once per connection, not per batch."
-    url = engine.url.render_as_string(hide_password=False)
-    if url not in _PLANNED_ONCE:   # PostgreSQL would otherwise re-plan it for every batch (its cost estimates favour custom plans)
-        _PLANNED_ONCE[url] = sa.create_engine(engine.url, isolation_level='AUTOCOMMIT', pool_size=2,
-                                              connect_args={'options': '-c plan_cache_mode=force_generic_plan'})
-    return _PLANNED_ONCE[url]
+    # PostgreSQL would otherwise re-plan it for every batch (its cost estimates favour custom plans)
+    return engine_variant(engine, 'planned-once', isolation_level='AUTOCOMMIT', pool_size=2,
+                          connect_args={'options': '-c plan_cache_mode=force_generic_plan'})
 
 def _store_postgres(engine: Engine, parsed: list, dead: list[dict], outcomes: list) -> list[StoreOutcome]:
     "`store_messages` on PostgreSQL: one statement, one round trip (see above)."

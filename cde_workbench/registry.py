@@ -180,12 +180,9 @@ def resolve_model(conn: Connection, # open connection
     return rec
 
 def _headline(metrics: dict) -> dict:
-    "Test AUROC and its interval from a version's metrics, whatever evaluation produced them."
+    "Test AUROC and its interval from a version's metrics (None when it has none)."
     t = metrics.get('test_auroc') or {}
-    if 'estimate' in t: return {'test_auroc': t['estimate'], 'test_auroc_low': t.get('low'), 'test_auroc_high': t.get('high')}
-    m = (metrics.get('test') or {}).get('metrics', {}).get('auroc') or {}
-    ci = m.get('ci') or [None, None]
-    return {'test_auroc': m.get('estimate'), 'test_auroc_low': ci[0], 'test_auroc_high': ci[1]}
+    return {'test_auroc': t.get('estimate'), 'test_auroc_low': t.get('low'), 'test_auroc_high': t.get('high')}
 
 def list_models(conn: Connection, name: str | None = None) -> pl.DataFrame:
     "Every registered version (or one model's), newest first, with its aliases and headline test AUROC."

@@ -394,15 +394,17 @@ def table2_row(conn: Connection, # open connection to the store
                dep: Deployment, # a deployment with a registered model
               ) -> Table2Row:
     "A deployment's Table 2 row: retrospective from its model's test predictions, prospective from its silent trial (if any)."
-    by = {r.period: r for r in performance_rows(conn, dep)}
+    return _table2_row(dep, performance_rows(conn, dep))
+
+def _table2_row(dep: Deployment, rows: list[PerformanceRow]) -> Table2Row:
+    by = {r.period: r for r in rows}
     r, p = by['retrospective'], by['prospective']
     return Table2Row(dep.name, dep.task['component'], r.prevalence, r.auroc, p.prevalence, p.auroc, r.n, p.n)
 
 def table2_html(dep: Deployment, rows: list[PerformanceRow]) -> str:
     "DEPLOYR's Table 2 for one deployment (its retrospective and prospective performance rows)."
-    by = {r.period: r for r in rows}
+    row, by = _table2_row(dep, rows), {x.period: x for x in rows}
     r, p = by['retrospective'], by['prospective']
-    row = Table2Row(dep.name, dep.task['component'], r.prevalence, r.auroc, p.prevalence, p.auroc, r.n, p.n)
     note = (f'n = {r.n} retrospective test orders, {p.n} prospective labelled orders. '
             f'{dep.evaluation["ci"] * 100:g}% percentile bootstrap intervals, {dep.evaluation["bootstrap"]} resamples.'
             + (f' Prospective: {_e(p.note)}.' if p.note else ''))

@@ -27,8 +27,8 @@ __all__ = ['metadata', 'T', 'patients', 'patient_identity', 'adt_events', 'diagn
            'lab_order_events', 'lab_results', 'patient_facts', 'mrn_merges', 'patient_links', 'encounters',
            'location_visits', 'ids_messages', 'ids_receipts', 'ids_dead_letters', 'processor_state',
            'processing_errors', 'APPEND_ONLY', 'models', 'model_aliases', 'deployments', 'runs', 'inferences',
-           'inference_labels', 'audit_log', 'UTCDateTime', 'migrations_dir', 'get_engine', 'upgrade', 'dispose_engines',
-           'audit', 'read_frame', 'insert_ignore', 'bulk_insert', 'insert_frame']
+           'inference_labels', 'audit_log', 'UTCDateTime', 'migrations_dir', 'get_engine', 'upgrade', 'engine_variant',
+           'dispose_engines', 'audit', 'read_frame', 'insert_ignore', 'bulk_insert', 'insert_frame']
 
 # %% ../nbs/01_store.ipynb #60a7e206
 class UTCDateTime(sa.types.TypeDecorator):
@@ -326,6 +326,15 @@ def upgrade(engine: Engine, revision: str = 'head'):
             command.upgrade(cfg, revision)
     except sa.exc.OperationalError as e:
         raise ConfigError(f"cannot reach the database {engine.url.render_as_string(hide_password=True)}: {e.orig}")
+
+def engine_variant(engine: Engine, # an engine of the store
+                   name: str, # what the variant is for (part of its cache key)
+                   **options, # `create_engine` options of the variant
+                  ) -> Engine:
+    "A second engine on the same database with other settings; cached, and closed by `dispose_engines` like the first."
+    key = f"{engine.url.render_as_string(hide_password=False)}#{name}"
+    if key not in _engines: _engines[key] = sa.create_engine(engine.url, **options)
+    return _engines[key]
 
 def dispose_engines():
     "Close every cached engine (tests, forks)."

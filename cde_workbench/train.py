@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -27,7 +25,6 @@ from .config import ConfigError, Deployment, PipelineError
 from .evaluate import auroc_ci, prevalence_ci
 from .features import CountFeaturizer, FeatureData, FeatureSet, feature_data_fingerprint, load_feature_data, offline_matrix
 from .registry import ModelRecord, register_model
-from .store import audit
 from .tasks import Task, task_points
 
 # %% auto #0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import defaultdict
 from pathlib import Path
 
 import polars as pl
@@ -14,11 +15,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from .config import IngestError, SchemaError
-from collections import defaultdict
-
-from .events import encounter_state
-from .store import (adt_events, audit, audit_log, bulk_insert, diagnoses, encounters, insert_frame, insert_ignore,
-                                 lab_orders, lab_results, location_visits, medication_orders, patients)
+from .events import replace_encounters
+from .store import (adt_events, audit, audit_log, diagnoses, encounters, insert_frame, insert_ignore, lab_orders,
+                                 lab_results, location_visits, medication_orders, patients)
 
 # %% auto #0
 __all__ = ['extract_fingerprint', 'check_tables', 'read_extract', 'derive_encounters', 'load_tables', 'load_warehouse_extract']
@@ -91,18 +90,7 @@ def derive_encounters(conn: Connection, # the open transaction of a load
     for k in range(0, len(encounter_ids), 500):   # chunks keep the IN lists within every backend's parameter limits
         chunk = encounter_ids[k:k + 500]
         for r in conn.execute(sa.select(adt_events).where(adt_events.c.encounter_id.in_(chunk))): by_enc[r.encounter_id].append(dict(r._mapping))
-    states, visits = [], []
-    for enc, evs in by_enc.items():
-        st, vs = encounter_state(evs)
-        states.append(dict(encounter_id=enc, source=source, **st))
-        visits += [dict(encounter_id=enc, patient_key=st['patient_key'], stored_time=st['stored_time'], source=source, **v) for v in vs]
-    for k in range(0, len(encounter_ids), 500):   # an earlier load's rows for the same stays are replaced, never doubled
-        chunk = encounter_ids[k:k + 500]
-        conn.execute(location_visits.delete().where(location_visits.c.encounter_id.in_(chunk)))
-        conn.execute(encounters.delete().where(encounters.c.encounter_id.in_(chunk)))
-    bulk_insert(conn, encounters, states)
-    bulk_insert(conn, location_visits, visits)
-    return len(states), len(visits)
+    return replace_encounters(conn, by_enc, source)   # an earlier load's rows for the same stays are replaced, never doubled
 
 def load_tables(engine: Engine, # the store
                 tables: dict[str, pl.DataFrame], # frames checked by `check_tables`
