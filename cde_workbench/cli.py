@@ -440,7 +440,10 @@ def main():
     "Entry point of the `cde` command: errors become one line on stderr and exit status 2, never a traceback."
     try: rv = app(standalone_mode=False)
     except CDEError as e:
-        typer.echo(f'cde: error: {e}', err=True); sys.exit(2)
+        # one line, and no control characters: a message may quote data (a column name, a value) that must not drive the terminal
+        import unicodedata
+        msg = ' '.join(''.join(' ' if unicodedata.category(ch)[0] == 'C' else ch for ch in str(e)).split())
+        typer.echo(f'cde: error: {msg}', err=True); sys.exit(2)
     except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
         typer.echo(f'cde: error: {e.strerror or e}: {e.filename}', err=True); sys.exit(2)
     except _usage_errors() as e:

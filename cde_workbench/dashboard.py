@@ -9,6 +9,7 @@ import html
 import io
 import base64
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -23,8 +24,8 @@ from .monitor import Health, health, packets, weekly
 from .store import get_engine
 
 # %% auto #0
-__all__ = ['health_html', 'deployment_names', 'monitor_view', 'dashboard_token', 'dashboard_notebook', 'voila_command',
-           'dashboard_url']
+__all__ = ['health_html', 'scores_html', 'deployment_names', 'monitor_view', 'check_token', 'dashboard_token',
+           'dashboard_notebook', 'voila_command', 'dashboard_url']
 
 # %% ../nbs/51_dashboard.ipynb #046d1523
 def _fmt(e) -> str: return '—' if e is None else f'{e.estimate:.2f} [{e.low:.2f}, {e.high:.2f}]'
@@ -35,9 +36,21 @@ def health_html(h: Health) -> str:
              ('Labelled', 'labelled', f'{h.labelled}'), ('At or above threshold', 'flagged', f'{h.flagged}'),
              ('Latest prediction', 'latest', h.last_prediction), ('Prospective AUROC [95% CI]', 'auroc-prospective', _fmt(h.prospective_auroc)),
              ('Retrospective AUROC [95% CI]', 'auroc-retrospective', _fmt(h.retrospective_auroc))]
-    rows = ''.join(f'<tr><th style="text-align:left;padding-right:1em">{k}</th><td id="{i}-{h.name}">{html.escape(v)}</td></tr>' for k, i, v in cells)
-    return (f'<div class="cde-health"><h2>{html.escape(h.name)}</h2><p id="message-{h.name}"><b>{html.escape(h.message)}</b></p>'
+    e = lambda v: html.escape(str(v), quote=True)   # every data value, attributes included
+    rows = ''.join(f'<tr><th style="text-align:left;padding-right:1em">{k}</th><td id="{i}-{e(h.name)}">{e(v)}</td></tr>' for k, i, v in cells)
+    return (f'<div class="cde-health"><h2>{e(h.name)}</h2><p id="message-{e(h.name)}"><b>{e(h.message)}</b></p>'
             f'<table>{rows}</table></div>')
+
+def scores_html(pk: pl.DataFrame, # packets (`monitor.packets`), newest first
+               ) -> str:
+    "The latest scores as an HTML table; every value escaped (a patient key from an extract is data, not markup)."
+    e = lambda v: html.escape(str(v), quote=True)
+    rows = ''.join(f"<tr><td>{e(r['patient_key'])}</td><td>{r['prediction_time']:%Y-%m-%d %H:%M}</td><td>{r['score']:.2f}</td>"
+                   f"<td>{'yes' if r['score'] >= r['threshold'] else 'no'}</td>"
+                   f"<td>{'—' if r['label'] is None else ('abnormal' if r['label'] else 'normal')}</td></tr>"
+                   for r in pk.iter_rows(named=True))
+    return ('<h3>Latest scores (surrogate patient ids)</h3><table><tr><th>patient</th><th>order time</th><th>risk</th>'
+            f'<th>above threshold</th><th>result</th></tr>{rows}</table>')
 
 def _trend_png(w: pl.DataFrame) -> str:
     import matplotlib; matplotlib.use('Agg')
@@ -69,12 +82,7 @@ def monitor_view(names: list[str] | None = None, # deployments to show; default 
             dep = load_deployment(n)
             h = health(conn, dep)
             pk = packets(conn, n).sort('prediction_time', descending=True).head(recent)
-            rows = ''.join(f"<tr><td>{r['patient_key']}</td><td>{r['prediction_time']:%Y-%m-%d %H:%M}</td><td>{r['score']:.2f}</td>"
-                           f"<td>{'yes' if r['score'] >= r['threshold'] else 'no'}</td>"
-                           f"<td>{'—' if r['label'] is None else ('abnormal' if r['label'] else 'normal')}</td></tr>"
-                           for r in pk.iter_rows(named=True))
-            table = ('<h3>Latest scores (surrogate patient ids)</h3><table><tr><th>patient</th><th>order time</th><th>risk</th>'
-                     f'<th>above threshold</th><th>result</th></tr>{rows}</table>')
+            table = scores_html(pk)
             w = weekly(conn, n)
             trend = f'<img alt="weekly trend" src="data:image/png;base64,{_trend_png(w)}"/>' if w.height else ''
             tabs.append(widgets.HTML(health_html(h) + trend + table))
@@ -84,14 +92,24 @@ def monitor_view(names: list[str] | None = None, # deployments to show; default 
     return t
 
 # %% ../nbs/51_dashboard.ipynb #3905a213
+def check_token(token: str, # a candidate access token
+                where: str, # where it came from, for the error message
+               ) -> str:
+    "The token stripped of surrounding whitespace; an empty, short or non-URL-safe token is a `ConfigError` (Voilà would serve without login)."
+    t = token.strip()
+    if not t: raise ConfigError(f"{where} is empty: an empty token would turn the dashboard's login off (delete the file to have a new token made)")
+    if not re.fullmatch(r'[A-Za-z0-9._~-]{16,}', t):
+        raise ConfigError(f"{where}: the token must be at least 16 URL-safe characters (letters, digits, . _ ~ -)")
+    return t
+
 def dashboard_token() -> str:
-    "The dashboard's access token: `CDE_DASHBOARD_TOKEN`, else `var/dashboard.token` (created, owner-only)."
-    if t := os.environ.get('CDE_DASHBOARD_TOKEN'): return t
+    "The dashboard's access token: `CDE_DASHBOARD_TOKEN`, else `var/dashboard.token` (created, owner-only); never empty."
+    if t := os.environ.get('CDE_DASHBOARD_TOKEN'): return check_token(t, 'CDE_DASHBOARD_TOKEN')
     p = var_dir() / 'dashboard.token'
     if not p.exists():
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, 'w') as f: f.write(secrets.token_urlsafe(24))
-    return p.read_text().strip()
+    return check_token(p.read_text(), f'token file {p}')
 
 def dashboard_notebook() -> Path:
     "The Voilà monitoring notebook."
@@ -104,8 +122,8 @@ def voila_command(port: int = 8866, token: str | None = None, host: str = '127.0
     if not 1024 <= port <= 65535: raise ConfigError(f"port {port} is out of range (1024-65535)")
     nb = dashboard_notebook()
     return [sys.executable, '-m', 'voila', str(nb), '--no-browser', f'--port={port}', f'--Voila.ip={host}',
-            '--Voila.port_retries=0', f'--token={token or dashboard_token()}']
+            '--Voila.port_retries=0', f'--token={check_token(token, "the token given") if token else dashboard_token()}']
 
 def dashboard_url(port: int = 8866, token: str | None = None, host: str = '127.0.0.1') -> str:
     "Where the dashboard opens, token included."
-    return f'http://{host}:{port}/?token={token or dashboard_token()}'
+    return f'http://{host}:{port}/?token={check_token(token, "the token given") if token else dashboard_token()}'

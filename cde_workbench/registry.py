@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -173,7 +174,8 @@ def resolve_model(conn: Connection, # open connection
                  ) -> ModelRecord:
     "A model version by number or alias; by default the champion when one is set, else the newest version."
     if ref is None: return get_alias(conn, name, 'champion') or get_model(conn, name)
-    if isinstance(ref, int) or str(ref).isdigit(): return get_model(conn, name, int(ref))
+    # ASCII digits only: `str.isdigit` also accepts '²' or '٣', which `int` then refuses
+    if isinstance(ref, int) or re.fullmatch(r'[0-9]+', str(ref)): return get_model(conn, name, int(ref))
     if ref not in ALIASES: raise ConfigError(f"{ref!r} is neither a version number nor an alias ({', '.join(ALIASES)})")
     rec = get_alias(conn, name, ref)
     if rec is None: raise ConfigError(f"model {name!r} has no {ref}; set one with `cde models alias {name} {ref} VERSION`")

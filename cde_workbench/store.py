@@ -8,9 +8,11 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 import polars as pl
 import sqlalchemy as sa
@@ -27,8 +29,8 @@ __all__ = ['metadata', 'T', 'patients', 'patient_identity', 'adt_events', 'diagn
            'lab_order_events', 'lab_results', 'patient_facts', 'mrn_merges', 'patient_links', 'encounters',
            'location_visits', 'ids_messages', 'ids_receipts', 'ids_dead_letters', 'processor_state',
            'processing_errors', 'APPEND_ONLY', 'models', 'model_aliases', 'deployments', 'runs', 'inferences',
-           'inference_labels', 'audit_log', 'UTCDateTime', 'migrations_dir', 'get_engine', 'upgrade', 'engine_variant',
-           'dispose_engines', 'audit', 'read_frame', 'insert_ignore', 'bulk_insert', 'insert_frame']
+           'inference_labels', 'audit_log', 'UTCDateTime', 'migrations_dir', 'redact_url', 'get_engine', 'upgrade',
+           'engine_variant', 'dispose_engines', 'audit', 'read_frame', 'insert_ignore', 'bulk_insert', 'insert_frame']
 
 # %% ../nbs/01_store.ipynb #60a7e206
 class UTCDateTime(sa.types.TypeDecorator):
@@ -299,6 +301,21 @@ def _sqlite_pragmas(dbapi_conn, _):
     cur.execute('PRAGMA foreign_keys=ON')
     cur.close()
 
+def redact_url(url, # a database URL (string or `sqlalchemy.URL`), parseable or not
+              ) -> str:
+    "The URL fit to print or log: its password replaced by `***`."
+    try: return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception: return re.sub(r'(://[^:/@\s]*:)[^@\s]*@', r'\1***@', str(url))
+
+def _redact(text, url) -> str:
+    "`text` (an error message) with `url` and its password, in any spelling, redacted."
+    text, url = str(text), str(url)
+    try: secret = sa.engine.make_url(url).password
+    except Exception: secret = (m := re.search(r'://[^:/@\s]*:([^@\s]*)@', url)) and m.group(1)
+    text = text.replace(url, redact_url(url))
+    for s in {secret, secret and quote(secret, safe=''), secret and unquote(secret)} - {None, ''}: text = text.replace(s, '***')
+    return text
+
 _engines: dict[str, Engine] = {}
 
 def get_engine(url: str | None = None, # SQLAlchemy URL; default `database_url()`
@@ -310,7 +327,7 @@ def get_engine(url: str | None = None, # SQLAlchemy URL; default `database_url()
     if url.startswith('sqlite:///'):
         Path(url.removeprefix('sqlite:///')).parent.mkdir(parents=True, exist_ok=True)
     try: engine = sa.create_engine(url, future=True)
-    except Exception as e: raise ConfigError(f"database URL {url!r} is not usable: {e}")
+    except Exception as e: raise ConfigError(_redact(f"database URL {redact_url(url)!r} is not usable: {e}", url)) from None
     if engine.dialect.name == 'sqlite': sa.event.listen(engine, 'connect', _sqlite_pragmas)
     if migrate: upgrade(engine)
     _engines[url] = engine
@@ -324,8 +341,10 @@ def upgrade(engine: Engine, revision: str = 'head'):
         with engine.begin() as conn:
             cfg.attributes['connection'] = conn
             command.upgrade(cfg, revision)
-    except sa.exc.OperationalError as e:
-        raise ConfigError(f"cannot reach the database {engine.url.render_as_string(hide_password=True)}: {e.orig}")
+    except (sa.exc.OperationalError, sa.exc.InterfaceError) as e:
+        raw = engine.url.render_as_string(hide_password=False)
+        reason = " ".join(str(e.orig).split())   # one line: the driver's message may span several
+        raise ConfigError(_redact(f"cannot reach the database {redact_url(engine.url)}: {reason}", raw)) from None
 
 def engine_variant(engine: Engine, # an engine of the store
                    name: str, # what the variant is for (part of its cache key)

@@ -79,3 +79,50 @@ def test_ingest_a_feed_then_replay_it_into_an_empty_store(tmp_path):
     r = cde('ingest', 'replay', target, env=env)
     assert r.returncode == 0 and 'rebuilt tables equal the live ones' in r.stdout, r.stdout + r.stderr
     one_line_error(cde('ingest', 'replay', target, env=env), 'not empty')
+
+
+# --- holes found when tried as an attacker would ---------------------------------------------------------------
+
+@pytest.mark.parametrize('url', ['postgresql+psycopg://cde:s3cret@127.0.0.1:1/cde',   # nothing listens on port 1
+                                 'postgresql+psycopg://cde:s3cret@db:notaport/cde',   # unparseable
+                                 'nosuchdb://cde:s3cret@db/cde',                      # unknown dialect
+                                 'postgresql+psycopg://cde:s3cr%40t@127.0.0.1:1/cde'])  # a quoted password
+def test_an_unusable_database_url_is_reported_without_its_password(tmp_path, url):
+    r = cde('models', 'list', env={'CDE_VAR': str(tmp_path / 'var'), 'CDE_DATABASE_URL': url})
+    one_line_error(r, 'cde:***@')
+    assert 's3cr' not in r.stderr + r.stdout, r.stderr
+    r = cde('ingest', 'replay', url, env={'CDE_VAR': str(tmp_path / 'var')})   # a URL on the command line too
+    one_line_error(r, 'cde:***@')
+    assert 's3cr' not in r.stderr + r.stdout, r.stderr
+
+
+def test_deployment_names_must_be_plain_identifiers(tmp_path):
+    deps = tmp_path / 'deployments'; (deps / 'inner').mkdir(parents=True)
+    # a deployment.toml one level up whose name is '..': it matches its folder '..', so only the name rule stops it
+    (tmp_path / 'deployment.toml').write_text('name = ".."\n')
+    env = {'CDE_DEPLOYMENTS': str(deps), 'CDE_VAR': str(tmp_path / 'var'), 'CDE_REPORTS': str(tmp_path / 'reports')}
+    for name in ('..', '../x', 'hgb-abnormal', '1abc', 'ｈgb'):
+        one_line_error(cde('score', name, env=env), 'must be a plain identifier', repr(name))
+    one_line_error(cde('score', str(deps / 'inner' / '..'), env=env), "'..'", 'must be a plain identifier')
+    assert not (tmp_path / 'reports').exists() and not (tmp_path / 'runs').exists()
+
+
+def test_evaluate_summary_hides_small_groups_and_strips_control_characters(tmp_path):
+    import numpy as np
+    import polars as pl
+    rng = np.random.default_rng(5)
+    n = 600
+    y = rng.binomial(1, 0.3, n); p = np.clip(0.3 + 0.3 * (y - 0.3) + rng.normal(0, 0.2, n), 0, 1)
+    evil = '\x1b[2J\x1b]0;pwned\x07X\u202eY'       # clear screen, set the window title, a bell, a bidi override
+    g = np.where(np.arange(n) < 7, evil, np.where(np.arange(n) % 2, 'F', 'M'))    # 7 cases: below the minimum size
+    pl.DataFrame({'y': y, 'p': p, 'grp\x1b[31m': g}).write_csv(tmp_path / 'preds.csv')
+    r = cde('evaluate', str(tmp_path / 'preds.csv'), '--label', 'y', '--score', 'p', '--group', 'grp\x1b[31m', '--n-boot', '50',
+            env={'CDE_REPORTS': str(tmp_path / 'reports')})
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert not any(ord(c) < 32 and c != '\n' or 0x7f <= ord(c) < 0xa0 or c == '\u202e' for c in out), repr(out)
+    assert 'by grp[31m:' in out
+    small = [l for l in out.splitlines() if 'suppressed' in l]
+    assert len(small) == 1 and 'X' in small[0] and 'n=< 30' in small[0] and ' 7 ' not in small[0] and 'n=7' not in small[0], small
+    # a column name with control characters in an error: one clean line
+    one_line_error(cde('evaluate', str(tmp_path / 'preds.csv'), '--label', 'nope', '--score', 'p'), "no column 'nope'")

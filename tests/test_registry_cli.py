@@ -43,7 +43,10 @@ def test_models_list_show_and_alias(tmp_path, monkeypatch):
                          (('models', 'show', 'k_abnormal', 'challenger'), 'has no challenger'),
                          (('models', 'alias', 'k_abnormal', 'king', '2'), "unknown alias 'king'"),
                          (('models', 'alias', 'k_abnormal', 'challenger', '1'), 'already the champion'),
-                         (('models', 'list', 'nope'), "no registered model 'nope'")]:
+                         (('models', 'list', 'nope'), "no registered model 'nope'"),
+                         (('models', 'show', 'k_abnormal', '²'), "'²' is neither a version number nor an alias"),   # str.isdigit says yes
+                         (('models', 'show', 'k_abnormal', '٣'), 'neither a version number nor an alias')]:
         r = cde(*args, env=env)
         assert r.returncode == 2 and needle in r.stderr and 'Traceback' not in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
     assert json.loads(cde('models', 'show', 'k_abnormal', env=env).stdout)['alias_history'][-1]['version'] == 1
