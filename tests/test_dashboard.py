@@ -1,0 +1,106 @@
+"""The clinicians' dashboard as an attacker would try it: data values from a warehouse extract are text, never
+markup or script, in the real page served by Voilà and opened in Chromium; an empty token never turns the login off."""
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+ROOT = Path(__file__).resolve().parent.parent
+CDE = str(Path(sys.executable).parent / 'cde')
+CHROMIUM = '/usr/bin/chromium'
+ARGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking']
+# fits the store's 32-character patient_key; runs script when written into a page as markup
+EVIL = '<img src=x onerror=__pwned=1>'
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
+@pytest.fixture()
+def store_with_a_hostile_key(tmp_path, monkeypatch):
+    "A store with three inference packets for hgb_abnormal, one of them for a patient whose key is markup."
+    from sklearn.linear_model import LogisticRegression
+    from cde_workbench.registry import register_model
+    from cde_workbench.store import dispose_engines, get_engine, inferences, runs
+    monkeypatch.setenv('CDE_VAR', str(tmp_path / 'var'))
+    monkeypatch.delenv('CDE_DATABASE_URL', raising=False)
+    eng = get_engine()
+    est = LogisticRegression().fit(np.array([[0.], [1.]]), [0, 1])
+    rec = register_model(eng, 'hgb_abnormal', {'estimator': est}, {'model': {'kind': 'logistic_regression'}},
+                         {'test_auroc': {'estimate': 0.7, 'low': 0.6, 'high': 0.8}}, 'a' * 64, 'b' * 64)
+    t0 = datetime(2024, 3, 1, 8, tzinfo=timezone.utc)
+    with eng.begin() as c:
+        c.execute(runs.insert().values(run_id='r1', deployment='hgb_abnormal', kind='score', status='done', started_at=t0,
+                                       finished_at=t0, parameters='{}'))
+        c.execute(inferences.insert(), [dict(deployment='hgb_abnormal', model_id=rec.model_id, order_id=f'O{i}', patient_key=key,
+                                             prediction_time=t0 + timedelta(hours=i), score=s, threshold=0.5, output_mode='silent',
+                                             n_features=3, run_id='r1', scored_at=t0 + timedelta(hours=i))
+                                        for i, (key, s) in enumerate([(EVIL, 0.9), ('P2', 0.2), ('"><script>__pwned=2</script>', 0.4)])])
+    dispose_engines()
+    return tmp_path
+
+
+def test_hostile_patient_key_is_text_in_the_voila_dashboard(store_with_a_hostile_key):
+    from playwright.sync_api import sync_playwright
+    from cde_workbench.dashboard import voila_command
+    base = store_with_a_hostile_key
+    assert Path(CHROMIUM).exists(), 'Chromium missing: make test installs it'
+    port, token = _free_port(), 'test-token-' + os.urandom(8).hex()
+    env = {**os.environ, 'CDE_VAR': str(base / 'var'), 'CDE_DASHBOARD_TOKEN': token, 'JUPYTER_PLATFORM_DIRS': '1',
+           'JUPYTER_RUNTIME_DIR': str(base / 'runtime')}
+    log = open(base / 'voila.log', 'wb')
+    proc = subprocess.Popen(voila_command(port, token), cwd=ROOT / 'dashboards', env=env, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, (base / 'voila.log').read_text()[-2000:]
+            try:
+                c = http.client.HTTPConnection('127.0.0.1', port, timeout=2); c.request('GET', '/'); c.getresponse(); c.close()
+                break
+            except OSError: time.sleep(0.2)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            try:
+                page = browser.new_page()
+                dialogs = []
+                page.on('dialog', lambda d: (dialogs.append(d.message), d.dismiss()))
+                page.goto(f'http://127.0.0.1:{port}/?token={token}', timeout=90_000)
+                page.wait_for_selector('#packets-hgb_abnormal', state='attached', timeout=120_000)
+                page.wait_for_timeout(500)   # let any injected handler fire
+                assert page.evaluate('window.__pwned') is None and not dialogs    # no script ran
+                # the keys appear literally, as text, in the table of latest scores
+                cells = page.locator('td').all_inner_texts()
+                assert EVIL in cells and '"><script>__pwned=2</script>' in cells, cells
+                assert page.locator('img[src="x"]').count() == 0
+                assert page.locator('table script').count() == 0
+            finally: browser.close()
+    finally:
+        proc.terminate()
+        try: proc.wait(10)
+        except subprocess.TimeoutExpired: pass
+        try: os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError): pass
+        log.close()
+
+
+def test_an_empty_token_file_is_refused(tmp_path):
+    var = tmp_path / 'var'; var.mkdir()
+    (var / 'dashboard.token').write_text('\n')
+    env = {k: v for k, v in os.environ.items() if k != 'CDE_DASHBOARD_TOKEN'}
+    r = subprocess.run([CDE, 'dashboard', '--port', str(_free_port())], capture_output=True, text=True, timeout=60,
+                       env={**env, 'CDE_VAR': str(var)}, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.startswith('cde: error: token file') and 'is empty' in r.stderr, r.stdout + r.stderr
+    assert r.stderr.strip().count('\n') == 0 and 'dashboard: http' not in r.stdout
