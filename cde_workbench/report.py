@@ -386,15 +386,18 @@ def table2_rows_html(rows: list, # Table2Row or tuples in its field order
                     ) -> str:
     "DEPLOYR's Table 2 with one row per task: diagnostic, component, prevalence and AUROC retrospective and prospective."
     out = []
+    rows = [r if isinstance(r, Table2Row) else Table2Row(*r) for r in rows]
+    # two tasks on one component (say a new sodium task beside na_abnormal): each row names its deployment
+    shared = {r.component for r in rows if sum(x.component == r.component for x in rows) > 1}
     for r in rows:
-        r = r if isinstance(r, Table2Row) else Table2Row(*r)
         if r.component not in LABS: raise PipelineError(f"Table 2 row {r.task!r}: unknown lab component {r.component!r} (known: {', '.join(LABS)})")
         lab = LABS[r.component]
         sfx = f'-{_slug(r.task)}' if suffix_ids else ''
         cells = ''.join(f'<td id="{c}{sfx}">{_ci(v)}</td>' for c, v in (
             ('prev-retro', r.retrospective_prevalence), ('prev-pro', r.prospective_prevalence),
             ('auroc-retro', r.retrospective_auroc), ('auroc-pro', r.prospective_auroc)))
-        out.append(f'<tr data-task="{_e(r.task)}"><td>{_e(PANEL_NAMES.get(lab.panel, lab.panel))}</td><td>{_e(lab.name)}</td>{cells}</tr>')
+        name = _e(lab.name) + (f' <span class="deployment">({_e(r.task)})</span>' if r.component in shared else '')
+        out.append(f'<tr data-task="{_e(r.task)}"><td>{_e(PANEL_NAMES.get(lab.panel, lab.panel))}</td><td>{name}</td>{cells}</tr>')
     return (f'<table class="table2" id="{table_id}"><thead><tr><th rowspan="2">Diagnostic</th><th rowspan="2">Component</th>'
             '<th colspan="2">Positive (abnormal) prevalence</th><th colspan="2">AUROC</th></tr>'
             '<tr><th>Retrospective</th><th>Prospective</th><th>Retrospective</th><th>Prospective</th></tr></thead><tbody>'
