@@ -174,19 +174,35 @@ def _timed_run(deployment: str, kind: str, as_of: Optional[str]):
     from cde_workbench.schedule import run_notebook
     from cde_workbench.store import get_engine
     dep, when = load_deployment(deployment), _as_of(as_of)
-    run = run_notebook(get_engine(), dep, kind, {'as_of': when.isoformat()})
-    typer.echo(f'{kind} run {run.run_id} done; record {run.output}')
+    engine = get_engine()
+    run = run_notebook(engine, dep, kind, {'as_of': when.isoformat()})
+    typer.echo(f'{kind} run {run.run_id} done: {_run_counts(engine, dep.name, kind, run.run_id)}; record {run.output}')
+
+def _run_counts(engine, name: str, kind: str, run_id: str) -> str:
+    "What a scoring or labelling run did, counted in the store by its run id: orders scored, or orders labelled."
+    import sqlalchemy as sa
+    from cde_workbench.store import inference_labels, inferences
+    i, l = inferences.c, inference_labels.c
+    with engine.connect() as c:
+        total = c.execute(sa.select(sa.func.count()).where(i.deployment == name)).scalar()
+        if kind == 'score':
+            n = c.execute(sa.select(sa.func.count()).where(i.run_id == run_id)).scalar()
+            return f'{n} order{"s" * (n != 1)} scored ({total} scored for {name} in all)'
+        labelled = lambda *w: c.execute(sa.select(sa.func.count(sa.distinct(l.inference_id))).select_from(inference_labels.join(inferences))
+                                        .where(i.deployment == name, *w)).scalar()
+        n = labelled(l.run_id == run_id)
+        return f'{n} order{"s" * (n != 1)} labelled ({labelled()} of {total} scored orders of {name} now have a label)'
 
 @app.command()
 def score(deployment: str = typer.Argument(..., help='Deployment name.'),
           as_of: Optional[str] = typer.Option(None, '--as-of', help="The run's clock (ISO-8601 with offset); default now.")):
-    "Silent-trial scoring run: one inference packet per new order (runs deployments/<name>/score.ipynb)."
+    "Silent-trial scoring run: one inference packet per new order (runs deployments/<name>/score.ipynb if the deployment has its own copy, else the shared deployments/_pipelines/score.ipynb)."
     _timed_run(deployment, 'score', as_of)
 
 @app.command()
 def labels(deployment: str = typer.Argument(..., help='Deployment name.'),
            as_of: Optional[str] = typer.Option(None, '--as-of', help="Results stored by then count (ISO-8601 with offset); default now.")):
-    "Attach results that have arrived to earlier inference packets (runs deployments/<name>/labels.ipynb)."
+    "Attach results that have arrived to earlier inference packets (runs deployments/<name>/labels.ipynb if the deployment has its own copy, else the shared deployments/_pipelines/labels.ipynb)."
     _timed_run(deployment, 'labels', as_of)
 
 @app.command()

@@ -145,7 +145,7 @@ def train_deployment(engine: Engine, # the store
                'test_auroc': auroc_ci(yte, score, ev['bootstrap'], ev['seed'], ev['ci'], clusters=cl).as_dict(),
                'test_prevalence': prevalence_ci(yte, ev['ci'], clusters=cl).as_dict(), 'interval_unit': ev['unit'],
                'n': {'train': split.train.height, 'validation': split.validation.height, 'test': split.test.height},
-               'n_features': len(fz.vocabulary_)}
+               'n_features': int(Xte.shape[1])}   # the model's input width: count tokens and numeric lab columns
     ids = ['point_id'] + (['order_id'] if 'order_id' in split.test.columns else [])
     preds = split.test.select(*ids, 'patient_key', 'prediction_time', 'label').with_columns(
         score=pl.Series(score), n_features=pl.Series(np.diff(Xte.indptr)))

@@ -126,3 +126,39 @@ def test_evaluate_summary_hides_small_groups_and_strips_control_characters(tmp_p
     assert len(small) == 1 and 'X' in small[0] and 'n=< 30' in small[0] and ' 7 ' not in small[0] and 'n=7' not in small[0], small
     # a column name with control characters in an error: one clean line
     one_line_error(cde('evaluate', str(tmp_path / 'preds.csv'), '--label', 'nope', '--score', 'p'), "no column 'nope'")
+
+
+def test_score_and_labels_runs_say_how_many_orders_they_did(tmp_path, monkeypatch):
+    "`cde score` and `cde labels` end with counts taken from the store by the run's id."
+    from datetime import datetime, timedelta, timezone
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from cde_workbench.cli import _run_counts
+    from cde_workbench.registry import register_model
+    from cde_workbench.store import dispose_engines, get_engine, inference_labels, inferences, runs
+    monkeypatch.setenv('CDE_VAR', str(tmp_path / 'var')); monkeypatch.delenv('CDE_DATABASE_URL', raising=False)
+    eng = get_engine()
+    rec = register_model(eng, 'hgb_abnormal', {'estimator': LogisticRegression().fit(np.array([[0.], [1.]]), [0, 1])},
+                         {'model': {'kind': 'logistic_regression'}}, {}, 'a' * 64, 'b' * 64)
+    t = datetime(2024, 3, 1, tzinfo=timezone.utc)
+    with eng.begin() as c:
+        for r, kind in (('s1', 'score'), ('s2', 'score'), ('l1', 'labels'), ('l2', 'labels')):
+            c.execute(runs.insert().values(run_id=r, deployment='hgb_abnormal', kind=kind, status='done', started_at=t, parameters='{}'))
+        c.execute(inferences.insert(), [dict(deployment='hgb_abnormal', model_id=rec.model_id, order_id=f'O{k}', patient_key=f'P{k}',
+                                             prediction_time=t + timedelta(hours=k), score=0.5, threshold=0.5, output_mode='silent',
+                                             n_features=3, run_id='s1' if k < 3 else 's2', scored_at=t) for k in range(5)])
+        ids = c.execute(inferences.select().with_only_columns(inferences.c.inference_id)).scalars().all()
+        full = [dict(inference_id=i, version=1, label=1, label_time=t, stored_time=t, run_id='l1', extracted_at=t) for i in ids[:2]]
+        c.execute(inference_labels.insert(), [{k: v for k, v in row.items() if k in inference_labels.c} for row in full])
+    assert _run_counts(eng, 'hgb_abnormal', 'score', 's1') == '3 orders scored (5 scored for hgb_abnormal in all)'
+    assert _run_counts(eng, 'hgb_abnormal', 'score', 's2').startswith('2 orders scored')
+    assert _run_counts(eng, 'hgb_abnormal', 'labels', 'l1') == '2 orders labelled (2 of 5 scored orders of hgb_abnormal now have a label)'
+    assert _run_counts(eng, 'hgb_abnormal', 'labels', 'l2').startswith('0 orders labelled')
+    dispose_engines()
+
+
+def test_score_help_names_the_notebook_that_runs():
+    for kind in ('score', 'labels'):
+        r = cde(kind, '--help')
+        text = ' '.join(r.stdout.replace('│', ' ').split())
+        assert r.returncode == 0 and f'deployments/_pipelines/{kind}.ipynb' in text, r.stdout

@@ -36,6 +36,8 @@ def test_time_triggered_task_trains_with_the_same_code(store):
     assert 0 < preds['label'].mean() < 0.5 and rec.metrics['test_auroc']['estimate'] > 0.5
     fz = load_bundle(rec)['featurizer']
     assert any(n.startswith('num:HGB:') for n in fz.feature_names_)   # numeric lab features from [features]
+    # the registry's n_features is the model's input width, numeric columns included (not the count vocabulary alone)
+    assert rec.metrics['n_features'] == fz.n_features_out_ == len(fz.feature_names_) > len(fz.vocabulary_)
 
 
 def test_a_feature_set_naming_an_unknown_table_fails_before_training(store, tmp_path):
