@@ -139,10 +139,10 @@ def ingest_replay(target: str = typer.Argument(..., help='SQLAlchemy URL of an e
 @app.command()
 def train(deployment: str = typer.Argument(..., help='Deployment name (a folder under deployments/).')):
     "Train the candidates, choose on validation, register the best, and evaluate it on the test years (train and evaluate notebooks)."
+    dep = load_deployment(deployment)   # a typo is reported before the heavy libraries load
     from cde_workbench.registry import get_model
     from cde_workbench.schedule import run_notebook
     from cde_workbench.store import get_engine
-    dep = load_deployment(deployment)
     engine = get_engine()
     run = run_notebook(engine, dep, 'train', {})
     with engine.connect() as c: rec = get_model(c, dep.name)
@@ -158,10 +158,10 @@ def deploy(deployment: str = typer.Argument(..., help='Deployment name.'),
            model: Optional[str] = typer.Option(None, '--model', help='Model version number or alias to serve (default: the champion, else the newest).'),
            reason: str = typer.Option('', help='Why, for the audit log.')):
     "Move a deployment through its lifecycle (draft → silent → live → retired, with pause); audited."
+    dep = load_deployment(deployment)
     from cde_workbench.deploy import set_status
     from cde_workbench.registry import resolve_model
     from cde_workbench.store import get_engine
-    dep = load_deployment(deployment)
     engine = get_engine()
     mid = None
     if status in ('silent', 'live'):
@@ -171,9 +171,9 @@ def deploy(deployment: str = typer.Argument(..., help='Deployment name.'),
 
 def _timed_run(deployment: str, kind: str, as_of: Optional[str]):
     "Run a deployment's `kind` notebook with the run's clock set to `as_of`."
+    dep, when = load_deployment(deployment), _as_of(as_of)   # a typo is reported before papermill and the store load
     from cde_workbench.schedule import run_notebook
     from cde_workbench.store import get_engine
-    dep, when = load_deployment(deployment), _as_of(as_of)
     engine = get_engine()
     run = run_notebook(engine, dep, kind, {'as_of': when.isoformat()})
     typer.echo(f'{kind} run {run.run_id} done: {_run_counts(engine, dep.name, kind, run.run_id)}; record {run.output}')
@@ -208,9 +208,10 @@ def labels(deployment: str = typer.Argument(..., help='Deployment name.'),
 @app.command()
 def report(deployment: str = typer.Argument(..., help='Deployment name.')):
     "Render the reviewer's HTML report (retrospective against prospective performance) to reports/<name>/report.html."
+    dep = load_deployment(deployment)
     from cde_workbench.report import render_report
     from cde_workbench.store import get_engine
-    path = render_report(get_engine(), load_deployment(deployment))
+    path = render_report(get_engine(), dep)
     typer.echo(f'report: {path}')
 
 @app.command()

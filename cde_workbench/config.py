@@ -155,13 +155,6 @@ def load_deployment(name_or_path: str | Path, # deployment name (folder under `d
         if k not in raw: raise ConfigError(f"{fname}: missing required {'key' if k == 'name' else 'section'} {k!r}")
     if raw['name'] != folder.name: raise ConfigError(f"{fname}: name {raw['name']!r} must match its folder {folder.name!r}")
     sec = {s: _check_section(fname, s, dict(raw.get(s, {}))) for s in _SCHEMA}
-    # tasks, feature sets and model kinds are defined in their own modules; imported here, not at the top, to avoid a cycle
-    from cde_workbench.features import FeatureSet
-    from cde_workbench.tasks import Task
-    from cde_workbench.train import model_grid
-    Task.from_dict(sec['task'], f'{fname}: [task]')
-    sec['features'] = asdict(FeatureSet.from_dict(sec['features'], f'{fname}: [features]'))
-    model_grid(sec['model'], f'{fname}: [model]')
     if sec['output']['mode'] not in _MODES: raise ConfigError(f"{fname}: [output] mode {sec['output']['mode']!r} unknown (known: {', '.join(_MODES)})")
     if not 0 < sec['output']['threshold'] < 1: raise ConfigError(f"{fname}: [output] threshold must be between 0 and 1")
     if sec['evaluation']['unit'] not in ('patient', 'case'): raise ConfigError(f"{fname}: [evaluation] unit must be 'patient' (resample patients) or 'case', got {sec['evaluation']['unit']!r}")
@@ -171,4 +164,17 @@ def load_deployment(name_or_path: str | Path, # deployment name (folder under `d
     tr, va, te = (sec['split'][k] for k in ('train_years', 'validation_years', 'test_years'))
     if not (tr and va and te) or max(tr) >= min(va) or max(va) >= min(te):
         raise ConfigError(f"{fname}: [split] must be temporal: every train year < every validation year < every test year")
+    # tasks, feature sets and model kinds are defined in their own modules, which load polars and scikit-learn (seconds):
+    # imported here, after every check that needs none of them, lightest first, so most typos are reported at once
+    def named(section, check):   # every error names the file and section, also those raised by a definition's own check
+        try: return check(f'{fname}: [{section}]')
+        except ConfigError as e:
+            msg = str(e)
+            raise ConfigError(msg if msg.startswith(str(fname)) else f"{fname}: [{section}] {msg}") from None
+    from cde_workbench.tasks import Task
+    named('task', lambda where: Task.from_dict(sec['task'], where))
+    from cde_workbench.features import FeatureSet
+    sec['features'] = asdict(named('features', lambda where: FeatureSet.from_dict(sec['features'], where)))
+    from cde_workbench.train import model_grid
+    named('model', lambda where: model_grid(sec['model'], where))
     return Deployment(name=raw['name'], path=folder, description=raw.get('description', ''), **sec)

@@ -162,3 +162,27 @@ def test_score_help_names_the_notebook_that_runs():
         r = cde(kind, '--help')
         text = ' '.join(r.stdout.replace('│', ' ').split())
         assert r.returncode == 0 and f'deployments/_pipelines/{kind}.ipynb' in text, r.stdout
+
+
+@pytest.mark.parametrize('typo', [('threshold = 0.5', 'threshhold = 0.5', "unknown key 'threshhold' in [output]"),
+                                  ('test_years = [2023]', 'test_years = [2021]', 'more than one part of the split'),
+                                  ('mode = "silent"', 'mode = "silent', 'not valid TOML')])
+def test_a_deployment_toml_typo_is_reported_before_heavy_libraries_load(tmp_path, typo):
+    "`cde score` on a broken deployment.toml answers in well under a second: scikit-learn, polars and papermill never load."
+    old, new, needle = typo
+    (tmp_path / 'hgb_abnormal').mkdir()
+    toml = (ROOT / 'deployments' / 'hgb_abnormal' / 'deployment.toml').read_text()
+    assert old in toml
+    (tmp_path / 'hgb_abnormal' / 'deployment.toml').write_text(toml.replace(old, new, 1))
+    probe = ('import sys, time; t = time.perf_counter(); from cde_workbench.cli import main\n'
+             'sys.argv = ["cde", "score", "hgb_abnormal"]\n'
+             'try: main()\n'
+             'except SystemExit as e: code = e.code\n'
+             'heavy = sorted(m for m in ("sklearn", "polars", "papermill", "sqlalchemy", "scipy") if m in sys.modules)\n'
+             'print(code, heavy, round(time.perf_counter() - t, 3))')
+    r = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                       env={**os.environ, 'CDE_DEPLOYMENTS': str(tmp_path), 'CDE_VAR': str(tmp_path / 'var')})
+    assert needle in r.stderr and 'deployment.toml' in r.stderr and r.stderr.count('\n') == 1, r.stderr
+    code, heavy, seconds = r.stdout.split(' [')[0], '[' + r.stdout.split(' [')[1].rsplit(']', 1)[0] + ']', float(r.stdout.split()[-1])
+    assert code == '2' and heavy == '[]', r.stdout
+    print(f'typo reported in {seconds:.2f} s')
