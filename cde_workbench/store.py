@@ -303,9 +303,10 @@ def _sqlite_pragmas(dbapi_conn, _):
 
 def redact_url(url, # a database URL (string or `sqlalchemy.URL`), parseable or not
               ) -> str:
-    "The URL fit to print or log: its password replaced by `***`."
-    try: return sa.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception: return re.sub(r'(://[^:/@\s]*:)[^@\s]*@', r'\1***@', str(url))
+    "The URL fit to print or log: its password (also a `?password=` query parameter) replaced by `***`."
+    try: out = sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception: out = re.sub(r'(://[^:/@\s]*:)[^@\s]*@', r'\1***@', str(url))
+    return re.sub(r'(?i)(password=)[^&\s]+', r'\1***', out)
 
 def _redact(text, url) -> str:
     "`text` (an error message) with `url` and its password, in any spelling, redacted."
@@ -313,7 +314,8 @@ def _redact(text, url) -> str:
     try: secret = sa.engine.make_url(url).password
     except Exception: secret = (m := re.search(r'://[^:/@\s]*:([^@\s]*)@', url)) and m.group(1)
     text = text.replace(url, redact_url(url))
-    for s in {secret, secret and quote(secret, safe=''), secret and unquote(secret)} - {None, ''}: text = text.replace(s, '***')
+    found = {secret, *re.findall(r'(?i)password=([^&\s]+)', url)} - {None, ''}
+    for s in {v for s in found for v in (s, quote(s, safe=''), unquote(s))}: text = text.replace(s, '***')
     return text
 
 _engines: dict[str, Engine] = {}
