@@ -79,7 +79,11 @@ def monitor_view(names: list[str] | None = None, # deployments to show; default 
         order = {'live': 0, 'silent': 1, 'paused': 2}
         names = sorted(names, key=lambda n: (order.get(deployment_state(conn, n).status, 3), n))
         for n in names:
-            dep = load_deployment(n)
+            try: dep = load_deployment(n)
+            except ConfigError as err:   # one broken deployment folder must not hide the others from the clinical team
+                tabs.append(widgets.HTML(f'<div class="cde-health"><h2>{html.escape(n)}</h2><p id="error-{html.escape(n, quote=True)}">'
+                                         f'<b>Not shown: {html.escape(str(err))}</b></p></div>'))
+                continue
             h = health(conn, dep)
             pk = packets(conn, n).sort('prediction_time', descending=True).head(recent)
             table = scores_html(pk)

@@ -104,3 +104,21 @@ def test_an_empty_token_file_is_refused(tmp_path):
                        env={**env, 'CDE_VAR': str(var)}, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.startswith('cde: error: token file') and 'is empty' in r.stderr, r.stdout + r.stderr
     assert r.stderr.strip().count('\n') == 0 and 'dashboard: http' not in r.stdout
+
+
+def test_a_broken_deployment_folder_does_not_hide_the_others(store_with_a_hostile_key, monkeypatch):
+    import html
+    import shutil
+    from cde_workbench.dashboard import monitor_view
+    from cde_workbench.store import dispose_engines
+    deps = store_with_a_hostile_key / 'deployments'
+    shutil.copytree(ROOT / 'deployments' / 'hgb_abnormal', deps / 'hgb_abnormal')
+    (deps / 'bad-name').mkdir(); (deps / 'bad-name' / 'deployment.toml').write_text('name = "bad-name"\n')
+    monkeypatch.setenv('CDE_DEPLOYMENTS', str(deps))
+    try: view = monitor_view()
+    finally: dispose_engines()
+    pages = {view.get_title(i): child.value for i, child in enumerate(view.children)}
+    assert set(pages) == {'hgb_abnormal', 'bad-name'}
+    assert 'Not shown' in pages['bad-name'] and 'plain identifier' in pages['bad-name']
+    assert 'id="packets-hgb_abnormal">3<' in pages['hgb_abnormal'] and f'<td>{html.escape(EVIL)}</td>' in pages['hgb_abnormal']
+    assert '<img src=x' not in pages['hgb_abnormal'] and '<script>' not in pages['hgb_abnormal']
