@@ -82,6 +82,8 @@ def register_model(engine: Engine, # the store
                    test_predictions: pl.DataFrame | None = None, # retrospective test set: ids, labels, scores
                   ) -> ModelRecord:
     "Save a new immutable model version and record it; returns its record."
+    if not (name.isascii() and name.isidentifier()):   # the name is a folder under var/models: '..' or 'a/b' would escape it
+        raise ConfigError(f"model name {name!r} must be a plain identifier (ASCII letters, digits and _, not starting with a digit)")
     root = var_dir() / 'models' / name
     root.mkdir(parents=True, exist_ok=True)
     with engine.begin() as conn:
