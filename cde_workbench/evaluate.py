@@ -651,7 +651,8 @@ def summary_text(result: dict) -> str:
     "A short plain-text table of an `evaluate_predictions` result; suppressed sizes hidden, control characters from data removed."
     import unicodedata   # a value from the data must not drive the terminal (escape sequences, bidi overrides)
     _t = lambda v: ''.join(ch for ch in str(v) if unicodedata.category(ch)[0] != 'C')
-    hidden = f"< {result['settings'].get('min_group_size', 'min size')}"   # like the HTML report: a small cell's size can identify patients
+    k = result['settings'].get('min_group_size')   # like the HTML report: a suppressed cell's size is not shown (it can identify patients)
+    hidden = lambda r: f'< {k}' if k is not None and r['n'] < k else '—'   # '—': suppressed for too few cases in a class
     fmt = lambda e: '—  (' + e.get('reason', '') + ')' if e['estimate'] is None else (
         f"{e['estimate']:.3f} [{e['ci'][0]:.3f}, {e['ci'][1]:.3f}]" if e['ci'][0] is not None else f"{e['estimate']:.3f}")
     lines = [f"n = {result['n']}, prevalence {result['prevalence']:.3f}, threshold {result['threshold']:g} "
@@ -660,12 +661,12 @@ def summary_text(result: dict) -> str:
     for col, table in result['subgroups'].items():
         lines.append(f'by {_t(col)}:')
         for val, r in table.items():
-            n = hidden if r.get('suppressed') else r['n']
+            n = hidden(r) if r.get('suppressed') else r['n']
             lines.append(f"  {_t(val):20s} n={n:<7} " + (f"suppressed ({_t(r['reason'])})" if r.get('suppressed') else
                          f"AUROC {fmt(r['metrics']['auroc'])}, calibration slope {fmt(r['metrics']['calibration_slope'])}"))
     if result.get('auroc_by_n_features'):
         lines.append('AUROC by number of non-zero features:')
         for r in result['auroc_by_n_features']:
             span = f"{r.get('min_features', r['lower']):g}-{r.get('max_features', r['upper']):g}"
-            lines.append(f"  {span:20s} n={hidden if r.get('suppressed') else r['n']:<7} " + (f"suppressed ({_t(r['reason'])})" if r.get('suppressed') else f"AUROC {fmt(r['auroc'])}"))
+            lines.append(f"  {span:20s} n={hidden(r) if r.get('suppressed') else r['n']:<7} " + (f"suppressed ({_t(r['reason'])})" if r.get('suppressed') else f"AUROC {fmt(r['auroc'])}"))
     return '\n'.join(lines)

@@ -115,6 +115,7 @@ def test_evaluate_summary_hides_small_groups_and_strips_control_characters(tmp_p
     y = rng.binomial(1, 0.3, n); p = np.clip(0.3 + 0.3 * (y - 0.3) + rng.normal(0, 0.2, n), 0, 1)
     evil = '\x1b[2J\x1b]0;pwned\x07X\u202eY'       # clear screen, set the window title, a bell, a bidi override
     g = np.where(np.arange(n) < 7, evil, np.where(np.arange(n) % 2, 'F', 'M'))    # 7 cases: below the minimum size
+    g[7:47] = 'Z'; y[7:47] = 0; p[7:47] = 0.2     # 40 cases, none positive: suppressed for too few events, size hidden too
     pl.DataFrame({'y': y, 'p': p, 'grp\x1b[31m': g}).write_csv(tmp_path / 'preds.csv')
     r = cde('evaluate', str(tmp_path / 'preds.csv'), '--label', 'y', '--score', 'p', '--group', 'grp\x1b[31m', '--n-boot', '50',
             env={'CDE_REPORTS': str(tmp_path / 'reports')})
@@ -123,7 +124,8 @@ def test_evaluate_summary_hides_small_groups_and_strips_control_characters(tmp_p
     assert not any(ord(c) < 32 and c != '\n' or 0x7f <= ord(c) < 0xa0 or c == '\u202e' for c in out), repr(out)
     assert 'by grp[31m:' in out
     small = [l for l in out.splitlines() if 'suppressed' in l]
-    assert len(small) == 1 and 'X' in small[0] and 'n=< 30' in small[0] and ' 7 ' not in small[0] and 'n=7' not in small[0], small
+    assert len(small) == 2 and 'X' in small[0] and 'n=< 30' in small[0] and ' 7 ' not in small[0] and 'n=7' not in small[0], small
+    assert small[1].strip().startswith('Z') and 'n=—' in small[1] and '40' not in small[1], small
     # a column name with control characters in an error: one clean line
     one_line_error(cde('evaluate', str(tmp_path / 'preds.csv'), '--label', 'nope', '--score', 'p'), "no column 'nope'")
 
