@@ -138,11 +138,11 @@ def load_deployment(name_or_path: str | Path, # deployment name (folder under `d
     "Read and validate `deployment.toml`; any problem is a `ConfigError` naming the file and key."
     p = Path(name_or_path)
     folder = p if p.is_dir() else deployments_dir() / str(name_or_path)
+    fname = folder / 'deployment.toml'
     # the name becomes a folder under reports/ and var/: a plain identifier only ('..', 'a/b', '-x' or 'é' would escape or confuse)
     name = folder.name if p.is_dir() else str(name_or_path)
     if not (name.isascii() and name.isidentifier()):
         raise ConfigError(f"deployment name {name!r} must be a plain identifier (ASCII letters, digits and _, not starting with a digit)")
-    fname = folder / 'deployment.toml'
     if not fname.exists():
         known = sorted(d.name for d in deployments_dir().glob('*') if (d / 'deployment.toml').exists()) if deployments_dir().exists() else []
         raise ConfigError(f"unknown deployment {str(name_or_path)!r}: no {fname} (known: {', '.join(known) or 'none'})")
