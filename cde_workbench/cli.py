@@ -174,16 +174,17 @@ def _timed_run(deployment: str, kind: str, as_of: Optional[str]):
     dep, when = load_deployment(deployment), _as_of(as_of)   # a typo is reported before papermill and the store load
     from cde_workbench.schedule import run_notebook
     from cde_workbench.store import get_engine
-    engine = get_engine()
-    run = run_notebook(engine, dep, kind, {'as_of': when.isoformat()})
-    typer.echo(f'{kind} run {run.run_id} done: {_run_counts(engine, dep.name, kind, run.run_id)}; record {run.output}')
+    run = run_notebook(get_engine(), dep, kind, {'as_of': when.isoformat()})
+    typer.echo(f'{kind} run {run.run_id} done; record {run.output}')
+    return run
 
-def _run_counts(engine, name: str, kind: str, run_id: str) -> str:
+def _run_counts(engine, kind: str, run_id: str) -> str:
     "What a scoring or labelling run did, counted in the store by its run id: orders scored, or orders labelled."
     import sqlalchemy as sa
-    from cde_workbench.store import inference_labels, inferences
+    from cde_workbench.store import inference_labels, inferences, runs
     i, l = inferences.c, inference_labels.c
     with engine.connect() as c:
+        name = c.execute(sa.select(runs.c.deployment).where(runs.c.run_id == run_id)).scalar_one()
         total = c.execute(sa.select(sa.func.count()).where(i.deployment == name)).scalar()
         if kind == 'score':
             n = c.execute(sa.select(sa.func.count()).where(i.run_id == run_id)).scalar()
@@ -197,13 +198,17 @@ def _run_counts(engine, name: str, kind: str, run_id: str) -> str:
 def score(deployment: str = typer.Argument(..., help='Deployment name.'),
           as_of: Optional[str] = typer.Option(None, '--as-of', help="The run's clock (ISO-8601 with offset); default now.")):
     "Silent-trial scoring run: one inference packet per new order (runs deployments/<name>/score.ipynb if the deployment has its own copy, else the shared deployments/_pipelines/score.ipynb)."
-    _timed_run(deployment, 'score', as_of)
+    run = _timed_run(deployment, 'score', as_of)
+    from cde_workbench.store import get_engine
+    typer.echo(_run_counts(get_engine(), 'score', run.run_id))
 
 @app.command()
 def labels(deployment: str = typer.Argument(..., help='Deployment name.'),
            as_of: Optional[str] = typer.Option(None, '--as-of', help="Results stored by then count (ISO-8601 with offset); default now.")):
     "Attach results that have arrived to earlier inference packets (runs deployments/<name>/labels.ipynb if the deployment has its own copy, else the shared deployments/_pipelines/labels.ipynb)."
-    _timed_run(deployment, 'labels', as_of)
+    run = _timed_run(deployment, 'labels', as_of)
+    from cde_workbench.store import get_engine
+    typer.echo(_run_counts(get_engine(), 'labels', run.run_id))
 
 @app.command()
 def report(deployment: str = typer.Argument(..., help='Deployment name.')):

@@ -152,10 +152,10 @@ def test_score_and_labels_runs_say_how_many_orders_they_did(tmp_path, monkeypatc
         ids = c.execute(inferences.select().with_only_columns(inferences.c.inference_id)).scalars().all()
         full = [dict(inference_id=i, version=1, label=1, label_time=t, stored_time=t, run_id='l1', extracted_at=t) for i in ids[:2]]
         c.execute(inference_labels.insert(), [{k: v for k, v in row.items() if k in inference_labels.c} for row in full])
-    assert _run_counts(eng, 'hgb_abnormal', 'score', 's1') == '3 orders scored (5 scored for hgb_abnormal in all)'
-    assert _run_counts(eng, 'hgb_abnormal', 'score', 's2').startswith('2 orders scored')
-    assert _run_counts(eng, 'hgb_abnormal', 'labels', 'l1') == '2 orders labelled (2 of 5 scored orders of hgb_abnormal now have a label)'
-    assert _run_counts(eng, 'hgb_abnormal', 'labels', 'l2').startswith('0 orders labelled')
+    assert _run_counts(eng, 'score', 's1') == '3 orders scored (5 scored for hgb_abnormal in all)'
+    assert _run_counts(eng, 'score', 's2').startswith('2 orders scored')
+    assert _run_counts(eng, 'labels', 'l1') == '2 orders labelled (2 of 5 scored orders of hgb_abnormal now have a label)'
+    assert _run_counts(eng, 'labels', 'l2').startswith('0 orders labelled')
     dispose_engines()
 
 
