@@ -10,24 +10,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pgserver import postgres_available, throwaway_postgres  # noqa: E402
 
 
+SHARED = ROOT.parent / 'shared' / 'data'   # ../shared/data: public test data kept outside the repository
+
+
+def in_ci() -> bool:
+    "Whether the tests run under CI (env CI set and not empty/0/false), where a missing input is a failure, never a skip."
+    return os.environ.get('CI', '').strip().lower() not in ('', '0', 'false', 'no')
+
+
+def needs_shared(path: Path, what: str) -> None:
+    """Call at module level: skip the module when `path` (under ../shared/data) is missing, or fail it when CI is set,
+    so that CI cannot pass by silently skipping the tests on the public data."""
+    if Path(path).exists(): return
+    msg = f'{what} not found at {Path(path).resolve()} (../shared/data relative to the repository)'
+    if in_ci(): pytest.fail(f'{msg}; CI is set, so this fails rather than skips', pytrace=False)
+    pytest.skip(msg, allow_module_level=True)
+
+
 @pytest.fixture(scope='session', autouse=True)
 def isolated_var(tmp_path_factory):
     "Every test session writes under its own temporary var/ and reports/, never the checkout's."
     base = tmp_path_factory.mktemp('cde')
-    old = {k: os.environ.get(k) for k in ('CDE_VAR', 'CDE_REPORTS', 'CDE_DATABASE_URL', 'CDE_SITE_KEY_FILE')}
-    os.environ.update(CDE_VAR=str(base / 'var'), CDE_REPORTS=str(base / 'reports'))
-    os.environ.pop('CDE_DATABASE_URL', None); os.environ.pop('CDE_SITE_KEY_FILE', None)
-    yield base
-    for k, v in old.items():
-        if v is None: os.environ.pop(k, None)
-        else: os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('CDE_VAR', str(base / 'var')); mp.setenv('CDE_REPORTS', str(base / 'reports'))
+        mp.delenv('CDE_DATABASE_URL', raising=False); mp.delenv('CDE_SITE_KEY_FILE', raising=False)
+        yield base
 
 
 @pytest.fixture(scope='session')
 def pg_url():
     "A brand-new PostgreSQL server on 127.0.0.1 for the session (make test installs the binaries)."
     if not postgres_available():
-        if os.environ.get('CDE_SKIP_POSTGRES') == '1': pytest.skip('PostgreSQL binaries not installed and CDE_SKIP_POSTGRES=1')
+        if os.environ.get('CDE_SKIP_POSTGRES') == '1' and not in_ci(): pytest.skip('PostgreSQL binaries not installed and CDE_SKIP_POSTGRES=1')
         pytest.fail('PostgreSQL server binaries are not installed: run `make test`, which installs them')
     with throwaway_postgres() as url:
         yield url

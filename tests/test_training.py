@@ -1,6 +1,5 @@
 """Training end to end on a small synthetic hospital: an order-triggered lab task through the pipeline
 notebooks, and a time-triggered task (ICU transfer within 24 h) through the same training code."""
-import os
 from pathlib import Path
 
 import pytest
@@ -14,14 +13,13 @@ def store(tmp_path_factory):
     from cde_workbench.synth import HospitalConfig, generate, write_warehouse_extract
     from cde_workbench.warehouse import load_warehouse_extract
     base = tmp_path_factory.mktemp('training')
-    old = os.environ.get('CDE_VAR')
-    os.environ['CDE_VAR'] = str(base / 'var')
-    write_warehouse_extract(generate(HospitalConfig(n_patients=400, seed=11)), base / 'x')
-    eng = get_engine()
-    load_warehouse_extract(eng, base / 'x')
-    yield eng
-    dispose_engines()
-    os.environ['CDE_VAR'] = old
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('CDE_VAR', str(base / 'var'))
+        write_warehouse_extract(generate(HospitalConfig(n_patients=400, seed=11)), base / 'x')
+        eng = get_engine()
+        load_warehouse_extract(eng, base / 'x')
+        yield eng
+        dispose_engines()
 
 
 def test_time_triggered_task_trains_with_the_same_code(store):
