@@ -22,11 +22,16 @@ def store(tmp_path_factory):
         dispose_engines()
 
 
-def test_time_triggered_task_trains_with_the_same_code(store):
+def test_time_triggered_task_trains_with_the_same_code(store, tmp_path):
     from cde_workbench.config import load_deployment
     from cde_workbench.registry import load_bundle, test_predictions
     from cde_workbench.train import train_deployment
-    dep = load_deployment(ROOT / 'deployments' / 'icu_transfer_24h')
+    folder = tmp_path / 'icu_transfer_24h'; folder.mkdir()
+    toml = (ROOT / 'deployments' / 'icu_transfer_24h' / 'deployment.toml').read_text()
+    assert '[model]' not in toml   # the default candidates; two quick ones here: the code path is what is tested
+    (folder / 'deployment.toml').write_text(toml + '\n[model]\ncandidates = ["logistic_regression", "random_forest"]\nseed = 0\n'
+                                            '[model.grid.random_forest]\nn_estimators = [40]\nmin_samples_leaf = [10]\n')
+    dep = load_deployment(folder)
     rec = train_deployment(store, dep, progress=False)
     preds = test_predictions(rec)
     # points every 6 h of a stay, ids "<encounter>@<time>", all in the test years, scored by the registered model
