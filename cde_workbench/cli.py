@@ -25,7 +25,7 @@ from .config import CDEError, ConfigError, as_utc, database_url, load_deployment
 __all__ = ['app', 'ingest_app', 'models_app', 'DEMO_DEPLOYMENT', 'DEPLOYR_DEPLOYMENTS', 'synth', 'ingest_warehouse',
            'feed_with_times', 'ingest_synthea', 'ingest_fhir', 'ingest_file', 'ingest_mllp', 'ingest_process',
            'ingest_replay', 'train', 'deploy', 'score', 'labels', 'report', 'dashboard', 'models_list', 'models_show',
-           'models_alias', 'mllp_receiver', 'demo', 'evaluate', 'main']
+           'models_alias', 'mllp_receiver', 'train_demo_tasks', 'demo', 'evaluate', 'main']
 
 # %% ../nbs/80_cli.ipynb #636e4249
 app = typer.Typer(help='cde-workbench: take a clinical model from the research notebook to a silent trial, a report and a dashboard.',
@@ -331,6 +331,68 @@ def mllp_receiver(replay_clock: bool = False, timeout: float = 60.0, env: dict |
         try: proc.wait(30)
         except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL); proc.wait()
 
+def _stop(signum, frame):
+    "SIGTERM handler: stop like Ctrl-C, so that `finally` blocks shut kernels down and the run ledger records the run as failed."
+    raise KeyboardInterrupt(f'stopped by signal {signum}')
+
+def _demo_worker_stop(signum, frame):
+    "A demo worker told to stop: the first signal ends its run (kernel shut down, run failed), later ones are ignored."
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise SystemExit(f'demo worker stopped by signal {signum}')
+
+def _demo_worker_init() -> None:
+    "A demo worker process stops on SIGTERM from the demo, and leaves Ctrl-C to the demo, which stops every worker."
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _demo_worker_stop)
+
+def _demo_task(name: str) -> str:
+    "Train one task (train.ipynb), make the model its champion, evaluate it (evaluate.ipynb); runs in a demo worker process."
+    from cde_workbench.registry import get_model, set_alias
+    from cde_workbench.schedule import run_notebook
+    from cde_workbench.store import get_engine
+    engine, d = get_engine(), load_deployment(name)
+    run_notebook(engine, d, 'train', {})
+    with engine.connect() as c: rec = get_model(c, d.name)
+    set_alias(engine, d.name, 'champion', rec.version, 'demo: the only version, reviewed in the demo report')
+    run_notebook(engine, d, 'evaluate', {})
+    return name
+
+def train_demo_tasks(names: list[str], # deployments to train and evaluate
+                     workers: int = 2, # tasks at a time, each in its own process with its own kernels
+                     progress: bool = True, # a progress bar of finished tasks
+                    ) -> None:
+    "Train and evaluate each task `workers` at a time; a failure stops new tasks, Ctrl-C or SIGTERM stops every run and kernel."
+    import multiprocessing, queue, signal, threading
+    from cde_workbench.config import PipelineError
+    from tqdm.auto import tqdm
+    todo, running, failed, done = list(names), set(), {}, queue.Queue()
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _stop) if main else None
+    pool = multiprocessing.get_context('spawn').Pool(workers, initializer=_demo_worker_init)
+    try:
+        with tqdm(total=len(todo), desc='tasks', unit='task', disable=not progress) as bar:
+            while todo or running:
+                while todo and len(running) < workers and not failed:
+                    n = todo.pop(0); running.add(n)
+                    pool.apply_async(_demo_task, (n,), callback=lambda _, n=n: done.put((n, None)),
+                                     error_callback=lambda e, n=n: done.put((n, e)))
+                if not running: break
+                n, err = done.get()
+                running.discard(n); bar.update()
+                if err is not None: failed[n] = err
+        pool.close()
+    except BaseException:
+        pool.terminate()   # SIGTERM to each worker: its run's kernel is shut down and the run recorded as failed
+        raise
+    finally:
+        pool.join()
+        if main: signal.signal(signal.SIGTERM, old)
+    if failed:
+        raise PipelineError(f"{len(failed)} of {len(names)} demo tasks failed: " + '; '.join(f'{n}: {e}' for n, e in failed.items())
+                            + (f" (not started: {', '.join(todo)})" if todo else ''))
+
 @app.command()
 def demo(patients: int = typer.Option(3000, min=200, help='Patients in the synthetic hospital.'),
          seed: int = typer.Option(7, help='Random seed.')):
@@ -341,7 +403,7 @@ def demo(patients: int = typer.Option(3000, min=200, help='Patients in the synth
     from cde_workbench.events import process_pending
     from cde_workbench.mllp import send_messages
     from cde_workbench.monitor import performance_rows
-    from cde_workbench.registry import get_model, set_alias
+    from cde_workbench.registry import get_model
     from cde_workbench.report import render_report
     from cde_workbench.schedule import run_notebook
     from cde_workbench.store import audit, get_engine
@@ -364,14 +426,9 @@ def demo(patients: int = typer.Option(3000, min=200, help='Patients in the synth
     stage('synth', t0)
     typer.echo('2/6 warehouse extract into the store'); t0 = time.perf_counter()
     load_warehouse_extract(engine, out / 'warehouse'); stage('warehouse_load', t0)
-    typer.echo(f'3/6 training and evaluating DEPLOYR\'s {len(DEPLOYR_DEPLOYMENTS)} lab tasks (train.ipynb, evaluate.ipynb by papermill)')
+    typer.echo(f'3/6 training and evaluating DEPLOYR\'s {len(DEPLOYR_DEPLOYMENTS)} lab tasks, two at a time (train.ipynb, evaluate.ipynb by papermill)')
     t0 = time.perf_counter()
-    for name in tqdm(DEPLOYR_DEPLOYMENTS, desc='tasks', unit='task'):
-        d = load_deployment(name)
-        run_notebook(engine, d, 'train', {})
-        with engine.connect() as c: rec = get_model(c, d.name)
-        set_alias(engine, d.name, 'champion', rec.version, 'demo: the only version, reviewed in the demo report')
-        run_notebook(engine, d, 'evaluate', {})
+    train_demo_tasks(list(DEPLOYR_DEPLOYMENTS), workers=2)   # two at a time: one task's kernel start-up and data loading overlap the other's fitting
     with engine.connect() as c: rec = get_model(c, dep.name)
     set_status(engine, dep.name, 'silent', rec.model_id, 'demo: silent trial')
     stage('train', t0)

@@ -1,6 +1,9 @@
 """Shared fixtures: an isolated var/ and reports/ per test session, SQLite and a throwaway PostgreSQL store."""
 import os
+import re
+import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -10,24 +13,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pgserver import postgres_available, throwaway_postgres  # noqa: E402
 
 
+SHARED = ROOT.parent / 'shared' / 'data'   # ../shared/data: public test data kept outside the repository
+
+
+def in_ci() -> bool:
+    "Whether the tests run under CI (env CI set and not empty/0/false), where a missing input is a failure, never a skip."
+    return os.environ.get('CI', '').strip().lower() not in ('', '0', 'false', 'no')
+
+
+def needs_shared(path: Path, what: str) -> None:
+    """Call at module level: skip the module when `path` (under ../shared/data) is missing, or fail it when CI is set,
+    so that CI cannot pass by silently skipping the tests on the public data."""
+    if Path(path).exists(): return
+    msg = f'{what} not found at {Path(path).resolve()} (../shared/data relative to the repository)'
+    if in_ci(): pytest.fail(f'{msg}; CI is set, so this fails rather than skips', pytrace=False)
+    pytest.skip(msg, allow_module_level=True)
+
+
 @pytest.fixture(scope='session', autouse=True)
 def isolated_var(tmp_path_factory):
     "Every test session writes under its own temporary var/ and reports/, never the checkout's."
     base = tmp_path_factory.mktemp('cde')
-    old = {k: os.environ.get(k) for k in ('CDE_VAR', 'CDE_REPORTS', 'CDE_DATABASE_URL', 'CDE_SITE_KEY_FILE')}
-    os.environ.update(CDE_VAR=str(base / 'var'), CDE_REPORTS=str(base / 'reports'))
-    os.environ.pop('CDE_DATABASE_URL', None); os.environ.pop('CDE_SITE_KEY_FILE', None)
-    yield base
-    for k, v in old.items():
-        if v is None: os.environ.pop(k, None)
-        else: os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('CDE_VAR', str(base / 'var')); mp.setenv('CDE_REPORTS', str(base / 'reports'))
+        mp.delenv('CDE_DATABASE_URL', raising=False); mp.delenv('CDE_SITE_KEY_FILE', raising=False)
+        yield base
 
 
 @pytest.fixture(scope='session')
 def pg_url():
     "A brand-new PostgreSQL server on 127.0.0.1 for the session (make test installs the binaries)."
     if not postgres_available():
-        if os.environ.get('CDE_SKIP_POSTGRES') == '1': pytest.skip('PostgreSQL binaries not installed and CDE_SKIP_POSTGRES=1')
+        if os.environ.get('CDE_SKIP_POSTGRES') == '1' and not in_ci(): pytest.skip('PostgreSQL binaries not installed and CDE_SKIP_POSTGRES=1')
         pytest.fail('PostgreSQL server binaries are not installed: run `make test`, which installs them')
     with throwaway_postgres() as url:
         yield url
@@ -49,3 +66,101 @@ def store_url(request, tmp_path):
     dispose_engines()
     with admin.connect() as c: c.execute(sa.text(f'DROP DATABASE IF EXISTS {name} WITH (FORCE)'))
     admin.dispose()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A small trained store, built once per session and copied by the tests that change it.
+
+SMALL_DEPLOYMENT = 'hgb_abnormal'
+
+
+@dataclass(frozen=True)
+class SmallStore:
+    "A store under `base`: var/ (SQLite store, model bundles), reports/, deployments/ and a site key."
+    base: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        "The CDE_* variables that point the workbench (and its papermill kernels) at this store."
+        b = self.base
+        return {'CDE_VAR': str(b / 'var'), 'CDE_REPORTS': str(b / 'reports'), 'CDE_DEPLOYMENTS': str(b / 'deployments'),
+                'CDE_SITE_KEY_FILE': str(b / 'site.key')}
+
+    @property
+    def url(self) -> str: return f"sqlite:///{self.base / 'var' / 'cde.sqlite'}"
+
+    def apply(self, mp: pytest.MonkeyPatch) -> None:
+        "Point the environment at this store for the duration of `mp`."
+        for k, v in self.env.items(): mp.setenv(k, v)
+        mp.delenv('CDE_DATABASE_URL', raising=False)
+
+    def copy(self, dest: Path) -> 'SmallStore':
+        "A copy under `dest` to change freely (the model bundles, immutable once registered, stay shared)."
+        shutil.copytree(self.base, dest, ignore=shutil.ignore_patterns('extract'))
+        return SmallStore(dest)
+
+
+@pytest.fixture(scope='session')
+def small_trained_store(tmp_path_factory) -> SmallStore:
+    """200 synthetic patients, their warehouse extract loaded, and `hgb_abnormal` trained with two quick candidates
+    (logistic regression, a 40-tree forest) and 200 bootstrap resamples; no deployment status set, no HL7 feed yet.
+    Read-only: tests that change the store use `small_store` (a copy)."""
+    from cde_workbench.config import load_deployment
+    from cde_workbench.store import dispose_engines, get_engine
+    from cde_workbench.synth import HospitalConfig, generate, write_warehouse_extract
+    from cde_workbench.train import train_deployment
+    from cde_workbench.warehouse import load_warehouse_extract
+    store = SmallStore(tmp_path_factory.mktemp('small-store'))
+    with pytest.MonkeyPatch.context() as mp:
+        store.apply(mp)
+        folder = store.base / 'deployments' / SMALL_DEPLOYMENT; folder.mkdir(parents=True)
+        shutil.copytree(ROOT / 'deployments' / '_pipelines', store.base / 'deployments' / '_pipelines')
+        toml = (ROOT / 'deployments' / SMALL_DEPLOYMENT / 'deployment.toml').read_text()
+        toml = re.sub(r'n_estimators = \[\d+\]', 'n_estimators = [40]', re.sub(r'bootstrap = \d+', 'bootstrap = 200', toml))
+        toml = re.sub(r'candidates = \[.*\]', 'candidates = ["logistic_regression", "random_forest"]', toml)   # keep it short
+        assert 'n_estimators = [40]' in toml and 'bootstrap = 200' in toml and '"random_forest"]' in toml
+        (folder / 'deployment.toml').write_text(toml)
+        write_warehouse_extract(generate(HospitalConfig(n_patients=200, seed=5)), store.base / 'extract')
+        engine = get_engine()
+        try:
+            load_warehouse_extract(engine, store.base / 'extract')
+            train_deployment(engine, load_deployment(SMALL_DEPLOYMENT), progress=False)
+        finally: dispose_engines()   # closes the SQLite files, so that copies are complete
+    return store
+
+
+@pytest.fixture
+def small_store(small_trained_store, tmp_path, monkeypatch) -> SmallStore:
+    "A private copy of the small trained store, with the environment pointing at it for the test."
+    from cde_workbench.store import dispose_engines
+    store = small_trained_store.copy(tmp_path / 'store')
+    store.apply(monkeypatch)
+    yield store
+    dispose_engines()
+
+
+def deliver_feed(engine, until=None) -> int:
+    """Store and process the small hospital's prospective HL7 feed (up to `until`), each message received at its own time,
+    as the receiver's replay clock does; returns how many messages were delivered."""
+    from cde_workbench.events import process_pending
+    from cde_workbench.ids import store_messages
+    from cde_workbench.synth import HospitalConfig, generate, hl7_feed
+    feed = [(m, t, 'test') for t, m in hl7_feed(generate(HospitalConfig(n_patients=200, seed=5))) if until is None or t <= until]
+    store_messages(engine, feed)
+    process_pending(engine)
+    return len(feed)
+
+
+@pytest.fixture
+def silent_store(small_store):
+    "The small store with its prospective feed delivered and `hgb_abnormal` in a silent trial of its trained model: (engine, deployment, model)."
+    from cde_workbench.config import load_deployment
+    from cde_workbench.deploy import set_status
+    from cde_workbench.registry import get_model
+    from cde_workbench.store import get_engine
+    engine = get_engine()
+    assert deliver_feed(engine) > 200
+    dep = load_deployment(SMALL_DEPLOYMENT)
+    with engine.connect() as c: rec = get_model(c, dep.name)
+    set_status(engine, dep.name, 'silent', rec.model_id, 'test: silent trial')
+    return engine, dep, rec

@@ -14,7 +14,9 @@ from pathlib import Path
 from cde_workbench.config import IngestError
 from cde_workbench.hl7 import Batch, Message, ack_mode, build_ack, parse_batch, parse_message, split_plain
 
-DATA = Path(__file__).resolve().parent.parent / '..' / 'shared' / 'data' / 'hl7v2' / 'messages'
+from conftest import SHARED, in_ci
+
+DATA = SHARED / 'hl7v2' / 'messages'
 SPECIAL = [b'|', b'^', b'~', b'\\', b'&', b'#', b'\r', b'\n', b'\r\n', b'\x0b', b'\x1c', b'\x00', b'\xff', b'\xc3', b'\xe2\x80\xa8',
            b'MSH', b'BHS', b'BTS', b'FHS', b'FTS', b'PID', b'""', b'\\X41\\', b'\\H\\', b'\\r', b'+2500', b'.', b'-', b' ', b'\t', '²'.encode()]
 
@@ -27,6 +29,7 @@ def _seeds() -> list[bytes]:
     seeds.append(b'FHS|^~\\&\rBHS|^~\\&\r' + feed[2] + b'\rBTS|1\rFTS|1')
     seeds.append(b'MSH|^~\\&#|A|B|C|D|20240101||ADT^A01|X1|P|2.7|||ER|AL\rPID|1||M1^^^H&1.2&ISO^MR||O\\F\\B^A\\S\\B\\X41\\~R\\R\\1')
     if DATA.exists(): seeds += [p.read_bytes() for p in sorted(DATA.glob('*.hl7'))]
+    else: assert not in_ci(), f'{DATA} is missing; CI is set, so the fuzz seeds must include the public messages'
     return seeds
 
 

@@ -14,8 +14,10 @@ from cde_workbench.ids import store_messages
 from cde_workbench.mllp import MLLPReceiver, send_messages
 from cde_workbench.store import dispose_engines, get_engine
 
-DATA = Path(__file__).resolve().parent.parent / '..' / 'shared' / 'data' / 'hl7v2'
-pytestmark = pytest.mark.skipif(not (DATA / 'MANIFEST.json').exists(), reason=f'shared HL7 v2 test messages not found at {DATA.resolve()}')
+from conftest import SHARED, needs_shared  # noqa: E402
+
+DATA = SHARED / 'hl7v2'
+needs_shared(DATA / 'MANIFEST.json', 'shared HL7 v2 test messages')
 
 
 def manifest():

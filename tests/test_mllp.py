@@ -153,7 +153,7 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_loses_and_doubles_nothing(tmp_path):
+def test_sigkill_at_random_moments_loses_and_doubles_nothing(tmp_path, monkeypatch):
     "20,000 messages; the receiver is SIGKILLed five times and restarted; the sender resends whatever was not acknowledged."
     feed = [m for _, m in hl7_feed(generate(HospitalConfig(n_patients=3800, start='2022-01-01', cutover='2023-10-01', end='2024-04-01')))]
     feed = feed[:20_000]
@@ -210,7 +210,7 @@ def test_sigkill_at_random_moments_loses_and_doubles_nothing(tmp_path):
         try: proc.wait(20)
         except subprocess.TimeoutExpired: proc.kill()
     assert kills == 5 and all(acked)
-    os.environ['CDE_SITE_KEY_FILE'] = env['CDE_SITE_KEY_FILE']   # the receiver's key: finish its processing with it
+    monkeypatch.setenv('CDE_SITE_KEY_FILE', env['CDE_SITE_KEY_FILE'])   # the receiver's key: finish its processing with it
     live = get_engine(f"sqlite:///{tmp_path / 'var' / 'cde.sqlite'}")
     process_pending(live)
     with live.connect() as c:
@@ -223,5 +223,4 @@ def test_sigkill_at_random_moments_loses_and_doubles_nothing(tmp_path):
         ignore = ('id', 'at', 'seq', 'stored_time')
         assert table_checksums(live, ignore=ignore) == table_checksums(calm, ignore=ignore)
     finally:
-        os.environ.pop('CDE_SITE_KEY_FILE', None)
         dispose_engines()

@@ -1,9 +1,7 @@
 """The reviewer's documents opened in Chromium: `cde evaluate`'s HTML report on simulated predictions, and a
 trained deployment's model card rendered the way `cde report` renders it (papermill, then nbconvert)."""
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -127,39 +125,22 @@ def test_undefined_metrics_say_why(tmp_path, browser):
 # The model card: a small synthetic hospital, a small forest, the report notebook run by papermill.
 
 @pytest.fixture(scope='module')
-def card(tmp_path_factory):
+def card(small_trained_store, tmp_path_factory):
+    "The report of the small trained store (conftest: 200 patients, a small forest), rendered on a copy of it."
     from cde_workbench.config import load_deployment
+    from cde_workbench.registry import get_model
     from cde_workbench.report import render_report
     from cde_workbench.store import dispose_engines, get_engine
-    from cde_workbench.synth import HospitalConfig, generate, write_warehouse_extract
-    from cde_workbench.train import train_deployment
-    from cde_workbench.warehouse import load_warehouse_extract
-    base = tmp_path_factory.mktemp('card')
-    keys = ('CDE_VAR', 'CDE_REPORTS', 'CDE_DEPLOYMENTS', 'CDE_SITE_KEY_FILE', 'CDE_DATABASE_URL')
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update(CDE_VAR=str(base / 'var'), CDE_REPORTS=str(base / 'reports'), CDE_DEPLOYMENTS=str(base / 'deployments'),
-                      CDE_SITE_KEY_FILE=str(base / 'site.key'))
-    os.environ.pop('CDE_DATABASE_URL', None)
-    try:
-        folder = base / 'deployments' / 'hgb_abnormal'; folder.mkdir(parents=True)
-        shutil.copytree(ROOT / 'deployments' / '_pipelines', base / 'deployments' / '_pipelines')
-        toml = (ROOT / 'deployments' / 'hgb_abnormal' / 'deployment.toml').read_text()
-        toml = re.sub(r'n_estimators = \[\d+\]', 'n_estimators = [40]', re.sub(r'bootstrap = \d+', 'bootstrap = 200', toml))
-        toml = re.sub(r'candidates = \[.*\]', 'candidates = ["logistic_regression", "random_forest"]', toml)   # keep the test short
-        assert 'n_estimators = [40]' in toml and 'bootstrap = 200' in toml and '"random_forest"]' in toml
-        (folder / 'deployment.toml').write_text(toml)
-        write_warehouse_extract(generate(HospitalConfig(n_patients=200, seed=5)), base / 'extract')
-        engine = get_engine()
-        load_warehouse_extract(engine, base / 'extract')
-        dep = load_deployment('hgb_abnormal')
-        rec = train_deployment(engine, dep, progress=False)
-        path = render_report(engine, dep)
-        yield {'engine': engine, 'dep': dep, 'rec': rec, 'path': path, 'doc': path.read_text()}
-    finally:
-        dispose_engines()
-        for k, v in old.items():
-            if v is None: os.environ.pop(k, None)
-            else: os.environ[k] = v
+    store = small_trained_store.copy(tmp_path_factory.mktemp('card') / 'store')
+    with pytest.MonkeyPatch.context() as mp:
+        store.apply(mp)
+        try:
+            engine = get_engine()
+            dep = load_deployment('hgb_abnormal')
+            with engine.connect() as c: rec = get_model(c, dep.name)
+            path = render_report(engine, dep)
+            yield {'engine': engine, 'dep': dep, 'rec': rec, 'path': path, 'doc': path.read_text()}
+        finally: dispose_engines()
 
 
 def test_model_card_in_chromium(card, browser):

@@ -25,11 +25,18 @@ def engine(store_url):
 
 def test_migrations_build_exactly_the_declared_schema(engine):
     with engine.connect() as c:
-        diff = compare_metadata(MigrationContext.configure(c, opts={'compare_type': False}), metadata)
+        diff = compare_metadata(MigrationContext.configure(c, opts={'compare_type': True}), metadata)
         version = c.execute(sa.text('select version_num from alembic_version')).scalar()
     from alembic.script import ScriptDirectory
     from cde_workbench.store import migrations_dir
-    assert diff == [] and version == ScriptDirectory(str(migrations_dir())).get_current_head()
+    assert diff == [], diff   # tables, columns, indexes and column types (compare_type) all as declared
+    assert version == ScriptDirectory(str(migrations_dir())).get_current_head()
+    # and the comparison does see types: the same table declared with a wider column is reported as a type change
+    wider = patients.to_metadata(sa.MetaData())
+    wider.c.sex.type = sa.String(99)
+    with engine.connect() as c:
+        ops = compare_metadata(MigrationContext.configure(c, opts={'compare_type': True}), wider.metadata)
+    assert [op[0][:4] for op in ops if isinstance(op, list)] == [('modify_type', None, 'patients', 'sex')]
 
 
 def test_times_round_trip_as_aware_utc(engine):

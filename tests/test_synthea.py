@@ -9,9 +9,10 @@ import polars as pl
 import pytest
 import sqlalchemy as sa
 
-SAMPLE = Path(os.environ.get('CDE_SYNTHEA_SAMPLE', Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'synthea'))
-pytestmark = pytest.mark.skipif(not (SAMPLE / 'patients.csv').exists(),
-                                reason=f'Synthea sample not found at {SAMPLE} (set CDE_SYNTHEA_SAMPLE to its folder)')
+from conftest import SHARED, needs_shared  # noqa: E402
+
+SAMPLE = Path(os.environ.get('CDE_SYNTHEA_SAMPLE', SHARED / 'synthea'))
+needs_shared(SAMPLE / 'patients.csv', 'Synthea sample (set CDE_SYNTHEA_SAMPLE to its folder)')
 
 
 def _csv(name: str) -> pl.DataFrame:

@@ -1,6 +1,5 @@
 """Training end to end on a small synthetic hospital: an order-triggered lab task through the pipeline
 notebooks, and a time-triggered task (ICU transfer within 24 h) through the same training code."""
-import os
 from pathlib import Path
 
 import pytest
@@ -14,21 +13,25 @@ def store(tmp_path_factory):
     from cde_workbench.synth import HospitalConfig, generate, write_warehouse_extract
     from cde_workbench.warehouse import load_warehouse_extract
     base = tmp_path_factory.mktemp('training')
-    old = os.environ.get('CDE_VAR')
-    os.environ['CDE_VAR'] = str(base / 'var')
-    write_warehouse_extract(generate(HospitalConfig(n_patients=400, seed=11)), base / 'x')
-    eng = get_engine()
-    load_warehouse_extract(eng, base / 'x')
-    yield eng
-    dispose_engines()
-    os.environ['CDE_VAR'] = old
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('CDE_VAR', str(base / 'var'))
+        write_warehouse_extract(generate(HospitalConfig(n_patients=400, seed=11)), base / 'x')
+        eng = get_engine()
+        load_warehouse_extract(eng, base / 'x')
+        yield eng
+        dispose_engines()
 
 
-def test_time_triggered_task_trains_with_the_same_code(store):
+def test_time_triggered_task_trains_with_the_same_code(store, tmp_path):
     from cde_workbench.config import load_deployment
     from cde_workbench.registry import load_bundle, test_predictions
     from cde_workbench.train import train_deployment
-    dep = load_deployment(ROOT / 'deployments' / 'icu_transfer_24h')
+    folder = tmp_path / 'icu_transfer_24h'; folder.mkdir()
+    toml = (ROOT / 'deployments' / 'icu_transfer_24h' / 'deployment.toml').read_text()
+    assert '[model]' not in toml   # the default candidates; two quick ones here: the code path is what is tested
+    (folder / 'deployment.toml').write_text(toml + '\n[model]\ncandidates = ["logistic_regression", "random_forest"]\nseed = 0\n'
+                                            '[model.grid.random_forest]\nn_estimators = [40]\nmin_samples_leaf = [10]\n')
+    dep = load_deployment(folder)
     rec = train_deployment(store, dep, progress=False)
     preds = test_predictions(rec)
     # points every 6 h of a stay, ids "<encounter>@<time>", all in the test years, scored by the registered model
