@@ -10,10 +10,13 @@ import pytest
 import sqlalchemy as sa
 
 from cde_workbench.config import Deployment
+from cde_workbench.events import process_pending
+from cde_workbench.ids import store_messages
 from cde_workbench.labels import extract_labels, label_versions, run_counts
 from cde_workbench.monitor import label_counts, label_status, packets
-from cde_workbench.store import (get_engine, inference_labels, inferences, lab_order_events, lab_orders, lab_results, models, runs,
-                                 upgrade)
+from cde_workbench.store import (get_engine, inference_labels, inferences, lab_order_events, lab_orders, lab_results, models, read_frame,
+                                 runs, upgrade)
+from cde_workbench.synth import HospitalConfig, feed_revisions, generate, hl7_feed
 from cde_workbench.tasks import lab_abnormal_points
 
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)   # a Monday
@@ -151,3 +154,36 @@ def test_labels_extracted_before_versions_become_version_one_known_from_their_ru
     with eng.connect() as c:
         v = label_versions(c, 'hgb_test')
     assert v.select('inference_id', 'version', 'label', 'label_time', 'stored_time', 'run_id').rows() == [(1, 1, 1, t(2), t(30), 'r')]
+
+
+def test_the_feeds_cancellations_and_corrections_reach_the_store_as_facts_with_stored_times(store_url, tmp_path, monkeypatch):
+    "Through the event processor: cancellations become CA order events, corrections result versions; labels follow the clock."
+    monkeypatch.setenv('CDE_SITE_KEY_FILE', str(tmp_path / 'site.key'))
+    h = generate(HospitalConfig(n_patients=40, seed=5, start='2023-10-01', cancel_rate=0.2, correction_rate=0.3))
+    cancels, fixes = feed_revisions(h)
+    eng = get_engine(store_url)
+    store_messages(eng, [(m, ts, 'test') for ts, m in hl7_feed(h)])
+    assert process_pending(eng).errors == 0
+    e, r = lab_order_events.c, lab_results.c
+    with eng.connect() as c:
+        ca = dict(c.execute(sa.select(e.order_id, e.stored_time).where(e.control == 'CA')).all())
+        assert ca == dict(zip(cancels['order_id'], cancels['cancel_time']))
+        status = dict(c.execute(sa.select(lab_orders.c.order_id, lab_orders.c.status).where(lab_orders.c.order_id.in_(list(ca)))).all())
+        assert set(status.values()) == {'cancelled'}
+        got = read_frame(c, sa.select(r.order_id, r.component, r.value, r.stored_time).where(r.status == 'C'))
+        assert sorted(got.select('order_id', 'component', 'value').rows()) == sorted(fixes.select('order_id', 'component', 'value').rows())
+        assert got['stored_time'].to_list() == got.join(fixes, on=['order_id', 'component'], maintain_order='left')['correction_time'].to_list()
+        # a cancelled order is a point until its cancellation is stored
+        oid, when = cancels['order_id'][0], cancels['cancel_time'][0]
+        panel = h.orders.filter(pl.col('order_id') == oid)['panel'][0]
+        comp = {'CBC': 'HGB', 'CMP': 'NA', 'MG': 'MG'}[panel]
+        before = lab_abnormal_points(c, comp, as_of=when - timedelta(seconds=1))
+        assert oid in before['order_id'].to_list() and oid not in lab_abnormal_points(c, comp, as_of=when)['order_id'].to_list()
+        # a corrected result: the label as known before the correction rests on the final result, after it on the correction
+        x = fixes.row(0, named=True)
+        final = h.results.filter((pl.col('order_id') == x['order_id']) & (pl.col('component') == x['component'])).row(0, named=True)
+        lab = lambda at: lab_abnormal_points(c, x['component'], as_of=at).filter(pl.col('order_id') == x['order_id']).row(0, named=True)
+        assert lab(x['correction_time'] - timedelta(seconds=1))['label_time'] == final['stored_time']
+        after = lab(x['correction_time'])
+        assert after['label_time'] == x['correction_time']
+        assert after['label'] == int(not final['ref_low'] <= x['value'] <= final['ref_high'])
