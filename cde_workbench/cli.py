@@ -176,6 +176,7 @@ def _timed_run(deployment: str, kind: str, as_of: Optional[str]):
     dep, when = load_deployment(deployment), _as_of(as_of)
     run = run_notebook(get_engine(), dep, kind, {'as_of': when.isoformat()})
     typer.echo(f'{kind} run {run.run_id} done; record {run.output}')
+    return run
 
 @app.command()
 def score(deployment: str = typer.Argument(..., help='Deployment name.'),
@@ -186,8 +187,16 @@ def score(deployment: str = typer.Argument(..., help='Deployment name.'),
 @app.command()
 def labels(deployment: str = typer.Argument(..., help='Deployment name.'),
            as_of: Optional[str] = typer.Option(None, '--as-of', help="Results stored by then count (ISO-8601 with offset); default now.")):
-    "Attach results that have arrived to earlier inference packets (runs deployments/<name>/labels.ipynb)."
-    _timed_run(deployment, 'labels', as_of)
+    "Attach results that have arrived to earlier inference packets, revising labels after corrected results (runs deployments/<name>/labels.ipynb)."
+    from cde_workbench.labels import run_counts
+    from cde_workbench.monitor import label_counts, label_status
+    from cde_workbench.store import get_engine
+    when = _as_of(as_of)
+    run = _timed_run(deployment, 'labels', when.isoformat())
+    with get_engine().connect() as c: got, st = run_counts(c, run.run_id), label_status(c, load_deployment(deployment), when)
+    t = label_counts(st, per_week=False).row(0, named=True)
+    typer.echo(f"{got}; as of {when:%Y-%m-%d %H:%M} UTC, of {t['scored']} packets: {t['labelled']} labelled, {t['awaiting']} awaiting "
+               f"a result, {t['cancelled']} cancelled, {t['censored']} censored")
 
 @app.command()
 def report(deployment: str = typer.Argument(..., help='Deployment name.')):

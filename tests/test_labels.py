@@ -1,6 +1,10 @@
 """Silent-trial labels on SQLite and PostgreSQL: cancellation as known at the run's clock, label versions after a corrected
 result, censoring after the horizon, and the weekly counts, on small hand-built stores."""
 import json
+import os
+import shutil
+import subprocess
+import sys
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -19,6 +23,8 @@ from cde_workbench.store import (get_engine, inference_labels, inferences, lab_o
 from cde_workbench.synth import HospitalConfig, feed_revisions, generate, hl7_feed
 from cde_workbench.tasks import lab_abnormal_points
 
+ROOT = Path(__file__).resolve().parent.parent
+CDE = str(Path(sys.executable).parent / 'cde')
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)   # a Monday
 t = lambda h: T0 + timedelta(hours=h)
 DEP = Deployment(name='hgb_test', path=Path('.'), description='', task={'kind': 'lab_abnormal', 'component': 'HGB'}, features={},
@@ -187,3 +193,33 @@ def test_the_feeds_cancellations_and_corrections_reach_the_store_as_facts_with_s
         after = lab(x['correction_time'])
         assert after['label_time'] == x['correction_time']
         assert after['label'] == int(not final['ref_low'] <= x['value'] <= final['ref_high'])
+
+
+def test_cde_labels_says_how_many_were_labelled_and_revised(tmp_path):
+    "The labels command runs the labels notebook against the store it is given and prints what the run added and the label states."
+    url = f'sqlite:///{tmp_path}/store.sqlite'
+    eng = get_engine(url)
+    with eng.begin() as c:
+        c.execute(models.insert().values(name=DEP.name, version=1, sha256='0' * 64, path='-', feature_set_hash='f', data_fingerprint='d',
+                                         code_version='c', params='{}', metrics='{}', created_at=T0))
+    _order(eng, 'O5', 0, results=[(2, 10.0), (30, 13.0)])   # labelled at 10:00, corrected at 30:00
+    _order(eng, 'O6', 1, cancel_at=4)
+    _order(eng, 'O7', 5, results=[(20, 13.0)])
+    rid = _run(eng, 'score', t(6))
+    for oid, h in (('O5', 0), ('O6', 1), ('O7', 5)): _packet(eng, oid, h, rid)
+    assert extract_labels(eng, DEP, t(10), _run(eng, 'labels', t(10))).labelled == 1
+    deps = tmp_path / 'deployments'
+    shutil.copytree(ROOT / 'deployments' / '_pipelines', deps / '_pipelines')
+    (deps / DEP.name).mkdir()
+    toml = (ROOT / 'deployments' / 'hgb_abnormal' / 'deployment.toml').read_text().replace('name = "hgb_abnormal"', f'name = "{DEP.name}"')
+    (deps / DEP.name / 'deployment.toml').write_text(toml + '\n[labels]\nhorizon_hours = 48\n')
+    env = {**os.environ, 'CDE_DATABASE_URL': url, 'CDE_DEPLOYMENTS': str(deps), 'CDE_VAR': str(tmp_path / 'var'),
+           'CDE_REPORTS': str(tmp_path / 'reports'), 'CDE_SITE_KEY_FILE': str(tmp_path / 'site.key')}
+    run = lambda h: subprocess.run([CDE, 'labels', DEP.name, '--as-of', t(h).isoformat()], capture_output=True, text=True, env=env,
+                                   timeout=300, cwd=ROOT)
+    r = run(40)
+    assert r.returncode == 0, r.stderr
+    assert ('1 packets labelled, 1 labels revised; as of 2024-01-02 16:00 UTC, of 3 packets: 2 labelled, 0 awaiting a result, '
+            '1 cancelled, 0 censored') in r.stdout, r.stdout
+    with eng.connect() as c:
+        assert label_versions(c, DEP.name).select('version', 'label').rows() == [(1, 1), (2, 0), (1, 0)]
