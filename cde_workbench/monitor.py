@@ -107,9 +107,11 @@ def health(conn: Connection, dep: Deployment) -> Health:
     else: msg = f'Performing as expected: prospective AUROC {pro.estimate:.2f} against retrospective {retro.estimate:.2f}.'
     return Health(dep.name, state.status, f'{rec.name} v{rec.version}', pk.height, labelled, flagged, last, pro, retro, msg)
 
-def weekly(conn: Connection, name: str) -> pl.DataFrame:
+def weekly(conn: Connection, name: str,
+           as_of: datetime | None = None, # labels as known then (None: the newest versions)
+          ) -> pl.DataFrame:
     "Per week: scored orders, mean score, labelled share and observed abnormal rate (for drift plots)."
-    pk = packets(conn, name)
+    pk = packets(conn, name, as_of)
     if pk.is_empty(): return pl.DataFrame(schema={'week': pl.Date, 'scored': pl.UInt32, 'mean_score': pl.Float64, 'abnormal_rate': pl.Float64})
     return (pk.with_columns(week=pl.col('prediction_time').dt.truncate('1w').dt.date())
               .group_by('week').agg(scored=pl.len(), mean_score=pl.col('score').mean(), abnormal_rate=pl.col('label').cast(pl.Float64).mean())

@@ -756,7 +756,7 @@ def model_card_html(engine: Engine, # the store
         all_tasks = deployr_table2_html(conn)
         st = label_status(conn, dep, when)
         pro = st.filter(pl.col('label_state') == 'labelled', pl.col('model_id') == rec.model_id)
-        w = weekly(conn, dep.name)
+        w = weekly(conn, dep.name, when)
         trail = read_frame(conn, sa.select(runs.c.kind, runs.c.status, runs.c.started_at).where(runs.c.deployment == dep.name))
         retro = test_predictions(rec)
         groups = subgroup_frame(conn, retro)
