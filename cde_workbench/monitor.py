@@ -18,7 +18,7 @@ from .deploy import deployment_state
 from .evaluate import Estimate, auroc_ci, prevalence_ci
 from .labels import current_labels, label_versions
 from .registry import get_model, resolve_model, test_predictions
-from .store import inference_labels, inferences, read_frame, runs
+from .store import inference_labels, inferences, lab_results, read_frame, runs
 from .tasks import cancelled_orders
 
 
@@ -149,6 +149,14 @@ def analysis_time(conn: Connection, # open connection to the store
     v = label_versions(conn, name)
     return v['stored_time'].max() if v.height else utcnow()
 
+def _first_results(conn: Connection, component: str, order_ids, as_of: datetime) -> pl.DataFrame:
+    "Per order: when its first final or corrected `component` result was stored (by `as_of`)."
+    r, keys, out = lab_results.c, sorted(set(order_ids)), []
+    for i in range(0, len(keys), 500):
+        out += conn.execute(sa.select(r.order_id, sa.func.min(r.stored_time)).where(
+            r.component == component, r.status.in_(('F', 'C')), r.stored_time <= as_of, r.order_id.in_(keys[i:i + 500])).group_by(r.order_id)).all()
+    return pl.DataFrame(out, schema={'order_id': pl.String, 'first_result_time': pl.Datetime('us', 'UTC')}, orient='row')
+
 def label_status(conn: Connection, # open connection to the store
                  dep: Deployment, # the deployment
                  as_of: datetime | None = None, # the analysis time (default `analysis_time`)
@@ -156,8 +164,14 @@ def label_status(conn: Connection, # open connection to the store
     "Every packet predicted by `as_of` with its label as known then, `label_state` and `label_delay_hours`."
     as_of = as_of or analysis_time(conn, dep.name)
     pk = packets(conn, dep.name, as_of)
+    lab = dep.task.get('kind') == 'lab_abnormal'
     open_ = pk.filter(pl.col('label').is_null())['order_id']
-    gone = cancelled_orders(conn, as_of, open_) if dep.task.get('kind') == 'lab_abnormal' and open_.len() else set()
+    gone = cancelled_orders(conn, as_of, open_) if lab and open_.len() else set()
+    if lab and pk['label'].is_not_null().any():
+        # the delay runs to the first result, even when the first label version already came from a later correction
+        first = _first_results(conn, dep.task['component'], pk.filter(pl.col('label').is_not_null())['order_id'], as_of)
+        pk = (pk.join(first, on='order_id', how='left', maintain_order='left')
+                .with_columns(first_label_time=pl.min_horizontal('first_label_time', 'first_result_time')).drop('first_result_time'))
     return classify_labels(pk, as_of, float(dep.labels.get('horizon_hours', 72.0)), gone)
 
 def label_counts(st: pl.DataFrame, # `label_status` rows

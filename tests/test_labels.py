@@ -122,6 +122,16 @@ def test_no_result_within_the_horizon_is_censored(engine):
         assert label_status(c, DEP)['label_state'].to_list() == ['censored', 'censored']   # default: the last label run's clock
 
 
+def test_a_correction_stored_before_the_first_extraction_keeps_the_delay_to_the_first_result(engine):
+    _order(engine, 'O8', 0, results=[(2, 10.0), (100, 13.0)])   # final at 02:00, corrected 100 h after the order
+    _packet(engine, 'O8', 0, _run(engine, 'score', t(1)))
+    extract_labels(engine, DEP, t(110), _run(engine, 'labels', t(110)))   # the first extraction already sees the correction
+    with engine.connect() as c:
+        assert label_versions(c, DEP.name).select('version', 'label', 'label_time').rows() == [(1, 0, t(100))]
+        st = label_status(c, DEP, t(110))
+    assert st['label_state'].to_list() == ['labelled'] and st['label_delay_hours'][0] == pytest.approx(2.0)
+
+
 def test_weekly_counts_on_a_small_store(engine):
     _order(engine, 'A', 0, results=[(1, 10.0)])                  # week 1: labelled after 1 h
     _order(engine, 'B', 2, results=[(5, 13.0), (40, 11.0)])      # week 1: labelled after 3 h, then revised
