@@ -55,7 +55,8 @@ class LabelRun:
     labelled: int # packets given their first label
     revised: int # packets given a new version after a corrected result
 
-    def __str__(self) -> str: return f'{self.labelled} packets labelled, {self.revised} labels revised'
+    def __str__(self) -> str:
+        return f"{self.labelled} packet{'s' * (self.labelled != 1)} labelled, {self.revised} label{'s' * (self.revised != 1)} revised"
 
 def extract_labels(engine: Engine, # the store
                    dep: Deployment, # whose packets

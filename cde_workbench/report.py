@@ -733,7 +733,7 @@ def label_status_html(weekly_counts: pl.DataFrame, # `label_counts` per week
             f'<span id="n-labelled">{share("labelled")}</span> labelled within the {hz:g} h horizon, '
             f'<span id="n-awaiting">{share("awaiting")}</span> awaiting a result, <span id="n-cancelled-pro">{share("cancelled")}</span> '
             f'cancelled and <span id="n-censored">{share("censored")}</span> censored (no result within {hz:g} h). '
-            f'<span id="n-revised">{t["revised"]}</span> labels were revised after a corrected result (performance uses the newest '
+            f'Labels revised after a corrected result: <span id="n-revised">{t["revised"]}</span> (performance uses the newest '
             f'version known at that time). Label delay, order to first result: median {_hours(t["delay_median_h"])}, '
             f'90th percentile {_hours(t["delay_p90_h"])}, longest {_hours(t["delay_max_h"])}. Only labelled orders enter the '
             'prospective figures; cancelled and censored ones are left out.')

@@ -87,7 +87,7 @@ def test_a_correction_after_extraction_adds_a_label_version_and_earlier_analyses
     _order(engine, 'O2', 0, results=[(2, 10.0), (20, 13.0)])   # final: abnormal; corrected at 20:00: normal
     _packet(engine, 'O2', 0, _run(engine, 'score', t(1)))
     r1 = _run(engine, 'labels', t(3))
-    assert str(extract_labels(engine, DEP, t(3), r1)) == '1 packets labelled, 0 labels revised'
+    assert str(extract_labels(engine, DEP, t(3), r1)) == '1 packet labelled, 0 labels revised'
     assert extract_labels(engine, DEP, t(3), r1).labelled == 0          # again at the same clock: nothing new
     r2 = _run(engine, 'labels', t(24))
     run2 = extract_labels(engine, DEP, t(24), r2)
@@ -229,7 +229,7 @@ def test_cde_labels_says_how_many_were_labelled_and_revised(tmp_path):
                                    timeout=300, cwd=ROOT)
     r = run(40)
     assert r.returncode == 0, r.stderr
-    assert ('1 packets labelled, 1 labels revised; as of 2024-01-02 16:00 UTC, of 3 packets: 2 labelled, 0 awaiting a result, '
+    assert ('1 packet labelled, 1 label revised; as of 2024-01-02 16:00 UTC, of 3 packets: 2 labelled, 0 awaiting a result, '
             '1 cancelled, 0 censored') in r.stdout, r.stdout
     with eng.connect() as c:
         assert label_versions(c, DEP.name).select('version', 'label').rows() == [(1, 1), (2, 0), (1, 0)]
