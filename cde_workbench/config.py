@@ -109,7 +109,7 @@ _SCHEMA = {  # section -> {key: type}; a missing optional section takes the defa
     'model': {'candidates': list, 'seed': int, 'grid': dict},  # grid: {kind: {param: [values]}}, checked by `train`
     'output': {'mode': str, 'threshold': float},
     'schedule': {'score_every_minutes': int},
-    'evaluation': {'bootstrap': int, 'seed': int, 'ci': float},
+    'evaluation': {'bootstrap': int, 'seed': int, 'ci': float, 'unit': str, 'min_events': int},   # unit: 'patient' (cluster bootstrap) or 'case'
     'labels': {'horizon_hours': float},
 }
 _REQUIRED = {'split': ('train_years', 'validation_years', 'test_years'), 'output': ('mode',)}
@@ -117,7 +117,7 @@ _DEFAULTS = {
     'model': {'candidates': ['logistic_regression', 'random_forest', 'hist_gradient_boosting'], 'seed': 0, 'grid': {}},
     'output': {'threshold': 0.5},
     'schedule': {'score_every_minutes': 15},
-    'evaluation': {'bootstrap': 1000, 'seed': 20240101, 'ci': 0.95},
+    'evaluation': {'bootstrap': 1000, 'seed': 20240101, 'ci': 0.95, 'unit': 'patient', 'min_events': 10},
     'labels': {'horizon_hours': 72.0},
 }
 
@@ -163,6 +163,7 @@ def load_deployment(name_or_path: str | Path, # deployment name (folder under `d
     model_grid(sec['model'], f'{fname}: [model]')
     if sec['output']['mode'] not in _MODES: raise ConfigError(f"{fname}: [output] mode {sec['output']['mode']!r} unknown (known: {', '.join(_MODES)})")
     if not 0 < sec['output']['threshold'] < 1: raise ConfigError(f"{fname}: [output] threshold must be between 0 and 1")
+    if sec['evaluation']['unit'] not in ('patient', 'case'): raise ConfigError(f"{fname}: [evaluation] unit must be 'patient' (resample patients) or 'case', got {sec['evaluation']['unit']!r}")
     hz, win = sec['labels']['horizon_hours'], sec['task'].get('window_hours') or 0
     if not 0 < hz < float('inf') or hz < win: raise ConfigError(f"{fname}: [labels] horizon_hours must be a positive number of hours, at least the task's window_hours ({win:g}), got {hz:g}")
     years = [y for k in ('train_years', 'validation_years', 'test_years') for y in sec['split'][k]]

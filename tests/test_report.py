@@ -192,8 +192,12 @@ def test_model_card_in_chromium(card, browser):
         pred = test_predictions(rec)
         y, s = pred['label'].to_numpy().astype(int), pred['score'].to_numpy()
         ev = dep.evaluation
-        result = evaluate_predictions(y, s, threshold=dep.output['threshold'], n_boot=ev['bootstrap'], seed=ev['seed'], level=ev['ci'])
+        assert ev['unit'] == 'patient'   # deployments resample patients, and the card says so
+        result = evaluate_predictions(y, s, threshold=dep.output['threshold'], n_boot=ev['bootstrap'], seed=ev['seed'], level=ev['ci'],
+                                      clusters=pred['patient_key'].to_numpy())
         assert_metrics_match(page, result)
+        n_patients = pred['patient_key'].n_unique()
+        assert f'resamples of patients ({n_patients:,} patients)' in page.inner_text('#methods')
         assert page.inner_text('#n') == str(len(y))
         # subgroups: sex counts and age bands recomputed from the patients table
         j = pred.join(pat, on='patient_key', how='left')
