@@ -100,10 +100,13 @@ def health(conn: Connection, dep: Deployment) -> Health:
     rec = get_model(conn, model_id=state.model_id)
     rows = performance_rows(conn, dep)
     retro, pro = rows[0].auroc, rows[1].auroc
-    labelled = int(pk['label'].is_not_null().sum())
+    n = label_status(conn, dep)['label_state'].value_counts()
+    n = dict(zip(n['label_state'], n['count']))
+    labelled = int(n.get('labelled', 0))
     flagged = int((pk['score'] >= pk['threshold']).sum())
     last = pk['prediction_time'].max().strftime('%Y-%m-%d %H:%M UTC') if pk.height else '—'
-    if pro is None: msg = f'Silent trial collecting labels: {labelled} labelled of {pk.height} scored orders.'
+    if pro is None: msg = (f'Silent trial collecting labels: {labelled} labelled of {pk.height} scored orders '
+                           f"({n.get('awaiting', 0)} awaiting a result, {n.get('cancelled', 0)} cancelled, {n.get('censored', 0)} censored).")
     elif retro is not None and pro.high < retro.low:
         msg = (f'Attention: prospective AUROC {pro.estimate:.2f} is below the retrospective {retro.estimate:.2f} '
                '(the intervals do not overlap). Review before going live.')
