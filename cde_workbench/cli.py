@@ -205,10 +205,16 @@ def score(deployment: str = typer.Argument(..., help='Deployment name.'),
 @app.command()
 def labels(deployment: str = typer.Argument(..., help='Deployment name.'),
            as_of: Optional[str] = typer.Option(None, '--as-of', help="Results stored by then count (ISO-8601 with offset); default now.")):
-    "Attach results that have arrived to earlier inference packets (runs deployments/<name>/labels.ipynb if the deployment has its own copy, else the shared deployments/_pipelines/labels.ipynb)."
-    run = _timed_run(deployment, 'labels', as_of)
+    "Attach results that have arrived to earlier inference packets, revising labels after corrected results (runs deployments/<name>/labels.ipynb if the deployment has its own copy, else the shared deployments/_pipelines/labels.ipynb)."
+    from cde_workbench.labels import run_counts
+    from cde_workbench.monitor import label_counts, label_status
     from cde_workbench.store import get_engine
-    typer.echo(_run_counts(get_engine(), 'labels', run.run_id))
+    when = _as_of(as_of)
+    run = _timed_run(deployment, 'labels', when.isoformat())
+    with get_engine().connect() as c: got, st = run_counts(c, run.run_id), label_status(c, load_deployment(deployment), when)
+    t = label_counts(st, per_week=False).row(0, named=True)
+    typer.echo(f"{got}; as of {when:%Y-%m-%d %H:%M} UTC, of {t['scored']} packets: {t['labelled']} labelled, {t['awaiting']} awaiting "
+               f"a result, {t['cancelled']} cancelled, {t['censored']} censored")
 
 @app.command()
 def report(deployment: str = typer.Argument(..., help='Deployment name.')):

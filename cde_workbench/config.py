@@ -90,6 +90,7 @@ class Deployment:
     output: dict
     schedule: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)
+    labels: dict = field(default_factory=lambda: dict(_DEFAULTS['labels']))  # [labels] horizon_hours: no result by then is censored
 
     def notebook(self, kind: str) -> Path:
         "Path of pipeline notebook `kind` (train, evaluate, score, labels, report): the deployment's own, else the shared one."
@@ -109,6 +110,7 @@ _SCHEMA = {  # section -> {key: type}; a missing optional section takes the defa
     'output': {'mode': str, 'threshold': float},
     'schedule': {'score_every_minutes': int},
     'evaluation': {'bootstrap': int, 'seed': int, 'ci': float, 'unit': str, 'min_events': int},   # unit: 'patient' (cluster bootstrap) or 'case'
+    'labels': {'horizon_hours': float},
 }
 _REQUIRED = {'split': ('train_years', 'validation_years', 'test_years'), 'output': ('mode',)}
 _DEFAULTS = {
@@ -116,6 +118,7 @@ _DEFAULTS = {
     'output': {'threshold': 0.5},
     'schedule': {'score_every_minutes': 15},
     'evaluation': {'bootstrap': 1000, 'seed': 20240101, 'ci': 0.95, 'unit': 'patient', 'min_events': 10},
+    'labels': {'horizon_hours': 72.0},
 }
 
 def _check_section(fname: Path, section: str, values) -> dict:
@@ -158,6 +161,8 @@ def load_deployment(name_or_path: str | Path, # deployment name (folder under `d
     if sec['output']['mode'] not in _MODES: raise ConfigError(f"{fname}: [output] mode {sec['output']['mode']!r} unknown (known: {', '.join(_MODES)})")
     if not 0 < sec['output']['threshold'] < 1: raise ConfigError(f"{fname}: [output] threshold must be between 0 and 1")
     if sec['evaluation']['unit'] not in ('patient', 'case'): raise ConfigError(f"{fname}: [evaluation] unit must be 'patient' (resample patients) or 'case', got {sec['evaluation']['unit']!r}")
+    hz, win = sec['labels']['horizon_hours'], sec['task'].get('window_hours') or 0
+    if not 0 < hz < float('inf') or hz < win: raise ConfigError(f"{fname}: [labels] horizon_hours must be a positive number of hours, at least the task's window_hours ({win:g}), got {hz:g}")
     years = [y for k in ('train_years', 'validation_years', 'test_years') for y in sec['split'][k]]
     if not years or not all(isinstance(y, int) for y in years): raise ConfigError(f"{fname}: [split] years must be lists of whole years")
     if len(set(years)) != len(years): raise ConfigError(f"{fname}: [split] a year appears in more than one part of the split")

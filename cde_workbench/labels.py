@@ -5,36 +5,89 @@
 # %% ../nbs/43_labels.ipynb #08cac744
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 
 import polars as pl
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from .config import Deployment, utcnow
 from .store import inference_labels, inferences, insert_ignore, read_frame
 from .tasks import Task, task_points
 
+
 # %% auto #0
-__all__ = ['extract_labels']
+__all__ = ['VERSION_SCHEMA', 'CURRENT_SCHEMA', 'label_versions', 'current_labels', 'LabelRun', 'extract_labels', 'run_counts']
+
+# %% ../nbs/43_labels.ipynb #c4e8a1f2
+_T = pl.Datetime('us', 'UTC')
+VERSION_SCHEMA = {'inference_id': pl.Int64, 'version': pl.Int64, 'label': pl.Int8, 'label_time': _T, 'stored_time': _T, 'run_id': pl.String}
+CURRENT_SCHEMA = {'inference_id': pl.Int64, 'label': pl.Int8, 'label_time': _T, 'label_version': pl.Int64,
+                  'first_label_time': _T, 'n_versions': pl.UInt32}
+
+def label_versions(conn: Connection, # open connection to the store
+                   name: str, # the deployment
+                   as_of: datetime | None = None, # only versions stored by then (None: all)
+                  ) -> pl.DataFrame:
+    "Every label version of the deployment's packets stored by `as_of`, oldest first."
+    i, l = inferences.c, inference_labels.c
+    q = (sa.select(l.inference_id, l.version, l.label, l.label_time, l.stored_time, l.run_id)
+         .join_from(inference_labels, inferences, l.inference_id == i.inference_id).where(i.deployment == name))
+    if as_of is not None: q = q.where(l.stored_time <= as_of)
+    return read_frame(conn, q.order_by(l.inference_id, l.version), VERSION_SCHEMA).cast(VERSION_SCHEMA)
+
+def current_labels(versions: pl.DataFrame, # rows of `label_versions`
+                  ) -> pl.DataFrame:
+    "One row per packet: the newest version's label and label time, the first version's label time, and the number of versions."
+    if versions.is_empty(): return pl.DataFrame(schema=CURRENT_SCHEMA)
+    v = versions.sort('inference_id', 'stored_time', 'version')
+    return (v.group_by('inference_id', maintain_order=True)
+             .agg(label=pl.col('label').last(), label_time=pl.col('label_time').last(), label_version=pl.col('version').last(),
+                  first_label_time=pl.col('label_time').first(), n_versions=pl.len())
+             .cast(CURRENT_SCHEMA))
+
 
 # %% ../nbs/43_labels.ipynb #e5bb011b
+@dataclass
+class LabelRun:
+    "What a label extraction run added."
+    labelled: int # packets given their first label
+    revised: int # packets given a new version after a corrected result
+
+    def __str__(self) -> str:
+        return f"{self.labelled} packet{'s' * (self.labelled != 1)} labelled, {self.revised} label{'s' * (self.revised != 1)} revised"
+
 def extract_labels(engine: Engine, # the store
                    dep: Deployment, # whose packets
-                   as_of: datetime, # results stored by then count
+                   as_of: datetime, # the run's clock: results stored by then count
                    run_id: str, # the run ledger entry
-                  ) -> int:
-    "Attach labels to packets whose results are now stored; returns how many were added."
-    i, l = inferences.c, inference_labels.c
+                  ) -> LabelRun:
+    "Label packets whose results are stored by `as_of`, and append a new version where a corrected result changed the label's source."
+    i = inferences.c
     with engine.connect() as conn:
-        q = (sa.select(i.inference_id, i.order_id, i.prediction_time).select_from(inferences.outerjoin(inference_labels))
-             .where(i.deployment == dep.name, l.inference_id.is_(None)))
-        todo = read_frame(conn, q, {'inference_id': pl.Int64, 'order_id': pl.String, 'prediction_time': pl.Datetime('us', 'UTC')})
-        if todo.is_empty(): return 0
-        pts = task_points(conn, Task.from_dict(dep.task), start=todo['prediction_time'].min(), as_of=as_of, allow_empty=True)
-    got = todo.join(pts.filter(pl.col('label').is_not_null()).select('order_id', 'label', 'label_time'), on='order_id')
+        pk = read_frame(conn, sa.select(i.inference_id, i.order_id, i.prediction_time).where(i.deployment == dep.name),
+                        {'inference_id': pl.Int64, 'order_id': pl.String, 'prediction_time': _T})
+        if pk.is_empty(): return LabelRun(0, 0)
+        every = label_versions(conn, dep.name)
+        pts = task_points(conn, Task.from_dict(dep.task), start=pk['prediction_time'].min(), as_of=as_of, allow_empty=True)
+    known = current_labels(every.filter(pl.col('stored_time') <= as_of)).select('inference_id', known_label='label', known_time='label_time')
+    last = every.group_by('inference_id').agg(last_version=pl.col('version').max())
+    got = (pk.join(pts.filter(pl.col('label').is_not_null()).select(order_id=pl.col('point_id'), label='label', label_time='label_time'),
+                   on='order_id')
+             .join(known, on='inference_id', how='left').join(last, on='inference_id', how='left')
+             .filter(pl.col('known_label').is_null() | (pl.col('label') != pl.col('known_label')) | (pl.col('label_time') != pl.col('known_time'))))
     now = utcnow()
-    rows = [dict(inference_id=a, label=int(b), label_time=c, run_id=run_id, extracted_at=now)
-            for a, b, c in zip(got['inference_id'], got['label'], got['label_time'])]
+    rows = [dict(inference_id=a, version=(v or 0) + 1, label=int(b), label_time=c, stored_time=as_of, run_id=run_id, extracted_at=now)
+            for a, b, c, v in zip(got['inference_id'], got['label'], got['label_time'], got['last_version'])]
     with engine.begin() as conn: insert_ignore(conn, inference_labels, rows)
-    return len(rows)
+    return LabelRun(int(got['known_label'].is_null().sum()), int(got['known_label'].is_not_null().sum()))
+
+def run_counts(conn: Connection, # open connection to the store
+               run_id: str, # a label extraction run
+              ) -> LabelRun:
+    "What one recorded label run added: first labels and revisions (versions after the first)."
+    l = inference_labels.c
+    n = dict(conn.execute(sa.select(l.version, sa.func.count()).where(l.run_id == run_id).group_by(l.version)).all())
+    return LabelRun(int(n.get(1, 0)), int(sum(k for v, k in n.items() if v > 1)))
+

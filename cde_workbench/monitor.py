@@ -5,35 +5,47 @@
 # %% ../nbs/50_monitor.ipynb #6c8bf39c
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 import numpy as np
 import polars as pl
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from .config import Deployment, PipelineError
+from .config import Deployment, PipelineError, utcnow
 from .deploy import deployment_state
 from .evaluate import Estimate, auroc_ci, prevalence_ci
+from .labels import current_labels, label_versions
 from .registry import get_model, resolve_model, test_predictions
-from .store import inference_labels, inferences, read_frame
+from .store import inference_labels, inferences, lab_results, read_frame, runs
+from .tasks import cancelled_orders
+
 
 # %% auto #0
-__all__ = ['PACKET_SCHEMA', 'packets', 'PerformanceRow', 'performance_rows', 'Health', 'health', 'weekly']
+__all__ = ['PACKET_SCHEMA', 'LABEL_STATES', 'packets', 'PerformanceRow', 'performance_rows', 'Health', 'health', 'weekly',
+           'classify_labels', 'analysis_time', 'label_status', 'label_counts']
 
 # %% ../nbs/50_monitor.ipynb #448e915c
 PACKET_SCHEMA = {'inference_id': pl.Int64, 'order_id': pl.String, 'patient_key': pl.String, 'model_id': pl.Int64,
                  'prediction_time': pl.Datetime('us', 'UTC'), 'score': pl.Float64, 'threshold': pl.Float64,
                  'n_features': pl.Int64, 'scored_at': pl.Datetime('us', 'UTC'), 'label': pl.Int8,
-                 'label_time': pl.Datetime('us', 'UTC')}
+                 'label_time': pl.Datetime('us', 'UTC'), 'label_version': pl.Int64, 'first_label_time': pl.Datetime('us', 'UTC'),
+                 'n_versions': pl.UInt32}
 
-def packets(conn: Connection, name: str) -> pl.DataFrame:
-    "Every inference packet of a deployment with its label where one has been extracted (surrogate ids only)."
-    i, l = inferences.c, inference_labels.c
-    q = (sa.select(i.inference_id, i.order_id, i.patient_key, i.model_id, i.prediction_time, i.score, i.threshold, i.n_features,
-                   i.scored_at, l.label, l.label_time)
-         .select_from(inferences.outerjoin(inference_labels)).where(i.deployment == name).order_by(i.prediction_time))
-    return read_frame(conn, q, PACKET_SCHEMA).cast(PACKET_SCHEMA)
+def packets(conn: Connection, # open connection to the store
+            name: str, # the deployment
+            as_of: datetime | None = None, # the analysis time: each packet's newest label version stored by then (None: the newest)
+           ) -> pl.DataFrame:
+    "Every inference packet of a deployment with its label as known at `as_of` where one has been extracted (surrogate ids only)."
+    i = inferences.c
+    q = (sa.select(i.inference_id, i.order_id, i.patient_key, i.model_id, i.prediction_time, i.score, i.threshold, i.n_features, i.scored_at)
+         .where(i.deployment == name).order_by(i.prediction_time, i.inference_id))
+    pk = read_frame(conn, q, {c.name: PACKET_SCHEMA[c.name] for c in q.selected_columns})
+    if pk.is_empty(): return pl.DataFrame(schema=PACKET_SCHEMA)
+    lab = current_labels(label_versions(conn, name, as_of))
+    return pk.join(lab, on='inference_id', how='left', maintain_order='left').select(list(PACKET_SCHEMA)).cast(PACKET_SCHEMA)
 
 @dataclass
 class PerformanceRow:
@@ -53,12 +65,15 @@ def _row(period, y, s, dep, patients=None) -> PerformanceRow:
     if y.min() == y.max(): return PerformanceRow(period, len(y), prev, None, 'one class only: AUROC undefined')
     return PerformanceRow(period, len(y), prev, auroc_ci(y, s, ev['bootstrap'], ev['seed'], ev['ci'], clusters=cl))
 
-def performance_rows(conn: Connection, dep: Deployment) -> list[PerformanceRow]:
-    "Retrospective (test years) and prospective (silent trial) prevalence and AUROC with CIs."
+def performance_rows(conn: Connection, # open connection to the store
+                     dep: Deployment, # the deployment
+                     as_of: datetime | None = None, # analysis time (default `analysis_time`): labels as known then
+                    ) -> list[PerformanceRow]:
+    "Retrospective (test years) and prospective (silent trial: packets labelled within the horizon, as known at `as_of`) prevalence and AUROC with CIs."
     state = deployment_state(conn, dep.name)
     rec = get_model(conn, model_id=state.model_id) if state.model_id else resolve_model(conn, dep.name)
     retro = test_predictions(rec)
-    pk = packets(conn, dep.name).filter(pl.col('label').is_not_null(), pl.col('model_id') == rec.model_id)
+    pk = label_status(conn, dep, as_of).filter(pl.col('label_state') == 'labelled', pl.col('model_id') == rec.model_id)
     return [_row('retrospective', retro['label'].to_numpy(), retro['score'].to_numpy(), dep, retro['patient_key'].to_numpy()),
             _row('prospective', pk['label'].to_numpy(), pk['score'].to_numpy(), dep, pk['patient_key'].to_numpy())]
 
@@ -85,20 +100,94 @@ def health(conn: Connection, dep: Deployment) -> Health:
     rec = get_model(conn, model_id=state.model_id)
     rows = performance_rows(conn, dep)
     retro, pro = rows[0].auroc, rows[1].auroc
-    labelled = int(pk['label'].is_not_null().sum())
+    n = label_status(conn, dep)['label_state'].value_counts()
+    n = dict(zip(n['label_state'], n['count']))
+    labelled = int(n.get('labelled', 0))
     flagged = int((pk['score'] >= pk['threshold']).sum())
     last = pk['prediction_time'].max().strftime('%Y-%m-%d %H:%M UTC') if pk.height else '—'
-    if pro is None: msg = f'Silent trial collecting labels: {labelled} labelled of {pk.height} scored orders.'
+    if pro is None: msg = (f'Silent trial collecting labels: {labelled} labelled of {pk.height} scored orders '
+                           f"({n.get('awaiting', 0)} awaiting a result, {n.get('cancelled', 0)} cancelled, {n.get('censored', 0)} censored).")
     elif retro is not None and pro.high < retro.low:
         msg = (f'Attention: prospective AUROC {pro.estimate:.2f} is below the retrospective {retro.estimate:.2f} '
                '(the intervals do not overlap). Review before going live.')
     else: msg = f'Performing as expected: prospective AUROC {pro.estimate:.2f} against retrospective {retro.estimate:.2f}.'
     return Health(dep.name, state.status, f'{rec.name} v{rec.version}', pk.height, labelled, flagged, last, pro, retro, msg)
 
-def weekly(conn: Connection, name: str) -> pl.DataFrame:
+def weekly(conn: Connection, name: str,
+           as_of: datetime | None = None, # labels as known then (None: the newest versions)
+          ) -> pl.DataFrame:
     "Per week: scored orders, mean score, labelled share and observed abnormal rate (for drift plots)."
-    pk = packets(conn, name)
+    pk = packets(conn, name, as_of)
     if pk.is_empty(): return pl.DataFrame(schema={'week': pl.Date, 'scored': pl.UInt32, 'mean_score': pl.Float64, 'abnormal_rate': pl.Float64})
     return (pk.with_columns(week=pl.col('prediction_time').dt.truncate('1w').dt.date())
               .group_by('week').agg(scored=pl.len(), mean_score=pl.col('score').mean(), abnormal_rate=pl.col('label').cast(pl.Float64).mean())
               .sort('week'))
+
+# %% ../nbs/50_monitor.ipynb #b4d6f8a0
+LABEL_STATES = ('labelled', 'awaiting', 'cancelled', 'censored')
+
+def classify_labels(pk: pl.DataFrame, # packets (`packets`): prediction_time, label, first_label_time
+                    as_of: datetime, # the analysis time
+                    horizon_hours: float, # a result later than this after the prediction censors the packet
+                    cancelled: set[str] | None = None, # order ids cancelled as known at `as_of`
+                   ) -> pl.DataFrame:
+    "Packets predicted by `as_of`, with `label_state` (one of LABEL_STATES) and `label_delay_hours` (to the first result, if any)."
+    due = pl.col('prediction_time') + pl.duration(microseconds=int(round(horizon_hours * 3600e6)))
+    has = pl.col('label').is_not_null()
+    return (pk.filter(pl.col('prediction_time') <= as_of)
+              .with_columns(label_delay_hours=(pl.col('first_label_time') - pl.col('prediction_time')).dt.total_microseconds() / 3600e6)
+              .with_columns(label_state=pl.when(has & (pl.col('first_label_time') <= due)).then(pl.lit('labelled'))
+                                          .when(has).then(pl.lit('censored'))
+                                          .when(pl.col('order_id').is_in(sorted(cancelled or ()))).then(pl.lit('cancelled'))
+                                          .when(due <= as_of).then(pl.lit('censored'))
+                                          .otherwise(pl.lit('awaiting'))))
+
+def analysis_time(conn: Connection, # open connection to the store
+                  name: str, # the deployment
+                 ) -> datetime:
+    "The clock of the deployment's newest successful label run; else its newest label version's; else now."
+    r = runs.c
+    clocks = []
+    for (p,) in conn.execute(sa.select(r.parameters).where(r.deployment == name, r.kind == 'labels', r.status == 'succeeded')):
+        try: clocks.append(datetime.fromisoformat(json.loads(p)['as_of'].replace('Z', '+00:00')))
+        except (ValueError, KeyError, TypeError, AttributeError): continue
+    if clocks: return max(clocks)
+    v = label_versions(conn, name)
+    return v['stored_time'].max() if v.height else utcnow()
+
+def _first_results(conn: Connection, component: str, order_ids, as_of: datetime) -> pl.DataFrame:
+    "Per order: when its first final or corrected `component` result was stored (by `as_of`)."
+    r, keys, out = lab_results.c, sorted(set(order_ids)), []
+    for i in range(0, len(keys), 500):
+        out += conn.execute(sa.select(r.order_id, sa.func.min(r.stored_time)).where(
+            r.component == component, r.status.in_(('F', 'C')), r.stored_time <= as_of, r.order_id.in_(keys[i:i + 500])).group_by(r.order_id)).all()
+    return pl.DataFrame(out, schema={'order_id': pl.String, 'first_result_time': pl.Datetime('us', 'UTC')}, orient='row')
+
+def label_status(conn: Connection, # open connection to the store
+                 dep: Deployment, # the deployment
+                 as_of: datetime | None = None, # the analysis time (default `analysis_time`)
+                ) -> pl.DataFrame:
+    "Every packet predicted by `as_of` with its label as known then, `label_state` and `label_delay_hours`."
+    as_of = as_of or analysis_time(conn, dep.name)
+    pk = packets(conn, dep.name, as_of)
+    lab = dep.task.get('kind') == 'lab_abnormal'
+    open_ = pk.filter(pl.col('label').is_null())['order_id']
+    gone = cancelled_orders(conn, as_of, open_) if lab and open_.len() else set()
+    if lab and pk['label'].is_not_null().any():
+        # the delay runs to the first result, even when the first label version already came from a later correction
+        first = _first_results(conn, dep.task['component'], pk.filter(pl.col('label').is_not_null())['order_id'], as_of)
+        pk = (pk.join(first, on='order_id', how='left', maintain_order='left')
+                .with_columns(first_label_time=pl.min_horizontal('first_label_time', 'first_result_time')).drop('first_result_time'))
+    return classify_labels(pk, as_of, float(dep.labels.get('horizon_hours', 72.0)), gone)
+
+def label_counts(st: pl.DataFrame, # `label_status` rows
+                 per_week: bool = True, # one row per week of prediction time; False: one row for all
+                ) -> pl.DataFrame:
+    "Packets scored, labelled, awaiting, cancelled and censored, with label-delay quantiles (hours: median, 90th, max), per week."
+    agg = [pl.len().alias('scored'), *[(pl.col('label_state') == s).sum().cast(pl.UInt32).alias(s) for s in LABEL_STATES],
+           (pl.col('label_state').is_in(['labelled', 'censored']) & (pl.col('n_versions') > 1)).sum().cast(pl.UInt32).alias('revised'),
+           pl.col('label_delay_hours').median().alias('delay_median_h'),
+           pl.col('label_delay_hours').quantile(0.9, 'linear').alias('delay_p90_h'), pl.col('label_delay_hours').max().alias('delay_max_h')]
+    if not per_week: return st.select(agg)
+    return (st.with_columns(week=pl.col('prediction_time').dt.truncate('1w').dt.date()).group_by('week').agg(agg).sort('week'))
+

@@ -24,7 +24,7 @@ from .config import ConfigError, Deployment, PipelineError, deployments_dir, loa
 from .deploy import deployment_state
 from .evaluate import Estimate, evaluate_predictions
 from .features import AGE_BANDS
-from .monitor import PerformanceRow, packets, performance_rows, weekly
+from .monitor import LABEL_STATES, PerformanceRow, analysis_time, label_counts, label_status, packets, performance_rows, weekly
 from .registry import ModelRecord, get_model, load_bundle, resolve_model, test_predictions
 from .store import audit_log, get_engine, lab_orders, patients, read_frame, runs
 from .synth import LABS, PANEL_NAMES
@@ -36,8 +36,8 @@ __all__ = ['METRICS', 'SUBGROUP_LABELS', 'figure_html', 'roc_plot_html', 'pr_plo
            'evaluation_sections_html', 'html_document', 'evaluation_report_html', 'Table2Row', 'table2_rows_html',
            'table2_row', 'interval_note', 'table2_html', 'run_trail_html', 'subgroup_frame', 'evaluate_for_report',
            'intended_use_html', 'data_html', 'cohort_html', 'features_html', 'model_html', 'limitations',
-           'limitations_html', 'silent_trial_html', 'model_card_html', 'show_report', 'lab_deployments',
-           'deployr_table2_html', 'evaluation_html', 'show_evaluation', 'render_report']
+           'limitations_html', 'silent_trial_html', 'label_status_html', 'model_card_html', 'show_report',
+           'lab_deployments', 'deployr_table2_html', 'evaluation_html', 'show_evaluation', 'render_report']
 
 # %% ../nbs/70_report.ipynb #881cc165
 METRICS = {  # result key -> (label, what it means for a reviewer)
@@ -708,7 +708,9 @@ def _roc_xy(y, s):
         f, t, _ = roc_curve(y, s); return f, t
     return None
 
-def silent_trial_html(dep: Deployment, rows: list[PerformanceRow], retro: pl.DataFrame, pro: pl.DataFrame, w: pl.DataFrame) -> str:
+def silent_trial_html(dep: Deployment, rows: list[PerformanceRow], retro: pl.DataFrame, pro: pl.DataFrame, w: pl.DataFrame,
+                      labels: str = '', # the label status fragment (`label_status_html`), shown under Table 2
+                     ) -> str:
     "Retrospective against prospective: Table 2, ROC and calibration of both periods, and the silent trial by week."
     from sklearn.calibration import calibration_curve
     fig, (a1, a2) = _new_figure(10, 4, 1, 2)
@@ -721,7 +723,7 @@ def silent_trial_html(dep: Deployment, rows: list[PerformanceRow], retro: pl.Dat
     a1.plot([0, 1], [0, 1], ls=':', c='grey'); a1.set(xlabel='1 − specificity', ylabel='sensitivity', title='ROC')
     a2.plot([0, 1], [0, 1], ls=':', c='grey'); a2.set(xlabel='mean predicted risk', ylabel='observed abnormal rate', title='Calibration (deciles)')
     a1.legend(fontsize=8); a2.legend(fontsize=8)
-    out = ('<section id="silent-trial"><h2>Retrospective against prospective performance</h2>' + table2_html(dep, rows)
+    out = ('<section id="silent-trial"><h2>Retrospective against prospective performance</h2>' + table2_html(dep, rows) + labels
            + figure_html(fig, 'retro-pro-plot', 'ROC and calibration, retrospective against prospective', wide=True))
     if w.height:
         fig, ax = _new_figure(10, 3)
@@ -732,6 +734,37 @@ def silent_trial_html(dep: Deployment, rows: list[PerformanceRow], retro: pl.Dat
         out += figure_html(fig, 'weekly-plot', 'Mean predicted risk and observed abnormal rate by week of the silent trial', wide=True)
     return out + '</section>'
 
+# %% ../nbs/70_report.ipynb #aa11bb22
+def _hours(v) -> str: return '—' if v is None else f'{v:.1f} h'
+
+def label_status_html(weekly_counts: pl.DataFrame, # `label_counts` per week
+                      total: pl.DataFrame, # `label_counts(..., per_week=False)`: one row
+                      dep: Deployment, # gives the label horizon
+                      as_of, # the analysis time the labels are as known at
+                     ) -> str:
+    "The silent trial's packets by label state (labelled, awaiting, cancelled, censored) per week, with label-delay quantiles and a sentence."
+    hz = float(dep.labels.get('horizon_hours', 72.0))
+    t = total.row(0, named=True) if total.height else {}
+    n = t.get('scored', 0) or 0
+    if not n: return '<p id="label-status">No packets scored yet, so no labels to count.</p>'
+    cols = ('scored', *LABEL_STATES, 'revised')
+    line = lambda r, head: (f'<tr><th scope="row">{head}</th>' + ''.join(f'<td>{r[c]}</td>' for c in cols)
+                            + ''.join(f'<td>{_hours(r[c])}</td>' for c in ('delay_median_h', 'delay_p90_h', 'delay_max_h')) + '</tr>')
+    body = ''.join(line(r, f"{r['week']:%Y-%m-%d}") for r in weekly_counts.iter_rows(named=True)) + line(t, 'all weeks')
+    share = lambda k: f"{t[k]} ({t[k] / n:.1%})"
+    text = (f'As known at {as_of:%Y-%m-%d %H:%M} UTC (the clock of the last label run), {n} orders were scored: '
+            f'<span id="n-labelled">{share("labelled")}</span> labelled within the {hz:g} h horizon, '
+            f'<span id="n-awaiting">{share("awaiting")}</span> awaiting a result, <span id="n-cancelled-pro">{share("cancelled")}</span> '
+            f'cancelled and <span id="n-censored">{share("censored")}</span> censored (no result within {hz:g} h). '
+            f'Labels revised after a corrected result: <span id="n-revised">{t["revised"]}</span> (performance uses the newest '
+            f'version known at that time). Label delay, order to first result: median {_hours(t["delay_median_h"])}, '
+            f'90th percentile {_hours(t["delay_p90_h"])}, longest {_hours(t["delay_max_h"])}. Only labelled orders enter the '
+            'prospective figures; cancelled and censored ones are left out.')
+    return (f'<h3>Labels of the silent trial</h3><p id="label-status">{text}</p><div class="wide"><table id="label-status-table"><thead><tr>'
+            '<th>week of order</th>' + ''.join(f'<th>{c}</th>' for c in cols)
+            + '<th>delay median</th><th>delay 90th</th><th>delay max</th></tr></thead>' f'<tbody>{body}</tbody></table></div>')
+
+
 # %% ../nbs/70_report.ipynb #0f120362
 def model_card_html(engine: Engine, # the store
                     dep: Deployment, # whose model card
@@ -741,10 +774,12 @@ def model_card_html(engine: Engine, # the store
     with engine.connect() as conn:
         state = deployment_state(conn, dep.name)
         rec = get_model(conn, model_id=state.model_id) if state.model_id else resolve_model(conn, dep.name)
-        rows = performance_rows(conn, dep)
+        when = analysis_time(conn, dep.name)   # labels as known at the last label run's clock
+        rows = performance_rows(conn, dep, when)
         all_tasks = deployr_table2_html(conn)
-        pro = packets(conn, dep.name).filter(pl.col('label').is_not_null(), pl.col('model_id') == rec.model_id)
-        w = weekly(conn, dep.name)
+        st = label_status(conn, dep, when)
+        pro = st.filter(pl.col('label_state') == 'labelled', pl.col('model_id') == rec.model_id)
+        w = weekly(conn, dep.name, when)
         trail = read_frame(conn, sa.select(runs.c.kind, runs.c.status, runs.c.started_at).where(runs.c.deployment == dep.name))
         retro = test_predictions(rec)
         groups = subgroup_frame(conn, retro)
@@ -762,7 +797,8 @@ def model_card_html(engine: Engine, # the store
                                     intro='<p>Retrospective: the held-out test years, from the predictions saved with the registered model.</p>')
     return ('<div class="cde-report">' + head + intended_use_html(dep) + data_html(facts, rec, retro) + cohort_html(dep, facts)
             + features_html(dep, rec, bundle) + model_html(rec, bundle, state.status) + perf
-            + limitations_html(limitations(dep, facts, result, rows, demo)) + silent_trial_html(dep, rows, retro, pro, w) + all_tasks
+            + limitations_html(limitations(dep, facts, result, rows, demo)) + silent_trial_html(dep, rows, retro, pro, w, label_status_html(label_counts(st), label_counts(st, per_week=False), dep, when))
+            + all_tasks
             + '<section id="run-trail-section"><h2>Run trail</h2>' + run_trail_html(trail) + '</section></div>')
 
 def show_report(deployment: str, # deployment name

@@ -211,7 +211,7 @@ processing_errors = sa.Table('processing_errors', metadata,  # stored messages t
     sa.Column('reason', sa.Text, nullable=False),
     sa.Column('at', T, nullable=False))
 
-APPEND_ONLY = ('ids_messages', 'ids_receipts', 'ids_dead_letters', 'audit_log', 'models', 'model_aliases')
+APPEND_ONLY = ('ids_messages', 'ids_receipts', 'ids_dead_letters', 'audit_log', 'models', 'model_aliases', 'inference_labels')
 
 models = sa.Table('models', metadata,
     sa.Column('model_id', sa.Integer, primary_key=True, autoincrement=True),
@@ -270,12 +270,18 @@ inferences = sa.Table('inferences', metadata,  # one packet per scoring
     sa.Column('scored_at', T, nullable=False),
     sa.UniqueConstraint('deployment', 'order_id', name='uq_inference_order'))
 
+# every version of every packet's label, appended when its result is first stored or later corrected: the newest version with
+# stored_time ≤ T is the label as known at T
 inference_labels = sa.Table('inference_labels', metadata,
-    sa.Column('inference_id', sa.Integer, sa.ForeignKey('inferences.inference_id'), primary_key=True),
+    sa.Column('id', sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column('inference_id', sa.Integer, sa.ForeignKey('inferences.inference_id'), nullable=False),
+    sa.Column('version', sa.Integer, nullable=False),  # 1, 2, ... per packet
     sa.Column('label', sa.Integer, nullable=False),
-    sa.Column('label_time', T, nullable=False),
+    sa.Column('label_time', T, nullable=False),   # stored time of the result version the label comes from
+    sa.Column('stored_time', T, nullable=False),  # known from: the clock (as_of) of the extraction run that wrote it
     sa.Column('run_id', sa.String(40), sa.ForeignKey('runs.run_id'), nullable=False),
-    sa.Column('extracted_at', T, nullable=False))
+    sa.Column('extracted_at', T, nullable=False),  # wall-clock time of writing
+    sa.UniqueConstraint('inference_id', 'version', name='uq_inference_label_version'))
 
 audit_log = sa.Table('audit_log', metadata,
     sa.Column('id', sa.Integer, primary_key=True, autoincrement=True),

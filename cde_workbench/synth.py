@@ -20,7 +20,7 @@ from .pseudonyms import patient_key
 # %% auto #0
 __all__ = ['LABS', 'PANELS', 'PANEL_NAMES', 'CHRONIC', 'ACUTE', 'COMMON_MEDS', 'EFFECTS', 'WARDS', 'RACES', 'RACE_P', 'GIVEN',
            'FAMILY', 'EXTRACT_TABLES', 'LabComponent', 'reference_range', 'HospitalConfig', 'Hospital', 'generate',
-           'write_warehouse_extract', 'hl7_feed', 'write_hl7_feed']
+           'write_warehouse_extract', 'hl7_feed', 'write_hl7_feed', 'feed_revisions']
 
 # %% ../nbs/10_synth.ipynb #ed74434b
 @dataclass(frozen=True)
@@ -116,6 +116,9 @@ class HospitalConfig:
     late_rate: float = 0.0             # messages delivered after up to 50 later ones
     merge_rate: float = 0.0            # admitted patients first registered under a temporary MRN, merged (A40) after discharge
     malformed_rate: float = 0.0        # messages garbled in transit
+    # clinical revisions in the feed (on by default, at rates a 3,000-patient demo shows a few of): see `feed_revisions`
+    cancel_rate: float = 0.05          # prospective lab orders cancelled (ORM^O01, ORC-1 CA) before any result
+    correction_rate: float = 0.03      # resulted prospective orders whose result is later corrected (ORU^R01, OBX-11 C)
 
     def check(self):
         "Validate the configuration; a `ConfigError` names the bad setting."
@@ -123,7 +126,7 @@ class HospitalConfig:
         except ValueError as err: raise ConfigError(f"synthetic hospital dates must be YYYY-MM-DD: {err}")
         if not s < c < e: raise ConfigError(f"synthetic hospital needs start < cutover < end, got {s}, {c}, {e}")
         if self.n_patients < 10: raise ConfigError(f"n_patients must be at least 10, got {self.n_patients}")
-        for k in ('duplicate_rate', 'late_rate', 'merge_rate', 'malformed_rate'):
+        for k in ('duplicate_rate', 'late_rate', 'merge_rate', 'malformed_rate', 'cancel_rate', 'correction_rate'):
             if not 0 <= getattr(self, k) <= 0.5: raise ConfigError(f"{k} must be between 0 and 0.5, got {getattr(self, k)}")
         if self.drift_component is not None and self.drift_component not in LABS:
             raise ConfigError(f"drift_component {self.drift_component!r} unknown (known: {', '.join(LABS)})")
@@ -393,6 +396,9 @@ def hl7_feed(h: Hospital, # the generated hospital
     res = h.results.filter(pl.col('stored_time') >= cut)
     by_order: dict[str, list[dict]] = {}
     for r in res.iter_rows(named=True): by_order.setdefault(r['order_id'], []).append(r)
+    cancels, fixes = feed_revisions(h)
+    cancel_at = dict(zip(cancels['order_id'], cancels['cancel_time']))
+    fix_of = {r['order_id']: r for r in fixes.iter_rows(named=True)}
     for o in h.orders.filter((pl.col('event_time') >= cut) | (pl.col('result_time') >= cut)).iter_rows(named=True):
         obr = lambda: segment('OBR', 1, o['order_id'], o['order_id'], (o['panel'], PANEL_NAMES[o['panel']], 'LOCAL'), '', '',
                               format_ts(o['event_time']))
@@ -400,6 +406,17 @@ def hl7_feed(h: Hospital, # the generated hospital
         if o['event_time'] >= cut:
             segs = [_pid_t(pts[o['mrn']], o['event_time']), pv1, segment('ORC', 'NW', o['order_id'], '', '', '', '', '', '', format_ts(o['event_time'])), obr()]
             msgs.append((o['event_time'], '2', ('ORM', 'O01', 'ORM_O01'), segs))
+        if o['order_id'] in cancel_at:   # cancelled before it was resulted: a CA message at the cancel time, no result
+            t = cancel_at[o['order_id']]
+            segs = [_pid_t(pts[o['mrn']], t), pv1, segment('ORC', 'CA', o['order_id'], '', '', '', '', '', '', format_ts(t)),
+                    segment('OBR', 1, o['order_id'], o['order_id'], (o['panel'], PANEL_NAMES[o['panel']], 'LOCAL'))]
+            msgs.append((t, '2', ('ORM', 'O01', 'ORM_O01'), segs))
+            continue
+        if (x := fix_of.get(o['order_id'])) is not None:   # the corrected component, later, with result status C
+            segs = [_pid_t(pts[o['mrn']], x['correction_time']), pv1, segment('ORC', 'RE', o['order_id']), obr(),
+                    segment('OBX', 1, 'NM', (x['loinc'], LABS[x['component']].name, 'LN'), '', f"{x['value']:g}", (x['unit'],),
+                            f"{x['ref_low']:g}-{x['ref_high']:g}", x['abnormal_flag'], '', '', 'C', '', '', format_ts(x['event_time']))]
+            msgs.append((x['correction_time'], '3', ('ORU', 'R01', 'ORU_R01'), segs))
         if o['order_id'] in by_order:
             segs = [_pid_t(pts[o['mrn']], o['result_time']), pv1, segment('ORC', 'RE', o['order_id']), obr()]
             for i, x in enumerate(by_order[o['order_id']]):
@@ -423,3 +440,34 @@ def write_hl7_feed(h: Hospital, path: Path) -> int:
     with open(path, 'w', newline='') as f:
         for _, m in feed: f.write(m + '\n')
     return len(feed)
+
+# %% ../nbs/10_synth.ipynb #f2e3d4c5
+def feed_revisions(h: Hospital, # the generated hospital
+                  ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    "The feed's cancelled orders (order_id, cancel_time) and corrected results (one component each, with its new value and correction_time); deterministic by seed."
+    cfg = h.config
+    rng = np.random.default_rng(cfg.seed + 3)
+    cut = _utc(cfg.cutover)
+    o = h.orders.filter(pl.col('event_time') >= cut).sort('order_id')
+    pick = rng.random(o.height) < cfg.cancel_rate
+    delay = pl.Series((rng.uniform(0.5, 48.0, o.height) * 3600e6).astype('int64')).cast(pl.Duration('us'))
+    cancels = o.with_columns(cancel_time=pl.col('event_time') + delay).filter(pl.Series(pick)).select('order_id', 'cancel_time')
+    res = (h.results.filter((pl.col('stored_time') >= cut) & ~pl.col('order_id').is_in(cancels['order_id'].to_list()))
+             .sort('order_id', 'component'))
+    ids = res['order_id'].unique(maintain_order=True)
+    chosen = ids.filter(pl.Series(rng.random(ids.len()) < cfg.correction_rate)).to_list()
+    fixes = []
+    for oid in chosen:
+        rows = res.filter(pl.col('order_id') == oid)
+        x = rows.row(int(rng.integers(rows.height)), named=True)
+        lab = LABS[x['component']]
+        v = round(max(x['value'] + rng.choice([-1, 1]) * rng.uniform(0.3, 1.0) * (x['ref_high'] - x['ref_low']), 0.01), lab.decimals)
+        flag = 'L' if v < x['ref_low'] else ('H' if v > x['ref_high'] else 'N')
+        fixes.append({**{k: x[k] for k in ('order_id', 'component', 'loinc', 'unit', 'ref_low', 'ref_high', 'event_time')},
+                      'value': float(v), 'abnormal_flag': flag,
+                      'correction_time': x['stored_time'] + timedelta(hours=float(rng.uniform(2.0, 240.0)))})
+    schema = {'order_id': pl.String, 'component': pl.String, 'loinc': pl.String, 'unit': pl.String, 'ref_low': pl.Float64,
+              'ref_high': pl.Float64, 'event_time': pl.Datetime('us', 'UTC'), 'value': pl.Float64, 'abnormal_flag': pl.String,
+              'correction_time': pl.Datetime('us', 'UTC')}
+    return cancels, pl.DataFrame(fixes, schema=schema)
+

@@ -16,16 +16,36 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from .config import ConfigError, PipelineError
-from .store import adt_events, diagnoses, lab_orders, lab_results, location_visits, medication_orders, read_frame
+from .store import adt_events, diagnoses, lab_order_events, lab_orders, lab_results, location_visits, medication_orders, read_frame
 from .synth import LABS
 
 # %% auto #0
-__all__ = ['POINT_SCHEMA', 'TASK_KINDS', 'EVENT_TABLES', 'DEPLOYR_TASKS', 'ICU_TRANSFER_24H', 'lab_abnormal_points', 'Task',
-           'LeakageError', 'check_point_in_time', 'exclusion_mask', 'task_points']
+__all__ = ['POINT_SCHEMA', 'CANCEL_CONTROLS', 'TASK_KINDS', 'EVENT_TABLES', 'DEPLOYR_TASKS', 'ICU_TRANSFER_24H',
+           'cancelled_orders', 'lab_abnormal_points', 'Task', 'LeakageError', 'check_point_in_time', 'exclusion_mask',
+           'task_points']
 
 # %% ../nbs/20_tasks.ipynb #37d3b96e
 _T = pl.Datetime('us', 'UTC')
 POINT_SCHEMA = {'order_id': pl.String, 'patient_key': pl.String, 'prediction_time': _T, 'label': pl.Int8, 'label_time': _T}
+
+CANCEL_CONTROLS = ('CA', 'OC', 'DC')   # order control codes (ORC-1) that cancel or discontinue an order
+
+def cancelled_orders(conn: Connection, # open connection to the store
+                     as_of: datetime | None = None, # the store as it was then (None: everything stored)
+                     order_ids=None, # only these orders (any iterable of ids); None: all
+                    ) -> set[str]:
+    "Orders cancelled as known at `as_of`: a cancel event (event and stored time ≤ as_of) and no result event known by then; orders from extracts, which carry no events, by their status."
+    e, o = lab_order_events.c, lab_orders.c
+    def known(q, t):
+        return q if as_of is None else q.where(t.stored_time <= as_of, t.event_time <= as_of)
+    ids = {r[0] for r in conn.execute(known(sa.select(e.order_id).where(e.control.in_(CANCEL_CONTROLS)), e))}
+    if order_ids is not None: ids &= set(order_ids)
+    keys, resulted = sorted(ids), set()
+    for i in range(0, len(keys), 500):
+        resulted |= {r[0] for r in conn.execute(known(sa.select(e.order_id).where(e.control == 'RE', e.order_id.in_(keys[i:i + 500])), e))}
+    extract = {r[0] for r in conn.execute(known(sa.select(o.order_id).where(o.source != 'hl7', o.status == 'cancelled'), o))}
+    if order_ids is not None: extract &= set(order_ids)
+    return (ids - resulted) | extract
 
 def lab_abnormal_points(conn: Connection, # open connection to the store
                         component: str, # lab component code, e.g. 'HGB'
@@ -36,12 +56,13 @@ def lab_abnormal_points(conn: Connection, # open connection to the store
     "Prediction points of the lab-abnormal task: one row per order, label null until the result is stored."
     if component not in LABS: raise ConfigError(f"unknown lab component {component!r} (known: {', '.join(LABS)})")
     o, r = lab_orders.c, lab_results.c
-    q = sa.select(o.order_id, o.patient_key, o.event_time.label('prediction_time')).where(o.panel == LABS[component].panel,
-                                                                                          o.status != 'cancelled')
+    q = sa.select(o.order_id, o.patient_key, o.event_time.label('prediction_time')).where(o.panel == LABS[component].panel)
     if start: q = q.where(o.event_time >= start)
     if end: q = q.where(o.event_time < end)
     if as_of: q = q.where(o.stored_time <= as_of, o.event_time <= as_of)
     pts = read_frame(conn, q, POINT_SCHEMA)
+    # cancellation as known at as_of (from the order events), not the order's current status
+    if pts.height: pts = pts.filter(~pl.col('order_id').is_in(list(cancelled_orders(conn, as_of, pts['order_id']))))
     # the label is the final (or corrected) result; when several versions are known, the newest result time wins
     rq = sa.select(r.order_id, r.value, r.ref_low, r.ref_high, r.abnormal_flag, sa.func.coalesce(r.result_time, r.stored_time).label('result_time'),
                    r.stored_time.label('label_time')).where(r.component == component, r.status.in_(('F', 'C')))

@@ -47,14 +47,17 @@ def test_exactly_one_packet_per_scored_order(demo):
     eng = demo['engine']
     n, distinct = q(eng, "select count(*), count(distinct order_id) from inferences where deployment='hgb_abnormal'")[0]
     due = q(eng, "select count(*) from lab_orders where panel='CBC' and event_time >= '2024-01-01'")[0][0]
-    assert n == distinct == due > 0
+    # every such order has a packet, except orders whose cancellation was stored before their scoring run
+    missed = q(eng, "select count(*) from lab_orders o where panel='CBC' and event_time >= '2024-01-01' and status != 'cancelled' "
+                    "and not exists (select 1 from inferences i where i.order_id = o.order_id)")[0][0]
+    assert n == distinct > 0 and missed == 0 and n <= due
     # every packet was scored at its order's time, with the model the deployment serves
     mism = q(eng, "select count(*) from inferences i join lab_orders o using (order_id) where i.prediction_time != o.event_time")[0][0]
     assert mism == 0
     assert q(eng, "select count(distinct model_id) from inferences")[0][0] == 1
-    # labels: one per packet whose hemoglobin result arrived
-    labelled = q(eng, "select count(*) from inference_labels")[0][0]
-    resulted = q(eng, "select count(*) from inferences i join lab_results r on r.order_id = i.order_id and r.component = 'HGB'")[0][0]
+    # labels: every packet whose hemoglobin result arrived has one (in one or more versions: corrected results add versions)
+    labelled = q(eng, "select count(distinct inference_id) from inference_labels")[0][0]
+    resulted = q(eng, "select count(distinct i.inference_id) from inferences i join lab_results r on r.order_id = i.order_id and r.component = 'HGB'")[0][0]
     assert labelled == resulted > 0
 
 
@@ -73,6 +76,7 @@ def test_report_shows_table2_without_identifiers(demo):
     for cell in ('prev-retro', 'prev-pro', 'auroc-retro', 'auroc-pro'):
         assert re.search(rf'id="{cell}">0\.\d\d \[0\.\d\d, 0\.\d\d\]<', html), cell
     assert 'data:image/png;base64' in html and 'show_report(' not in html   # plots in, code hidden
+    assert re.search(r'id="n-labelled">\d+ \(\d+\.\d%\)</span> labelled', html) and 'id="label-status-table"' in html
     mrns = [r[0] for r in q(demo['engine'], 'select mrn from patient_identity limit 50')]
     names = [r[0] for r in q(demo['engine'], 'select distinct family_name from patient_identity')]
     assert mrns and not any(m in html for m in mrns) and not any(f'>{n}<' in html for n in names)
