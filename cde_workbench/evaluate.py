@@ -654,9 +654,13 @@ def summary_text(result: dict) -> str:
     k = result['settings'].get('min_group_size')   # like the HTML report: a suppressed cell's size is not shown (it can identify patients)
     hidden = lambda r: f'< {k}' if k is not None and r['n'] < k else '—'   # '—': suppressed for too few cases in a class
     fmt = lambda e: '—  (' + e.get('reason', '') + ')' if e['estimate'] is None else (
-        f"{e['estimate']:.3f} [{e['ci'][0]:.3f}, {e['ci'][1]:.3f}]" if e['ci'][0] is not None else f"{e['estimate']:.3f}")
+        f"{e['estimate']:.3f} [{e['ci'][0]:.3f}, {e['ci'][1]:.3f}]" if e['ci'][0] is not None else f"{e['estimate']:.3f}") + (
+        f"  ! defined in {e['valid_resamples']} of {e['resamples']} resamples" if e.get('warning') else '')
+    st = result['settings']
+    unit = st.get('resampling_unit', 'case')
+    of = f"resampling {_t(unit)}s ({st['n_clusters']:,} of them)" if unit != 'case' else 'resampling cases as independent'
     lines = [f"n = {result['n']}, prevalence {result['prevalence']:.3f}, threshold {result['threshold']:g} "
-             f"({result['settings']['n_boot']} bootstrap resamples, {result['settings']['level']:.0%} intervals)"]
+             f"({st['n_boot']} bootstrap resamples {of}, {st['level']:.0%} intervals)"]
     lines += [f"  {k:22s} {fmt(v)}" for k, v in result['metrics'].items()]
     for col, table in result['subgroups'].items():
         lines.append(f'by {_t(col)}:')
