@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from sklearn.metrics import roc_auc_score
 
-from cde_workbench.monitor import PACKET_SCHEMA, health, packets, performance_rows, weekly
+from cde_workbench.monitor import PACKET_SCHEMA, health, label_status, packets, performance_rows, weekly
 
 from conftest import SMALL_DEPLOYMENT, deliver_feed
 
@@ -45,7 +45,7 @@ def trial(small_trained_store, tmp_path_factory):
         with engine.connect() as c: rec = get_model(c, dep.name)
         set_status(engine, dep.name, 'silent', rec.model_id, 'test: silent trial')
         scored = run(engine, dep, 'score', score_pending, SCORED_TO).scored
-        labelled = run(engine, dep, 'labels', extract_labels, LABELLED_TO)
+        labelled = run(engine, dep, 'labels', extract_labels, LABELLED_TO).labelled
         assert 0 < labelled < scored
         yield engine, dep, rec
         dispose_engines()
@@ -56,7 +56,7 @@ def test_packets_carry_their_labels_and_no_identifiers(trial):
     with engine.connect() as c: pk = packets(c, dep.name)
     assert pk.schema == pl.Schema(PACKET_SCHEMA) and pk['prediction_time'].is_sorted()
     assert pk.height == q(engine, 'select count(*) from inferences')[0][0] == pk['inference_id'].n_unique()
-    stored = dict(q(engine, 'select inference_id, label from inference_labels'))
+    stored = dict(q(engine, 'select inference_id, label from inference_labels order by inference_id, version'))   # the newest version wins
     assert {i: l for i, l in zip(pk['inference_id'], pk['label']) if l is not None} == stored
     assert 0 < len(stored) < pk.height
     assert not {'mrn', 'family_name', 'given_name', 'birth_date'} & set(pk.columns)
@@ -69,9 +69,14 @@ def test_performance_rows_match_the_reference_metrics(trial):
     with engine.connect() as c: retro, pro = performance_rows(c, dep)
     ev = dep.evaluation
     t = test_predictions(rec)
-    assert (retro.period, retro.n) == ('retrospective', t.height) and retro.auroc == auroc_ci(t['label'].to_numpy(), t['score'].to_numpy(), ev['bootstrap'], ev['seed'], ev['ci'])
+    assert ev['unit'] == 'patient'   # intervals resample patients
+    assert (retro.period, retro.n) == ('retrospective', t.height) and retro.auroc == auroc_ci(t['label'].to_numpy(), t['score'].to_numpy(), ev['bootstrap'], ev['seed'], ev['ci'],
+                                                                                              clusters=t['patient_key'].to_numpy())
     assert retro.auroc.estimate == pytest.approx(roc_auc_score(t['label'], t['score']), abs=1e-12)
-    y, s = map(np.array, zip(*q(engine, 'select l.label, i.score from inferences i join inference_labels l using (inference_id)')))
+    # prospective: packets labelled within the horizon, each with its newest label version (label_status is tested in test_labels)
+    with engine.connect() as c: st = label_status(c, dep).filter(pl.col('label_state') == 'labelled')
+    newest = dict(q(engine, 'select inference_id, label from inference_labels order by inference_id, version'))
+    y, s = np.array([newest[i] for i in st['inference_id']]), st['score'].to_numpy()
     assert (pro.period, pro.n) == ('prospective', len(y))
     assert pro.prevalence.estimate == pytest.approx(y.mean(), abs=1e-12)
     assert pro.auroc.estimate == pytest.approx(roc_auc_score(y, s), abs=1e-12) and pro.auroc.low <= pro.auroc.estimate <= pro.auroc.high
@@ -79,9 +84,9 @@ def test_performance_rows_match_the_reference_metrics(trial):
 
 def test_health_counts_and_says_what_to_do(trial):
     engine, dep, rec = trial
-    with engine.connect() as c: h = health(c, dep)
-    n, labelled, flagged, last = q(engine, """select count(*), count(l.label), sum(case when i.score >= i.threshold then 1 else 0 end),
-                                              max(i.prediction_time) from inferences i left join inference_labels l using (inference_id)""")[0]
+    with engine.connect() as c: h, st = health(c, dep), label_status(c, dep)
+    n, flagged, last = q(engine, """select count(*), sum(case when i.score >= i.threshold then 1 else 0 end), max(i.prediction_time) from inferences i""")[0]
+    labelled = int((st['label_state'] == 'labelled').sum())
     assert (h.status, h.model, h.packets, h.labelled, h.flagged) == ('silent', f'{rec.name} v{rec.version}', n, labelled, flagged)
     assert h.last_prediction == datetime.fromisoformat(str(last)).strftime('%Y-%m-%d %H:%M UTC')
     pro, retro = h.prospective_auroc, h.retrospective_auroc
@@ -112,6 +117,6 @@ def test_before_labels_and_before_a_model(silent_store):
         retro, pro = performance_rows(c, dep)
         h = health(c, dep)
     assert (pro.n, pro.auroc, pro.note) == (0, None, 'no labelled cases yet') and retro.auroc is not None
-    assert h.message == f'Silent trial collecting labels: 0 labelled of {n} scored orders.' and h.prospective_auroc is None
+    assert h.message.startswith(f'Silent trial collecting labels: 0 labelled of {n} scored orders') and h.prospective_auroc is None
     with engine.connect() as c: h = health(c, replace(dep, name='unregistered'))
     assert (h.status, h.packets, h.message) == ('not registered', 0, 'No model is deployed yet.')
