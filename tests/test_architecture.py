@@ -1,0 +1,43 @@
+"""Imports point one way, down the data flow: a module imports only modules of notebooks numbered before its own.
+
+Known exceptions are listed with the reason they remain; the test fails on any new one, and on a listed one
+that has gone (so the list only shrinks)."""
+import re
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / 'cde_workbench'
+
+KNOWN = {  # (importing notebook, imported notebook): why it is still there
+    ('00_config', '20_tasks'): 'load_deployment validates [task] through Task (to move to a typed Deployment built after 22)',
+    ('00_config', '21_features'): 'load_deployment validates [features] through FeatureSet (same)',
+    ('00_config', '22_train'): 'load_deployment validates [model] through model_grid (same)',
+    ('10_synth', '11_hl7'): 'the synthetic feed is written with the HL7 writer',
+    ('12a_mllp', '13_events'): 'the MLLP receiver wakes the event processor after each commit',
+    ('22_train', '23_registry'): 'training registers the chosen model',
+    ('22_train', '30_evaluate'): 'training reports the test-year AUROC and prevalence with intervals',
+}
+
+
+def notebook_of(path: Path) -> str | None:
+    m = re.search(r'File to edit: \.\./nbs/(\w+)\.ipynb', path.read_text())
+    return m.group(1) if m else None
+
+
+def upward_imports() -> set[tuple[str, str]]:
+    nb = {p.stem: notebook_of(p) for p in PKG.glob('*.py')}
+    found = set()
+    for p in PKG.glob('*.py'):
+        if not nb.get(p.stem): continue
+        for line in p.read_text().splitlines():
+            m = re.match(r'\s*(?:from (?:\.|cde_workbench\.)(\w+) import|import cde_workbench\.(\w+))', line)
+            target = m and (m.group(1) or m.group(2))
+            if target in nb and nb[target] and nb[target] > nb[p.stem]: found.add((nb[p.stem], nb[target]))
+    return found
+
+
+def test_imports_point_down_the_data_flow():
+    found = upward_imports()
+    new = found - set(KNOWN)
+    assert not new, f'imports from a lower stage to a higher one: {sorted(new)}'
+    gone = set(KNOWN) - found
+    assert not gone, f'these exceptions are gone: remove them from KNOWN: {sorted(gone)}'
