@@ -3,6 +3,10 @@
 Figures (each measured in this process, against a baseline measured in the same run):
 - bootstrap_auroc: 1,000-resample AUROC bootstrap, n = 20,000, vectorised against a loop of
   sklearn.metrics.roc_auc_score over the same resample indices.
+- cluster_bootstrap: the AUROC bootstrap resampling patients (20,000 predictions from 2,000 patients), against
+  the row bootstrap on the same data.
+- auroc_ci_coverage: coverage of the true AUROC by row- and patient-level 95% intervals over 200 simulated
+  samples of correlated orders (benchmarks/coverage.py).
 - count_features: point-in-time count features (the full transform to CSR, 20M events, 200k points) and its
   peak memory against a pandas merge-and-filter baseline, with events grouped by patient (as the store
   returns them) and, as count_features_ungrouped, in arbitrary order (the one-off sort counted).
@@ -35,10 +39,11 @@ def demo_stages():
 
 def main():
     from bootstrap import bench_bootstrap
+    from coverage import bench_coverage
     from features import bench_count_features, bench_count_features_ungrouped
     from hl7_parse import bench_hl7_parse
     from replay import bench_replay
-    benches = [bench_bootstrap, bench_count_features, bench_count_features_ungrouped, bench_hl7_parse, bench_replay]
+    benches = [bench_bootstrap, bench_coverage, bench_count_features, bench_count_features_ungrouped, bench_hl7_parse, bench_replay]
     try:
         from mllp import bench_mllp
         benches.append(bench_mllp)

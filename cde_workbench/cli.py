@@ -405,14 +405,17 @@ def evaluate(file: Path = typer.Argument(..., help='Predictions file (.csv or .p
              n_boot: int = typer.Option(1000, '--n-boot', min=1, help='Bootstrap resamples.'),
              seed: int = typer.Option(0, '--seed', help='Random seed of the resamples.'),
              min_group_size: int = typer.Option(30, '--min-group-size', min=1, help='Smaller subgroups are suppressed.'),
+             min_events: int = typer.Option(10, '--min-events', min=0, help='Subgroups with fewer cases in either class are suppressed.'),
+             cluster: Optional[str] = typer.Option(None, '--cluster', help='Column of the independent unit (e.g. patient id): the bootstrap resamples it whole. Without it, rows are treated as independent.'),
              as_json: bool = typer.Option(False, '--json', help='Print the result as JSON on stdout instead of a summary and an HTML report.')):
     "Evaluate a predictions file: AUROC, AP, threshold metrics, Brier, calibration, net benefit and subgroups, with bootstrap CIs."
     from cde_workbench.config import reports_dir
     from cde_workbench.evaluate import evaluate_predictions, read_predictions, summary_text
     try: nb = None if nb_thresholds is None else [float(t) for t in nb_thresholds.split(',') if t.strip()]
     except ValueError: raise typer.BadParameter(f'comma-separated numbers expected, got {nb_thresholds!r}', param_hint='--nb-thresholds') from None
-    y, s, groups, nf = read_predictions(file, label, score, group, n_features)
-    result = evaluate_predictions(y, s, threshold, groups, nb, n_boot, seed, min_group_size=min_group_size, n_features=nf)
+    y, s, groups, nf, clusters = read_predictions(file, label, score, group, n_features, cluster)
+    result = evaluate_predictions(y, s, threshold, groups, nb, n_boot, seed, min_group_size=min_group_size, n_features=nf,
+                                  clusters=clusters, unit=cluster or 'case', min_events=min_events)
     if as_json: typer.echo(json.dumps(result, allow_nan=False)); return
     typer.echo(summary_text(result))
     from cde_workbench.report import evaluation_report_html

@@ -111,14 +111,14 @@ _SCHEMA = {  # section -> {key: type}; a missing optional section takes the defa
     'model': {'candidates': list, 'seed': int, 'grid': dict},  # grid: {kind: {param: [values]}}, checked by `train`
     'output': {'mode': str, 'threshold': float, 'threshold_reason': str, 'threshold_rule': str, 'target': float},
     'schedule': {'score_every_minutes': int},
-    'evaluation': {'bootstrap': int, 'seed': int, 'ci': float},
+    'evaluation': {'bootstrap': int, 'seed': int, 'ci': float, 'unit': str, 'min_events': int},   # unit: 'patient' (cluster bootstrap) or 'case'
     'checks': {'point_in_time_sample': int, 'point_in_time_seed': int},  # the leakage guard in training and scoring runs
 }
 _REQUIRED = {'split': ('train_years', 'validation_years', 'test_years'), 'output': ('mode',)}
 _DEFAULTS = {
     'model': {'candidates': ['logistic_regression', 'random_forest', 'hist_gradient_boosting'], 'seed': 0, 'grid': {}},
     'schedule': {'score_every_minutes': 15},
-    'evaluation': {'bootstrap': 1000, 'seed': 20240101, 'ci': 0.95},
+    'evaluation': {'bootstrap': 1000, 'seed': 20240101, 'ci': 0.95, 'unit': 'patient', 'min_events': 10},
     'checks': {'point_in_time_sample': 50, 'point_in_time_seed': 0},
 }
 
@@ -181,6 +181,7 @@ def load_deployment(name_or_path: str | Path, # deployment name (folder under `d
     if sec['output']['mode'] not in _MODES: raise ConfigError(f"{fname}: [output] mode {sec['output']['mode']!r} unknown (known: {', '.join(_MODES)})")
     _check_threshold(fname, sec['output'])
     if sec['checks']['point_in_time_sample'] < 1: raise ConfigError(f"{fname}: [checks] point_in_time_sample must be a whole number ≥ 1 (the leakage guard cannot be switched off)")
+    if sec['evaluation']['unit'] not in ('patient', 'case'): raise ConfigError(f"{fname}: [evaluation] unit must be 'patient' (resample patients) or 'case', got {sec['evaluation']['unit']!r}")
     years = [y for k in ('train_years', 'validation_years', 'test_years') for y in sec['split'][k]]
     if not years or not all(isinstance(y, int) for y in years): raise ConfigError(f"{fname}: [split] years must be lists of whole years")
     if len(set(years)) != len(years): raise ConfigError(f"{fname}: [split] a year appears in more than one part of the split")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -43,12 +44,14 @@ class PerformanceRow:
     auroc: Estimate | None
     note: str = ''
 
-def _row(period, y, s, dep) -> PerformanceRow:
+def _row(period, y, s, dep, patients=None) -> PerformanceRow:
     ev = dep.evaluation
     if len(y) == 0: return PerformanceRow(period, 0, None, None, 'no labelled cases yet')
-    prev = prevalence_ci(y, ev['bootstrap'], ev['seed'], ev['ci'])
+    cl = patients if ev['unit'] == 'patient' else None   # intervals resample patients: a patient's orders are correlated
+    if cl is not None and len(np.unique(cl)) < 2: return PerformanceRow(period, len(y), None, None, 'one patient only: no interval')
+    prev = prevalence_ci(y, ev['ci'], clusters=cl)
     if y.min() == y.max(): return PerformanceRow(period, len(y), prev, None, 'one class only: AUROC undefined')
-    return PerformanceRow(period, len(y), prev, auroc_ci(y, s, ev['bootstrap'], ev['seed'], ev['ci']))
+    return PerformanceRow(period, len(y), prev, auroc_ci(y, s, ev['bootstrap'], ev['seed'], ev['ci'], clusters=cl))
 
 def performance_rows(conn: Connection, dep: Deployment) -> list[PerformanceRow]:
     "Retrospective (test years) and prospective (silent trial) prevalence and AUROC with CIs."
@@ -56,8 +59,8 @@ def performance_rows(conn: Connection, dep: Deployment) -> list[PerformanceRow]:
     rec = get_model(conn, model_id=state.model_id) if state.model_id else resolve_model(conn, dep.name)
     retro = test_predictions(rec)
     pk = packets(conn, dep.name).filter(pl.col('label').is_not_null(), pl.col('model_id') == rec.model_id)
-    return [_row('retrospective', retro['label'].to_numpy(), retro['score'].to_numpy(), dep),
-            _row('prospective', pk['label'].to_numpy(), pk['score'].to_numpy(), dep)]
+    return [_row('retrospective', retro['label'].to_numpy(), retro['score'].to_numpy(), dep, retro['patient_key'].to_numpy()),
+            _row('prospective', pk['label'].to_numpy(), pk['score'].to_numpy(), dep, pk['patient_key'].to_numpy())]
 
 @dataclass
 class Health:

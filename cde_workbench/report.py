@@ -34,10 +34,10 @@ from .tasks import Task, lab_abnormal_points, task_points
 __all__ = ['METRICS', 'SUBGROUP_LABELS', 'figure_html', 'roc_plot_html', 'pr_plot_html', 'calibration_plot_html',
            'decision_plot_html', 'metrics_table_html', 'summary_html', 'subgroups_html', 'feature_count_html',
            'evaluation_sections_html', 'html_document', 'evaluation_report_html', 'Table2Row', 'table2_rows_html',
-           'table2_row', 'table2_html', 'run_trail_html', 'subgroup_frame', 'evaluate_for_report', 'intended_use_html',
-           'data_html', 'cohort_html', 'features_html', 'model_html', 'limitations', 'limitations_html',
-           'silent_trial_html', 'model_card_html', 'show_report', 'lab_deployments', 'deployr_table2_html',
-           'evaluation_html', 'show_evaluation', 'render_report']
+           'table2_row', 'interval_note', 'table2_html', 'run_trail_html', 'subgroup_frame', 'evaluate_for_report',
+           'intended_use_html', 'data_html', 'cohort_html', 'features_html', 'model_html', 'limitations',
+           'limitations_html', 'silent_trial_html', 'model_card_html', 'show_report', 'lab_deployments',
+           'deployr_table2_html', 'evaluation_html', 'show_evaluation', 'render_report']
 
 # %% ../nbs/70_report.ipynb #881cc165
 METRICS = {  # result key -> (label, what it means for a reviewer)
@@ -71,7 +71,7 @@ def _metric_text(m: dict | None) -> str:
 def _prevalence(result: dict) -> dict:
     "The result's prevalence as a metric entry (it may be a bare number or an entry with a CI)."
     p = result.get('prevalence')
-    return p if isinstance(p, dict) else {'estimate': p, 'ci': None}
+    return p if isinstance(p, dict) else {'estimate': p, 'ci': result.get('prevalence_ci')}
 
 def _slug(s: str) -> str: return re.sub(r'[^a-z0-9]+', '-', str(s).lower()).strip('-') or 'x'
 
@@ -198,8 +198,10 @@ def metrics_table_html(result: dict, # an evaluation result
             why = m.get('reason') or 'undefined: ' + _UNDEFINED.get(k, 'needs cases of both classes')
             cell = f'<td class="estimate undefined" data-estimate="">— ({_e(why)})</td><td class="ci">—</td>'
         else:
+            warn = (f'<br><span class="warning" data-valid="{m.get("valid_resamples")}">⚠ {_e(m["warning"])}</span>'
+                    if m.get('warning') else '')
             cell = (f'<td class="estimate" data-estimate="{est!r}">{_num(est)}</td>'
-                    f'<td class="ci">{_ci_text(m.get("ci"))}</td>')
+                    f'<td class="ci">{_ci_text(m.get("ci"))}{warn}</td>')
         rows.append(f'<tr id="metric-{_slug(k)}" data-metric="{_e(k)}"><th scope="row">{_e(label)}</th>{cell}<td class="what">{_e(what)}</td></tr>')
     return (f'<p class="threshold">Threshold <b>{threshold:g}</b>: a score at or above the threshold counts positive '
             '(sensitivity, specificity, PPV and NPV use it; the other metrics do not).</p>'
@@ -211,9 +213,16 @@ def summary_html(result: dict, level: float = 0.95, n_boot: int | None = None) -
     p = _prevalence(result)
     ci = f' ({level * 100:g}% CI {_ci_text(p.get("ci"))})' if p.get('ci') else ''
     how = f'{n_boot} bootstrap resamples' if n_boot else 'bootstrap resamples'
+    st = result.get('settings') or {}
+    unit, k = st.get('resampling_unit', 'case'), st.get('n_clusters')
+    of = (f'of {unit}s ({k:,} {unit}s): each resample draws {unit}s with replacement and takes all of a drawn {unit}\'s cases, '
+          f'because cases of one {unit} are correlated' if unit != 'case' else 'of the cases, each treated as independent')
+    prop = f' The prevalence interval is a Wilson interval{" on the effective sample size under clustering" if unit != "case" else ""}.' if p.get('ci') else ''
     return (f'<p id="summary"><b>n</b> = <span id="n">{result["n"]}</span> cases; <b>prevalence</b> = '
             f'<span id="prevalence">{_num(p.get("estimate"))}</span>{ci}. '
-            f'Intervals are {level * 100:g}% percentile intervals from {how} of the cases.</p>')
+            f'<span id="methods">Intervals are {level * 100:g}% percentile intervals from {how} {_e(of)}.{prop} '
+            'A figure undefined in some resamples (e.g. one class) is computed on the others; the table says when fewer '
+            'than 95% of resamples defined it.</span></p>')
 
 def _min_group(result: dict, entry: dict) -> int | None:
     for d in (entry, result.get('settings') or {}, result):
@@ -237,11 +246,12 @@ def subgroups_html(result: dict, # an evaluation result with "subgroups"
         for value, g in groups.items():
             if g.get('suppressed'):
                 k = _min_group(result, g)
-                why = (f'suppressed (n &lt; {k})' if k else 'suppressed (n below the minimum group size)')
+                by_size = k is not None and (g.get('n') or 0) < k   # else suppressed for too few cases in a class
+                why = f'suppressed (n &lt; {k})' if by_size else 'suppressed'
                 reason = _e(g.get('reason') or 'too few cases')
                 # the exact count of a small group is not shown either: small cells can identify patients
                 rows.append(f'<tr class="suppressed" data-group="{_e(value)}"><th scope="row">{_e(value)}</th>'
-                            f'<td>{"&lt; " + str(k) if k else "—"}</td><td colspan="{len(names) + has_prev}">{why}: {reason}, '
+                            f'<td>{"&lt; " + str(k) if by_size else "—"}</td><td colspan="{len(names) + has_prev}">{why}: {reason}, '
                             'too few for a stable estimate, and small groups can identify patients</td></tr>')
                 continue
             m = g.get('metrics') or {}
@@ -396,6 +406,13 @@ def table2_row(conn: Connection, # open connection to the store
     "A deployment's Table 2 row: retrospective from its model's test predictions, prospective from its silent trial (if any)."
     return _table2_row(dep, performance_rows(conn, dep))
 
+def interval_note(evaluation: dict) -> str:
+    "How a deployment's intervals were computed, for table notes: level, resamples and the resampling unit."
+    unit = evaluation.get('unit', 'case')
+    how = ("patients (each resample draws patients with replacement and takes all of a drawn patient's orders, which are correlated); "
+           'prevalence: Wilson intervals on the effective sample size' if unit == 'patient' else 'orders, each treated as independent; prevalence: Wilson intervals')
+    return f'{evaluation["ci"] * 100:g}% percentile bootstrap intervals from {evaluation["bootstrap"]} resamples of {how}.'
+
 def _table2_row(dep: Deployment, rows: list[PerformanceRow]) -> Table2Row:
     by = {r.period: r for r in rows}
     r, p = by['retrospective'], by['prospective']
@@ -406,7 +423,7 @@ def table2_html(dep: Deployment, rows: list[PerformanceRow]) -> str:
     row, by = _table2_row(dep, rows), {x.period: x for x in rows}
     r, p = by['retrospective'], by['prospective']
     note = (f'n = {r.n} retrospective test orders, {p.n} prospective labelled orders. '
-            f'{dep.evaluation["ci"] * 100:g}% percentile bootstrap intervals, {dep.evaluation["bootstrap"]} resamples.'
+            + interval_note(dep.evaluation)
             + (f' Prospective: {_e(p.note)}.' if p.note else ''))
     return table2_rows_html([row], note, suffix_ids=False)
 
@@ -445,12 +462,15 @@ def evaluate_for_report(y: np.ndarray, # labels
                         dep: Deployment, # gives the threshold and the bootstrap settings
                         groups: pl.DataFrame | None = None, # subgroup columns, one row per case
                         n_features: np.ndarray | None = None, # non-zero features per case (AUROC by feature count)
+                        patients: np.ndarray | None = None, # each case's patient: resampled whole when the deployment's unit is 'patient'
                        ) -> dict:
     "The deployment's evaluation of one set of predictions, through `evaluate_predictions` with its settings."
     ev = dep.evaluation
     g = None if groups is None else {c: groups[c].to_numpy() for c in groups.columns}
+    if ev['unit'] == 'patient' and patients is None: raise PipelineError(f'{dep.name}: intervals resample patients, but no patient of each case was given')
     return evaluate_predictions(y, score, threshold=float(dep.output['threshold']), groups=g, n_boot=ev['bootstrap'],
-                                seed=ev['seed'], level=ev['ci'], n_features=n_features)
+                                seed=ev['seed'], level=ev['ci'], n_features=n_features, min_events=ev['min_events'],
+                                clusters=patients if ev['unit'] == 'patient' else None)
 
 # %% ../nbs/70_report.ipynb #55adac6b
 def _loads(conn: Connection) -> list[dict]:
@@ -740,7 +760,7 @@ def model_card_html(engine: Engine, # the store
     dep = _shown_threshold(dep, rec)
     y, s = retro['label'].to_numpy().astype(int), retro['score'].to_numpy().astype(float)
     nf = retro['n_features'].to_numpy() if 'n_features' in retro.columns else None
-    result = evaluate_for_report(y, s, dep, groups, nf)
+    result = evaluate_for_report(y, s, dep, groups, nf, retro['patient_key'].to_numpy())
     fz = bundle.get('featurizer')
     demo = bool(getattr(fz, 'demographics', False))
     ev = dep.evaluation
@@ -779,7 +799,7 @@ def deployr_table2_html(conn: Connection, # open connection to the store
     if not rows: return ''
     ev = deps[0].evaluation
     note = (f'{len(rows)} lab tasks with a registered model; retrospective: the held-out test years; prospective: labelled silent-trial '
-            f'orders ("—" where no silent trial ran). {ev["ci"] * 100:g}% percentile bootstrap intervals, {ev["bootstrap"]} resamples.'
+            f'orders ("—" where no silent trial ran). ' + interval_note(ev)
             + (f' Not yet trained: {", ".join(missing)}.' if missing else ''))
     return ('<section id="deployr-table2"><h2>DEPLOYR\'s Table 2: every lab task</h2>'
             + table2_rows_html(rows, note, suffix_ids=True, table_id='table2-all') + '</section>')
@@ -799,7 +819,7 @@ def evaluation_html(engine: Engine, # the store
     dep = _shown_threshold(dep, rec)
     y, s = retro['label'].to_numpy().astype(int), retro['score'].to_numpy().astype(float)
     nf = retro['n_features'].to_numpy() if 'n_features' in retro.columns else None
-    result = evaluate_for_report(y, s, dep, groups, nf)
+    result = evaluate_for_report(y, s, dep, groups, nf, retro['patient_key'].to_numpy())
     ev = dep.evaluation
     fz = bundle.get('featurizer')
     head = f'<h1>{_e(dep.name)} v{rec.version}: evaluation</h1>'

@@ -182,9 +182,10 @@ def train_deployment(engine: Engine, # the store
     score = est.predict_proba(Xte)[:, 1]
     yte = split.test['label'].to_numpy()
     ev = dep.evaluation
+    cl = split.test['patient_key'].to_numpy() if ev['unit'] == 'patient' else None   # the test years' intervals resample patients
     metrics = {'validation': validation, 'chosen': {'kind': kind, 'params': params},
-               'test_auroc': auroc_ci(yte, score, ev['bootstrap'], ev['seed'], ev['ci']).as_dict(),
-               'test_prevalence': prevalence_ci(yte, ev['bootstrap'], ev['seed'], ev['ci']).as_dict(),
+               'test_auroc': auroc_ci(yte, score, ev['bootstrap'], ev['seed'], ev['ci'], clusters=cl).as_dict(),
+               'test_prevalence': prevalence_ci(yte, ev['ci'], clusters=cl).as_dict(), 'interval_unit': ev['unit'],
                'n': {'train': split.train.height, 'validation': split.validation.height, 'test': split.test.height},
                'n_features': len(fz.vocabulary_),
                'point_in_time_checked': checked}

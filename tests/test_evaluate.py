@@ -112,7 +112,11 @@ def test_subgroups_equal_fairlearn_and_small_groups_are_suppressed():
     band = rng.choice(['18-39', '40-64', '65+', '100+'], len(y), p=[0.3, 0.4, 0.29, 0.01])
     band[(band == '65+') & (y == 1)] = '40-64'   # '65+' has no positive case: class-dependent figures undefined there
     t = 0.4
-    r = evaluate_predictions(y, p, threshold=t, groups={'sex': sex, 'age band': band}, n_boot=50, min_group_size=40)
+    # min_events=0: show groups whatever their class counts, to check the undefined figures of a one-class group
+    r = evaluate_predictions(y, p, threshold=t, groups={'sex': sex, 'age band': band}, n_boot=50, min_group_size=40, min_events=0)
+    by_default = evaluate_predictions(y, p, threshold=t, groups={'age band': band}, n_boot=20, min_group_size=40)['subgroups']['age band']
+    assert by_default['65+'] == {'n': int((band == '65+').sum()), 'suppressed': True, 'reason': 'fewer than 10 cases in a class'}
+    assert 'metrics' in by_default['40-64']
     fns = {k: (lambda k: lambda yt, yp: reference(yt, yp, t, k))(k) for k in METRICS}
     for col, values in (('sex', sex), ('age band', band)):
         frame = MetricFrame(metrics={k: fns[k] for k in ('brier', 'ppv', 'npv', 'specificity')}, y_true=y, y_pred=p, sensitive_features=values)
@@ -259,7 +263,7 @@ def check_schema(r):
     assert SCHEMA_TOP <= set(r)
     assert set(r['metrics']) == set(METRICS)
     for m in r['metrics'].values(): assert {'estimate', 'ci'} <= set(m) and len(m['ci']) == 2
-    for row in r['net_benefit']: assert set(row) == {'threshold', 'model', 'treat_all'}
+    for row in r['net_benefit']: assert set(row) == {'threshold', 'model', 'treat_all', 'model_ci', 'treat_all_ci', 'valid_resamples'}
     for table in r['subgroups'].values():
         for g in table.values():
             assert set(g) in ({'n', 'metrics'}, {'n', 'suppressed', 'reason'})
@@ -271,7 +275,7 @@ def predictions(tmp_path_factory):
     y, p = data(2000, 13, ties=True)
     rng = np.random.default_rng(13)
     df = pl.DataFrame({'outcome': y, 'risk': p, 'sex': rng.choice(['F', 'M'], len(y)), 'site': rng.choice(['A', 'B', 'C'], len(y), p=[0.49, 0.5, 0.01]),
-                       'n_feat': rng.poisson(15, len(y))})
+                       'n_feat': rng.poisson(15, len(y)), 'patient': rng.integers(0, 200, len(y)).astype(str), 'unit': 'ICU'})
     df.write_csv(d / 'preds.csv'); df.write_parquet(d / 'preds.parquet')
     return d, y, p, df
 
@@ -314,6 +318,22 @@ def test_cli_errors(predictions, tmp_path):
     one_line(cde('evaluate', str(tmp_path / 'none.csv'), '--label', 'y', '--score', 'p'), 'none.csv', 'no such file')
     one_line(cde('evaluate', str(d / 'preds.csv'), '--label', 'died', '--score', 'risk'), "no column 'died'", 'outcome, risk, sex, site, n_feat')
     one_line(cde('evaluate', str(d / 'preds.csv'), '--label', 'outcome', '--score', 'risk', '--nb-thresholds', '0.1,x'), '--nb-thresholds')
+    one_line(cde('evaluate', str(d / 'preds.csv'), '--label', 'outcome', '--score', 'risk', '--cluster', 'mrn'), "no column 'mrn'")
+    one_line(cde('evaluate', str(d / 'preds.csv'), '--label', 'outcome', '--score', 'risk', '--cluster', 'unit'), "cluster column 'unit' has one value only")
+
+
+def test_cli_cluster(predictions):
+    "--cluster resamples whole patients: the same estimates, wider or equal intervals, and the settings say so."
+    d, y, p, df = predictions
+    args = ['evaluate', str(d / 'preds.csv'), '--label', 'outcome', '--score', 'risk', '--n-boot', '200', '--json']
+    r = cde(*args, '--cluster', 'patient')
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    check_schema(out)
+    assert out['settings']['resampling_unit'] == 'patient' and out['settings']['n_clusters'] == df['patient'].n_unique()
+    assert 'patients resampled with replacement' in out['settings']['interval']
+    assert abs(out['metrics']['auroc']['estimate'] - roc_auc_score(y, p)) < 1e-9
+    assert all(m['resamples'] == 200 for m in out['metrics'].values() if m['estimate'] is not None)
 
 
 def test_read_predictions_errors(predictions, tmp_path):

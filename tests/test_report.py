@@ -192,11 +192,15 @@ def test_model_card_in_chromium(card, browser):
         pred = test_predictions(rec)
         y, s = pred['label'].to_numpy().astype(int), pred['score'].to_numpy()
         ev = dep.evaluation
+        assert ev['unit'] == 'patient'   # deployments resample patients, and the card says so
         from cde_workbench.registry import display_threshold
         thr = display_threshold(dep, rec)   # the deployment's threshold as set (rule from the lineage, or hand-set with its reason)
         assert float(page.inner_text('#threshold')) == float(f'{thr.value:g}') and page.inner_text('#threshold-source') == thr.source
-        result = evaluate_predictions(y, s, threshold=thr.value, n_boot=ev['bootstrap'], seed=ev['seed'], level=ev['ci'])
+        result = evaluate_predictions(y, s, threshold=thr.value, n_boot=ev['bootstrap'], seed=ev['seed'], level=ev['ci'],
+                                      clusters=pred['patient_key'].to_numpy())
         assert_metrics_match(page, result)
+        n_patients = pred['patient_key'].n_unique()
+        assert f'resamples of patients ({n_patients:,} patients)' in page.inner_text('#methods')
         assert page.inner_text('#n') == str(len(y))
         # subgroups: sex counts and age bands recomputed from the patients table
         j = pred.join(pat, on='patient_key', how='left')
