@@ -610,8 +610,8 @@ def point_in_time_check(conn: Connection, # open connection to the store
 
     It cannot detect: leakage in points outside the sample (a leak touching a share f of points escapes n checks with
     probability (1 − f)^n); stored times that are themselves wrong (an extract that back-dates `stored_time` to the event
-    time looks known to both paths); leakage inside the shared transform that does not depend on the store's time
-    (both paths agree on it); what fitting learned from later data (vocabulary, bin edges, the model and its selection:
+    time looks known to both paths); leakage both paths share because it does not come from the store's timed facts
+    (a lookup table or constant the transform carries, the points' own columns); what fitting learned from later data (vocabulary, bin edges, the model and its selection:
     a temporal split guards those, not this check); labels or cohorts chosen with later knowledge (excluded points
     are not re-checked); and features known at T that are proxies of the outcome (e.g. a repeat order placed because
     an earlier result was abnormal)."""
