@@ -12,9 +12,9 @@ from datetime import date, datetime, timezone
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['PIPELINES_FOLDER', 'CDEError', 'ConfigError', 'SchemaError', 'IngestError', 'PipelineError', 'project_root',
-           'var_dir', 'database_url', 'deployments_dir', 'reports_dir', 'utcnow', 'as_utc', 'Deployment',
-           'load_deployment']
+__all__ = ['THRESHOLD_RULES', 'PIPELINES_FOLDER', 'CDEError', 'ConfigError', 'SchemaError', 'IngestError', 'PipelineError',
+           'project_root', 'var_dir', 'database_url', 'deployments_dir', 'reports_dir', 'utcnow', 'as_utc',
+           'Deployment', 'load_deployment']
 
 # %% ../nbs/00_config.ipynb #1a642814
 class CDEError(Exception):
@@ -76,6 +76,8 @@ def as_utc(value: datetime | str, # a datetime or ISO-8601 string with an offset
 
 # %% ../nbs/00_config.ipynb #b3d25c55
 _MODES = ('silent', 'shown', 'randomised')
+# how a display threshold is chosen on training data (computed by `train.threshold_from_rule`)
+THRESHOLD_RULES = ('sensitivity', 'specificity', 'ppv', 'flag_rate')
 
 @dataclass(frozen=True)
 class Deployment:
@@ -91,6 +93,7 @@ class Deployment:
     schedule: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)
     labels: dict = field(default_factory=lambda: dict(_DEFAULTS['labels']))  # [labels] horizon_hours: no result by then is censored
+    checks: dict = field(default_factory=lambda: dict(_DEFAULTS['checks']))
 
     def notebook(self, kind: str) -> Path:
         "Path of pipeline notebook `kind` (train, evaluate, score, labels, report): the deployment's own, else the shared one."
@@ -107,18 +110,19 @@ _SCHEMA = {  # section -> {key: type}; a missing optional section takes the defa
     'features': None,  # checked by `features.FeatureSet.from_dict`
     'split': {'train_years': list, 'validation_years': list, 'test_years': list},
     'model': {'candidates': list, 'seed': int, 'grid': dict},  # grid: {kind: {param: [values]}}, checked by `train`
-    'output': {'mode': str, 'threshold': float},
+    'output': {'mode': str, 'threshold': float, 'threshold_reason': str, 'threshold_rule': str, 'target': float},
     'schedule': {'score_every_minutes': int},
     'evaluation': {'bootstrap': int, 'seed': int, 'ci': float, 'unit': str, 'min_events': int},   # unit: 'patient' (cluster bootstrap) or 'case'
     'labels': {'horizon_hours': float},
+    'checks': {'point_in_time_sample': int, 'point_in_time_seed': int},  # the leakage guard in training and scoring runs
 }
 _REQUIRED = {'split': ('train_years', 'validation_years', 'test_years'), 'output': ('mode',)}
 _DEFAULTS = {
     'model': {'candidates': ['logistic_regression', 'random_forest', 'hist_gradient_boosting'], 'seed': 0, 'grid': {}},
-    'output': {'threshold': 0.5},
     'schedule': {'score_every_minutes': 15},
     'evaluation': {'bootstrap': 1000, 'seed': 20240101, 'ci': 0.95, 'unit': 'patient', 'min_events': 10},
     'labels': {'horizon_hours': 72.0},
+    'checks': {'point_in_time_sample': 50, 'point_in_time_seed': 0},
 }
 
 def _check_section(fname: Path, section: str, values) -> dict:
@@ -135,6 +139,22 @@ def _check_section(fname: Path, section: str, values) -> dict:
     for k in _REQUIRED.get(section, ()):
         if k not in values: raise ConfigError(f"{fname}: [{section}] is missing required key {k!r}")
     return {**_DEFAULTS.get(section, {}), **values}
+
+def _check_threshold(fname: Path, out: dict) -> None:
+    "A display threshold is either computed by a stated rule (`threshold_rule`, `target`) or hand-set with a `threshold_reason`."
+    rule, thr = out.get('threshold_rule'), out.get('threshold')
+    if rule is not None and thr is not None: raise ConfigError(f"{fname}: [output] give threshold_rule (computed at training) or threshold (hand-set), not both")
+    if rule is None and thr is None:
+        raise ConfigError(f"{fname}: [output] needs threshold_rule and target (e.g. threshold_rule = \"flag_rate\", target = 0.2), or a hand-set threshold with threshold_reason")
+    if rule is not None:
+        if rule not in THRESHOLD_RULES: raise ConfigError(f"{fname}: [output] threshold_rule {rule!r} unknown (known: {', '.join(THRESHOLD_RULES)})")
+        if 'target' not in out: raise ConfigError(f"{fname}: [output] threshold_rule {rule!r} needs a target")
+        if not 0 < out['target'] <= 1: raise ConfigError(f"{fname}: [output] target must be in (0, 1], got {out['target']:g}")
+        if 'threshold_reason' in out: raise ConfigError(f"{fname}: [output] threshold_reason is for a hand-set threshold; a rule is its own reason")
+    else:
+        if not 0 < thr < 1: raise ConfigError(f"{fname}: [output] threshold must be between 0 and 1")
+        if not out.get('threshold_reason', '').strip(): raise ConfigError(f"{fname}: [output] a hand-set threshold needs threshold_reason (why {thr:g}), or use threshold_rule")
+        if 'target' in out: raise ConfigError(f"{fname}: [output] target belongs to a threshold_rule")
 
 def load_deployment(name_or_path: str | Path, # deployment name (folder under `deployments/`) or a folder path
                    ) -> Deployment:
@@ -159,7 +179,8 @@ def load_deployment(name_or_path: str | Path, # deployment name (folder under `d
     if raw['name'] != folder.name: raise ConfigError(f"{fname}: name {raw['name']!r} must match its folder {folder.name!r}")
     sec = {s: _check_section(fname, s, dict(raw.get(s, {}))) for s in _SCHEMA}
     if sec['output']['mode'] not in _MODES: raise ConfigError(f"{fname}: [output] mode {sec['output']['mode']!r} unknown (known: {', '.join(_MODES)})")
-    if not 0 < sec['output']['threshold'] < 1: raise ConfigError(f"{fname}: [output] threshold must be between 0 and 1")
+    _check_threshold(fname, sec['output'])
+    if sec['checks']['point_in_time_sample'] < 1: raise ConfigError(f"{fname}: [checks] point_in_time_sample must be a whole number ≥ 1 (the leakage guard cannot be switched off)")
     if sec['evaluation']['unit'] not in ('patient', 'case'): raise ConfigError(f"{fname}: [evaluation] unit must be 'patient' (resample patients) or 'case', got {sec['evaluation']['unit']!r}")
     hz, win = sec['labels']['horizon_hours'], sec['task'].get('window_hours') or 0
     if not 0 < hz < float('inf') or hz < win: raise ConfigError(f"{fname}: [labels] horizon_hours must be a positive number of hours, at least the task's window_hours ({win:g}), got {hz:g}")

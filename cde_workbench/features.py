@@ -24,13 +24,13 @@ from sqlalchemy.engine import Connection
 from .config import ConfigError, SchemaError, var_dir
 from .store import diagnoses, lab_results, medication_orders, patient_links, patients, read_frame
 from .synth import LABS
-from .tasks import check_point_in_time
+from .tasks import Task, check_point_in_time, exclusion_mask
 
 # %% auto #0
 __all__ = ['FEATURE_CODE_VERSION', 'KIND_TABLES', 'EVENT_SCHEMA', 'LINK_SCHEMA', 'PATIENT_SCHEMA', 'AGE_BANDS',
            'SKLEARN_EXPECTED_FAILED_CHECKS', 'FeatureSet', 'FeatureData', 'current_versions', 'load_feature_data',
            'CountFeaturizer', 'feature_data_fingerprint', 'points_fingerprint', 'OfflineMatrix', 'offline_matrix',
-           'online_vector', 'check_features_point_in_time']
+           'online_vector', 'check_features_point_in_time', 'point_in_time_check']
 
 # %% ../nbs/21_features.ipynb #c0191b29
 FEATURE_CODE_VERSION = 'count-features-2'
@@ -50,10 +50,12 @@ class FeatureSet:
         "Validate the definition; a `ConfigError` names the bad setting."
         for k in ('medication_days', 'lab_days'):
             v = getattr(self, k)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1): raise ConfigError(f"feature set: {k} must be a whole number of days ≥ 1 or None, got {v!r}")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1): raise ConfigError(f"feature set: {k} must be a whole number of days ≥ 1 or false (off), got {v!r}")
         if isinstance(self.lab_bins, bool) or not isinstance(self.lab_bins, int) or self.lab_bins < 2: raise ConfigError(f"feature set: lab_bins must be a whole number ≥ 2, got {self.lab_bins!r}")
         unknown = [c for c in self.numeric_labs if c not in LABS]
         if unknown: raise ConfigError(f"feature set: numeric_labs names unknown lab component(s) {', '.join(map(repr, unknown))} (known: {', '.join(LABS)})")
+        if not (self.demographics or self.diagnoses or self.medication_days or self.lab_days or self.numeric_labs):
+            raise ConfigError("feature set: every kind is switched off; keep at least one (e.g. numeric_labs for a numeric-only set)")
         return self
 
     @classmethod
@@ -66,6 +68,8 @@ class FeatureSet:
         if bad: raise ConfigError(f"{where}: unknown feature key(s) {', '.join(map(repr, bad))} (known: {', '.join(sorted(known))}; tables: {', '.join(KIND_TABLES.values())})")
         d = dict(d)
         if 'numeric_labs' in d: d['numeric_labs'] = tuple(d['numeric_labs'])
+        for k in ('medication_days', 'lab_days'):   # TOML has no null: `false` switches a window off
+            if d.get(k) is False: d[k] = None
         return cls(**d).check()
 
     def definition(self) -> dict:
@@ -104,7 +108,7 @@ def current_versions(labs: pl.DataFrame) -> pl.DataFrame:
     "Give each result version the time a newer one superseded it (`valid_until`); drop versions never current."
     newest_first = labs.sort('order_id', 'code', 'result_time', 'value', descending=[False, False, True, True])
     with_until = newest_first.with_columns(valid_until=pl.col('stored_time').cum_min().shift(1).over('order_id', 'code'))
-    return with_until.filter(pl.col('valid_until').is_null() | (pl.col('valid_until') > pl.col('stored_time'))).drop('order_id', 'result_time')
+    return with_until.filter(pl.col('valid_until').is_null() | (pl.col('valid_until') > pl.col('stored_time'))).drop('result_time')
 
 def load_feature_data(conn: Connection, # open connection to the store
                       patient_keys: list[str] | None = None, # only these patients (serving); None for all
@@ -133,7 +137,9 @@ def load_feature_data(conn: Connection, # open connection to the store
                               (r.order_id, sa.func.coalesce(r.result_time, r.stored_time).label('result_time'))), lab_schema).cast(lab_schema)
     parts = [read_frame(conn, p, EVENT_SCHEMA).cast(EVENT_SCHEMA) for p in (q(diagnoses, 'dx', diagnoses.c.icd10),
                                                                           q(medication_orders, 'med', medication_orders.c.med_code))]
-    events = pl.concat([p.with_columns(valid_until=pl.lit(None, _T)) for p in parts] + [current_versions(labs)])
+    cols = [*EVENT_SCHEMA, 'order_id', 'valid_until']   # order_id: the lab order a result belongs to (null for dx and med)
+    events = pl.concat([p.with_columns(order_id=pl.lit(None, pl.String), valid_until=pl.lit(None, _T)).select(cols) for p in parts]
+                       + [current_versions(labs).select(cols)])
     events = events.sort('patient_key', 'event_time')   # grouped by patient and in time order: the index then needs no sort
     ps = sa.select(patients.c.patient_key, patients.c.birth_year, patients.c.sex, patients.c.race_ethnicity, patients.c.stored_time)
     if keys is not None: ps = ps.where(patients.c.patient_key.in_(keys))
@@ -176,6 +182,14 @@ class _KindIndex:
     code: np.ndarray      # index into `codes`
     codes: list[str]
     value: np.ndarray | None
+    order: np.ndarray | None = None  # hashed order id (labs; 0 where none): a point's own order is never its feature
+
+_ORDER_SEED = 8_2024
+
+def _order_hash(s: pl.Series) -> np.ndarray:
+    "64-bit hash of each order id (0 for none), so events and points compare order ids as integers."
+    h = s.cast(pl.String).hash(seed=_ORDER_SEED).to_numpy().view(np.int64)
+    return np.where(s.is_null().to_numpy(), np.int64(0), h)
 
 def _patient_ids(data: FeatureData) -> tuple[dict[str, int], np.ndarray]:
     "Number every patient key; returns the numbering and each event's patient id (numbers follow the events' order when grouped)."
@@ -220,6 +234,7 @@ def _kind_index(data: FeatureData, kind: str) -> _KindIndex | None:
     if 'valid_until' in sub.columns and sub['valid_until'].null_count() < sub.height:
         until = sub['valid_until'].dt.epoch('us').fill_null(_NEVER).to_numpy().astype(np.int64, copy=False)
     value = sub['value'].to_numpy() if kind == 'lab' else None
+    order = _order_hash(sub['order_id']) if 'order_id' in sub.columns and sub['order_id'].null_count() < sub.height else None
     if allk and isinstance(ev_pid, tuple):   # all events are this kind and grouped: the runs are the patients
         starts = np.r_[ev_pid[1], np.full(n_ids + 1 - len(ev_pid[1]), n)]
         mark = np.zeros(n, bool); mark[ev_pid[1]] = True
@@ -233,14 +248,15 @@ def _kind_index(data: FeatureData, kind: str) -> _KindIndex | None:
         if pid is None: pid = np.repeat(np.arange(len(ev_pid[1])), np.diff(np.r_[ev_pid[1], n]))
         # one stable sort moving every column (ties keep their input order): polars uses both cores and gathers
         # the columns in parallel, several times faster than numpy's argsort and gathers here
-        cols = {'pid': pid, 'sec': sec, 'stored': stored, 'code': code, 'until': until, 'value': value}
+        cols = {'pid': pid, 'sec': sec, 'stored': stored, 'code': code, 'until': until, 'value': value, 'order': order}
         srt = pl.DataFrame({'k': pid * _SHIFT + sec, **{c: v for c, v in cols.items() if v is not None}}).sort('k', maintain_order=True)
         pid, sec, stored, code = (srt[c].to_numpy() for c in ('pid', 'sec', 'stored', 'code'))
         until = srt['until'].to_numpy() if until is not None else None
         value = srt['value'].to_numpy() if value is not None else None
+        order = srt['order'].to_numpy() if order is not None else None
         del srt
     if pid is not None: starts = np.searchsorted(pid, np.arange(n_ids + 1))
-    data._index[kind] = idx = _KindIndex(starts, sec, stored, until, code, codes, value)
+    data._index[kind] = idx = _KindIndex(starts, sec, stored, until, code, codes, value, order)
     return idx
 
 # %% ../nbs/21_features.ipynb #b1b37eaa
@@ -345,13 +361,16 @@ class CountFeaturizer(TransformerMixin, BaseEstimator):
                                         ('lab', self.lab_days, self.lab_days is not None)) if on]
 
     def _known_pairs(self, idx: _KindIndex, q_pt, q_pid, pt_t, days):
-        "(point, event) pairs in the window whose event was stored by T and not yet superseded at T (stored times to the µs)."
-        pt_sec, pt_us = pt_t
+        "(point, event) pairs in the window whose event was stored by T and not yet superseded at T (stored times to the µs), never the point's own order."
+        pt_sec, pt_us, pt_order = pt_t
         pi, ei = _segment_pairs(idx.starts, idx.sec, q_pid, pt_sec[q_pt], days)
         pi = q_pt[pi]
         t = pt_us[pi]
         known = idx.stored[ei] <= t
         if idx.until is not None: known &= idx.until[ei] > t
+        if pt_order is not None and idx.order is not None:   # the point's own order and its result, by id (not only by time)
+            own = pt_order[pi]
+            known &= (own == 0) | (idx.order[ei] != own)
         return pi[known], ei[known]
 
     def _lab_bins(self, idx: _KindIndex, ei: np.ndarray, edges: dict) -> np.ndarray:
@@ -404,7 +423,8 @@ class CountFeaturizer(TransformerMixin, BaseEstimator):
     def _pairs(self, points, data):
         "Per event kind: its index and the (point, event) pairs known at each point's T; plus who each point's patient is."
         who_pid, q_pt, q_pid, who = _point_members(points, data)
-        pt_t = (_seconds(points['prediction_time']), _micros(points['prediction_time']))
+        pt_t = (_seconds(points['prediction_time']), _micros(points['prediction_time']),
+                _order_hash(points['order_id']) if 'order_id' in points.columns else None)
         pairs = {}
         for kind, days in self._windows():
             idx = _kind_index(data, kind)
@@ -419,7 +439,7 @@ class CountFeaturizer(TransformerMixin, BaseEstimator):
             return np.array([v.get(f'lab:{c}:q{b}', -1) for c in idx.codes for b in range(nb)], np.int64)
         return np.array([v.get(f'{kind}:{c}', -1) for c in idx.codes], np.int64)
 
-    def fit(self, X: pl.DataFrame, # points: patient_key, prediction_time
+    def fit(self, X: pl.DataFrame, # points: patient_key, prediction_time (+ order_id: that order's own results are left out)
             y=None, # ignored; a FeatureData here is taken as `data` (the positional form fit(points, data))
             data: FeatureData | None = None, # the events; default the constructor's `data`
            ) -> CountFeaturizer:
@@ -451,7 +471,7 @@ class CountFeaturizer(TransformerMixin, BaseEstimator):
         self.n_features_out_ = len(self.feature_names_)
         return self
 
-    def transform(self, X: pl.DataFrame, # points: patient_key, prediction_time
+    def transform(self, X: pl.DataFrame, # points: patient_key, prediction_time (+ order_id: that order's own results are left out)
                   data: FeatureData | None = None, # the events; default the constructor's `data`
                  ) -> sp.csr_matrix:
         "Feature matrix (points × features) as known at each point's prediction time."
@@ -541,7 +561,9 @@ def offline_matrix(featurizer: CountFeaturizer, # fitted
     check_is_fitted(featurizer, 'vocabulary_')
     data = featurizer._data(data)
     base = Path(cache_dir) if cache_dir is not None else var_dir() / 'features'
-    path = base / featurizer.definition_hash() / f'{feature_data_fingerprint(data)[:24]}-{points_fingerprint(points)[:24]}-{featurizer.fitted_hash()[:12]}.npz'
+    # a subclass may transform differently under the same definition: its class is part of the key
+    cls = '' if type(featurizer) is CountFeaturizer else '-' + hashlib.sha256(f'{type(featurizer).__module__}.{type(featurizer).__qualname__}'.encode()).hexdigest()[:8]
+    path = base / featurizer.definition_hash() / f'{feature_data_fingerprint(data)[:24]}-{points_fingerprint(points)[:24]}-{featurizer.fitted_hash()[:12]}{cls}.npz'
     if path.exists(): return OfflineMatrix(sp.load_npz(path).tocsr(), path, True)
     X = featurizer.transform(points, data)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -553,10 +575,13 @@ def online_vector(conn: Connection, # open connection to the store
                   featurizer: CountFeaturizer, # fitted
                   patient_key: str, # the patient (any of a merged record's keys)
                   when: datetime, # the prediction time: only facts stored by then are loaded
+                  order_id: str | None = None, # the order being scored: its own results are never features
                  ) -> sp.csr_matrix:
     "The feature row of one patient at `when`, from only that patient's facts as stored by then, by the same transform."
     data = load_feature_data(conn, [patient_key], as_of=when)
-    return featurizer.transform(pl.DataFrame({'patient_key': [patient_key], 'prediction_time': [when]}, schema={'patient_key': pl.String, 'prediction_time': _T}), data)
+    pt = pl.DataFrame({'patient_key': [patient_key], 'prediction_time': [when]}, schema={'patient_key': pl.String, 'prediction_time': _T})
+    if order_id is not None: pt = pt.with_columns(order_id=pl.lit(order_id, pl.String))
+    return featurizer.transform(pt, data)
 
 def check_features_point_in_time(conn: Connection, # open connection to the store
                                  featurizer: CountFeaturizer, # fitted
@@ -566,4 +591,31 @@ def check_features_point_in_time(conn: Connection, # open connection to the stor
                                  seed: int = 0, # sample seed
                                 ) -> int:
     "Leakage guard for features: recompute sampled rows from the store as it was at each prediction time; `LeakageError` on any difference."
-    return check_point_in_time(conn, points, X, lambda c, row, T: online_vector(c, featurizer, row['patient_key'][0], T), n, seed, 'features')
+    own = lambda row: row['order_id'][0] if 'order_id' in row.columns else None
+    return check_point_in_time(conn, points, X, lambda c, row, T: online_vector(c, featurizer, row['patient_key'][0], T, own(row)), n, seed, 'features')
+
+def point_in_time_check(conn: Connection, # open connection to the store
+                        featurizer: CountFeaturizer, # fitted
+                        points: pl.DataFrame, # the points the run built features for (after the task's exclusions)
+                        X: sp.spmatrix, # the rows it built (one per point)
+                        task: Task | None = None, # the task: its exclusions are re-checked too
+                        n: int = 50, # points to check: a seeded sample (all when fewer)
+                        seed: int = 0, # sample seed: the same points for the same inputs
+                       ) -> int:
+    """The leakage guard each training and scoring run calls; `LeakageError` on any difference; returns the number of points checked.
+
+    For a seeded sample of `n` points it rebuilds each feature row from only that patient's facts as stored at the
+    point's prediction time (the serving path) and compares it with the row the run built from all data (the bulk path);
+    for a task with exclusions it also re-decides, as of that time, that each sampled point is not excluded.
+
+    It cannot detect: leakage in points outside the sample (a leak touching a share f of points escapes n checks with
+    probability (1 − f)^n); stored times that are themselves wrong (an extract that back-dates `stored_time` to the event
+    time looks known to both paths); leakage both paths share because it does not come from the store's timed facts
+    (a lookup table or constant the transform carries, the points' own columns); what fitting learned from later data (vocabulary, bin edges, the model and its selection:
+    a temporal split guards those, not this check); labels or cohorts chosen with later knowledge (excluded points
+    are not re-checked); and features known at T that are proxies of the outcome (e.g. a repeat order placed because
+    an earlier result was abnormal)."""
+    m = check_features_point_in_time(conn, featurizer, points, X, n, seed)
+    if task is not None and (task.exclude_if_resulted_within_hours or (task.kind == 'event_within' and task.exclude_if_event_before)):
+        check_point_in_time(conn, points, np.zeros(points.height, bool), lambda c, row, T: exclusion_mask(c, task, row, as_of=T), n, seed, 'exclusions')
+    return m

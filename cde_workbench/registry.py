@@ -21,12 +21,13 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 import cde_workbench
-from .config import ConfigError, PipelineError, project_root, utcnow, var_dir
+from .config import ConfigError, Deployment, PipelineError, project_root, utcnow, var_dir
 from .store import audit, model_aliases, models, read_frame
 
 # %% auto #0
 __all__ = ['ALIASES', 'sha256_file', 'code_version', 'ModelRecord', 'register_model', 'get_model', 'load_bundle',
-           'test_predictions', 'set_alias', 'get_alias', 'resolve_model', 'list_models', 'alias_history']
+           'test_predictions', 'DisplayThreshold', 'display_threshold', 'set_alias', 'get_alias', 'resolve_model',
+           'list_models', 'alias_history']
 
 # %% ../nbs/23_registry.ipynb #20441fa2
 _TRUSTED_PREFIXES = ('sklearn.', 'numpy.', 'scipy.', 'cde_workbench.', 'builtins.', 'collections.')
@@ -138,6 +139,35 @@ def test_predictions(record: ModelRecord) -> pl.DataFrame:
     p = record.folder / 'test_predictions.parquet'
     if not p.exists(): raise PipelineError(f"model {record.name} v{record.version} has no saved test predictions ({p})")
     return pl.read_parquet(p)
+
+# %% ../nbs/23_registry.ipynb #11fcb92d
+@dataclass(frozen=True)
+class DisplayThreshold:
+    "The threshold a deployment shows (a score at or above it counts positive) and how it was set."
+    value: float
+    rule: str | None      # the rule that computed it at training, or None when hand-set
+    target: float | None  # the rule's target
+    source: str           # plain language: the rule and what it achieved, or the hand-set reason
+
+_RULE_WORDS = {'sensitivity': 'sensitivity ≥ {:g}', 'specificity': 'specificity ≥ {:g}', 'ppv': 'PPV ≥ {:g}', 'flag_rate': 'flag rate ≤ {:g}'}
+
+def display_threshold(dep: Deployment, # the deployment (its [output] section)
+                      rec: ModelRecord, # the model version it serves
+                     ) -> DisplayThreshold:
+    "The deployment's display threshold: computed by its rule at training (from the model's lineage), or hand-set with its reason."
+    out = dep.output
+    if 'threshold_rule' not in out:
+        return DisplayThreshold(float(out['threshold']), None, None, f"hand-set: {out['threshold_reason']}")
+    rule, target, t = out['threshold_rule'], float(out['target']), rec.metrics.get('threshold')
+    if not t: raise PipelineError(f"deployment {dep.name!r} states threshold_rule {rule!r}, but model {rec.name} v{rec.version} was trained "
+                                  f"without one; retrain it (cde train {dep.name})")
+    if (t['rule'], float(t['target'])) != (rule, target):
+        raise PipelineError(f"deployment {dep.name!r} states {_RULE_WORDS[rule].format(target)}, but model {rec.name} v{rec.version} "
+                            f"computed its threshold for {_RULE_WORDS[t['rule']].format(t['target'])}; retrain it (cde train {dep.name})")
+    a = t.get('achieved') or {}
+    got = ', '.join(f'{k} {a[k]:.3f}' for k in ('flag_rate', 'sensitivity', 'ppv') if a.get(k) is not None)
+    return DisplayThreshold(float(t['value']), rule, target, f"computed at training by the rule {_RULE_WORDS[rule].format(target)} on "
+                            f"{t['n']} {t.get('computed_on', 'points')} of {rec.name} v{rec.version} (there: {got.replace('_', ' ')})")
 
 # %% ../nbs/23_registry.ipynb #9d90947f
 ALIASES = ('champion', 'challenger')

@@ -12,7 +12,7 @@ import json
 import math
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +25,10 @@ from .deploy import deployment_state
 from .evaluate import Estimate, evaluate_predictions
 from .features import AGE_BANDS
 from .monitor import LABEL_STATES, PerformanceRow, analysis_time, label_counts, label_status, packets, performance_rows, weekly
-from .registry import ModelRecord, get_model, load_bundle, resolve_model, test_predictions
+from .registry import ModelRecord, display_threshold, get_model, load_bundle, resolve_model, test_predictions
 from .store import audit_log, get_engine, lab_orders, patients, read_frame, runs
 from .synth import LABS, PANEL_NAMES
-from .tasks import lab_abnormal_points
+from .tasks import Task, lab_abnormal_points, task_points
 
 # %% auto #0
 __all__ = ['METRICS', 'SUBGROUP_LABELS', 'figure_html', 'roc_plot_html', 'pr_plot_html', 'calibration_plot_html',
@@ -490,16 +490,17 @@ def _loads(conn: Connection) -> list[dict]:
     return out
 
 def _cohort_facts(conn: Connection, dep: Deployment) -> dict:
-    "Counts behind the cohort section: orders included, cancelled, without a result; source tags; synthetic or not."
+    "Counts behind the cohort section: the task's points after its exclusions, those excluded, cancelled, without a result; source tags; synthetic or not."
     comp = dep.task['component']; panel = LABS[comp].panel
-    pts = lab_abnormal_points(conn, comp)
+    pts = task_points(conn, Task.from_dict(dep.task), allow_empty=True)   # the task's cohort, exclusions applied, as training saw it
+    n_excluded = lab_abnormal_points(conn, comp).height - pts.height
     o = lab_orders.c
     cancelled = conn.execute(sa.select(sa.func.count()).select_from(lab_orders).where(o.panel == panel, o.status == 'cancelled')).scalar()
     tags = dict(conn.execute(sa.select(o.source, sa.func.count()).where(o.panel == panel).group_by(o.source)).all())
     loads = _loads(conn)
     demo = conn.execute(sa.select(sa.func.count()).select_from(audit_log).where(audit_log.c.action == 'demo.start')).scalar()
     synthetic = bool(demo) or 'synthea' in tags or any('synthetic' in l['what'].lower() or l['source'] == 'synthea' for l in loads)
-    return {'points': pts, 'n_orders': pts.height, 'n_cancelled': int(cancelled), 'n_unlabelled': int(pts['label'].null_count()),
+    return {'points': pts, 'n_orders': pts.height, 'n_cancelled': int(cancelled), 'n_unlabelled': int(pts['label'].null_count()), 'n_excluded': n_excluded,
             'tags': tags, 'loads': loads, 'synthetic': synthetic, 'demo': bool(demo)}
 
 def _dl(items) -> str:
@@ -513,6 +514,11 @@ _OUTPUT_MODES = {'silent': 'silent: scores are stored, never shown to clinicians
                  'threshold': 'threshold: an alert is raised when the score is at or above the threshold',
                  'randomised': 'randomised: the score is shown to a random arm only'}
 
+def _shown_threshold(dep: Deployment, rec: ModelRecord) -> Deployment:
+    "The deployment with its display threshold resolved for this model version: the rule's value from the lineage, or the hand-set one, and how it was set."
+    t = display_threshold(dep, rec)
+    return replace(dep, output={**dep.output, 'threshold': t.value, 'threshold_source': t.source})
+
 def intended_use_html(dep: Deployment) -> str:
     "Intended use: the deployment's description, task, output mode and threshold."
     lab = LABS[dep.task['component']]
@@ -521,7 +527,8 @@ def intended_use_html(dep: Deployment) -> str:
         ('Task', f'{_e(dep.task["kind"])}: whether the {_e(lab.name)} ({_e(lab.code)}, LOINC {_e(lab.loinc)}) result will fall outside its '
                  f'reference range, predicted when the {_e(PANEL_NAMES.get(lab.panel, lab.panel))} is ordered'),
         ('Output', _e(_OUTPUT_MODES.get(mode, mode))),
-        ('Threshold', f'{dep.output["threshold"]:g} (a score at or above it counts positive)'),
+        ('Threshold', f'<span id="threshold">{dep.output["threshold"]:g}</span> (a score at or above it counts positive)'
+                      + (f'; <span id="threshold-source">{_e(dep.output["threshold_source"])}</span>' if dep.output.get('threshold_source') else '')),
         ('Users', 'clinical team, through the scoring service and dashboards; reviewers through this report'),
         ('Not intended for', 'patients outside the cohort below, other sites without local validation, or any use while the '
                              'deployment is not in an approved lifecycle state')]) + '</section>')
@@ -554,10 +561,13 @@ def cohort_html(dep: Deployment, facts: dict) -> str:
     return ('<section id="cohort"><h2>Cohort</h2>' + _dl([
         ('Prediction point', f'each {_e(PANEL_NAMES.get(lab.panel, lab.panel))} order, at its order time'),
         ('Label', f'1 if the final (or corrected) {_e(lab.name)} result is outside its reference range ({_e(ref)}), else 0'),
-        ('Included', f'<span id="n-included">{n - unl}</span> non-cancelled orders with a result, all years in the store '
-                     '(the splits under Data use those of their years)'),
+        ('Included', f'<span id="n-included">{n - unl}</span> non-cancelled orders with a result, after the task\'s exclusions, all years '
+                     'in the store (the splits under Data use those of their years)'),
         ('Excluded', f'<span id="n-cancelled">{facts["n_cancelled"]}</span> cancelled orders; '
-                     f'<span id="n-unlabelled">{unl}</span> orders without a final result ({unl / max(n, 1):.1%} of non-cancelled orders)'),
+                     + (f'<span id="n-excluded">{facts.get("n_excluded", 0)}</span> orders with a {_e(lab.code)} result in the previous '
+                        f'{dep.task["exclude_if_resulted_within_hours"]:g} h known at the order time (the task\'s exclusion); '
+                        if dep.task.get('exclude_if_resulted_within_hours') else '')
+                     + f'<span id="n-unlabelled">{unl}</span> orders without a final result ({unl / max(n, 1):.1%} of the remaining orders)'),
         ('Point in time', 'features use only facts that had happened and were stored by the order time')]) + '</section>')
 
 def features_html(dep: Deployment, rec: ModelRecord, bundle: dict) -> str:
@@ -785,6 +795,7 @@ def model_card_html(engine: Engine, # the store
         groups = subgroup_frame(conn, retro)
         facts = _cohort_facts(conn, dep)
     bundle = load_bundle(rec)   # also checks the sha256 the card states
+    dep = _shown_threshold(dep, rec)
     y, s = retro['label'].to_numpy().astype(int), retro['score'].to_numpy().astype(float)
     nf = retro['n_features'].to_numpy() if 'n_features' in retro.columns else None
     result = evaluate_for_report(y, s, dep, groups, nf, retro['patient_key'].to_numpy())
@@ -844,6 +855,7 @@ def evaluation_html(engine: Engine, # the store
         facts = _cohort_facts(conn, dep)
         state = deployment_state(conn, dep.name)
     bundle = load_bundle(rec)
+    dep = _shown_threshold(dep, rec)
     y, s = retro['label'].to_numpy().astype(int), retro['score'].to_numpy().astype(float)
     nf = retro['n_features'].to_numpy() if 'n_features' in retro.columns else None
     result = evaluate_for_report(y, s, dep, groups, nf, retro['patient_key'].to_numpy())

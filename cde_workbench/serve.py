@@ -15,8 +15,8 @@ from sqlalchemy.engine import Engine
 
 from .config import ConfigError, Deployment, PipelineError, utcnow
 from .deploy import SCORING_STATES, deployment_state
-from .features import load_feature_data
-from .registry import get_model, load_bundle
+from .features import load_feature_data, point_in_time_check
+from .registry import display_threshold, get_model, load_bundle
 from .store import inferences, insert_ignore
 from .tasks import Task, task_points
 
@@ -30,6 +30,7 @@ class ScoringSummary:
     candidates: int
     scored: int
     model_id: int
+    point_in_time_checked: int = 0   # packets whose features the leakage guard rebuilt as of their prediction time
 
 def score_pending(engine: Engine, # the store
                   dep: Deployment, # the deployment to score for
@@ -49,6 +50,7 @@ def score_pending(engine: Engine, # the store
         bundle = load_bundle(rec)
         if bundle['component'] != dep.task['component']:
             raise PipelineError(f"model {rec.name} v{rec.version} predicts {bundle['component']}, deployment wants {dep.task['component']}")
+        thr = display_threshold(dep, rec).value   # the rule's value recorded at training, or the hand-set one
         if since is None: since = datetime(max(dep.split['test_years']) + 1, 1, 1, tzinfo=as_of.tzinfo)
         # the task's own cohort and exclusions, as known by the run's clock: the same definition training used
         pts = task_points(conn, task, start=since, as_of=as_of, allow_empty=True)
@@ -59,11 +61,13 @@ def score_pending(engine: Engine, # the store
         # the patients' facts as stored by the run; the featurizer then keeps what was known at each order time
         data = load_feature_data(conn, pts['patient_key'].unique().to_list(), as_of=as_of)
     X = bundle['featurizer'].transform(pts, data)
+    # the leakage guard before anything is stored: a seeded sample rebuilt from the store as it stood at each order time
+    with engine.connect() as conn:
+        checked = point_in_time_check(conn, bundle['featurizer'], pts, X, task, dep.checks['point_in_time_sample'], dep.checks['point_in_time_seed'])
     score = bundle['estimator'].predict_proba(X)[:, 1]
     now = utcnow()
-    thr = dep.output['threshold']
     rows = [dict(deployment=dep.name, model_id=rec.model_id, order_id=o, patient_key=p, prediction_time=t, score=float(s),
                  threshold=thr, output_mode=dep.output['mode'], n_features=int(n), run_id=run_id, scored_at=now)
             for o, p, t, s, n in zip(pts['order_id'], pts['patient_key'], pts['prediction_time'], score, np.diff(X.indptr))]
     with engine.begin() as conn: insert_ignore(conn, inferences, rows)
-    return ScoringSummary(len(pts), len(rows), rec.model_id)
+    return ScoringSummary(len(pts), len(rows), rec.model_id, checked)

@@ -21,8 +21,8 @@ from .synth import LABS
 
 # %% auto #0
 __all__ = ['POINT_SCHEMA', 'CANCEL_CONTROLS', 'TASK_KINDS', 'EVENT_TABLES', 'DEPLOYR_TASKS', 'ICU_TRANSFER_24H',
-           'cancelled_orders', 'lab_abnormal_points', 'Task', 'LeakageError', 'check_point_in_time', 'exclusion_mask',
-           'task_points']
+           'cancelled_orders', 'lab_abnormal_points', 'Task', 'LeakageError', 'point_sample', 'check_point_in_time',
+           'exclusion_mask', 'task_points']
 
 # %% ../nbs/20_tasks.ipynb #37d3b96e
 _T = pl.Datetime('us', 'UTC')
@@ -147,6 +147,14 @@ def _row(values, i: int) -> np.ndarray:
     if isinstance(values, (pl.Series, pl.DataFrame)): values = values.to_numpy()
     return np.atleast_1d(np.asarray(values)[i]).ravel()
 
+def point_sample(n_points: int, # how many points there are
+                 n: int, # how many to check (all when fewer)
+                 seed: int = 0, # sample seed
+                ) -> np.ndarray:
+    "Row numbers of the seeded sample the leakage guard checks, ascending: the same inputs always give the same rows."
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1: raise ConfigError(f"point-in-time sample size must be a whole number ≥ 1, got {n!r}")
+    return np.sort(np.random.default_rng(seed).choice(n_points, min(n, n_points), replace=False))
+
 def check_point_in_time(conn: Connection, # open connection to the store
                         points: pl.DataFrame, # the points (patient_key, prediction_time, optional point_id)
                         produced, # what the code produced, one row per point (array, Series or sparse matrix)
@@ -157,7 +165,7 @@ def check_point_in_time(conn: Connection, # open connection to the store
                        ) -> int:
     "Recompute `produced` for sampled points with the store as it was at each prediction time; raise `LeakageError` on any difference; returns the number checked."
     if points.is_empty(): raise PipelineError(f"leakage check of {what}: no points to check")
-    idx = np.random.default_rng(seed).choice(points.height, min(n, points.height), replace=False)
+    idx = point_sample(points.height, n, seed)
     bad = []
     for i in sorted(idx.tolist()):
         row = points[i]
@@ -196,6 +204,8 @@ def _known_recent(points: pl.DataFrame, ev: pl.DataFrame, hours: float) -> np.nd
     pi, ei = _recent(ep, sec(ev['event_time']), pp, ps, hours)
     us = lambda s: s.dt.epoch('us').to_numpy().astype(np.int64)
     ok = us(ev['stored_time'])[ei] <= us(points['prediction_time'])[pi]   # stored by T, to the microsecond as the store's as_of
+    if 'order_id' in ev.columns and 'order_id' in points.columns:   # a point's own order never counts against it, by id
+        ok &= ev['order_id'].to_numpy()[ei] != points['order_id'].to_numpy()[pi]
     out = np.zeros(points.height, bool); out[pi[ok]] = True
     return out
 
@@ -210,9 +220,9 @@ def exclusion_mask(conn: Connection, # open connection to the store
     keys = points['patient_key'].unique().to_list()
     if task.kind == 'lab_abnormal' and task.exclude_if_resulted_within_hours:
         r = lab_results.c
-        q = sa.select(r.patient_key, r.event_time, r.stored_time).where(r.component == task.component, r.patient_key.in_(keys))
+        q = sa.select(r.patient_key, r.event_time, r.stored_time, r.order_id).where(r.component == task.component, r.patient_key.in_(keys))
         if as_of is not None: q = q.where(r.stored_time <= as_of, r.event_time <= as_of)
-        ev = read_frame(conn, q, {'patient_key': pl.String, 'event_time': _T, 'stored_time': _T})
+        ev = read_frame(conn, q, {'patient_key': pl.String, 'event_time': _T, 'stored_time': _T, 'order_id': pl.String})
         out |= _known_recent(points, ev, task.exclude_if_resulted_within_hours)
     if task.kind == 'event_within' and task.exclude_if_event_before:
         ev = _task_events(conn, task, keys, as_of)

@@ -21,15 +21,15 @@ from sklearn.preprocessing import FunctionTransformer, MaxAbsScaler
 from sqlalchemy.engine import Engine
 from tqdm.auto import tqdm
 
-from .config import ConfigError, Deployment, PipelineError
+from .config import THRESHOLD_RULES, ConfigError, Deployment, PipelineError
 from .evaluate import auroc_ci, prevalence_ci
-from .features import CountFeaturizer, FeatureData, FeatureSet, feature_data_fingerprint, load_feature_data, offline_matrix
+from .features import CountFeaturizer, FeatureData, FeatureSet, feature_data_fingerprint, load_feature_data, offline_matrix, point_in_time_check
 from .registry import ModelRecord, register_model
 from .tasks import Task, task_points
 
 # %% auto #0
 __all__ = ['MODEL_KINDS', 'Split', 'temporal_split', 'data_fingerprint', 'to_dense', 'model_grid', 'make_model',
-           'train_deployment']
+           'threshold_from_rule', 'train_deployment']
 
 # %% ../nbs/22_train.ipynb #f444bb8b
 @dataclass
@@ -110,6 +110,37 @@ def make_model(kind: str, params: dict, seed: int) -> Pipeline:
     "A fresh, unfitted pipeline of one kind with the given hyperparameters."
     return MODEL_KINDS[kind][0](seed, **params)
 
+# %% ../nbs/22_train.ipynb #e7134da5
+def threshold_from_rule(y: np.ndarray, # labels (0/1)
+                        score: np.ndarray, # predicted risks
+                        rule: str, # one of THRESHOLD_RULES
+                        target: float, # the rule's target, in (0, 1]
+                        where: str = 'threshold rule', # how the error names the setting
+                        data: str = 'points', # what the scores are, for the record and the error
+                       ) -> dict:
+    "The display threshold a rule picks on labelled scores and what it achieves there; `PipelineError` when no threshold meets the rule."
+    if rule not in THRESHOLD_RULES: raise ConfigError(f"{where}: unknown rule {rule!r} (known: {', '.join(THRESHOLD_RULES)})")
+    y, s = np.asarray(y).astype(int), np.asarray(score, dtype=float)
+    if not len(y): raise PipelineError(f"{where}: no {data} to compute the threshold on")
+    ts = np.unique(s)[::-1]                                     # candidate thresholds, highest first
+    n_flag = len(s) - np.searchsorted(np.sort(s), ts, side='left')
+    tp = int(y.sum()) - np.searchsorted(np.sort(s[y == 1]), ts, side='left')
+    P, N = int(y.sum()), int(len(y) - y.sum())
+    with np.errstate(divide='ignore', invalid='ignore'):
+        m = {'sensitivity': tp / P if P else np.full(len(ts), np.nan), 'specificity': 1 - (n_flag - tp) / N if N else np.full(len(ts), np.nan),
+             'ppv': tp / n_flag, 'flag_rate': n_flag / len(s)}
+    if rule in ('sensitivity', 'ppv') and not P: raise PipelineError(f"{where}: {rule} {target:g} cannot be met: the {len(y)} {data} have no positive case")
+    if rule == 'specificity' and not N: raise PipelineError(f"{where}: specificity {target:g} cannot be met: the {len(y)} {data} have no negative case")
+    ok = m[rule] <= target + 1e-12 if rule == 'flag_rate' else m[rule] >= target - 1e-12
+    if not ok.any():
+        best = np.nanmin(m[rule]) if rule == 'flag_rate' else np.nanmax(m[rule])
+        raise PipelineError(f"{where}: no threshold meets {rule} {'≤' if rule == 'flag_rate' else '≥'} {target:g} on the {len(y)} {data} "
+                            f"(the best any threshold reaches is {best:.3f})")
+    i = int(np.flatnonzero(ok)[0] if rule == 'sensitivity' else np.flatnonzero(ok)[-1])   # highest t for sensitivity, else lowest
+    if not ts[i] > 0: raise PipelineError(f"{where}: {rule} {target:g} needs a threshold of {ts[i]:g}, which flags every point")
+    return {'rule': rule, 'target': float(target), 'value': float(ts[i]), 'computed_on': data, 'n': len(y), 'positives': P,
+            'achieved': {k: (None if np.isnan(v[i]) else float(v[i])) for k, v in m.items()}}
+
 # %% ../nbs/22_train.ipynb #59ef4299
 def train_deployment(engine: Engine, # the store
                      dep: Deployment, # what to train
@@ -126,17 +157,28 @@ def train_deployment(engine: Engine, # the store
     # matrices come from the feature store's cache when definition, fit, data and points all match
     Xtr, Xva = offline_matrix(fz, split.train, data).X, offline_matrix(fz, split.validation, data).X
     ytr, yva = split.train['label'].to_numpy(), split.validation['label'].to_numpy()
-    validation = []
+    validation, va_scores = [], []
     for kind, params in tqdm(candidates, desc=f'{dep.name}: candidates on validation', disable=not progress):
-        auc = float(roc_auc_score(yva, make_model(kind, params, seed).fit(Xtr, ytr).predict_proba(Xva)[:, 1]))
-        validation.append({'kind': kind, 'params': params, 'validation_auroc': auc})
+        va_scores.append(make_model(kind, params, seed).fit(Xtr, ytr).predict_proba(Xva)[:, 1])
+        validation.append({'kind': kind, 'params': params, 'validation_auroc': float(roc_auc_score(yva, va_scores[-1]))})
     # ties go to the earlier candidate: the simpler kinds are listed first
     best = max(range(len(validation)), key=lambda i: (validation[i]['validation_auroc'], -i))
     kind, params = validation[best]['kind'], validation[best]['params']
+    # the display threshold's rule, on the chosen candidate's validation scores: before the refit, so a rule no data meets fails fast
+    threshold = None
+    if 'threshold_rule' in dep.output:
+        va_years = ', '.join(map(str, dep.split['validation_years']))
+        threshold = threshold_from_rule(yva, va_scores[best], dep.output['threshold_rule'], dep.output['target'],
+                                        f"{dep.name}: [output] threshold_rule", f'validation-year ({va_years}) points')
     final_train = pl.concat([split.train, split.validation])
     fz = _featurizer(dep).fit(final_train, data)
-    est = make_model(kind, params, seed).fit(offline_matrix(fz, final_train, data).X, final_train['label'].to_numpy())
-    Xte = offline_matrix(fz, split.test, data).X
+    Xfin, Xte = offline_matrix(fz, final_train, data).X, offline_matrix(fz, split.test, data).X
+    # the leakage guard: a seeded sample of rows rebuilt from the store as it stood at each prediction time
+    chk = dep.checks
+    with engine.connect() as conn:
+        checked = point_in_time_check(conn, fz, pl.concat([final_train, split.test], how='diagonal_relaxed'), sp.vstack([Xfin, Xte], format='csr'),
+                                      Task.from_dict(dep.task), chk['point_in_time_sample'], chk['point_in_time_seed'])
+    est = make_model(kind, params, seed).fit(Xfin, final_train['label'].to_numpy())
     score = est.predict_proba(Xte)[:, 1]
     yte = split.test['label'].to_numpy()
     ev = dep.evaluation
@@ -145,11 +187,13 @@ def train_deployment(engine: Engine, # the store
                'test_auroc': auroc_ci(yte, score, ev['bootstrap'], ev['seed'], ev['ci'], clusters=cl).as_dict(),
                'test_prevalence': prevalence_ci(yte, ev['ci'], clusters=cl).as_dict(), 'interval_unit': ev['unit'],
                'n': {'train': split.train.height, 'validation': split.validation.height, 'test': split.test.height},
-               'n_features': int(Xte.shape[1])}   # the model's input width: count tokens and numeric lab columns
+               'n_features': int(Xte.shape[1]),   # the model's input width: count tokens and numeric lab columns
+               'point_in_time_checked': checked}
+    if threshold is not None: metrics['threshold'] = threshold
     ids = ['point_id'] + (['order_id'] if 'order_id' in split.test.columns else [])
     preds = split.test.select(*ids, 'patient_key', 'prediction_time', 'label').with_columns(
         score=pl.Series(score), n_features=pl.Series(np.diff(Xte.indptr)))
     params_all = {'task': dep.task, 'features': dep.features, 'split': dep.split, 'model': {'kind': kind, **params, 'seed': seed},
-                  'candidates': dep.model['candidates']}
+                  'candidates': dep.model['candidates'], 'output': dep.output}
     bundle = {'estimator': est, 'featurizer': fz, 'component': dep.task.get('component'), 'feature_names': fz.feature_names_}
     return register_model(engine, dep.name, bundle, params_all, metrics, fz.definition_hash(), data_fingerprint(final_train, data), preds)

@@ -49,6 +49,9 @@ def test_malformed_hl7_messages_go_to_dead_letters(tmp_path):
     ('name = "bad"\n[task]\nkind = "lab_abnormal"\ncomponent = "HGB"\n', "missing required section 'split'"),
     ('name = "bad"\n[task\n', 'not valid TOML'),
     ('name = "bad"\n[task]\nkind = "lab_abnormal"\ncomponent = "HGB"\ncolour = 1\n[split]\ntrain_years = [2019]\nvalidation_years = [2020]\ntest_years = [2021]\n[output]\nmode = "silent"\n', "[task]: unknown key(s) 'colour' for a lab_abnormal task"),
+    ('name = "bad"\n[task]\nkind = "lab_abnormal"\ncomponent = "HGB"\n[split]\ntrain_years = [2019]\nvalidation_years = [2020]\ntest_years = [2021]\n[output]\nmode = "silent"\nthreshold = 0.3\n', "[output] a hand-set threshold needs threshold_reason"),
+    ('name = "bad"\n[task]\nkind = "lab_abnormal"\ncomponent = "HGB"\n[split]\ntrain_years = [2019]\nvalidation_years = [2020]\ntest_years = [2021]\n[output]\nmode = "silent"\nthreshold_rule = "youden"\ntarget = 0.5\n', "[output] threshold_rule 'youden' unknown"),
+    ('name = "bad"\n[task]\nkind = "lab_abnormal"\ncomponent = "HGB"\n[split]\ntrain_years = [2019]\nvalidation_years = [2020]\ntest_years = [2021]\n[output]\nmode = "silent"\nthreshold = 0.3\nthreshold_reason = "x"\n[checks]\npoint_in_time_sample = 0\n', "[checks] point_in_time_sample must be a whole number"),
 ])
 def test_malformed_deployment_toml(tmp_path, toml, needle):
     (tmp_path / 'bad').mkdir()
@@ -79,3 +82,18 @@ def test_ingest_a_feed_then_replay_it_into_an_empty_store(tmp_path):
     r = cde('ingest', 'replay', target, env=env)
     assert r.returncode == 0 and 'rebuilt tables equal the live ones' in r.stdout, r.stdout + r.stderr
     one_line_error(cde('ingest', 'replay', target, env=env), 'not empty')
+
+
+def test_a_threshold_rule_no_training_data_meets(tmp_path):
+    "Training stops with one line naming the rule, before the refit and before anything is registered."
+    import shutil
+    env = {'CDE_VAR': str(tmp_path / 'var'), 'CDE_DEPLOYMENTS': str(tmp_path / 'deps')}
+    assert cde('synth', '--out', str(tmp_path / 's'), '--patients', '150', env=env).returncode == 0
+    assert cde('ingest', 'warehouse', str(tmp_path / 's' / 'warehouse'), env=env).returncode == 0
+    shutil.copytree(ROOT / 'deployments' / '_pipelines', tmp_path / 'deps' / '_pipelines')
+    (tmp_path / 'deps' / 'tiny').mkdir()
+    (tmp_path / 'deps' / 'tiny' / 'deployment.toml').write_text(
+        'name = "tiny"\n[task]\nkind = "lab_abnormal"\ncomponent = "HGB"\n[split]\ntrain_years = [2019, 2020, 2021]\nvalidation_years = [2022]\n'
+        'test_years = [2023]\n[model]\ncandidates = ["logistic_regression"]\n[output]\nmode = "silent"\nthreshold_rule = "flag_rate"\ntarget = 0.0001\n')
+    one_line_error(cde('train', 'tiny', env=env), 'tiny: [output] threshold_rule: no threshold meets flag_rate ≤ 0.0001 on the')
+    assert 'no registered model' in cde('models', 'show', 'tiny', env=env).stderr

@@ -174,7 +174,10 @@ def test_model_card_in_chromium(card, browser):
         y, s = pred['label'].to_numpy().astype(int), pred['score'].to_numpy()
         ev = dep.evaluation
         assert ev['unit'] == 'patient'   # deployments resample patients, and the card says so
-        result = evaluate_predictions(y, s, threshold=dep.output['threshold'], n_boot=ev['bootstrap'], seed=ev['seed'], level=ev['ci'],
+        from cde_workbench.registry import display_threshold
+        thr = display_threshold(dep, rec)   # the deployment's threshold as set (rule from the lineage, or hand-set with its reason)
+        assert float(page.inner_text('#threshold')) == float(f'{thr.value:g}') and page.inner_text('#threshold-source') == thr.source
+        result = evaluate_predictions(y, s, threshold=thr.value, n_boot=ev['bootstrap'], seed=ev['seed'], level=ev['ci'],
                                       clusters=pred['patient_key'].to_numpy())
         assert_metrics_match(page, result)
         n_patients = pred['patient_key'].n_unique()
@@ -204,3 +207,18 @@ def test_model_card_in_chromium(card, browser):
         assert 'report' in page.inner_text('#run-trail')
         assert_self_contained(doc, requests)
     finally: page.close()
+
+
+def test_cohort_section_counts_the_tasks_points_after_its_exclusions(card):
+    "The cohort section counts what the task trains on (a new-user report said 26,600 included orders where the task had 17,624 points)."
+    from dataclasses import replace
+    from cde_workbench.report import _cohort_facts, cohort_html
+    from cde_workbench.tasks import Task, lab_abnormal_points, task_points
+    dep = replace(card['dep'], task={**card['dep'].task, 'exclude_if_resulted_within_hours': 24})
+    with card['engine'].connect() as c:
+        facts = _cohort_facts(c, dep)
+        pts, every = task_points(c, Task.from_dict(dep.task)), lab_abnormal_points(c, 'HGB')
+    html = cohort_html(dep, facts)
+    assert 0 < pts.height < every.height and facts['n_orders'] == pts.height
+    assert f'<span id="n-included">{pts["label"].is_not_null().sum()}</span>' in html
+    assert f'<span id="n-excluded">{every.height - pts.height}</span> orders with a HGB result in the previous 24 h' in html
