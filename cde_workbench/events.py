@@ -27,7 +27,7 @@ from .pseudonyms import patient_key, site_key
 from .store import (adt_events, bulk_insert, diagnoses, encounters, ids_messages, insert_ignore, lab_order_events, lab_orders,
                                  lab_results, location_visits, medication_orders, mrn_merges, patient_facts, patient_identity,
                                  patient_links, patients, processing_errors, processor_state)
-from .synth import LABS
+from .terminology import LABS
 
 # %% auto #0
 __all__ = ['LOINC_TO_COMPONENT', 'ADT_EVENTS', 'MERGE_EVENTS', 'PROCESSOR', 'DERIVED_TABLES', 'message_facts', 'encounter_state',

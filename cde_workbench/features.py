@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection
 
 from .config import ConfigError, SchemaError, var_dir
 from .store import diagnoses, lab_results, medication_orders, patient_links, patients, read_frame
-from .synth import LABS
+from .terminology import LABS
 from .tasks import Task, check_point_in_time, exclusion_mask
 
 # %% auto #0

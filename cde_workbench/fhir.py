@@ -28,8 +28,8 @@ from sqlalchemy.engine import Engine
 
 from .config import IngestError, SchemaError
 from .pseudonyms import patient_key, site_key
-from .synthea import (ADT_WARDS, ICU_CODES, LAB_OBSERVATION_SCHEMA, LOINC_REFERENCE, RESULT_TURNAROUND,
-                                   SNOMED_ICD10, compact_id, lab_tables, race_ethnicity)
+from .synthea import LAB_OBSERVATION_SCHEMA, RESULT_TURNAROUND, compact_id, lab_tables, race_ethnicity
+from .terminology import ADT_WARDS, ICU_CODES, LOINC_REFERENCE, SNOMED_ICD10
 from .warehouse import check_tables, load_tables
 
 # %% auto #0

@@ -27,7 +27,7 @@ from .features import AGE_BANDS
 from .monitor import LABEL_STATES, PerformanceRow, analysis_time, label_counts, label_status, packets, performance_rows, weekly
 from .registry import ModelRecord, display_threshold, get_model, load_bundle, resolve_model, test_predictions
 from .store import audit_log, get_engine, lab_orders, patients, read_frame, runs
-from .synth import LABS, PANEL_NAMES
+from .terminology import LABS, PANEL_NAMES
 from .tasks import Task, lab_abnormal_points, task_points
 
 # %% auto #0

@@ -16,51 +16,29 @@ import polars as pl
 from .config import ConfigError
 from .hl7 import format_ts, join_segments, msh, segment
 from .pseudonyms import patient_key
+from .terminology import LABS, PANEL_NAMES, PANELS
 
 # %% auto #0
-__all__ = ['LABS', 'PANELS', 'PANEL_NAMES', 'CHRONIC', 'ACUTE', 'COMMON_MEDS', 'EFFECTS', 'WARDS', 'RACES', 'RACE_P', 'GIVEN',
-           'FAMILY', 'EXTRACT_TABLES', 'LabComponent', 'reference_range', 'HospitalConfig', 'Hospital', 'generate',
-           'write_warehouse_extract', 'hl7_feed', 'write_hl7_feed', 'feed_revisions']
+__all__ = ['LAB_VALUES', 'CHRONIC', 'ACUTE', 'COMMON_MEDS', 'EFFECTS', 'WARDS', 'RACES', 'RACE_P', 'GIVEN', 'FAMILY',
+           'EXTRACT_TABLES', 'LabValueModel', 'HospitalConfig', 'Hospital', 'generate', 'write_warehouse_extract',
+           'hl7_feed', 'write_hl7_feed', 'feed_revisions']
 
 # %% ../nbs/10_synth.ipynb #ed74434b
 @dataclass(frozen=True)
-class LabComponent:
-    "One lab component: codes, unit, reference range and the value model's location and scale."
-    code: str
-    name: str
-    loinc: str
-    unit: str
-    panel: str
-    ref_low: float
-    ref_high: float
+class LabValueModel:
+    "How the synthetic hospital draws one lab component: location and scale of the value model."
     mean: float       # population centre (log scale when `log`)
     sd: float         # population spread of the standardised value
     log: bool = False
     male_shift: float = 0.0  # added to the standardised value for male patients
-    male_ref: tuple | None = None
-    decimals: int = 1
 
-LABS = {c.code: c for c in [
-    LabComponent('HCT', 'Hematocrit', '4544-3', '%', 'CBC', 36.0, 46.0, 39.3, 4.8, male_shift=0.5, male_ref=(41.0, 53.0)),
-    LabComponent('HGB', 'Hemoglobin', '718-7', 'g/dL', 'CBC', 12.0, 15.5, 13.1, 1.6, male_shift=0.5, male_ref=(13.5, 17.5)),
-    LabComponent('PLT', 'Platelets', '777-3', '10*3/uL', 'CBC', 150, 400, np.log(235), 0.33, log=True, decimals=0),
-    LabComponent('WBC', 'White blood cells', '6690-2', '10*3/uL', 'CBC', 4.0, 11.0, np.log(8.0), 0.33, log=True),
-    LabComponent('ALB', 'Albumin', '1751-7', 'g/dL', 'CMP', 3.5, 5.0, 3.95, 0.42),
-    LabComponent('BUN', 'Urea nitrogen', '3094-0', 'mg/dL', 'CMP', 7, 20, np.log(12.5), 0.38, log=True, decimals=0),
-    LabComponent('CA', 'Calcium', '17861-6', 'mg/dL', 'CMP', 8.5, 10.5, 9.3, 0.52),
-    LabComponent('CO2', 'Carbon dioxide', '2028-9', 'mmol/L', 'CMP', 22, 29, 25.2, 2.4, decimals=0),
-    LabComponent('CREAT', 'Creatinine', '2160-0', 'mg/dL', 'CMP', 0.6, 1.2, np.log(0.8), 0.28, log=True, male_shift=0.4, decimals=2),
-    LabComponent('K', 'Potassium', '2823-3', 'mmol/L', 'CMP', 3.5, 5.1, 4.25, 0.42),
-    LabComponent('NA', 'Sodium', '2951-2', 'mmol/L', 'CMP', 135, 145, 139.5, 3.1, decimals=0),
-    LabComponent('MG', 'Magnesium', '19123-9', 'mg/dL', 'MG', 1.7, 2.2, 1.98, 0.19, decimals=2),
-]}
-PANELS = {'CBC': ['HCT', 'HGB', 'PLT', 'WBC'], 'CMP': ['ALB', 'BUN', 'CA', 'CO2', 'CREAT', 'K', 'NA'], 'MG': ['MG']}
-PANEL_NAMES = {'CBC': 'CBC with differential', 'CMP': 'Metabolic panel', 'MG': 'Magnesium'}
-
-def reference_range(component: str, sex: str) -> tuple[float, float]:
-    "The reference range of `component` for a patient of `sex` ('F' or 'M')."
-    c = LABS[component]
-    return c.male_ref if (sex == 'M' and c.male_ref) else (c.ref_low, c.ref_high)
+LAB_VALUES = {  # a key of `LABS` -> its value model
+    'HCT': LabValueModel(39.3, 4.8, male_shift=0.5), 'HGB': LabValueModel(13.1, 1.6, male_shift=0.5),
+    'PLT': LabValueModel(np.log(235), 0.33, log=True), 'WBC': LabValueModel(np.log(8.0), 0.33, log=True),
+    'ALB': LabValueModel(3.95, 0.42), 'BUN': LabValueModel(np.log(12.5), 0.38, log=True), 'CA': LabValueModel(9.3, 0.52),
+    'CO2': LabValueModel(25.2, 2.4), 'CREAT': LabValueModel(np.log(0.8), 0.28, log=True, male_shift=0.4),
+    'K': LabValueModel(4.25, 0.42), 'NA': LabValueModel(139.5, 3.1), 'MG': LabValueModel(1.98, 0.19),
+}
 
 # %% ../nbs/10_synth.ipynb #1d7afca9
 CHRONIC = {  # name: (ICD-10, base prevalence, extra per decade over 50, home medication)
@@ -277,17 +255,17 @@ def _lab_values(cfg, rng, adm, pts, orders):
         ai, day = o['aidx'].to_numpy(), o['day'].to_numpy()
         fade = np.exp(-day / 3.0)
         for code in comps:
-            lab = LABS[code]
+            lab, vm = LABS[code], LAB_VALUES[code]
             src = 'HGB' if code == 'HCT' else code  # haematocrit tracks haemoglobin closely
-            z = pat_eff[src][pidx[ai]] + adm_eff[src][ai] + rng.normal(0, 0.6, len(ai)) + lab.male_shift * sex_m[ai]
+            z = pat_eff[src][pidx[ai]] + adm_eff[src][ai] + rng.normal(0, 0.6, len(ai)) + vm.male_shift * sex_m[ai]
             for cond, eff in EFFECTS.get(src, {}).items():
                 if cond in chronic: z = z + eff * chronic[cond][ai]
                 else: z = z + eff * (acute[ai] == cond) * sev[ai] * fade
             if code == 'HCT': z = z + rng.normal(0, 0.25, len(ai))
-            v = lab.mean + lab.sd * z
+            v = vm.mean + vm.sd * z
             if cfg.drift_component == code:
                 v = v + cfg.drift_shift * (o['event_time'] >= drift_t).to_numpy()
-            v = np.exp(v) if lab.log else v
+            v = np.exp(v) if vm.log else v
             v = np.round(np.maximum(v, 0.01), lab.decimals)
             low = np.where(sex_m[ai] & bool(lab.male_ref), (lab.male_ref or (0, 0))[0], lab.ref_low)
             high = np.where(sex_m[ai] & bool(lab.male_ref), (lab.male_ref or (0, 0))[1], lab.ref_high)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,171 +17,12 @@ from sqlalchemy.engine import Engine
 
 from .config import IngestError, SchemaError
 from .pseudonyms import patient_key, site_key
-from .synth import LABS
+from .terminology import ADT_WARDS, ICU_CODES, LABS, LOINC_REFERENCE, SNOMED_ICD10, unit_factor
 from .warehouse import check_tables, load_tables
 
 # %% auto #0
-__all__ = ['LOINC_REFERENCE', 'UNIT_FACTORS', 'SNOMED_ICD10', 'RACE_GROUPS', 'RESULT_TURNAROUND', 'LAB_OBSERVATION_SCHEMA',
-           'SYNTHEA_COLUMNS', 'ADT_WARDS', 'ICU_CODES', 'LoincReference', 'unit_factor', 'compact_id', 'race_ethnicity',
+__all__ = ['RACE_GROUPS', 'RESULT_TURNAROUND', 'LAB_OBSERVATION_SCHEMA', 'SYNTHEA_COLUMNS', 'compact_id', 'race_ethnicity',
            'lab_tables', 'read_synthea', 'synthea_fingerprint', 'load_synthea']
-
-# %% ../nbs/14a_synthea.ipynb #9618cd47
-@dataclass(frozen=True)
-class LoincReference:
-    "A LOINC code read for one of our lab components: its unit and adult reference range (`male_ref` where it differs by sex)."
-    loinc: str
-    component: str   # our component code (a key of `cde_workbench.synth.LABS`)
-    specimen: str
-    unit: str        # UCUM, as Synthea and FHIR give it
-    ref_low: float
-    ref_high: float
-    male_ref: tuple[float, float] | None = None
-
-LOINC_REFERENCE: dict[str, LoincReference] = {r.loinc: r for r in [
-    LoincReference('4544-3', 'HCT', 'blood, automated count', '%', 36.0, 46.0, (41.0, 53.0)),
-    LoincReference('20570-8', 'HCT', 'blood', '%', 36.0, 46.0, (41.0, 53.0)),
-    LoincReference('718-7', 'HGB', 'blood', 'g/dL', 12.0, 15.5, (13.5, 17.5)),
-    LoincReference('777-3', 'PLT', 'blood, automated count', '10*3/uL', 150.0, 400.0),
-    LoincReference('6690-2', 'WBC', 'blood, automated count', '10*3/uL', 4.0, 11.0),
-    LoincReference('1751-7', 'ALB', 'serum/plasma', 'g/dL', 3.5, 5.0),
-    LoincReference('3094-0', 'BUN', 'serum/plasma', 'mg/dL', 7.0, 20.0),
-    LoincReference('6299-2', 'BUN', 'blood', 'mg/dL', 7.0, 20.0),
-    LoincReference('17861-6', 'CA', 'serum/plasma', 'mg/dL', 8.5, 10.5),
-    LoincReference('49765-1', 'CA', 'blood', 'mg/dL', 8.5, 10.5),
-    LoincReference('2028-9', 'CO2', 'serum/plasma', 'mmol/L', 22.0, 29.0),
-    LoincReference('20565-8', 'CO2', 'blood', 'mmol/L', 22.0, 29.0),
-    LoincReference('2160-0', 'CREAT', 'serum/plasma', 'mg/dL', 0.6, 1.2),
-    LoincReference('38483-4', 'CREAT', 'blood', 'mg/dL', 0.6, 1.2),
-    LoincReference('2823-3', 'K', 'serum/plasma', 'mmol/L', 3.5, 5.1),
-    LoincReference('6298-4', 'K', 'blood', 'mmol/L', 3.5, 5.1),
-    LoincReference('2951-2', 'NA', 'serum/plasma', 'mmol/L', 135.0, 145.0),
-    LoincReference('2947-0', 'NA', 'blood', 'mmol/L', 135.0, 145.0),
-    LoincReference('19123-9', 'MG', 'serum/plasma', 'mg/dL', 1.7, 2.2),
-]}
-
-# %% ../nbs/14a_synthea.ipynb #6ad1e32e
-_COUNT_UNITS = ('10*3/uL', '10^3/uL', 'K/uL', 'x10E3/uL', '10*9/L', '10^9/L', 'x10E9/L')
-UNIT_FACTORS: dict[tuple[str, str], float] = {  # (component, unit as given) -> factor to the table unit
-    **{('PLT', u): 1.0 for u in _COUNT_UNITS}, **{('WBC', u): 1.0 for u in _COUNT_UNITS},
-    ('HCT', 'L/L'): 100.0, ('HCT', '1'): 100.0,
-    ('HGB', 'g/L'): 0.1, ('ALB', 'g/L'): 0.1,
-    ('BUN', 'mmol/L'): 2.801,             # urea nitrogen: 1 mmol/L = 2.801 mg/dL
-    ('CA', 'mmol/L'): 4.008,
-    ('CREAT', 'umol/L'): 1 / 88.42,
-    ('MG', 'mmol/L'): 2.431, ('MG', 'meq/L'): 1.2155,   # Mg2+: 1 mEq/L = 0.5 mmol/L
-    **{(c, 'meq/L'): 1.0 for c in ('CO2', 'K', 'NA')},  # monovalent: mEq/L = mmol/L
-}
-
-def unit_factor(component: str, # our component code, e.g. 'CREAT'
-                unit: str | None, # the unit as the source gives it
-               ) -> float | None:
-    "The factor that turns a value in `unit` into the table unit of `component`; None if the unit is not known."
-    if unit is None: return None
-    u = unit.strip().replace('µ', 'u').replace('μ', 'u')
-    if u == LABS[component].unit: return 1.0
-    if u.lower() == 'meq/l': u = 'meq/L'
-    return UNIT_FACTORS.get((component, u))
-
-# %% ../nbs/14a_synthea.ipynb #6975cce8
-_SNOMED_ICD10_TABLE = """
-10509002 J20.9 Acute bronchitis
-105531004 Z59.10 Housing unsatisfactory
-110030002 S06.0X9A Concussion injury of brain
-1121000119107 M54.2 Chronic neck pain
-124171000119105 G43.719 Chronic intractable migraine without aura
-128613002 G40.909 Seizure disorder
-15777000 R73.03 Prediabetes
-1551000119108 E11.3299 Nonproliferative diabetic retinopathy due to type 2 diabetes mellitus
-156073000 O36.90X0 Fetus with unknown complication
-16114001 S82.899A Fracture of ankle
-162864005 E66.9 Body mass index 30+ - obesity
-19169002 O03.9 Miscarriage in first trimester
-192127007 F90.9 Child attention deficit disorder
-195662009 J02.9 Acute viral pharyngitis
-196416002 K01.1 Impacted molars
-197927001 N39.0 Recurrent urinary tract infection
-198992004 O15.00 Antepartum eclampsia
-201834006 M19.049 Localized primary osteoarthritis of the hand
-203082005 M79.7 Fibromyalgia
-22298006 I21.9 Myocardial infarction
-230265002 G30.0 Familial Alzheimer's disease of early onset
-230690007 I63.9 Stroke
-232353008 J30.2 Perennial allergic rhinitis with seasonal variation
-233604007 J18.9 Pneumonia
-233678006 J45.909 Childhood asthma
-237602007 E88.810 Metabolic syndrome X
-239872002 M16.9 Osteoarthritis of hip
-239873007 M17.9 Osteoarthritis of knee
-24079001 L20.9 Atopic dermatitis
-267036007 R06.00 Dyspnea
-271737000 D64.9 Anemia
-278860009 M54.50 Chronic low back pain
-283371005 S51.819A Laceration of forearm
-283385000 S71.119A Laceration of thigh
-301011002 N39.0 Escherichia coli urinary tract infection
-302870006 E78.1 Hypertriglyceridemia
-35999006 O02.0 Blighted ovum
-359817006 S72.009A Closed fracture of hip
-368581000119106 E11.40 Neuropathy due to type 2 diabetes mellitus
-36971009 J32.9 Sinusitis
-370247008 S01.81XA Facial laceration
-38822007 N30.90 Cystitis
-386661006 R50.9 Fever
-389087006 R09.02 Hypoxemia
-398254007 O14.90 Preeclampsia
-399211009 I25.2 History of myocardial infarction
-39848009 S13.4XXA Whiplash injury to neck
-40055000 J32.9 Chronic sinusitis
-40095003 S37.009A Injury of kidney
-410429000 I46.9 Cardiac arrest
-422034002 E11.319 Diabetic retinopathy associated with type II diabetes mellitus
-428251008 Z90.49 History of appendectomy
-429007001 Z86.74 History of cardiac arrest
-43878008 J02.0 Streptococcal sore throat
-443165006 M80.00XA Pathological fracture due to osteoporosis
-44054006 E11.9 Diabetes mellitus type 2
-44465007 S93.409A Sprain of ankle
-444814009 J01.90 Viral sinusitis
-446096008 J30.89 Perennial allergic rhinitis
-47693006 K35.32 Rupture of appendix
-49727002 R05.9 Cough
-53741008 I25.10 Coronary heart disease
-55680006 T50.901A Drug overdose
-55822004 E78.5 Hyperlipidemia
-56018004 R06.2 Wheezing
-57676002 M25.50 Joint pain
-58150001 S42.009A Fracture of clavicle
-59621000 I10 Essential hypertension
-62106007 S06.0X0A Concussion with no loss of consciousness
-64859006 M81.0 Osteoporosis
-65363002 H66.90 Otitis media
-65710008 J96.00 Acute respiratory failure
-65966004 S52.90XA Fracture of forearm
-68496003 K63.5 Polyp of colon
-68962001 M79.10 Muscle pain
-69896004 M06.9 Rheumatoid arthritis
-70704007 S63.509A Sprain of wrist
-713197008 K62.1 Recurrent rectal polyp
-72892002 Z34.90 Normal pregnancy
-73438004 Z56.0 Unemployed
-73595000 Z73.3 Stress
-74400008 K37 Appendicitis
-75498004 J01.90 Acute bacterial sinusitis
-76571007 R65.21 Septic shock
-770349000 A41.89 Sepsis caused by virus
-79586000 O00.109 Tubal pregnancy
-80394007 R73.9 Hyperglycemia
-80583007 F41.0 Severe anxiety (panic)
-82423001 G89.29 Chronic pain
-840539006 U07.1 COVID-19
-84114007 I50.9 Heart failure
-84229001 R53.83 Fatigue
-86175003 S26.90XA Injury of heart
-87433001 J43.9 Pulmonary emphysema
-88805009 I50.9 Chronic congestive heart failure
-91302008 A41.9 Sepsis
-"""
-SNOMED_ICD10: dict[str, str] = {s: i for s, i, _ in (line.split(maxsplit=2) for line in _SNOMED_ICD10_TABLE.strip().splitlines())}
 
 # %% ../nbs/14a_synthea.ipynb #7624ed66
 _UUID = re.compile(r'[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}')
@@ -269,8 +109,6 @@ SYNTHEA_COLUMNS = {
     'medications.csv': ['START', 'PATIENT', 'ENCOUNTER', 'CODE', 'DESCRIPTION'],
     'observations.csv': ['DATE', 'PATIENT', 'ENCOUNTER', 'CODE', 'VALUE', 'UNITS'],
 }
-ADT_WARDS = {'inpatient': 'INPATIENT', 'emergency': 'ED'}   # encounter class -> ward of its A01
-ICU_CODES = {'305351004'}                                     # SNOMED: admission to intensive care unit
 
 def _read_csv(folder: Path, name: str) -> pl.DataFrame:
     "One export file as strings, with `_row` (1 = the first row after the header); checks the columns."

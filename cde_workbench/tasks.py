@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection
 
 from .config import ConfigError, PipelineError
 from .store import adt_events, diagnoses, lab_order_events, lab_orders, lab_results, location_visits, medication_orders, read_frame
-from .synth import LABS
+from .terminology import LABS
 
 # %% auto #0
 __all__ = ['POINT_SCHEMA', 'CANCEL_CONTROLS', 'TASK_KINDS', 'EVENT_TABLES', 'DEPLOYR_TASKS', 'ICU_TRANSFER_24H',

@@ -41,8 +41,7 @@ def _table(eng, name: str) -> pl.DataFrame:
 
 
 def test_counts_match_the_csv_files(loaded):
-    from cde_workbench.synth import LABS
-    from cde_workbench.synthea import LOINC_REFERENCE, SNOMED_ICD10
+    from cde_workbench.terminology import LABS, LOINC_REFERENCE, SNOMED_ICD10
     eng, counts = loaded
     enc = _csv('encounters.csv')
     hosp = enc.filter(pl.col('ENCOUNTERCLASS').is_in(['inpatient', 'emergency']))
@@ -68,7 +67,8 @@ def test_counts_match_the_csv_files(loaded):
 
 def test_values_match_the_csv_files(loaded):
     from cde_workbench.pseudonyms import patient_key
-    from cde_workbench.synthea import LOINC_REFERENCE, RESULT_TURNAROUND
+    from cde_workbench.synthea import RESULT_TURNAROUND
+    from cde_workbench.terminology import LOINC_REFERENCE
     eng, _ = loaded
     res = _table(eng, 'lab_results')
     obs = _csv('observations.csv').filter(pl.col('CODE').is_in(list(LOINC_REFERENCE)))
@@ -181,7 +181,8 @@ def test_the_same_patient_read_as_fhir_gets_the_same_keys_ids_and_values(tmp_pat
     "One sample patient written as a FHIR bundle (as Synthea's FHIR export would) gives the same rows as the CSV."
     import json
     from cde_workbench.fhir import LOINC_SYSTEM, read_fhir_bundles
-    from cde_workbench.synthea import LOINC_REFERENCE, read_synthea
+    from cde_workbench.synthea import read_synthea
+    from cde_workbench.terminology import LOINC_REFERENCE
     monkeypatch.setenv('CDE_SITE_KEY_FILE', str(tmp_path / 'site.key'))
     obs = _csv('observations.csv').filter(pl.col('CODE').is_in(list(LOINC_REFERENCE)))
     pid = obs['PATIENT'].value_counts(sort=True)['PATIENT'][0]         # the patient with the most labs

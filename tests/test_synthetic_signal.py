@@ -10,7 +10,8 @@ from sklearn.metrics import roc_auc_score
 
 from cde_workbench.features import CountFeaturizer, load_feature_data
 from cde_workbench.store import dispose_engines, get_engine
-from cde_workbench.synth import LABS, HospitalConfig, generate, write_warehouse_extract
+from cde_workbench.synth import HospitalConfig, generate, write_warehouse_extract
+from cde_workbench.terminology import LABS
 from cde_workbench.tasks import lab_abnormal_points
 from cde_workbench.warehouse import load_warehouse_extract
 
