@@ -16,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from .config import CDEError, ConfigError, as_utc, database_url, load_deployment, utcnow, var_dir
+from .config import CDEError, ConfigError, Workspace, as_utc, database_url, load_deployment, utcnow, var_dir
 
 # The heavy libraries (scikit-learn, polars, papermill, nbformat) load inside each command, so that
 # `cde --help` and argument errors answer at once.
@@ -142,12 +142,13 @@ def train(deployment: str = typer.Argument(..., help='Deployment name (a folder 
     from cde_workbench.registry import get_model
     from cde_workbench.schedule import run_notebook
     from cde_workbench.store import get_engine
-    dep = load_deployment(deployment)
-    engine = get_engine()
-    run = run_notebook(engine, dep, 'train', {})
+    ws = Workspace.from_env()
+    dep = load_deployment(deployment, ws.deployments)
+    engine = get_engine(ws.database_url)
+    run = run_notebook(ws, dep, 'train', {})
     with engine.connect() as c: rec = get_model(c, dep.name)
     t = rec.metrics['test_auroc']
-    ev = run_notebook(engine, dep, 'evaluate', {'model': rec.version})
+    ev = run_notebook(ws, dep, 'evaluate', {'model': rec.version})
     typer.echo(f"registered {rec.name} v{rec.version} ({rec.params['model']['kind']}, sha256 {rec.sha256[:12]}…): test AUROC "
                f"{t['estimate']:.3f} [{t['low']:.3f}, {t['high']:.3f}]; run records {run.output}, {ev.output}\n"
                f"make it the champion after review: cde models alias {rec.name} champion {rec.version}")
@@ -172,9 +173,9 @@ def deploy(deployment: str = typer.Argument(..., help='Deployment name.'),
 def _timed_run(deployment: str, kind: str, as_of: Optional[str]):
     "Run a deployment's `kind` notebook with the run's clock set to `as_of`."
     from cde_workbench.schedule import run_notebook
-    from cde_workbench.store import get_engine
-    dep, when = load_deployment(deployment), _as_of(as_of)
-    run = run_notebook(get_engine(), dep, kind, {'as_of': when.isoformat()})
+    ws = Workspace.from_env()
+    dep, when = load_deployment(deployment, ws.deployments), _as_of(as_of)
+    run = run_notebook(ws, dep, kind, {'as_of': when.isoformat()})
     typer.echo(f'{kind} run {run.run_id} done; record {run.output}')
 
 @app.command()
@@ -193,8 +194,8 @@ def labels(deployment: str = typer.Argument(..., help='Deployment name.'),
 def report(deployment: str = typer.Argument(..., help='Deployment name.')):
     "Render the reviewer's HTML report (retrospective against prospective performance) to reports/<name>/report.html."
     from cde_workbench.report import render_report
-    from cde_workbench.store import get_engine
-    path = render_report(get_engine(), load_deployment(deployment))
+    ws = Workspace.from_env()
+    path = render_report(ws, load_deployment(deployment, ws.deployments))
     typer.echo(f'report: {path}')
 
 @app.command()
@@ -328,9 +329,10 @@ def demo(patients: int = typer.Option(3000, min=200, help='Patients in the synth
     from tqdm.auto import tqdm
     t_all = time.perf_counter(); stages = {}
     def stage(name, t0): stages[name] = round(time.perf_counter() - t0, 2); typer.echo(f'  {name}: {stages[name]:.1f} s')
-    dep = load_deployment(DEMO_DEPLOYMENT)
+    ws = Workspace.from_env()
+    dep = load_deployment(DEMO_DEPLOYMENT, ws.deployments)
     _reset_demo_store()
-    engine = get_engine()
+    engine = get_engine(ws.database_url)
     with engine.begin() as c: audit(c, 'demo.start', str(database_url()), {'patients': patients, 'seed': seed})
     typer.echo(f'1/6 synthetic hospital ({patients} patients)')
     t0 = time.perf_counter()
@@ -345,11 +347,11 @@ def demo(patients: int = typer.Option(3000, min=200, help='Patients in the synth
     typer.echo(f'3/6 training and evaluating DEPLOYR\'s {len(DEPLOYR_DEPLOYMENTS)} lab tasks (train.ipynb, evaluate.ipynb by papermill)')
     t0 = time.perf_counter()
     for name in tqdm(DEPLOYR_DEPLOYMENTS, desc='tasks', unit='task'):
-        d = load_deployment(name)
-        run_notebook(engine, d, 'train', {})
+        d = load_deployment(name, ws.deployments)
+        run_notebook(ws, d, 'train', {})
         with engine.connect() as c: rec = get_model(c, d.name)
         set_alias(engine, d.name, 'champion', rec.version, 'demo: the only version, reviewed in the demo report')
-        run_notebook(engine, d, 'evaluate', {})
+        run_notebook(ws, d, 'evaluate', {})
     with engine.connect() as c: rec = get_model(c, dep.name)
     set_status(engine, dep.name, 'silent', rec.model_id, 'demo: silent trial')
     stage('train', t0)
@@ -369,11 +371,11 @@ def demo(patients: int = typer.Option(3000, min=200, help='Patients in the synth
             for code in asyncio.run(send_messages(batch, port=port, window=32, timeout=60)).acks.values(): acks[code] = acks.get(code, 0) + 1
             process_pending(engine)
             t_ingest += time.perf_counter() - ti
-            ts = time.perf_counter(); run_notebook(engine, dep, 'score', {'as_of': wk.isoformat()}); t_score += time.perf_counter() - ts
+            ts = time.perf_counter(); run_notebook(ws, dep, 'score', {'as_of': wk.isoformat()}); t_score += time.perf_counter() - ts
             if (k + 1) % 4 == 0 or wk == end:
-                tl = time.perf_counter(); run_notebook(engine, dep, 'labels', {'as_of': wk.isoformat()}); t_labels += time.perf_counter() - tl
+                tl = time.perf_counter(); run_notebook(ws, dep, 'labels', {'as_of': wk.isoformat()}); t_labels += time.perf_counter() - tl
         if done < len(feed): asyncio.run(send_messages([m for m, _ in feed[done:]], port=port, window=32, timeout=60)); process_pending(engine)
-    tl = time.perf_counter(); run_notebook(engine, dep, 'labels', {'as_of': (end + timedelta(days=2)).isoformat()}); t_labels += time.perf_counter() - tl
+    tl = time.perf_counter(); run_notebook(ws, dep, 'labels', {'as_of': (end + timedelta(days=2)).isoformat()}); t_labels += time.perf_counter() - tl
     with engine.connect() as c:
         n = {t: c.execute(sa.text(f'select count(*) from {t}')).scalar() for t in ('ids_messages', 'ids_receipts', 'ids_dead_letters', 'mrn_merges', 'processing_errors')}
     typer.echo(f"  {len(feed)} messages sent ({', '.join(f'{v} {k}' for k, v in sorted(acks.items()))}): {n['ids_messages']} stored, "
@@ -382,7 +384,7 @@ def demo(patients: int = typer.Option(3000, min=200, help='Patients in the synth
     stages.update(ingest_feed=round(t_ingest, 2), scoring_runs=round(t_score, 2), label_runs=round(t_labels, 2))
     stage('silent_trial', t0)
     typer.echo('5/6 report (report.ipynb by papermill, nbconvert)'); t0 = time.perf_counter()
-    path = render_report(engine, dep); stage('report', t0)
+    path = render_report(ws, dep); stage('report', t0)
     typer.echo('6/6 summary')
     with engine.connect() as c: rows = performance_rows(c, dep)
     stages['total'] = round(time.perf_counter() - t_all, 2)

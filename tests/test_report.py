@@ -128,7 +128,7 @@ def test_undefined_metrics_say_why(tmp_path, browser):
 
 @pytest.fixture(scope='module')
 def card(tmp_path_factory):
-    from cde_workbench.config import load_deployment
+    from cde_workbench.config import Workspace, load_deployment
     from cde_workbench.report import render_report
     from cde_workbench.store import dispose_engines, get_engine
     from cde_workbench.synth import HospitalConfig, generate, write_warehouse_extract
@@ -153,7 +153,7 @@ def card(tmp_path_factory):
         load_warehouse_extract(engine, base / 'extract')
         dep = load_deployment('hgb_abnormal')
         rec = train_deployment(engine, dep, progress=False)
-        path = render_report(engine, dep)
+        path = render_report(Workspace.from_env(), dep)
         yield {'engine': engine, 'dep': dep, 'rec': rec, 'path': path, 'doc': path.read_text()}
     finally:
         dispose_engines()
