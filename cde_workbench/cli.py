@@ -58,7 +58,7 @@ def ingest_warehouse(folder: Path = typer.Argument(..., help='Folder of the extr
     "Load a warehouse extract into the clinical tables (all or nothing; a second load of the same extract does nothing)."
     from cde_workbench.store import get_engine
     from cde_workbench.warehouse import load_warehouse_extract
-    counts = load_warehouse_extract(get_engine(), folder)
+    counts = load_warehouse_extract(get_engine(Workspace.from_env().database_url), folder)
     typer.echo('already loaded; nothing to do' if not counts else 'loaded ' + ', '.join(f'{k} {v}' for k, v in counts.items()))
 
 def feed_with_times(path: Path, delay_seconds: float = 30.0) -> list[tuple[str, datetime]]:
@@ -71,17 +71,21 @@ def feed_with_times(path: Path, delay_seconds: float = 30.0) -> list[tuple[str, 
 @ingest_app.command('synthea')
 def ingest_synthea(folder: Path = typer.Argument(..., help='Folder of a Synthea CSV export (patients.csv, encounters.csv, ...).')):
     "Load a Synthea CSV export into the clinical tables (all or nothing; a second load of the same export does nothing)."
+    from cde_workbench.pseudonyms import site_key
     from cde_workbench.store import get_engine
     from cde_workbench.synthea import load_synthea
-    counts = load_synthea(get_engine(), folder)
+    ws = Workspace.from_env()
+    counts = load_synthea(get_engine(ws.database_url), folder, site_key(ws.site_key_file))
     typer.echo('already loaded; nothing to do' if not counts else 'loaded ' + ', '.join(f'{k} {v}' for k, v in counts.items()))
 
 @ingest_app.command('fhir')
 def ingest_fhir(paths: list[Path] = typer.Argument(..., help='FHIR R4 Bundle JSON files (Patient, Encounter, Observation, Condition, MedicationRequest).')):
     "Load FHIR R4 bundles into the clinical tables (all or nothing)."
     from cde_workbench.fhir import load_fhir
+    from cde_workbench.pseudonyms import site_key
     from cde_workbench.store import get_engine
-    counts = load_fhir(get_engine(), paths)
+    ws = Workspace.from_env()
+    counts = load_fhir(get_engine(ws.database_url), paths, site_key(ws.site_key_file))
     typer.echo('already loaded; nothing to do' if not counts else 'loaded ' + ', '.join(f'{k} {v}' for k, v in counts.items()))
 
 @ingest_app.command('file')
@@ -90,11 +94,13 @@ def ingest_file(path: Path = typer.Argument(..., help='HL7 v2 file: one message 
     "Store the HL7 v2 messages of a file in the immutable data store, then derive the clinical tables."
     from cde_workbench.events import process_pending, read_feed_file
     from cde_workbench.ids import store_messages
+    from cde_workbench.pseudonyms import site_key
     from cde_workbench.store import get_engine
     msgs = feed_with_times(path) if replay else [(m, utcnow()) for m in read_feed_file(path)]
-    engine = get_engine()
+    ws = Workspace.from_env()
+    engine = get_engine(ws.database_url)
     out = store_messages(engine, [(m, t, f'file:{Path(path).name}') for m, t in msgs])
-    s = process_pending(engine)
+    s = process_pending(engine, key=site_key(ws.site_key_file))
     counts = {k: sum(o.status == k for o in out) for k in ('stored', 'duplicate', 'conflict', 'dead_letter')}
     typer.echo(', '.join(f'{v} {k.replace("_", " ")}' for k, v in counts.items()) + f'; {s.messages} processed, {s.errors} processing errors')
 
@@ -106,17 +112,21 @@ def ingest_mllp(port: int = typer.Option(2575, help='TCP port to listen on.'),
                 replay_clock: bool = typer.Option(False, help='Stamp messages with their own time (MSH-7) + 30 s: only for replaying a recorded feed.')):
     "Receive HL7 v2 over MLLP; acknowledge each message once it is committed to the immutable data store (Ctrl-C stops)."
     from cde_workbench.mllp import ReplayClock, serve
+    from cde_workbench.pseudonyms import site_key
     from cde_workbench.store import get_engine
-    engine = get_engine()
-    serve(engine, host, port, max_frame, process, clock=ReplayClock() if replay_clock else None,
+    ws = Workspace.from_env()
+    engine = get_engine(ws.database_url)
+    serve(engine, host, port, max_frame, process, clock=ReplayClock() if replay_clock else None, key=site_key(ws.site_key_file),
           ready=lambda p: typer.echo(f'listening on {host}:{p} (MLLP); storing into {engine.url.render_as_string(hide_password=True)}', err=True))
 
 @ingest_app.command('process')
 def ingest_process():
     "Derive the clinical tables from stored messages not yet processed (resumes where it stopped)."
     from cde_workbench.events import process_pending
+    from cde_workbench.pseudonyms import site_key
     from cde_workbench.store import get_engine
-    s = process_pending(get_engine())
+    ws = Workspace.from_env()
+    s = process_pending(get_engine(ws.database_url), key=site_key(ws.site_key_file))
     typer.echo(f'{s.messages} messages processed, {s.errors} processing errors, up to sequence {s.last_seq}')
 
 @ingest_app.command('replay')
@@ -125,9 +135,11 @@ def ingest_replay(target: str = typer.Argument(..., help='SQLAlchemy URL of an e
                   to_seq: Optional[int] = typer.Option(None, '--to', help='Last ingest sequence number.')):
     "Rebuild the clinical tables from the immutable data store into an empty store, and compare checksums."
     from cde_workbench.events import replay, table_checksums
+    from cde_workbench.pseudonyms import site_key
     from cde_workbench.store import get_engine
-    source, dest = get_engine(), get_engine(target)
-    s = replay(source, dest, from_seq, to_seq)
+    ws = Workspace.from_env()
+    source, dest = get_engine(ws.database_url), get_engine(target)
+    s = replay(source, dest, from_seq, to_seq, key=site_key(ws.site_key_file))
     typer.echo(f'replayed {s.messages} messages ({s.errors} processing errors)')
     if from_seq is None and to_seq is None:
         a, b = table_checksums(source), table_checksums(dest)
