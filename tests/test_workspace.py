@@ -73,9 +73,10 @@ def test_runs_carry_the_workspace(carried, tmp_path):
     engine = get_engine(ws.database_url)
     load_warehouse_extract(engine, tmp_path / 'extract')
     dep = load_deployment('hgb_abnormal', ws.deployments)
-    if backend == 'sqlite': run_notebook(ws, dep, 'train', {})   # the train notebook, as `cde train` runs it
+    if backend == 'sqlite': run_notebook(ws, dep, 'train', {})   # the train and evaluate notebooks, as `cde train` runs them
     else: train_deployment(engine, dep, progress=False, var=ws.var)   # in process: the notebook path is covered on SQLite
     with engine.connect() as c: rec = get_model(c, dep.name)
+    if backend == 'sqlite': run_notebook(ws, dep, 'evaluate', {'model': rec.version})
     set_status(engine, dep.name, 'silent', rec.model_id, 'test: silent trial in a second workspace')
     score = run_notebook(ws, dep, 'score', {'as_of': '2024-01-01T00:00:00+00:00'})
     labels = run_notebook(ws, dep, 'labels', {'as_of': '2024-01-01T00:00:00+00:00'})
@@ -93,7 +94,7 @@ def test_runs_carry_the_workspace(carried, tmp_path):
         assert ledger[run.run_id].status == 'succeeded'
         params = json.loads(ledger[run.run_id].parameters)
         assert params['workspace'] == ws.as_params() and SECRET not in ledger[run.run_id].parameters
-    assert {r.kind for r in ledger.values()} >= {'score', 'labels', 'report'} | ({'train'} if backend == 'sqlite' else set())
+    assert {r.kind for r in ledger.values()} == {'score', 'labels', 'report'} | ({'train', 'evaluate'} if backend == 'sqlite' else set())
     assert all(r.status == 'succeeded' for r in ledger.values())
     # model bundle and feature cache in the workspace's var/, executed notebooks and the report in its reports/
     assert model_paths and all(Path(p).is_relative_to(ws.var / 'models') for p in model_paths)
