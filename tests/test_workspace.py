@@ -109,6 +109,10 @@ def test_runs_carry_the_workspace(carried, tmp_path):
     # the report's inputs came from this store: its silent-trial counts are this store's labelled packets
     doc = report.read_text()
     assert pro.n > 0 and f'{pro.n} prospective labelled orders' in doc and SECRET not in doc
+    # the clinicians' dashboard, given the workspace, shows this store's packets
+    from cde_workbench.dashboard import monitor_view
+    view = monitor_view(workspace=ws)
+    assert f'id="packets-{dep.name}">{n_packets}<' in view.children[0].value
     # and nothing went to the defaults the environment names
     assert not default.exists(), sorted(str(p) for p in default.rglob('*'))
     assert ws.site_key_file.exists()
