@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timezone
@@ -67,6 +68,9 @@ def reports_dir() -> Path:
 _WORKSPACE_ENV = {'database_url': 'CDE_DATABASE_URL', 'var': 'CDE_VAR', 'reports': 'CDE_REPORTS',
                   'deployments': 'CDE_DEPLOYMENTS', 'site_key_file': 'CDE_SITE_KEY_FILE'}
 
+# sqlite:///relative/path (not sqlite:////absolute, not :memory:), with any ?query
+_RELATIVE_SQLITE = re.compile(r'(sqlite(?:\+\w+)?):///(?!/)(?!:memory:)([^?]+)(\?.*)?$').fullmatch
+
 @dataclass(frozen=True)
 class Workspace:
     "Where one workbench keeps everything: the store, `var/`, reports, deployments and the site key; built once, passed down."
@@ -79,10 +83,13 @@ class Workspace:
     def __post_init__(self):
         if not isinstance(self.database_url, str) or '://' not in self.database_url:
             raise ConfigError(f"workspace: database_url {self.database_url!r} is not a SQLAlchemy URL")
+        # absolute, so that a notebook run (whose kernel starts in the deployment's folder) means the same places
+        if m := _RELATIVE_SQLITE(self.database_url):
+            object.__setattr__(self, 'database_url', f"{m[1]}:///{Path(m[2]).absolute()}{m[3]}")
         for k in ('var', 'reports', 'deployments', 'site_key_file'):
             v = getattr(self, k)
             if not isinstance(v, (str, Path)) or not str(v): raise ConfigError(f"workspace: {k} {v!r} is not a path")
-            object.__setattr__(self, k, Path(v))
+            object.__setattr__(self, k, Path(v).absolute())
 
     @classmethod
     def from_env(cls, environ: dict | None = None, # variables to read; default `os.environ`
