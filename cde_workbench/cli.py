@@ -16,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from .config import CDEError, ConfigError, as_utc, database_url, load_deployment, utcnow, var_dir
+from .config import CDEError, ConfigError, Workspace, as_utc, database_url, load_deployment, utcnow, var_dir
 
 # The heavy libraries (scikit-learn, polars, papermill, nbformat) load inside each command, so that
 # `cde --help` and argument errors answer at once.
@@ -58,7 +58,7 @@ def ingest_warehouse(folder: Path = typer.Argument(..., help='Folder of the extr
     "Load a warehouse extract into the clinical tables (all or nothing; a second load of the same extract does nothing)."
     from cde_workbench.store import get_engine
     from cde_workbench.warehouse import load_warehouse_extract
-    counts = load_warehouse_extract(get_engine(), folder)
+    counts = load_warehouse_extract(get_engine(Workspace.from_env().database_url), folder)
     typer.echo('already loaded; nothing to do' if not counts else 'loaded ' + ', '.join(f'{k} {v}' for k, v in counts.items()))
 
 def feed_with_times(path: Path, delay_seconds: float = 30.0) -> list[tuple[str, datetime]]:
@@ -71,17 +71,21 @@ def feed_with_times(path: Path, delay_seconds: float = 30.0) -> list[tuple[str, 
 @ingest_app.command('synthea')
 def ingest_synthea(folder: Path = typer.Argument(..., help='Folder of a Synthea CSV export (patients.csv, encounters.csv, ...).')):
     "Load a Synthea CSV export into the clinical tables (all or nothing; a second load of the same export does nothing)."
+    from cde_workbench.pseudonyms import site_key
     from cde_workbench.store import get_engine
     from cde_workbench.synthea import load_synthea
-    counts = load_synthea(get_engine(), folder)
+    ws = Workspace.from_env()
+    counts = load_synthea(get_engine(ws.database_url), folder, site_key(ws.site_key_file))
     typer.echo('already loaded; nothing to do' if not counts else 'loaded ' + ', '.join(f'{k} {v}' for k, v in counts.items()))
 
 @ingest_app.command('fhir')
 def ingest_fhir(paths: list[Path] = typer.Argument(..., help='FHIR R4 Bundle JSON files (Patient, Encounter, Observation, Condition, MedicationRequest).')):
     "Load FHIR R4 bundles into the clinical tables (all or nothing)."
     from cde_workbench.fhir import load_fhir
+    from cde_workbench.pseudonyms import site_key
     from cde_workbench.store import get_engine
-    counts = load_fhir(get_engine(), paths)
+    ws = Workspace.from_env()
+    counts = load_fhir(get_engine(ws.database_url), paths, site_key(ws.site_key_file))
     typer.echo('already loaded; nothing to do' if not counts else 'loaded ' + ', '.join(f'{k} {v}' for k, v in counts.items()))
 
 @ingest_app.command('file')
@@ -90,11 +94,13 @@ def ingest_file(path: Path = typer.Argument(..., help='HL7 v2 file: one message 
     "Store the HL7 v2 messages of a file in the immutable data store, then derive the clinical tables."
     from cde_workbench.events import process_pending, read_feed_file
     from cde_workbench.ids import store_messages
+    from cde_workbench.pseudonyms import site_key
     from cde_workbench.store import get_engine
     msgs = feed_with_times(path) if replay else [(m, utcnow()) for m in read_feed_file(path)]
-    engine = get_engine()
+    ws = Workspace.from_env()
+    engine = get_engine(ws.database_url)
     out = store_messages(engine, [(m, t, f'file:{Path(path).name}') for m, t in msgs])
-    s = process_pending(engine)
+    s = process_pending(engine, key=site_key(ws.site_key_file))
     counts = {k: sum(o.status == k for o in out) for k in ('stored', 'duplicate', 'conflict', 'dead_letter')}
     typer.echo(', '.join(f'{v} {k.replace("_", " ")}' for k, v in counts.items()) + f'; {s.messages} processed, {s.errors} processing errors')
 
@@ -106,17 +112,21 @@ def ingest_mllp(port: int = typer.Option(2575, help='TCP port to listen on.'),
                 replay_clock: bool = typer.Option(False, help='Stamp messages with their own time (MSH-7) + 30 s: only for replaying a recorded feed.')):
     "Receive HL7 v2 over MLLP; acknowledge each message once it is committed to the immutable data store (Ctrl-C stops)."
     from cde_workbench.mllp import ReplayClock, serve
+    from cde_workbench.pseudonyms import site_key
     from cde_workbench.store import get_engine
-    engine = get_engine()
-    serve(engine, host, port, max_frame, process, clock=ReplayClock() if replay_clock else None,
+    ws = Workspace.from_env()
+    engine = get_engine(ws.database_url)
+    serve(engine, host, port, max_frame, process, clock=ReplayClock() if replay_clock else None, key=site_key(ws.site_key_file),
           ready=lambda p: typer.echo(f'listening on {host}:{p} (MLLP); storing into {engine.url.render_as_string(hide_password=True)}', err=True))
 
 @ingest_app.command('process')
 def ingest_process():
     "Derive the clinical tables from stored messages not yet processed (resumes where it stopped)."
     from cde_workbench.events import process_pending
+    from cde_workbench.pseudonyms import site_key
     from cde_workbench.store import get_engine
-    s = process_pending(get_engine())
+    ws = Workspace.from_env()
+    s = process_pending(get_engine(ws.database_url), key=site_key(ws.site_key_file))
     typer.echo(f'{s.messages} messages processed, {s.errors} processing errors, up to sequence {s.last_seq}')
 
 @ingest_app.command('replay')
@@ -125,9 +135,11 @@ def ingest_replay(target: str = typer.Argument(..., help='SQLAlchemy URL of an e
                   to_seq: Optional[int] = typer.Option(None, '--to', help='Last ingest sequence number.')):
     "Rebuild the clinical tables from the immutable data store into an empty store, and compare checksums."
     from cde_workbench.events import replay, table_checksums
+    from cde_workbench.pseudonyms import site_key
     from cde_workbench.store import get_engine
-    source, dest = get_engine(), get_engine(target)
-    s = replay(source, dest, from_seq, to_seq)
+    ws = Workspace.from_env()
+    source, dest = get_engine(ws.database_url), get_engine(target)
+    s = replay(source, dest, from_seq, to_seq, key=site_key(ws.site_key_file))
     typer.echo(f'replayed {s.messages} messages ({s.errors} processing errors)')
     if from_seq is None and to_seq is None:
         a, b = table_checksums(source), table_checksums(dest)
@@ -139,15 +151,16 @@ def ingest_replay(target: str = typer.Argument(..., help='SQLAlchemy URL of an e
 @app.command()
 def train(deployment: str = typer.Argument(..., help='Deployment name (a folder under deployments/).')):
     "Train the candidates, choose on validation, register the best, and evaluate it on the test years (train and evaluate notebooks)."
-    dep = load_deployment(deployment)   # a typo is reported before the heavy libraries load
+    ws = Workspace.from_env()
+    dep = load_deployment(deployment, ws.deployments)   # a typo is reported before the heavy libraries load
     from cde_workbench.registry import get_model
     from cde_workbench.schedule import run_notebook
     from cde_workbench.store import get_engine
-    engine = get_engine()
-    run = run_notebook(engine, dep, 'train', {})
+    engine = get_engine(ws.database_url)
+    run = run_notebook(ws, dep, 'train', {})
     with engine.connect() as c: rec = get_model(c, dep.name)
     t = rec.metrics['test_auroc']
-    ev = run_notebook(engine, dep, 'evaluate', {'model': rec.version})
+    ev = run_notebook(ws, dep, 'evaluate', {'model': rec.version})
     typer.echo(f"registered {rec.name} v{rec.version} ({rec.params['model']['kind']}, sha256 {rec.sha256[:12]}…): test AUROC "
                f"{t['estimate']:.3f} [{t['low']:.3f}, {t['high']:.3f}]; run records {run.output}, {ev.output}\n"
                f"make it the champion after review: cde models alias {rec.name} champion {rec.version}")
@@ -171,10 +184,10 @@ def deploy(deployment: str = typer.Argument(..., help='Deployment name.'),
 
 def _timed_run(deployment: str, kind: str, as_of: Optional[str]):
     "Run a deployment's `kind` notebook with the run's clock set to `as_of`."
-    dep, when = load_deployment(deployment), _as_of(as_of)   # a typo is reported before papermill and the store load
+    ws = Workspace.from_env()
+    dep, when = load_deployment(deployment, ws.deployments), _as_of(as_of)   # a typo is reported before papermill and the store load
     from cde_workbench.schedule import run_notebook
-    from cde_workbench.store import get_engine
-    run = run_notebook(get_engine(), dep, kind, {'as_of': when.isoformat()})
+    run = run_notebook(ws, dep, kind, {'as_of': when.isoformat()})
     typer.echo(f'{kind} run {run.run_id} done; record {run.output}')
     return run
 
@@ -200,7 +213,7 @@ def score(deployment: str = typer.Argument(..., help='Deployment name.'),
     "Silent-trial scoring run: one inference packet per new order (runs deployments/<name>/score.ipynb if the deployment has its own copy, else the shared deployments/_pipelines/score.ipynb)."
     run = _timed_run(deployment, 'score', as_of)
     from cde_workbench.store import get_engine
-    typer.echo(_run_counts(get_engine(), 'score', run.run_id))
+    typer.echo(_run_counts(get_engine(Workspace.from_env().database_url), 'score', run.run_id))
 
 @app.command()
 def labels(deployment: str = typer.Argument(..., help='Deployment name.'),
@@ -221,8 +234,8 @@ def report(deployment: str = typer.Argument(..., help='Deployment name.')):
     "Render the reviewer's HTML report (retrospective against prospective performance) to reports/<name>/report.html."
     dep = load_deployment(deployment)
     from cde_workbench.report import render_report
-    from cde_workbench.store import get_engine
-    path = render_report(get_engine(), dep)
+    ws = Workspace.from_env()
+    path = render_report(ws, load_deployment(deployment, ws.deployments))
     typer.echo(f'report: {path}')
 
 @app.command()
@@ -353,19 +366,20 @@ def _demo_worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _demo_worker_stop)
 
-def _demo_task(name: str) -> str:
+def _demo_task(name: str, ws: Workspace) -> str:
     "Train one task (train.ipynb), make the model its champion, evaluate it (evaluate.ipynb); runs in a demo worker process."
     from cde_workbench.registry import get_model, set_alias
     from cde_workbench.schedule import run_notebook
     from cde_workbench.store import get_engine
-    engine, d = get_engine(), load_deployment(name)
-    run_notebook(engine, d, 'train', {})
+    engine, d = get_engine(ws.database_url), load_deployment(name, ws.deployments)
+    run_notebook(ws, d, 'train', {})
     with engine.connect() as c: rec = get_model(c, d.name)
     set_alias(engine, d.name, 'champion', rec.version, 'demo: the only version, reviewed in the demo report')
-    run_notebook(engine, d, 'evaluate', {})
+    run_notebook(ws, d, 'evaluate', {})
     return name
 
-def train_demo_tasks(names: list[str], # deployments to train and evaluate
+def train_demo_tasks(ws: Workspace, # the workspace every run uses
+                     names: list[str], # deployments to train and evaluate
                      workers: int = 2, # tasks at a time, each in its own process with its own kernels
                      progress: bool = True, # a progress bar of finished tasks
                     ) -> None:
@@ -382,7 +396,7 @@ def train_demo_tasks(names: list[str], # deployments to train and evaluate
             while todo or running:
                 while todo and len(running) < workers and not failed:
                     n = todo.pop(0); running.add(n)
-                    pool.apply_async(_demo_task, (n,), callback=lambda _, n=n: done.put((n, None)),
+                    pool.apply_async(_demo_task, (n, ws), callback=lambda _, n=n: done.put((n, None)),
                                      error_callback=lambda e, n=n: done.put((n, e)))
                 if not running: break
                 n, err = done.get()
@@ -418,9 +432,10 @@ def demo(patients: int = typer.Option(3000, min=200, help='Patients in the synth
     from tqdm.auto import tqdm
     t_all = time.perf_counter(); stages = {}
     def stage(name, t0): stages[name] = round(time.perf_counter() - t0, 2); typer.echo(f'  {name}: {stages[name]:.1f} s')
-    dep = load_deployment(DEMO_DEPLOYMENT)
+    ws = Workspace.from_env()
+    dep = load_deployment(DEMO_DEPLOYMENT, ws.deployments)
     _reset_demo_store()
-    engine = get_engine()
+    engine = get_engine(ws.database_url)
     with engine.begin() as c: audit(c, 'demo.start', str(database_url()), {'patients': patients, 'seed': seed})
     typer.echo(f'1/6 synthetic hospital ({patients} patients)')
     t0 = time.perf_counter()
@@ -434,7 +449,7 @@ def demo(patients: int = typer.Option(3000, min=200, help='Patients in the synth
     load_warehouse_extract(engine, out / 'warehouse'); stage('warehouse_load', t0)
     typer.echo(f'3/6 training and evaluating DEPLOYR\'s {len(DEPLOYR_DEPLOYMENTS)} lab tasks, two at a time (train.ipynb, evaluate.ipynb by papermill)')
     t0 = time.perf_counter()
-    train_demo_tasks(list(DEPLOYR_DEPLOYMENTS), workers=2)   # two at a time: one task's kernel start-up and data loading overlap the other's fitting
+    train_demo_tasks(ws, list(DEPLOYR_DEPLOYMENTS), workers=2)   # two at a time: one task's kernel start-up and data loading overlap the other's fitting
     with engine.connect() as c: rec = get_model(c, dep.name)
     set_status(engine, dep.name, 'silent', rec.model_id, 'demo: silent trial')
     stage('train', t0)
@@ -454,11 +469,11 @@ def demo(patients: int = typer.Option(3000, min=200, help='Patients in the synth
             for code in asyncio.run(send_messages(batch, port=port, window=32, timeout=60)).acks.values(): acks[code] = acks.get(code, 0) + 1
             process_pending(engine)
             t_ingest += time.perf_counter() - ti
-            ts = time.perf_counter(); run_notebook(engine, dep, 'score', {'as_of': wk.isoformat()}); t_score += time.perf_counter() - ts
+            ts = time.perf_counter(); run_notebook(ws, dep, 'score', {'as_of': wk.isoformat()}); t_score += time.perf_counter() - ts
             if (k + 1) % 4 == 0 or wk == end:
-                tl = time.perf_counter(); run_notebook(engine, dep, 'labels', {'as_of': wk.isoformat()}); t_labels += time.perf_counter() - tl
+                tl = time.perf_counter(); run_notebook(ws, dep, 'labels', {'as_of': wk.isoformat()}); t_labels += time.perf_counter() - tl
         if done < len(feed): asyncio.run(send_messages([m for m, _ in feed[done:]], port=port, window=32, timeout=60)); process_pending(engine)
-    tl = time.perf_counter(); run_notebook(engine, dep, 'labels', {'as_of': (end + timedelta(days=2)).isoformat()}); t_labels += time.perf_counter() - tl
+    tl = time.perf_counter(); run_notebook(ws, dep, 'labels', {'as_of': (end + timedelta(days=2)).isoformat()}); t_labels += time.perf_counter() - tl
     with engine.connect() as c:
         n = {t: c.execute(sa.text(f'select count(*) from {t}')).scalar() for t in ('ids_messages', 'ids_receipts', 'ids_dead_letters', 'mrn_merges', 'processing_errors')}
     typer.echo(f"  {len(feed)} messages sent ({', '.join(f'{v} {k}' for k, v in sorted(acks.items()))}): {n['ids_messages']} stored, "
@@ -467,7 +482,7 @@ def demo(patients: int = typer.Option(3000, min=200, help='Patients in the synth
     stages.update(ingest_feed=round(t_ingest, 2), scoring_runs=round(t_score, 2), label_runs=round(t_labels, 2))
     stage('silent_trial', t0)
     typer.echo('5/6 report (report.ipynb by papermill, nbconvert)'); t0 = time.perf_counter()
-    path = render_report(engine, dep); stage('report', t0)
+    path = render_report(ws, dep); stage('report', t0)
     typer.echo('6/6 summary')
     with engine.connect() as c: rows = performance_rows(c, dep)
     stages['total'] = round(time.perf_counter() - t_all, 2)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timezone
@@ -13,7 +14,7 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['THRESHOLD_RULES', 'PIPELINES_FOLDER', 'CDEError', 'ConfigError', 'SchemaError', 'IngestError', 'PipelineError',
-           'project_root', 'var_dir', 'database_url', 'deployments_dir', 'reports_dir', 'utcnow', 'as_utc',
+           'project_root', 'var_dir', 'database_url', 'deployments_dir', 'reports_dir', 'Workspace', 'utcnow', 'as_utc',
            'Deployment', 'load_deployment']
 
 # %% ../nbs/00_config.ipynb #1a642814
@@ -36,27 +37,110 @@ class PipelineError(CDEError):
 def project_root() -> Path:
     "The project directory: `CDE_HOME` if set, else the checkout this package lives in, else the cwd."
     if env := os.environ.get('CDE_HOME'): return Path(env).resolve()
+    return _checkout()
+
+def _checkout() -> Path:
     here = Path(__file__).resolve().parent.parent
     if (here / 'settings.ini').exists(): return here
     return Path.cwd().resolve()
 
+# The helpers below are the command line's defaults, read from the environment through `Workspace.from_env`;
+# library code takes a `Workspace` (or an engine, or a folder) from its caller instead of calling them.
 def var_dir() -> Path:
     "Directory for the embedded default's data (database, model bundles, caches); created on demand."
-    d = Path(os.environ.get('CDE_VAR', project_root() / 'var'))
+    d = Workspace.from_env().var
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 def database_url() -> str:
     "SQLAlchemy URL of the store: `CDE_DATABASE_URL`, else SQLite at `var/cde.sqlite`."
-    return os.environ.get('CDE_DATABASE_URL') or f"sqlite:///{var_dir() / 'cde.sqlite'}"
+    return Workspace.from_env().database_url
 
 def deployments_dir() -> Path:
     "Where deployment folders (`deployment.toml` and pipeline notebooks) live."
-    return Path(os.environ.get('CDE_DEPLOYMENTS', project_root() / 'deployments'))
+    return Workspace.from_env().deployments
 
 def reports_dir() -> Path:
     "Where rendered reports land: `reports/<deployment>/<run>/`."
-    return Path(os.environ.get('CDE_REPORTS', project_root() / 'reports'))
+    return Workspace.from_env().reports
+
+# %% ../nbs/00_config.ipynb #a7e09846
+_WORKSPACE_ENV = {'database_url': 'CDE_DATABASE_URL', 'var': 'CDE_VAR', 'reports': 'CDE_REPORTS',
+                  'deployments': 'CDE_DEPLOYMENTS', 'site_key_file': 'CDE_SITE_KEY_FILE'}
+
+# sqlite:///relative/path (not sqlite:////absolute, not :memory:), with any ?query
+_RELATIVE_SQLITE = re.compile(r'(sqlite(?:\+\w+)?):///(?!/)(?!:memory:)([^?]+)(\?.*)?$').fullmatch
+
+@dataclass(frozen=True)
+class Workspace:
+    "Where one workbench keeps everything: the store, `var/`, reports, deployments and the site key; built once, passed down."
+    database_url: str # SQLAlchemy URL of the store
+    var: Path # model bundles, feature caches, the embedded store
+    reports: Path # executed notebooks and rendered reports: `reports/<deployment>/<run>/`
+    deployments: Path # deployment folders and `_pipelines/`
+    site_key_file: Path # the secret behind patient pseudonyms (the path, never the key)
+
+    def __post_init__(self):
+        if not isinstance(self.database_url, str) or '://' not in self.database_url:
+            raise ConfigError(f"workspace: database_url {self.database_url!r} is not a SQLAlchemy URL")
+        # absolute, so that a notebook run (whose kernel starts in the deployment's folder) means the same places
+        if m := _RELATIVE_SQLITE(self.database_url):
+            object.__setattr__(self, 'database_url', f"{m[1]}:///{Path(m[2]).absolute()}{m[3]}")
+        for k in ('var', 'reports', 'deployments', 'site_key_file'):
+            v = getattr(self, k)
+            if not isinstance(v, (str, Path)) or not str(v): raise ConfigError(f"workspace: {k} {v!r} is not a path")
+            object.__setattr__(self, k, Path(v).absolute())
+
+    @classmethod
+    def from_env(cls, environ: dict | None = None, # variables to read; default `os.environ`
+                ) -> Workspace:
+        "The command line's workspace: `CDE_DATABASE_URL`, `CDE_VAR`, `CDE_REPORTS`, `CDE_DEPLOYMENTS`, `CDE_SITE_KEY_FILE`, else the defaults."
+        env = os.environ if environ is None else environ
+        root = Path(env['CDE_HOME']).resolve() if env.get('CDE_HOME') else _checkout()
+        var = Path(env.get('CDE_VAR') or root / 'var')
+        return cls(database_url=env.get('CDE_DATABASE_URL') or f"sqlite:///{var / 'cde.sqlite'}", var=var,
+                   reports=Path(env.get('CDE_REPORTS') or root / 'reports'),
+                   deployments=Path(env.get('CDE_DEPLOYMENTS') or root / 'deployments'),
+                   site_key_file=Path(env.get('CDE_SITE_KEY_FILE') or var / 'site.key'))
+
+    @classmethod
+    def under(cls, folder: Path, # holds var/, reports/ (and the SQLite store unless `database_url` is given)
+              deployments: Path | None = None, # default `folder/deployments`
+              database_url: str | None = None, # default SQLite at `folder/var/cde.sqlite`
+             ) -> Workspace:
+        "A self-contained workspace in one folder: for a notebook's caller, a test, a second site."
+        folder = Path(folder)
+        return cls(database_url or f"sqlite:///{folder / 'var' / 'cde.sqlite'}", folder / 'var', folder / 'reports',
+                   Path(deployments) if deployments is not None else folder / 'deployments', folder / 'var' / 'site.key')
+
+    def as_params(self) -> dict:
+        "The workspace as papermill parameters (strings only; the URL without its password)."
+        from sqlalchemy.engine import make_url
+        return {'database_url': make_url(self.database_url)._replace(password=None).render_as_string(hide_password=False),
+                **{k: str(getattr(self, k)) for k in ('var', 'reports', 'deployments', 'site_key_file')}}
+
+    @classmethod
+    def from_params(cls, params: dict | Workspace, # what `as_params` gave (a notebook's `workspace` parameter)
+                   ) -> Workspace:
+        "Rebuild the workspace inside a notebook; missing or unknown keys are a `ConfigError`."
+        if isinstance(params, Workspace): return params
+        if not isinstance(params, dict): raise ConfigError(f"workspace parameter must be a dict of {', '.join(_WORKSPACE_ENV)}, got {type(params).__name__}")
+        unknown, missing = sorted(set(params) - set(_WORKSPACE_ENV)), [k for k in _WORKSPACE_ENV if k not in params]
+        if unknown: raise ConfigError(f"workspace parameter: unknown key(s) {', '.join(unknown)}")
+        if missing: raise ConfigError(f"workspace parameter: missing key(s) {', '.join(missing)}")
+        return cls(**params)
+
+    @property
+    def password(self) -> str | None:
+        "The store's password, if its URL has one (handed to a notebook's kernel out of band)."
+        from sqlalchemy.engine import make_url
+        return make_url(self.database_url).password
+
+    @property
+    def redacted_url(self) -> str:
+        "The store's URL with any password masked: what a run prints to say where it wrote."
+        from sqlalchemy.engine import make_url
+        return make_url(self.database_url).render_as_string(hide_password=True)
 
 # %% ../nbs/00_config.ipynb #b40bfbf3
 def utcnow() -> datetime:
@@ -157,17 +241,18 @@ def _check_threshold(fname: Path, out: dict) -> None:
         if 'target' in out: raise ConfigError(f"{fname}: [output] target belongs to a threshold_rule")
 
 def load_deployment(name_or_path: str | Path, # deployment name (folder under `deployments/`) or a folder path
+                    deployments: Path | None = None, # the workspace's deployments folder; default the command line's
                    ) -> Deployment:
     "Read and validate `deployment.toml`; any problem is a `ConfigError` naming the file and key."
-    p = Path(name_or_path)
-    folder = p if p.is_dir() else deployments_dir() / str(name_or_path)
+    p, base = Path(name_or_path), deployments_dir() if deployments is None else Path(deployments)
+    folder = p if p.is_dir() else base / str(name_or_path)
     fname = folder / 'deployment.toml'
     # the name becomes a folder under reports/ and var/: a plain identifier only ('..', 'a/b', '-x' or 'é' would escape or confuse)
     name = folder.name if p.is_dir() else str(name_or_path)
     if not (name.isascii() and name.isidentifier()):
         raise ConfigError(f"deployment name {name!r} must be a plain identifier (ASCII letters, digits and _, not starting with a digit)")
     if not fname.exists():
-        known = sorted(d.name for d in deployments_dir().glob('*') if (d / 'deployment.toml').exists()) if deployments_dir().exists() else []
+        known = sorted(d.name for d in base.glob('*') if (d / 'deployment.toml').exists()) if base.exists() else []
         raise ConfigError(f"unknown deployment {str(name_or_path)!r}: no {fname} (known: {', '.join(known) or 'none'})")
     try: raw = tomllib.loads(fname.read_text())
     except tomllib.TOMLDecodeError as e: raise ConfigError(f"{fname}: not valid TOML ({e})")

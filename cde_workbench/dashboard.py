@@ -18,7 +18,7 @@ from pathlib import Path
 import ipywidgets as widgets
 import polars as pl
 
-from .config import ConfigError, deployments_dir, load_deployment, project_root, var_dir
+from .config import ConfigError, Workspace, deployments_dir, load_deployment, project_root, var_dir
 from .deploy import deployment_state
 from .monitor import Health, health, packets, weekly
 from .store import get_engine
@@ -62,24 +62,27 @@ def _trend_png(w: pl.DataFrame) -> str:
     fig.autofmt_xdate(); buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=90, bbox_inches='tight'); plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
 
-def deployment_names() -> list[str]:
+def deployment_names(folder: Path | None = None, # the workspace's deployments folder; default the command line's
+                    ) -> list[str]:
     "Deployments that have a `deployment.toml`."
-    d = deployments_dir()
+    d = deployments_dir() if folder is None else Path(folder)
     return sorted(p.parent.name for p in d.glob('*/deployment.toml')) if d.exists() else []
 
 def monitor_view(names: list[str] | None = None, # deployments to show; default all
                  recent: int = 15, # how many current scores to list
+                 workspace: Workspace | None = None, # whose store and deployments; default the command line's (`Workspace.from_env()`)
                 ) -> widgets.Widget:
     "The monitoring dashboard: a tab per deployment with its health card, current scores and weekly trend."
-    names = names or deployment_names()
-    engine = get_engine()
+    ws = workspace or Workspace.from_env()
+    names = names or deployment_names(ws.deployments)
+    engine = get_engine(ws.database_url)
     tabs = []
     with engine.connect() as conn:
         # deployments in use first (live, silent, paused), then the rest: a clinician's first tab is a model that is running
         order = {'live': 0, 'silent': 1, 'paused': 2}
         names = sorted(names, key=lambda n: (order.get(deployment_state(conn, n).status, 3), n))
         for n in names:
-            try: dep = load_deployment(n)
+            try: dep = load_deployment(n, ws.deployments)
             except ConfigError as err:   # one broken deployment folder must not hide the others from the clinical team
                 tabs.append(widgets.HTML(f'<div class="cde-health"><h2>{html.escape(n)}</h2><p id="error-{html.escape(n, quote=True)}">'
                                          f'<b>Not shown: {html.escape(str(err))}</b></p></div>'))

@@ -336,9 +336,10 @@ def processed_up_to(conn: Connection) -> int:
 def process_pending(engine: Engine, # the store
                     batch: int = 5000, # messages per transaction
                     until: int | None = None, # stop after this sequence (default: everything stored)
+                    key: bytes | None = None, # the workspace's site key (`site_key(ws.site_key_file)`); default the command line's
                    ) -> ProcessSummary:
     "Process every stored message after the cursor, a batch per transaction together with the cursor: resumable, never twice."
-    total, key = ProcessSummary(), site_key()
+    total, key = ProcessSummary(), key or site_key()
     while True:
         with engine.begin() as conn:
             last = processed_up_to(conn)
@@ -374,7 +375,7 @@ def table_checksums(engine: Engine, tables=DERIVED_TABLES, source: str | None = 
             out[t.name] = f'{len(rows)}:{h.hexdigest()}'
     return out
 
-def _copy_and_process(source: Engine, target: Engine, from_seq: int | None, to_seq: int | None, batch: int) -> ProcessSummary:
+def _copy_and_process(source: Engine, target: Engine, from_seq: int | None, to_seq: int | None, batch: int, key: bytes | None = None) -> ProcessSummary:
     "Replay the general way: copy the raw messages, then `process_pending` them batch by batch (any target)."
     q = sa.select(ids_messages).order_by(ids_messages.c.seq)
     if from_seq is not None: q = q.where(ids_messages.c.seq >= from_seq)
@@ -386,13 +387,14 @@ def _copy_and_process(source: Engine, target: Engine, from_seq: int | None, to_s
     if target.dialect.name == 'postgresql':   # keep the sequence ahead of the copied numbers
         with target.begin() as dst:
             dst.execute(sa.text("SELECT setval(pg_get_serial_sequence('ids_messages', 'seq'), COALESCE((SELECT max(seq) FROM ids_messages), 0) + 1, false)"))
-    return process_pending(target, batch)
+    return process_pending(target, batch, key=key)
 
 def replay(source: Engine, # the store holding the immutable data store
            target: Engine, # an empty store to rebuild into
            from_seq: int | None = None, # first ingest sequence to replay
            to_seq: int | None = None, # last ingest sequence to replay
            batch: int = 5000, # messages per read (and, on the general path, per transaction)
+           key: bytes | None = None, # the workspace's site key (`site_key(ws.site_key_file)`); default the command line's
           ) -> ProcessSummary:
     "Rebuild the clinical tables from raw messages into an empty store."
     with target.connect() as conn:
@@ -401,8 +403,8 @@ def replay(source: Engine, # the store holding the immutable data store
         # the one-pass rebuild needs the derived tables empty too (warehouse rows would take part in the state)
         fresh = target.dialect.name == 'sqlite' and not any(conn.execute(sa.select(sa.literal(1)).select_from(t).limit(1)).first()
                                                            for t in (*DERIVED_TABLES, processor_state))
-    if fresh: return _rebuild_sqlite(source, target, from_seq, to_seq, batch)
-    return _copy_and_process(source, target, from_seq, to_seq, batch)
+    if fresh: return _rebuild_sqlite(source, target, from_seq, to_seq, batch, key)
+    return _copy_and_process(source, target, from_seq, to_seq, batch, key)
 
 # %% ../nbs/13_events.ipynb #007aeac9
 _REBUILD_COLUMNS = {
@@ -678,9 +680,9 @@ def _sqlite_text_time(v) -> str:
     if v.tzinfo is not None: v = v.astimezone(timezone.utc)
     return v.strftime(_SQLITE_TIME)
 
-def _rebuild_sqlite(source: Engine, target: Engine, from_seq: int | None, to_seq: int | None, batch: int) -> ProcessSummary:
+def _rebuild_sqlite(source: Engine, target: Engine, from_seq: int | None, to_seq: int | None, batch: int, key: bytes | None = None) -> ProcessSummary:
     "The one-pass rebuild into a fresh SQLite store (see above)."
-    rb, summary = _Rebuild(site_key()), ProcessSummary()
+    rb, summary = _Rebuild(key or site_key()), ProcessSummary()
     # millions of small objects stay alive until inserted, and none form cycles: the cyclic collector's repeated passes
     # over them cost more than the parsing (measured: split_plain 19 -> 9 us a message); paused, and resumed after
     collecting = gc.isenabled(); gc.disable()

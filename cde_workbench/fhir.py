@@ -183,7 +183,7 @@ _SCHEMAS = {
                           'event_time': _T, 'stored_time': _T},
 }
 
-def _read_fhir(paths: Sequence[Path]) -> tuple[dict[str, pl.DataFrame], dict]:
+def _read_fhir(paths: Sequence[Path], key: bytes | None = None) -> tuple[dict[str, pl.DataFrame], dict]:
     "The clinical-table frames of some FHIR bundles, and what was read and left out."
     if isinstance(paths, (str, Path)): paths = [paths]
     paths = [Path(p) for p in paths]
@@ -193,7 +193,7 @@ def _read_fhir(paths: Sequence[Path]) -> tuple[dict[str, pl.DataFrame], dict]:
     read = Counter(r.rtype for r in resources)
     index = _Index(resources)
     of = lambda t: [r for r in resources if r.rtype == t]
-    key = site_key()
+    key = key or site_key()
     patients = {id(r): _patient_row(r, key) for r in of('Patient')}
     rows: dict[str, list[dict]] = {t: [] for t in _SCHEMAS if t != 'patients'}
     first_seen: dict[str, datetime] = {}
@@ -326,10 +326,11 @@ def fhir_fingerprint(paths: Sequence[Path], # the bundle files
 
 def load_fhir(engine: Engine, # the store
               paths: Sequence[Path], # FHIR R4 Bundle JSON files, loaded together
+              key: bytes | None = None, # the workspace's site key (`site_key(ws.site_key_file)`); default the command line's
              ) -> dict[str, int]:
     "Load FHIR R4 Bundles into the clinical tables in one transaction; rows per table (empty if already loaded)."
     if isinstance(paths, (str, Path)): paths = [paths]
-    tables, stats = _read_fhir(paths)
+    tables, stats = _read_fhir(paths, key)
     detail = {'files': [str(p) for p in paths], **stats}
     try: return load_tables(engine, tables, fhir_fingerprint(paths), 'fhir', detail)
     except sa.exc.IntegrityError as e:

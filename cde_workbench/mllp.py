@@ -145,9 +145,10 @@ class MLLPReceiver:
     "An asyncio MLLP server that acknowledges each message after its group commit to the immutable data store."
     def __init__(self, engine: Engine, host: str = '127.0.0.1', port: int = 2575, max_frame: int = 1 << 20,
                  max_batch: int = 1000, process: bool = True, process_every: float = 0.5, clock=None,
-                 linger: float = 0.002): # longest a batch waits for connections that answer each ACK at once (s)
+                 linger: float = 0.002, # longest a batch waits for connections that answer each ACK at once (s)
+                 key: bytes | None = None): # site key for processing (the workspace's); default the command line's
         self.engine, self.host, self.port, self.max_frame, self.max_batch = engine, host, port, max_frame, max_batch
-        self.linger = linger
+        self.linger, self.key = linger, key
         self._conns: set[_Conn] = set()
         self.clock = clock   # receive time of a message; None: the wall clock
         self.process, self.process_every = process, process_every
@@ -272,7 +273,7 @@ class MLLPReceiver:
         while True:
             await self._stored_since_processing.wait()
             self._stored_since_processing.clear()
-            try: await loop.run_in_executor(self._process_pool, process_pending, self.engine, 200)
+            try: await loop.run_in_executor(self._process_pool, process_pending, self.engine, 200, None, self.key)
             except Exception: pass   # the next stored message retries; the cursor only moves on success
             await asyncio.sleep(self.process_every)
 
@@ -340,10 +341,10 @@ async def send_messages(messages: list[bytes | str], # messages to send, in orde
 
 # %% ../nbs/12a_mllp.ipynb #d4932510
 def serve(engine: Engine, host: str = '127.0.0.1', port: int = 2575, max_frame: int = 1 << 20, process: bool = True,
-          ready=None, clock=None) -> None:
+          ready=None, clock=None, key: bytes | None = None) -> None:
     "Run the receiver until SIGINT or SIGTERM (the `cde ingest mllp` command)."
     async def main():
-        rx = MLLPReceiver(engine, host, port, max_frame, process=process, clock=clock)
+        rx = MLLPReceiver(engine, host, port, max_frame, process=process, clock=clock, key=key)
         try: bound = await rx.start()
         except OSError as e: raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}")
         gc.collect(); gc.freeze()   # what is loaded by now lives as long as the process: full collections need not walk it

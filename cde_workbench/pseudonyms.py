@@ -11,19 +11,20 @@ import os
 import secrets
 from pathlib import Path
 
-from .config import ConfigError, var_dir
+from .config import ConfigError, Workspace
 
 # %% auto #0
 __all__ = ['site_key_path', 'site_key', 'patient_key']
 
 # %% ../nbs/01a_pseudonyms.ipynb #d5ff78bd
 def site_key_path() -> Path:
-    "Where the site secret lives: `CDE_SITE_KEY_FILE`, else `var/site.key`."
-    return Path(os.environ.get('CDE_SITE_KEY_FILE', var_dir() / 'site.key'))
+    "The command line's site key file: the workspace's (`CDE_SITE_KEY_FILE`, else `var/site.key`)."
+    return Workspace.from_env().site_key_file
 
-def site_key() -> bytes:
+def site_key(path: Path | None = None, # the workspace's `site_key_file`; default the command line's
+            ) -> bytes:
     "The site secret for pseudonyms; created (readable by the owner only) on first use."
-    p = site_key_path()
+    p = site_key_path() if path is None else Path(path)
     if not p.exists():
         p.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

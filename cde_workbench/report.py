@@ -20,7 +20,7 @@ import polars as pl
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from .config import ConfigError, Deployment, PipelineError, deployments_dir, load_deployment, reports_dir
+from .config import ConfigError, Deployment, PipelineError, Workspace, load_deployment
 from .deploy import deployment_state
 from .evaluate import Estimate, evaluate_predictions
 from .features import AGE_BANDS
@@ -786,7 +786,7 @@ def model_card_html(engine: Engine, # the store
         rec = get_model(conn, model_id=state.model_id) if state.model_id else resolve_model(conn, dep.name)
         when = analysis_time(conn, dep.name)   # labels as known at the last label run's clock
         rows = performance_rows(conn, dep, when)
-        all_tasks = deployr_table2_html(conn)
+        all_tasks = deployr_table2_html(conn, lab_deployments(dep.path.parent))
         st = label_status(conn, dep, when)
         pro = st.filter(pl.col('label_state') == 'labelled', pl.col('model_id') == rec.model_id)
         w = weekly(conn, dep.name, when)
@@ -813,24 +813,26 @@ def model_card_html(engine: Engine, # the store
             + '<section id="run-trail-section"><h2>Run trail</h2>' + run_trail_html(trail) + '</section></div>')
 
 def show_report(deployment: str, # deployment name
+                workspace: Workspace | dict, # the run's workspace (the report notebook's `workspace` parameter)
                ) -> None:
     "Display the deployment's model card in the running notebook (the report notebook's one call)."
     from IPython.display import HTML, display
-    display(HTML(f'<style>{_CSS}</style>' + model_card_html(get_engine(), load_deployment(deployment))))
+    ws = Workspace.from_params(workspace)
+    display(HTML(f'<style>{_CSS}</style>' + model_card_html(get_engine(ws.database_url), load_deployment(deployment, ws.deployments))))
 
 # %% ../nbs/70_report.ipynb #12dd0c4a
-def lab_deployments() -> list[Deployment]:
-    "Every deployment under `deployments/` whose task is a lab-abnormal one, in DEPLOYR's component order."
-    deps = [load_deployment(p.parent.name) for p in sorted(deployments_dir().glob('*/deployment.toml'))]
+def lab_deployments(folder: Path, # the workspace's deployments folder
+                   ) -> list[Deployment]:
+    "Every deployment under `folder` whose task is a lab-abnormal one, in DEPLOYR's component order."
+    deps = [load_deployment(p.parent) for p in sorted(Path(folder).glob('*/deployment.toml'))]
     order = list(LABS)
     labs = [d for d in deps if d.task.get('kind') == 'lab_abnormal' and d.task.get('component') in LABS]
     return sorted(labs, key=lambda d: (order.index(d.task['component']), d.name))
 
 def deployr_table2_html(conn: Connection, # open connection to the store
-                        deps: list[Deployment] | None = None, # default: every lab-abnormal deployment
+                        deps: list[Deployment], # the tasks, e.g. `lab_deployments(folder)`
                        ) -> str:
     "DEPLOYR's Table 2 with a row per lab task that has a registered model (retrospective; prospective where a silent trial ran)."
-    deps = lab_deployments() if deps is None else deps
     rows, missing = [], []
     for d in deps:
         try: rows.append(table2_row(conn, d))
@@ -868,27 +870,29 @@ def evaluation_html(engine: Engine, # the store
             + limitations_html(limitations(dep, facts, result, None, bool(getattr(fz, 'demographics', False)))) + '</div>')
 
 def show_evaluation(deployment: str, # deployment name
-                    model: str | int | None = None, # version number or alias; None: the champion, else the newest
+                    model: str | int | None, # version number or alias; None: the champion, else the newest
+                    workspace: Workspace | dict, # the run's workspace (the evaluate notebook's `workspace` parameter)
                    ) -> None:
     "Display one version's evaluation in the running notebook (the evaluate notebook's one call)."
     from IPython.display import HTML, display
-    display(HTML(f'<style>{_CSS}</style>' + evaluation_html(get_engine(), load_deployment(deployment), model)))
+    ws = Workspace.from_params(workspace)
+    display(HTML(f'<style>{_CSS}</style>' + evaluation_html(get_engine(ws.database_url), load_deployment(deployment, ws.deployments), model)))
 
 # %% ../nbs/70_report.ipynb #eeca71e2
-def render_report(engine: Engine, # the store (run ledger)
+def render_report(ws: Workspace, # the workspace: store, reports folder, deployments
                   dep: Deployment, # whose report
                  ) -> Path:
     "Run the report notebook and write self-contained HTML with inputs hidden; returns `reports/<name>/report.html`."
     from nbconvert import HTMLExporter
     import nbformat
     from cde_workbench.schedule import run_notebook   # papermill loads only when a report is rendered
-    run = run_notebook(engine, dep, 'report', {})
+    run = run_notebook(ws, dep, 'report', {})
     nb = nbformat.read(run.output, as_version=4)
     # the 'basic' template: outputs only, no CDN scripts (the full templates fetch require.js and MathJax from the internet)
     body, _ = HTMLExporter(template_name='basic', exclude_input=True, exclude_input_prompt=True,
                            exclude_output_prompt=True).from_notebook_node(nb)
     out = run.output.with_suffix('.html')
     out.write_text(html_document(f'{dep.name}: model card', body))
-    latest = reports_dir() / dep.name / 'report.html'
+    latest = ws.reports / dep.name / 'report.html'
     shutil.copyfile(out, latest)
     return latest

@@ -19,8 +19,8 @@ from jupyter_client.manager import AsyncKernelManager
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from .config import ConfigError, Deployment, PipelineError, database_url, reports_dir, utcnow
-from .store import runs
+from .config import ConfigError, Deployment, PipelineError, Workspace, utcnow
+from .store import get_engine, runs
 
 # %% auto #0
 __all__ = ['notebook_parameters', 'check_parameters', 'new_run_id', 'run_ledger', 'NotebookRun', 'run_notebook']
@@ -61,12 +61,15 @@ def run_ledger(engine: Engine, deployment: str, kind: str, parameters: dict, not
     with engine.begin() as conn:
         conn.execute(runs.update().where(runs.c.run_id == run_id).values(status='succeeded', finished_at=utcnow()))
 
-def _ipc_kernel_manager(folder: str):
-    "A kernel manager whose kernels talk over IPC sockets in `folder` (private to this run) rather than TCP."
+def _ipc_kernel_manager(folder: str, env: dict | None = None):
+    "A kernel manager whose kernels talk over IPC sockets in `folder` (private to this run) rather than TCP, with `env` added to their environment."
     class IPCKernelManager(AsyncKernelManager):
         def __init__(self, **kw):
             super().__init__(**kw)
             self.transport, self.ip = 'ipc', str(Path(folder) / 'kernel')
+        async def start_kernel(self, **kw):
+            if env: kw['env'] = {**(kw.get('env') or os.environ), **env}
+            return await super().start_kernel(**kw)
     return IPCKernelManager
 
 @dataclass
@@ -75,18 +78,24 @@ class NotebookRun:
     run_id: str
     output: Path
 
-def run_notebook(engine: Engine, # the store (run ledger)
-                 dep: Deployment, # whose notebook
+def run_notebook(ws: Workspace, # the workspace: its store keeps the run ledger, and the notebook gets it as `workspace`
+                 dep: Deployment, # whose notebook (a folder of the workspace's deployments)
                  kind: str, # which one: train, score, labels, report, ...
                  parameters: dict, # values for the notebook's parameters cell
                  progress: bool = False, # papermill's progress bar
                 ) -> NotebookRun:
-    "Execute `deployments/<name>/<kind>.ipynb` with papermill; the executed copy lands in `reports/<name>/<run>/`."
+    "Execute `deployments/<name>/<kind>.ipynb` with papermill in workspace `ws`; the executed copy lands in `reports/<name>/<run>/`."
+    if 'workspace' in parameters: raise ConfigError("run_notebook: the 'workspace' parameter comes from `ws`; do not pass it")
+    if dep.path.parent.resolve() != Path(ws.deployments).resolve():
+        raise ConfigError(f"deployment {dep.name!r} is in {dep.path.parent}, not in the workspace's deployments folder {ws.deployments}")
     nb = dep.notebook(kind)
     run_id = new_run_id(kind)
-    params = {'deployment': dep.name, 'run_id': run_id, **parameters}
+    params = {'deployment': dep.name, 'run_id': run_id, **parameters, 'workspace': ws.as_params()}
     check_parameters(nb, params)
-    out_dir = reports_dir() / dep.name / run_id
+    engine = get_engine(ws.database_url)
+    # the password stays out of the parameters (kept in the executed notebook and the ledger); the kernel gets it as libpq's PGPASSWORD
+    kernel_env = {'PGPASSWORD': ws.password} if ws.password else None
+    out_dir = ws.reports / dep.name / run_id
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f'{kind}.ipynb'
     with run_ledger(engine, dep.name, kind, params, out, run_id):
@@ -94,7 +103,7 @@ def run_notebook(engine: Engine, # the store (run ledger)
             with tempfile.TemporaryDirectory(prefix='cde-kernel-') as sockets:
                 pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name='python3', progress_bar=progress,
                                     cwd=str(dep.path), request_save_on_cell_execute=False,
-                                    kernel_manager_class=_ipc_kernel_manager(sockets))
+                                    kernel_manager_class=_ipc_kernel_manager(sockets, kernel_env))
         except pm.PapermillExecutionError as e:
             raise PipelineError(f"{nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} (executed copy: {out})") from None
     return NotebookRun(run_id, out)

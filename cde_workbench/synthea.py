@@ -150,13 +150,13 @@ def _refs(p: Path, df: pl.DataFrame, col: str, known: pl.Series, target: str) ->
 def _id_map(ids: pl.Series) -> dict[str, str]:
     return {i: compact_id(i) for i in ids.drop_nulls().unique().to_list()}
 
-def _read_synthea(folder: Path) -> tuple[dict[str, pl.DataFrame], dict]:
+def _read_synthea(folder: Path, key: bytes | None = None) -> tuple[dict[str, pl.DataFrame], dict]:
     "The clinical-table frames of a Synthea export, and what was read, mapped and left out."
     folder = Path(folder)
     if not folder.is_dir(): raise IngestError(f"Synthea export {folder} is not a folder")
     f = {name: folder / name for name in SYNTHEA_COLUMNS}
     pts, enc, cond, meds, obs = (_read_csv(folder, name) for name in SYNTHEA_COLUMNS)
-    key = site_key()
+    key = key or site_key()
 
     # patients
     _required(f['patients.csv'], pts, 'Id', 'BIRTHDATE')
@@ -275,9 +275,10 @@ def synthea_fingerprint(folder: Path, # a Synthea CSV export
 
 def load_synthea(engine: Engine, # the store
                  folder: Path, # a Synthea CSV export
+                 key: bytes | None = None, # the workspace's site key (`site_key(ws.site_key_file)`); default the command line's
                 ) -> dict[str, int]:
     "Load a Synthea CSV export into the clinical tables in one transaction; rows per table (empty if already loaded)."
-    tables, stats = _read_synthea(folder)
+    tables, stats = _read_synthea(folder, key)
     detail = {'folder': str(folder), **stats}
     try: return load_tables(engine, tables, synthea_fingerprint(folder), 'synthea', detail)
     except sa.exc.IntegrityError as e:

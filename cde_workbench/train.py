@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -145,8 +146,10 @@ def threshold_from_rule(y: np.ndarray, # labels (0/1)
 def train_deployment(engine: Engine, # the store
                      dep: Deployment, # what to train
                      progress: bool = True, # show a progress bar
+                     var: Path | None = None, # the workspace's var/ (feature cache, model bundles); default the command line's
                     ) -> ModelRecord:
     "Train every candidate, choose on validation AUROC, refit the best on train + validation, evaluate on test, register."
+    cache = None if var is None else Path(var) / 'features'
     candidates = model_grid(dep.model, f'{dep.path / "deployment.toml"}: [model]')
     with engine.connect() as conn:
         points = task_points(conn, Task.from_dict(dep.task)).filter(pl.col('label').is_not_null())
@@ -155,7 +158,7 @@ def train_deployment(engine: Engine, # the store
     seed = dep.model['seed']
     fz = _featurizer(dep).fit(split.train, data)
     # matrices come from the feature store's cache when definition, fit, data and points all match
-    Xtr, Xva = offline_matrix(fz, split.train, data).X, offline_matrix(fz, split.validation, data).X
+    Xtr, Xva = offline_matrix(fz, split.train, data, cache).X, offline_matrix(fz, split.validation, data, cache).X
     ytr, yva = split.train['label'].to_numpy(), split.validation['label'].to_numpy()
     validation, va_scores = [], []
     for kind, params in tqdm(candidates, desc=f'{dep.name}: candidates on validation', disable=not progress):
@@ -172,7 +175,7 @@ def train_deployment(engine: Engine, # the store
                                         f"{dep.name}: [output] threshold_rule", f'validation-year ({va_years}) points')
     final_train = pl.concat([split.train, split.validation])
     fz = _featurizer(dep).fit(final_train, data)
-    Xfin, Xte = offline_matrix(fz, final_train, data).X, offline_matrix(fz, split.test, data).X
+    Xfin, Xte = offline_matrix(fz, final_train, data, cache).X, offline_matrix(fz, split.test, data, cache).X
     # the leakage guard: a seeded sample of rows rebuilt from the store as it stood at each prediction time
     chk = dep.checks
     with engine.connect() as conn:
@@ -196,4 +199,4 @@ def train_deployment(engine: Engine, # the store
     params_all = {'task': dep.task, 'features': dep.features, 'split': dep.split, 'model': {'kind': kind, **params, 'seed': seed},
                   'candidates': dep.model['candidates'], 'output': dep.output}
     bundle = {'estimator': est, 'featurizer': fz, 'component': dep.task.get('component'), 'feature_names': fz.feature_names_}
-    return register_model(engine, dep.name, bundle, params_all, metrics, fz.definition_hash(), data_fingerprint(final_train, data), preds)
+    return register_model(engine, dep.name, bundle, params_all, metrics, fz.definition_hash(), data_fingerprint(final_train, data), preds, var)

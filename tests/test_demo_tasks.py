@@ -33,10 +33,10 @@ def add_deployment(store, name, **replace):
 
 def test_a_failing_task_does_not_stop_the_one_running_beside_it(small_store):
     from cde_workbench.cli import train_demo_tasks
-    from cde_workbench.config import PipelineError
+    from cde_workbench.config import PipelineError, Workspace
     add_deployment(small_store, 'broken', **{'train_years = [2019, 2020, 2021]': 'train_years = [2011]'})   # no data: train fails
     with pytest.raises(PipelineError, match=r"^1 of 2 demo tasks failed: broken: train\.ipynb failed in cell") as e:
-        train_demo_tasks([SMALL_DEPLOYMENT, 'broken'], workers=2, progress=False)
+        train_demo_tasks(Workspace.from_env(), [SMALL_DEPLOYMENT, 'broken'], workers=2, progress=False)
     assert 'not started' not in str(e.value)
     runs = q(small_store.url, 'select deployment, kind, status from runs order by started_at')
     assert sorted(runs) == sorted([(SMALL_DEPLOYMENT, 'train', 'succeeded'), (SMALL_DEPLOYMENT, 'evaluate', 'succeeded'),
@@ -47,7 +47,8 @@ def test_a_failing_task_does_not_stop_the_one_running_beside_it(small_store):
 def test_sigterm_ends_every_run_and_kernel(small_store):
     add_deployment(small_store, 'second')
     env = {**os.environ, **small_store.env}
-    code = f'from cde_workbench.cli import train_demo_tasks; train_demo_tasks([{SMALL_DEPLOYMENT!r}, "second"], progress=False)'
+    code = ('from cde_workbench.cli import train_demo_tasks; from cde_workbench.config import Workspace; '
+            f'train_demo_tasks(Workspace.from_env(), [{SMALL_DEPLOYMENT!r}, "second"], progress=False)')
     proc = subprocess.Popen([sys.executable, '-c', code], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline, kernels = time.monotonic() + 180, []

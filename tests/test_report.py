@@ -127,7 +127,7 @@ def test_undefined_metrics_say_why(tmp_path, browser):
 @pytest.fixture(scope='module')
 def card(small_trained_store, tmp_path_factory):
     "The report of the small trained store (conftest: 200 patients, a small forest), rendered on a copy of it."
-    from cde_workbench.config import load_deployment
+    from cde_workbench.config import Workspace, load_deployment
     from cde_workbench.registry import get_model
     from cde_workbench.report import render_report
     from cde_workbench.store import dispose_engines, get_engine
@@ -138,7 +138,7 @@ def card(small_trained_store, tmp_path_factory):
             engine = get_engine()
             dep = load_deployment('hgb_abnormal')
             with engine.connect() as c: rec = get_model(c, dep.name)
-            path = render_report(engine, dep)
+            path = render_report(Workspace.from_env(), dep)
             yield {'engine': engine, 'dep': dep, 'rec': rec, 'path': path, 'doc': path.read_text()}
         finally: dispose_engines()
 

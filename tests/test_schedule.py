@@ -8,7 +8,7 @@ import nbformat
 import pytest
 import sqlalchemy as sa
 
-from cde_workbench.config import ConfigError, PipelineError
+from cde_workbench.config import ConfigError, PipelineError, Workspace
 from cde_workbench.schedule import check_parameters, notebook_parameters, run_notebook
 
 from conftest import ROOT, SMALL_DEPLOYMENT
@@ -51,7 +51,7 @@ def test_notebooks_without_a_parameters_cell_or_unreadable_are_refused(tmp_path)
 def test_a_run_is_recorded_with_its_executed_notebook(silent_store):
     from cde_workbench.config import reports_dir
     engine, dep, rec = silent_store
-    run = run_notebook(engine, dep, 'score', {'as_of': AS_OF.isoformat()})
+    run = run_notebook(Workspace.from_env(), dep, 'score', {'as_of': AS_OF.isoformat()})
     assert run.output == reports_dir() / SMALL_DEPLOYMENT / run.run_id / 'score.ipynb' and run.output.exists()
     executed = nbformat.read(run.output, as_version=4)
     injected = [c for c in executed.cells if 'injected-parameters' in c.metadata.get('tags', [])]
@@ -59,7 +59,8 @@ def test_a_run_is_recorded_with_its_executed_notebook(silent_store):
     assert not [o for c in executed.cells if c.cell_type == 'code' for o in c.outputs if o.output_type == 'error']
     (kind, status, params, notebook, error), = q(engine, 'select kind, status, parameters, notebook, error from runs where run_id = :r', r=run.run_id)
     assert (kind, status, notebook, error) == ('score', 'succeeded', str(run.output), None)
-    assert json.loads(params) == {'deployment': SMALL_DEPLOYMENT, 'run_id': run.run_id, 'as_of': AS_OF.isoformat()}
+    assert json.loads(params) == {'deployment': SMALL_DEPLOYMENT, 'run_id': run.run_id, 'as_of': AS_OF.isoformat(),
+                                  'workspace': Workspace.from_env().as_params()}   # the run carries its caller's workspace
     n = q(engine, 'select count(*) from inferences where run_id = :r', r=run.run_id)[0][0]
     assert n > 0 and n == q(engine, 'select count(*) from inferences')[0][0]   # the packets belong to this run
 
@@ -69,7 +70,7 @@ def test_a_failing_notebook_is_a_pipeline_error_and_a_failed_run(small_store):
     from cde_workbench.store import get_engine
     engine, dep = get_engine(), load_deployment(SMALL_DEPLOYMENT)   # trained, but never put in a silent trial
     with pytest.raises(PipelineError, match=r"score\.ipynb failed in cell \d+: ConfigError: deployment 'hgb_abnormal' is not registered") as e:
-        run_notebook(engine, dep, 'score', {'as_of': AS_OF.isoformat()})
+        run_notebook(Workspace.from_env(), dep, 'score', {'as_of': AS_OF.isoformat()})
     (run_id, status, error, notebook), = q(engine, "select run_id, status, error, notebook from runs where kind = 'score'")
     assert status == 'failed' and str(e.value) == error and 'not registered' in error
     assert notebook in str(e.value) and nbformat.read(notebook, as_version=4).cells   # the executed copy is kept, named in the error
@@ -80,8 +81,8 @@ def test_bad_parameters_start_nothing(small_store):
     from cde_workbench.store import get_engine
     engine, dep = get_engine(), load_deployment(SMALL_DEPLOYMENT)
     with pytest.raises(ConfigError, match=r'unknown parameter\(s\) asof'):
-        run_notebook(engine, dep, 'score', {'asof': AS_OF.isoformat()})
+        run_notebook(Workspace.from_env(), dep, 'score', {'asof': AS_OF.isoformat()})
     with pytest.raises(ConfigError, match=r'missing required parameter\(s\) as_of'):
-        run_notebook(engine, dep, 'score', {})
+        run_notebook(Workspace.from_env(), dep, 'score', {})
     assert q(engine, 'select count(*) from runs')[0][0] == q(engine, "select count(*) from runs where kind = 'train'")[0][0]
     assert not (reports_dir() / SMALL_DEPLOYMENT).exists() or not any((reports_dir() / SMALL_DEPLOYMENT).iterdir())
