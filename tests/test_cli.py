@@ -48,7 +48,7 @@ def test_malformed_hl7_messages_go_to_dead_letters(tmp_path):
 @pytest.mark.parametrize('toml,needle', [
     ('name = "bad"\n[task]\nkind = "lab_abnormal"\ncomponent = "HGB"\n', "missing required section 'split'"),
     ('name = "bad"\n[task\n', 'not valid TOML'),
-    ('name = "bad"\n[task]\nkind = "lab_abnormal"\ncomponent = "HGB"\ncolour = 1\n[split]\ntrain_years = [2019]\nvalidation_years = [2020]\ntest_years = [2021]\n[output]\nmode = "silent"\n', "[task]: unknown key(s) 'colour' for a lab_abnormal task"),
+    ('name = "bad"\n[task]\nkind = "lab_abnormal"\ncomponent = "HGB"\ncolour = 1\n[split]\ntrain_years = [2019]\nvalidation_years = [2020]\ntest_years = [2021]\n[output]\nmode = "silent"\nthreshold_rule = "flag_rate"\ntarget = 0.2\n', "[task]: unknown key(s) 'colour' for a lab_abnormal task"),
     ('name = "bad"\n[task]\nkind = "lab_abnormal"\ncomponent = "HGB"\n[split]\ntrain_years = [2019]\nvalidation_years = [2020]\ntest_years = [2021]\n[output]\nmode = "silent"\nthreshold = 0.3\n', "[output] a hand-set threshold needs threshold_reason"),
     ('name = "bad"\n[task]\nkind = "lab_abnormal"\ncomponent = "HGB"\n[split]\ntrain_years = [2019]\nvalidation_years = [2020]\ntest_years = [2021]\n[output]\nmode = "silent"\nthreshold_rule = "youden"\ntarget = 0.5\n', "[output] threshold_rule 'youden' unknown"),
     ('name = "bad"\n[task]\nkind = "lab_abnormal"\ncomponent = "HGB"\n[split]\ntrain_years = [2019]\nvalidation_years = [2020]\ntest_years = [2021]\n[output]\nmode = "silent"\nthreshold = 0.3\nthreshold_reason = "x"\n[checks]\npoint_in_time_sample = 0\n', "[checks] point_in_time_sample must be a whole number"),

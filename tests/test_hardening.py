@@ -106,7 +106,7 @@ def test_score_help_names_the_notebook_that_runs():
         assert r.returncode == 0 and f'deployments/_pipelines/{kind}.ipynb' in text, r.stdout
 
 
-@pytest.mark.parametrize('typo', [('threshold = 0.5', 'threshhold = 0.5', "unknown key 'threshhold' in [output]"),
+@pytest.mark.parametrize('typo', [('mode = "silent"', 'mod = "silent"', "unknown key 'mod' in [output]"),
                                   ('test_years = [2023]', 'test_years = [2021]', 'more than one part of the split'),
                                   ('mode = "silent"', 'mode = "silent', 'not valid TOML')])
 def test_a_deployment_toml_typo_is_reported_before_heavy_libraries_load(tmp_path, typo):

@@ -22,20 +22,21 @@ def q(engine, sql, **kw):
 
 
 def test_a_notebook_declares_its_parameters():
-    assert notebook_parameters(PIPELINES / 'score.ipynb') == {'deployment': 'None', 'run_id': 'None', 'as_of': 'None'}
+    assert notebook_parameters(PIPELINES / 'score.ipynb') == {'deployment': 'None', 'run_id': 'None', 'workspace': 'None', 'as_of': 'None'}
     assert notebook_parameters(PIPELINES / 'evaluate.ipynb')['model'] == "'champion'"
 
 
 def test_unknown_and_missing_parameters_are_errors():
     nb = PIPELINES / 'score.ipynb'
-    check_parameters(nb, {'deployment': 'x', 'run_id': 'r', 'as_of': '2024-01-01T00:00:00+00:00'})   # complete: no error
-    with pytest.raises(ConfigError, match=r'^score\.ipynb: unknown parameter\(s\) asof, n \(declared: deployment, run_id, as_of\)$'):
-        check_parameters(nb, {'deployment': 'x', 'run_id': 'r', 'as_of': 't', 'asof': 't', 'n': 1})
-    with pytest.raises(ConfigError, match=r'^score\.ipynb: missing required parameter\(s\) as_of, run_id$'):
+    ws = {'database_url': 'sqlite:///x'}   # check_parameters looks at names only; run_notebook builds the real one
+    check_parameters(nb, {'deployment': 'x', 'run_id': 'r', 'workspace': ws, 'as_of': '2024-01-01T00:00:00+00:00'})   # complete: no error
+    with pytest.raises(ConfigError, match=r'^score\.ipynb: unknown parameter\(s\) asof, n \(declared: deployment, run_id, as_of, workspace\)$'):
+        check_parameters(nb, {'deployment': 'x', 'run_id': 'r', 'workspace': ws, 'as_of': 't', 'asof': 't', 'n': 1})
+    with pytest.raises(ConfigError, match=r'^score\.ipynb: missing required parameter\(s\) as_of, run_id, workspace$'):
         check_parameters(nb, {'deployment': 'x'})
     with pytest.raises(ConfigError, match=r'missing required parameter\(s\) as_of$'):
-        check_parameters(nb, {'deployment': 'x', 'run_id': 'r', 'as_of': None})   # given as None is missing too
-    check_parameters(PIPELINES / 'evaluate.ipynb', {'deployment': 'x', 'run_id': 'r'})   # optional ones (model) keep their defaults
+        check_parameters(nb, {'deployment': 'x', 'run_id': 'r', 'workspace': ws, 'as_of': None})   # given as None is missing too
+    check_parameters(PIPELINES / 'evaluate.ipynb', {'deployment': 'x', 'run_id': 'r', 'workspace': ws})   # optional ones (model) keep their defaults
 
 
 def test_notebooks_without_a_parameters_cell_or_unreadable_are_refused(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from cde_workbench.config import ConfigError, PipelineError
+from cde_workbench.registry import display_threshold
 from cde_workbench.schedule import run_ledger
 from cde_workbench.serve import score_pending
 
@@ -44,7 +45,7 @@ def test_one_packet_per_due_order_at_its_order_time(silent_store):
     assert q(engine, """select count(*) from inferences i join lab_orders o using (order_id)
                         where i.prediction_time != o.event_time or o.event_time > :as_of""", as_of=AS_OF)[0][0] == 0
     assert q(engine, 'select distinct deployment, model_id, threshold, output_mode, run_id from inferences') == [
-        (dep.name, rec.model_id, dep.output['threshold'], 'silent', run)]
+        (dep.name, rec.model_id, display_threshold(dep, rec).value, 'silent', run)]
 
 
 def test_scores_use_only_what_was_stored_at_the_order_time(silent_store):
