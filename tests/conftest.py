@@ -164,3 +164,23 @@ def silent_store(small_store):
     with engine.connect() as c: rec = get_model(c, dep.name)
     set_status(engine, dep.name, 'silent', rec.model_id, 'test: silent trial')
     return engine, dep, rec
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The demo, run once per session as a user runs it, for every end-to-end test that needs a fully trained store.
+
+@pytest.fixture(scope='session')
+def demo(tmp_path_factory):
+    """`cde demo` on a small hospital (600 patients) in its own process, private var/ and reports/: its output, environment,
+    store engine and folder. Shared by every test of the session: a test may add to its store only what no other test counts."""
+    import subprocess
+    import sqlalchemy as sa
+    base = tmp_path_factory.mktemp('demo')
+    env = {**os.environ, 'CDE_VAR': str(base / 'var'), 'CDE_REPORTS': str(base / 'reports')}
+    env.pop('CDE_DATABASE_URL', None)
+    cde = str(Path(sys.executable).parent / 'cde')
+    r = subprocess.run([cde, 'demo', '--patients', '600', '--seed', '3'], capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    engine = sa.create_engine(f"sqlite:///{base / 'var' / 'cde.sqlite'}")
+    yield {'env': env, 'out': r.stdout, 'engine': engine, 'base': base}
+    engine.dispose()
