@@ -431,6 +431,9 @@ def demo(patients: int = typer.Option(3000, min=200, help='Patients in the synth
     from cde_workbench.warehouse import load_warehouse_extract
     from tqdm.auto import tqdm
     t_all = time.perf_counter(); stages = {}
+    import signal, threading
+    if threading.current_thread() is threading.main_thread():   # SIGTERM stops the demo as Ctrl-C does: kernels, workers and the MLLP receiver too
+        signal.signal(signal.SIGTERM, _stop)
     def stage(name, t0): stages[name] = round(time.perf_counter() - t0, 2); typer.echo(f'  {name}: {stages[name]:.1f} s')
     ws = Workspace.from_env()
     dep = load_deployment(DEMO_DEPLOYMENT, ws.deployments)

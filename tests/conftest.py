@@ -164,3 +164,69 @@ def silent_store(small_store):
     with engine.connect() as c: rec = get_model(c, dep.name)
     set_status(engine, dep.name, 'silent', rec.model_id, 'test: silent trial')
     return engine, dep, rec
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The demo, run once per session as a user runs it, for every end-to-end test that needs a fully trained store. It starts
+# in the background as soon as the tests are collected, and the tests that use it run last: the demo (mostly papermill
+# kernels and model fitting) runs beside the rest of the suite instead of after it.
+
+DEMO_ARGS = ('demo', '--patients', '600', '--seed', '3')
+DEMO_TIMEOUT = 900   # seconds from its start
+_DEMO: dict = {}
+
+
+def _start_demo() -> None:
+    import subprocess
+    import tempfile
+    import time
+    base = Path(tempfile.mkdtemp(prefix='cde-test-demo-'))
+    env = {**os.environ, 'CDE_VAR': str(base / 'var'), 'CDE_REPORTS': str(base / 'reports')}
+    for k in ('CDE_DATABASE_URL', 'CDE_SITE_KEY_FILE'): env.pop(k, None)
+    out, err = open(base / 'demo.out', 'w'), open(base / 'demo.err', 'w')
+    proc = subprocess.Popen([str(Path(sys.executable).parent / 'cde'), *DEMO_ARGS], stdout=out, stderr=err, env=env, cwd=ROOT,
+                            stdin=subprocess.DEVNULL)
+    _DEMO.update(proc=proc, base=base, env=env, started=time.monotonic(), files=(out, err))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items):
+    "Tests that use the `demo` fixture run last; the demo starts now, in the background, when any of them was selected."
+    uses = [i for i in items if 'demo' in getattr(i, 'fixturenames', ())]
+    if not uses or config.option.collectonly: return
+    later = set(uses)
+    items[:] = [i for i in items if i not in later] + uses
+    _start_demo()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    "Stop a demo still running (an interrupted or failed session: SIGTERM, which ends its kernels) and tidy up after a pass."
+    import subprocess
+    if not _DEMO: return
+    proc = _DEMO['proc']
+    if proc.poll() is None:
+        proc.terminate()
+        try: proc.wait(60)
+        except subprocess.TimeoutExpired: proc.kill(); proc.wait()
+    for f in _DEMO['files']: f.close()
+    if exitstatus == 0: shutil.rmtree(_DEMO['base'], ignore_errors=True)
+
+
+@pytest.fixture(scope='session')
+def demo():
+    """`cde demo` on a small hospital (600 patients) in its own process, private var/ and reports/: its output, environment,
+    store engine and folder. Shared by every test of the session: a test may add to its store only what no other test counts."""
+    import subprocess
+    import time
+    import sqlalchemy as sa
+    if not _DEMO: _start_demo()
+    proc, base = _DEMO['proc'], _DEMO['base']
+    try: proc.wait(max(1.0, DEMO_TIMEOUT - (time.monotonic() - _DEMO['started'])))
+    except subprocess.TimeoutExpired:
+        proc.kill(); proc.wait()
+    for f in _DEMO['files']: f.flush()
+    out, err = (base / 'demo.out').read_text(), (base / 'demo.err').read_text()
+    assert proc.returncode == 0, f'cde {" ".join(DEMO_ARGS)} exited with {proc.returncode} (timeout {DEMO_TIMEOUT} s):\n' + out[-3000:] + err[-3000:]
+    engine = sa.create_engine(f"sqlite:///{base / 'var' / 'cde.sqlite'}")
+    yield {'env': _DEMO['env'], 'out': out, 'engine': engine, 'base': base}
+    engine.dispose()

@@ -11,25 +11,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import pytest
 import sqlalchemy as sa
 
 ROOT = Path(__file__).resolve().parent.parent
 CDE = str(Path(sys.executable).parent / 'cde')
 CHROMIUM = '/usr/bin/chromium'
-
-
-@pytest.fixture(scope='module')
-def demo(tmp_path_factory):
-    "Run the demo on a small hospital in a private var/ and reports/."
-    base = tmp_path_factory.mktemp('demo')
-    env = {**os.environ, 'CDE_VAR': str(base / 'var'), 'CDE_REPORTS': str(base / 'reports')}
-    env.pop('CDE_DATABASE_URL', None)
-    r = subprocess.run([CDE, 'demo', '--patients', '600', '--seed', '3'], capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    engine = sa.create_engine(f"sqlite:///{base / 'var' / 'cde.sqlite'}")
-    yield {'env': env, 'out': r.stdout, 'engine': engine, 'base': base}
-    engine.dispose()
 
 
 def q(engine, sql, **kw):
