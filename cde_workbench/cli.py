@@ -360,11 +360,14 @@ def _demo_worker_stop(signum, frame):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise SystemExit(f'demo worker stopped by signal {signum}')
 
-def _demo_worker_init() -> None:
-    "A demo worker process stops on SIGTERM from the demo, and leaves Ctrl-C to the demo, which stops every worker."
-    import signal
+def _demo_worker_init(threads: int = 1) -> None:
+    "A demo worker process stops on SIGTERM from the demo, and leaves Ctrl-C to the demo, which stops every worker; its kernels use `threads` threads."
+    import os, signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _demo_worker_stop)
+    # the kernels this worker starts inherit these: two tasks each fitting with every core (OpenMP in gradient
+    # boosting, joblib in the forest) oversubscribe the machine and run several times slower than one at a time
+    for k in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS', 'LOKY_MAX_CPU_COUNT'): os.environ[k] = str(threads)
 
 def _demo_task(name: str, ws: Workspace) -> str:
     "Train one task (train.ipynb), make the model its champion, evaluate it (evaluate.ipynb); runs in a demo worker process."
@@ -384,13 +387,14 @@ def train_demo_tasks(ws: Workspace, # the workspace every run uses
                      progress: bool = True, # a progress bar of finished tasks
                     ) -> None:
     "Train and evaluate each task `workers` at a time; a failure stops new tasks, Ctrl-C or SIGTERM stops every run and kernel."
-    import multiprocessing, queue, signal, threading
+    import multiprocessing, os, queue, signal, threading
     from cde_workbench.config import PipelineError
     from tqdm.auto import tqdm
     todo, running, failed, done = list(names), set(), {}, queue.Queue()
     main = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _stop) if main else None
-    pool = multiprocessing.get_context('spawn').Pool(workers, initializer=_demo_worker_init)
+    threads = max(1, (os.cpu_count() or 1) // workers)   # the machine's cores shared between the tasks that run at once
+    pool = multiprocessing.get_context('spawn').Pool(workers, initializer=_demo_worker_init, initargs=(threads,))
     try:
         with tqdm(total=len(todo), desc='tasks', unit='task', disable=not progress) as bar:
             while todo or running:
