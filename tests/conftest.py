@@ -3,6 +3,7 @@ import os
 import re
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,3 +231,61 @@ def demo():
     engine = sa.create_engine(f"sqlite:///{base / 'var' / 'cde.sqlite'}")
     yield {'env': _DEMO['env'], 'out': out, 'engine': engine, 'base': base}
     engine.dispose()
+
+
+# ---- helpers shared by the command-line and browser tests
+
+CDE = [str(Path(sys.executable).parent / 'cde')]
+CHROMIUM = '/usr/bin/chromium'
+CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking']
+
+
+def cde(*args, env=None):
+    "Run the `cde` command from the repository with extra environment variables; its completed process."
+    import subprocess
+    e = {**os.environ, **(env or {})}
+    return subprocess.run([*CDE, *args], capture_output=True, text=True, env=e, timeout=120, cwd=ROOT)
+
+
+def one_line_error(r, *needles):
+    "The command failed as bad input should: exit status 2, one line on stderr naming the problem, no traceback."
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    err = r.stderr.strip()
+    assert err.count('\n') == 0 and err.startswith('cde: error: ') and 'Traceback' not in r.stderr + r.stdout, r.stderr
+    for n in needles: assert n in err, (n, err)
+
+
+def free_port() -> int:
+    "A TCP port on 127.0.0.1 that nothing listens on now."
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
+@contextmanager
+def voila_server(env: dict, base: Path, timeout: float = 60):
+    """The monitoring dashboard served by Voilà on 127.0.0.1 with a fresh token, in its own process group: yields
+    (port, token, status of an unauthenticated GET /); on exit the server and everything it started are ended."""
+    import http.client, signal, subprocess, time
+    from cde_workbench.dashboard import voila_command
+    port, token = free_port(), 'test-token-' + os.urandom(8).hex()
+    env = {**env, 'CDE_DASHBOARD_TOKEN': token, 'JUPYTER_PLATFORM_DIRS': '1', 'JUPYTER_RUNTIME_DIR': str(base / 'runtime')}
+    log = open(base / 'voila.log', 'wb')
+    proc = subprocess.Popen(voila_command(port, token), cwd=ROOT / 'dashboards', env=env, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, (base / 'voila.log').read_text()[-2000:]
+            try:
+                c = http.client.HTTPConnection('127.0.0.1', port, timeout=2); c.request('GET', '/'); status = c.getresponse().status; c.close()
+                break
+            except OSError: time.sleep(0.2)
+        yield port, token, status
+    finally:
+        proc.terminate()
+        try: proc.wait(10)
+        except subprocess.TimeoutExpired: pass
+        try: os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError): pass
+        log.close()

@@ -1,25 +1,8 @@
 """Bad input on the command line: one line naming the problem, exit status 2, no traceback, nothing written."""
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-CDE = [str(Path(sys.executable).parent / 'cde')]
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def cde(*args, env=None):
-    e = {**os.environ, **(env or {})}
-    return subprocess.run([*CDE, *args], capture_output=True, text=True, env=e, timeout=120, cwd=ROOT)
-
-
-def one_line_error(r, *needles):
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    err = r.stderr.strip()
-    assert err.count('\n') == 0 and err.startswith('cde: error: ') and 'Traceback' not in r.stderr + r.stdout, r.stderr
-    for n in needles: assert n in err, (n, err)
+from conftest import ROOT, cde, one_line_error  # noqa: E402
 
 
 def test_unknown_deployment():

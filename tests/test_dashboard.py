@@ -1,32 +1,20 @@
 """The clinicians' dashboard as an attacker would try it: data values from a warehouse extract are text, never
 markup or script, in the real page served by Voilà and opened in Chromium; an empty token never turns the login off."""
-import http.client
-import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
 import pytest
-import sqlalchemy as sa
+
+from conftest import CHROMIUM, CHROMIUM_ARGS, free_port, voila_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CDE = str(Path(sys.executable).parent / 'cde')
-CHROMIUM = '/usr/bin/chromium'
-ARGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking']
 # fits the store's 32-character patient_key; runs script when written into a page as markup
 EVIL = '<img src=x onerror=__pwned=1>'
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
-
 
 @pytest.fixture()
 def store_with_a_hostile_key(tmp_path, monkeypatch):
@@ -54,25 +42,11 @@ def store_with_a_hostile_key(tmp_path, monkeypatch):
 
 def test_hostile_patient_key_is_text_in_the_voila_dashboard(store_with_a_hostile_key):
     from playwright.sync_api import sync_playwright
-    from cde_workbench.dashboard import voila_command
     base = store_with_a_hostile_key
     assert Path(CHROMIUM).exists(), 'Chromium missing: make test installs it'
-    port, token = _free_port(), 'test-token-' + os.urandom(8).hex()
-    env = {**os.environ, 'CDE_VAR': str(base / 'var'), 'CDE_DASHBOARD_TOKEN': token, 'JUPYTER_PLATFORM_DIRS': '1',
-           'JUPYTER_RUNTIME_DIR': str(base / 'runtime')}
-    log = open(base / 'voila.log', 'wb')
-    proc = subprocess.Popen(voila_command(port, token), cwd=ROOT / 'dashboards', env=env, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, (base / 'voila.log').read_text()[-2000:]
-            try:
-                c = http.client.HTTPConnection('127.0.0.1', port, timeout=2); c.request('GET', '/'); c.getresponse(); c.close()
-                break
-            except OSError: time.sleep(0.2)
+    with voila_server({**os.environ, 'CDE_VAR': str(base / 'var')}, base, timeout=90) as (port, token, _):
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             try:
                 page = browser.new_page()
                 dialogs = []
@@ -87,20 +61,13 @@ def test_hostile_patient_key_is_text_in_the_voila_dashboard(store_with_a_hostile
                 assert page.locator('img[src="x"]').count() == 0
                 assert page.locator('table script').count() == 0
             finally: browser.close()
-    finally:
-        proc.terminate()
-        try: proc.wait(10)
-        except subprocess.TimeoutExpired: pass
-        try: os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError): pass
-        log.close()
 
 
 def test_an_empty_token_file_is_refused(tmp_path):
     var = tmp_path / 'var'; var.mkdir()
     (var / 'dashboard.token').write_text('\n')
     env = {k: v for k, v in os.environ.items() if k != 'CDE_DASHBOARD_TOKEN'}
-    r = subprocess.run([CDE, 'dashboard', '--port', str(_free_port())], capture_output=True, text=True, timeout=60,
+    r = subprocess.run([CDE, 'dashboard', '--port', str(free_port())], capture_output=True, text=True, timeout=60,
                        env={**env, 'CDE_VAR': str(var)}, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.startswith('cde: error: token file') and 'is empty' in r.stderr, r.stdout + r.stderr
     assert r.stderr.strip().count('\n') == 0 and 'dashboard: http' not in r.stdout

@@ -1,21 +1,16 @@
 """The walking skeleton end to end, as a user runs it: `cde demo` in its own process, then the store,
 the report, a repeated scoring run, and the Voilà dashboard in Chromium."""
-import http.client
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import sqlalchemy as sa
 
+from conftest import CHROMIUM, CHROMIUM_ARGS, voila_server  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 CDE = str(Path(sys.executable).parent / 'cde')
-CHROMIUM = '/usr/bin/chromium'
 
 
 def q(engine, sql, **kw):
@@ -68,33 +63,14 @@ def test_report_shows_table2_without_identifiers(demo):
     assert mrns and not any(m in html for m in mrns) and not any(f'>{n}<' in html for n in names)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
-
-
 def test_dashboard_in_chromium_shows_the_store_count(demo):
     from playwright.sync_api import sync_playwright
-    from cde_workbench.dashboard import voila_command
     assert Path(CHROMIUM).exists(), 'Chromium missing: make test installs it'
-    port, token = _free_port(), 'test-token-' + os.urandom(8).hex()
-    env = {**demo['env'], 'CDE_DASHBOARD_TOKEN': token, 'JUPYTER_PLATFORM_DIRS': '1',
-           'JUPYTER_RUNTIME_DIR': str(demo['base'] / 'runtime')}
-    log = open(demo['base'] / 'voila.log', 'wb')
-    proc = subprocess.Popen(voila_command(port, token), cwd=ROOT / 'dashboards', env=env, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, (demo['base'] / 'voila.log').read_text()[-2000:]
-            try:
-                c = http.client.HTTPConnection('127.0.0.1', port, timeout=2); c.request('GET', '/'); status = c.getresponse().status; c.close()
-                break
-            except OSError: time.sleep(0.2)
+    with voila_server(demo['env'], demo['base']) as (port, token, status):
         assert status in (302, 403)    # no token, no dashboard
         packets = q(demo['engine'], "select count(*) from inferences where deployment='hgb_abnormal'")[0][0]
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=['--no-sandbox', '--disable-gpu', '--disable-background-networking'])
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             try:
                 page = browser.new_page()
                 page.goto(f'http://127.0.0.1:{port}/?token={token}', timeout=60_000)
@@ -103,13 +79,6 @@ def test_dashboard_in_chromium_shows_the_store_count(demo):
                 assert page.inner_text('#status-hgb_abnormal') == 'silent'
                 page.screenshot(path=str(demo['base'] / 'dashboard.png'), full_page=True)
             finally: browser.close()
-    finally:
-        proc.terminate()
-        try: proc.wait(10)
-        except subprocess.TimeoutExpired: pass
-        try: os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError): pass
-        log.close()
 
 
 def test_demo_trains_and_evaluates_all_twelve_deployr_tasks(demo):

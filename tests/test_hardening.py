@@ -3,25 +3,10 @@ items 10 and 11), from the command line: one line naming the problem, exit statu
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-CDE = [str(Path(sys.executable).parent / 'cde')]
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def cde(*args, env=None):
-    e = {**os.environ, **(env or {})}
-    return subprocess.run([*CDE, *args], capture_output=True, text=True, env=e, timeout=120, cwd=ROOT)
-
-
-def one_line_error(r, *needles):
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    err = r.stderr.strip()
-    assert err.count('\n') == 0 and err.startswith('cde: error: ') and 'Traceback' not in r.stderr + r.stdout, r.stderr
-    for n in needles: assert n in err, (n, err)
-
+from conftest import ROOT, cde, one_line_error  # noqa: E402
 
 @pytest.mark.parametrize('url', ['postgresql+psycopg://cde:s3cret@127.0.0.1:1/cde',   # nothing listens on port 1
                                  'postgresql+psycopg://cde:s3cret@db:notaport/cde',   # unparseable
