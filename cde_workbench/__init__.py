@@ -5,17 +5,20 @@ __version__ = "0.1.0"
 # first use, so `import cde_workbench` stays instant and loads neither scikit-learn nor polars.
 # Written by hand (nbdev generates the modules, not this file); tests/test_api.py checks every name resolves.
 _API = {
-    # configuration and errors (00_config)
-    'load_deployment': 'config', 'Deployment': 'config', 'CDEError': 'config', 'ConfigError': 'config',
+    # errors and the workspace (00_config)
+    'Workspace': 'config', 'CDEError': 'config', 'ConfigError': 'config',
     'SchemaError': 'config', 'IngestError': 'config', 'PipelineError': 'config',
+    # what a deployment is (03_deployment)
+    'load_deployment': 'deployment', 'Deployment': 'deployment', 'Task': 'deployment', 'FeatureSet': 'deployment',
+    'ModelSpec': 'deployment',
     # the store (01_store)
     'get_engine': 'store', 'redact_url': 'store',
     # data in (10_synth, 13_events, 14_warehouse)
     'HospitalConfig': 'synth', 'generate': 'synth', 'write_warehouse_extract': 'synth', 'write_hl7_feed': 'synth',
     'process_pending': 'events', 'load_warehouse_extract': 'warehouse',
     # research (20_tasks, 21_features, 22_train, 23_registry, 30_evaluate)
-    'Task': 'tasks', 'task_points': 'tasks', 'check_point_in_time': 'tasks',
-    'FeatureSet': 'features', 'CountFeaturizer': 'features', 'load_feature_data': 'features', 'online_vector': 'features',
+    'task_points': 'tasks', 'check_point_in_time': 'tasks',
+    'CountFeaturizer': 'features', 'load_feature_data': 'features', 'online_vector': 'features',
     'train_deployment': 'train',
     'register_model': 'registry', 'resolve_model': 'registry', 'list_models': 'registry', 'load_bundle': 'registry',
     'set_alias': 'registry', 'test_predictions': 'registry',

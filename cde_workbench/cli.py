@@ -16,7 +16,8 @@ from typing import Optional
 
 import typer
 
-from .config import CDEError, ConfigError, Workspace, as_utc, database_url, load_deployment, utcnow, var_dir
+from .config import CDEError, ConfigError, Workspace, as_utc, database_url, utcnow, var_dir
+from .deployment import load_deployment
 
 # The heavy libraries (scikit-learn, polars, papermill, nbformat) load inside each command, so that
 # `cde --help` and argument errors answer at once.
@@ -171,7 +172,7 @@ def deploy(deployment: str = typer.Argument(..., help='Deployment name.'),
            model: Optional[str] = typer.Option(None, '--model', help='Model version number or alias to serve (default: the champion, else the newest).'),
            reason: str = typer.Option('', help='Why, for the audit log.')):
     "Move a deployment through its lifecycle (draft → silent → live → retired, with pause); audited."
-    dep = load_deployment(deployment)
+    dep = load_deployment(deployment, Workspace.from_env().deployments)
     from cde_workbench.deploy import set_status
     from cde_workbench.registry import resolve_model
     from cde_workbench.store import get_engine
@@ -224,7 +225,7 @@ def labels(deployment: str = typer.Argument(..., help='Deployment name.'),
     from cde_workbench.store import get_engine
     when = _as_of(as_of)
     run = _timed_run(deployment, 'labels', when.isoformat())
-    with get_engine().connect() as c: got, st = run_counts(c, run.run_id), label_status(c, load_deployment(deployment), when)
+    with get_engine().connect() as c: got, st = run_counts(c, run.run_id), label_status(c, load_deployment(deployment, Workspace.from_env().deployments), when)
     t = label_counts(st, per_week=False).row(0, named=True)
     typer.echo(f"{got}; as of {when:%Y-%m-%d %H:%M} UTC, of {t['scored']} packets: {t['labelled']} labelled, {t['awaiting']} awaiting "
                f"a result, {t['cancelled']} cancelled, {t['censored']} censored")
@@ -232,7 +233,7 @@ def labels(deployment: str = typer.Argument(..., help='Deployment name.'),
 @app.command()
 def report(deployment: str = typer.Argument(..., help='Deployment name.')):
     "Render the reviewer's HTML report (retrospective against prospective performance) to reports/<name>/report.html."
-    dep = load_deployment(deployment)
+    dep = load_deployment(deployment, Workspace.from_env().deployments)
     from cde_workbench.report import render_report
     ws = Workspace.from_env()
     path = render_report(ws, load_deployment(deployment, ws.deployments))

@@ -18,7 +18,8 @@ from pathlib import Path
 import ipywidgets as widgets
 import polars as pl
 
-from .config import ConfigError, Workspace, deployments_dir, load_deployment, project_root, var_dir
+from .config import ConfigError, Workspace, deployments_dir, project_root, var_dir
+from .deployment import load_deployment
 from .deploy import deployment_state
 from .monitor import Health, health, packets, weekly
 from .store import get_engine

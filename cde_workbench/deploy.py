@@ -11,7 +11,8 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from .config import ConfigError, Deployment, utcnow
+from .config import ConfigError, utcnow
+from .deployment import Deployment
 from .store import audit, deployments, models
 
 # %% auto #0

@@ -22,63 +22,15 @@ from sklearn.utils.validation import check_is_fitted
 from sqlalchemy.engine import Connection
 
 from .config import ConfigError, SchemaError, var_dir
+from .deployment import FEATURE_CODE_VERSION, KIND_TABLES, FeatureSet
 from .store import diagnoses, lab_results, medication_orders, patient_links, patients, read_frame
 from .terminology import LABS
 from .tasks import Task, check_point_in_time, exclusion_mask
 
 # %% auto #0
-__all__ = ['FEATURE_CODE_VERSION', 'KIND_TABLES', 'EVENT_SCHEMA', 'LINK_SCHEMA', 'PATIENT_SCHEMA', 'AGE_BANDS',
-           'SKLEARN_EXPECTED_FAILED_CHECKS', 'FeatureSet', 'FeatureData', 'current_versions', 'load_feature_data',
-           'CountFeaturizer', 'feature_data_fingerprint', 'points_fingerprint', 'OfflineMatrix', 'offline_matrix',
-           'online_vector', 'check_features_point_in_time', 'point_in_time_check']
-
-# %% ../nbs/21_features.ipynb #c0191b29
-FEATURE_CODE_VERSION = 'count-features-2'
-KIND_TABLES = {'dx': 'diagnoses', 'med': 'medication_orders', 'lab': 'lab_results'}   # event kind -> store table
-
-@dataclass(frozen=True)
-class FeatureSet:
-    "A versioned feature-set definition: which kinds of counts, their windows and bins, which numeric lab features."
-    demographics: bool = True          # age band, sex, race/ethnicity tokens
-    diagnoses: bool = True             # ICD-10 codes, all history
-    medication_days: int | None = 28   # medication orders within this many days (None: off)
-    lab_days: int | None = 14          # lab results within this many days, binned (None: off)
-    lab_bins: int = 5                  # quantile bins per lab component, fitted on training data
-    numeric_labs: tuple[str, ...] = () # components with last value, hours since last, and a missing indicator
-
-    def check(self) -> FeatureSet:
-        "Validate the definition; a `ConfigError` names the bad setting."
-        for k in ('medication_days', 'lab_days'):
-            v = getattr(self, k)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1): raise ConfigError(f"feature set: {k} must be a whole number of days ≥ 1 or false (off), got {v!r}")
-        if isinstance(self.lab_bins, bool) or not isinstance(self.lab_bins, int) or self.lab_bins < 2: raise ConfigError(f"feature set: lab_bins must be a whole number ≥ 2, got {self.lab_bins!r}")
-        unknown = [c for c in self.numeric_labs if c not in LABS]
-        if unknown: raise ConfigError(f"feature set: numeric_labs names unknown lab component(s) {', '.join(map(repr, unknown))} (known: {', '.join(LABS)})")
-        if not (self.demographics or self.diagnoses or self.medication_days or self.lab_days or self.numeric_labs):
-            raise ConfigError("feature set: every kind is switched off; keep at least one (e.g. numeric_labs for a numeric-only set)")
-        return self
-
-    @classmethod
-    def from_dict(cls, d: dict, # e.g. the `[features]` table of a deployment.toml
-                  where: str = 'feature set', # how errors refer to the input
-                 ) -> FeatureSet:
-        "Build and check a feature set from a plain dict; unknown keys (e.g. an unknown table) are an error."
-        known = {f for f in cls.__dataclass_fields__}
-        bad = [k for k in d if k not in known]
-        if bad: raise ConfigError(f"{where}: unknown feature key(s) {', '.join(map(repr, bad))} (known: {', '.join(sorted(known))}; tables: {', '.join(KIND_TABLES.values())})")
-        d = dict(d)
-        if 'numeric_labs' in d: d['numeric_labs'] = tuple(d['numeric_labs'])
-        for k in ('medication_days', 'lab_days'):   # TOML has no null: `false` switches a window off
-            if d.get(k) is False: d[k] = None
-        return cls(**d).check()
-
-    def definition(self) -> dict:
-        "The canonical definition (plain JSON types) including the code version."
-        return {**asdict(self), 'numeric_labs': list(self.numeric_labs), 'code_version': FEATURE_CODE_VERSION}
-
-    def definition_hash(self) -> str:
-        "sha256 over the canonical JSON of the definition and the code version."
-        return hashlib.sha256(json.dumps(self.definition(), sort_keys=True, separators=(',', ':')).encode()).hexdigest()
+__all__ = ['EVENT_SCHEMA', 'LINK_SCHEMA', 'PATIENT_SCHEMA', 'AGE_BANDS', 'SKLEARN_EXPECTED_FAILED_CHECKS', 'FeatureData',
+           'current_versions', 'load_feature_data', 'CountFeaturizer', 'feature_data_fingerprint', 'points_fingerprint',
+           'OfflineMatrix', 'offline_matrix', 'online_vector', 'check_features_point_in_time', 'point_in_time_check']
 
 # %% ../nbs/21_features.ipynb #f4ab7153
 _T = pl.Datetime('us', 'UTC')

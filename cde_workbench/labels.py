@@ -12,9 +12,10 @@ import polars as pl
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from .config import Deployment, utcnow
+from .config import utcnow
+from .deployment import Deployment
 from .store import inference_labels, inferences, insert_ignore, read_frame
-from .tasks import Task, task_points
+from .tasks import task_points
 
 
 # %% auto #0
@@ -70,7 +71,7 @@ def extract_labels(engine: Engine, # the store
                         {'inference_id': pl.Int64, 'order_id': pl.String, 'prediction_time': _T})
         if pk.is_empty(): return LabelRun(0, 0)
         every = label_versions(conn, dep.name)
-        pts = task_points(conn, Task.from_dict(dep.task), start=pk['prediction_time'].min(), as_of=as_of, allow_empty=True)
+        pts = task_points(conn, dep.task, start=pk['prediction_time'].min(), as_of=as_of, allow_empty=True)
     known = current_labels(every.filter(pl.col('stored_time') <= as_of)).select('inference_id', known_label='label', known_time='label_time')
     last = every.group_by('inference_id').agg(last_version=pl.col('version').max())
     got = (pk.join(pts.filter(pl.col('label').is_not_null()).select(order_id=pl.col('point_id'), label='label', label_time='label_time'),

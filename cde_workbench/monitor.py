@@ -14,7 +14,8 @@ import polars as pl
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from .config import Deployment, PipelineError, utcnow
+from .config import PipelineError, utcnow
+from .deployment import Deployment
 from .deploy import deployment_state
 from .evaluate import Estimate, auroc_ci, prevalence_ci
 from .labels import current_labels, label_versions
@@ -59,11 +60,11 @@ class PerformanceRow:
 def _row(period, y, s, dep, patients=None) -> PerformanceRow:
     ev = dep.evaluation
     if len(y) == 0: return PerformanceRow(period, 0, None, None, 'no labelled cases yet')
-    cl = patients if ev['unit'] == 'patient' else None   # intervals resample patients: a patient's orders are correlated
+    cl = patients if ev.unit == 'patient' else None   # intervals resample patients: a patient's orders are correlated
     if cl is not None and len(np.unique(cl)) < 2: return PerformanceRow(period, len(y), None, None, 'one patient only: no interval')
-    prev = prevalence_ci(y, ev['ci'], clusters=cl)
+    prev = prevalence_ci(y, ev.ci, clusters=cl)
     if y.min() == y.max(): return PerformanceRow(period, len(y), prev, None, 'one class only: AUROC undefined')
-    return PerformanceRow(period, len(y), prev, auroc_ci(y, s, ev['bootstrap'], ev['seed'], ev['ci'], clusters=cl))
+    return PerformanceRow(period, len(y), prev, auroc_ci(y, s, ev.bootstrap, ev.seed, ev.ci, clusters=cl))
 
 def performance_rows(conn: Connection, # open connection to the store
                      dep: Deployment, # the deployment
@@ -170,15 +171,15 @@ def label_status(conn: Connection, # open connection to the store
     "Every packet predicted by `as_of` with its label as known then, `label_state` and `label_delay_hours`."
     as_of = as_of or analysis_time(conn, dep.name)
     pk = packets(conn, dep.name, as_of)
-    lab = dep.task.get('kind') == 'lab_abnormal'
+    lab = dep.task.kind == 'lab_abnormal'
     open_ = pk.filter(pl.col('label').is_null())['order_id']
     gone = cancelled_orders(conn, as_of, open_) if lab and open_.len() else set()
     if lab and pk['label'].is_not_null().any():
         # the delay runs to the first result, even when the first label version already came from a later correction
-        first = _first_results(conn, dep.task['component'], pk.filter(pl.col('label').is_not_null())['order_id'], as_of)
+        first = _first_results(conn, dep.task.component, pk.filter(pl.col('label').is_not_null())['order_id'], as_of)
         pk = (pk.join(first, on='order_id', how='left', maintain_order='left')
                 .with_columns(first_label_time=pl.min_horizontal('first_label_time', 'first_result_time')).drop('first_result_time'))
-    return classify_labels(pk, as_of, float(dep.labels.get('horizon_hours', 72.0)), gone)
+    return classify_labels(pk, as_of, float(dep.labels.horizon_hours), gone)
 
 def label_counts(st: pl.DataFrame, # `label_status` rows
                  per_week: bool = True, # one row per week of prediction time; False: one row for all

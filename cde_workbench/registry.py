@@ -21,7 +21,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 import cde_workbench
-from .config import ConfigError, Deployment, PipelineError, project_root, utcnow, var_dir
+from .config import ConfigError, PipelineError, project_root, utcnow, var_dir
+from .deployment import Deployment
 from .store import audit, model_aliases, models, read_frame
 
 # %% auto #0
@@ -157,9 +158,9 @@ def display_threshold(dep: Deployment, # the deployment (its [output] section)
                      ) -> DisplayThreshold:
     "The deployment's display threshold: computed by its rule at training (from the model's lineage), or hand-set with its reason."
     out = dep.output
-    if 'threshold_rule' not in out:
-        return DisplayThreshold(float(out['threshold']), None, None, f"hand-set: {out['threshold_reason']}")
-    rule, target, t = out['threshold_rule'], float(out['target']), rec.metrics.get('threshold')
+    if out.threshold_rule is None:
+        return DisplayThreshold(float(out.threshold), None, None, f"hand-set: {out.threshold_reason}")
+    rule, target, t = out.threshold_rule, float(out.target), rec.metrics.get('threshold')
     if not t: raise PipelineError(f"deployment {dep.name!r} states threshold_rule {rule!r}, but model {rec.name} v{rec.version} was trained "
                                   f"without one; retrain it (cde train {dep.name})")
     if (t['rule'], float(t['target'])) != (rule, target):

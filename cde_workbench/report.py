@@ -20,7 +20,8 @@ import polars as pl
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from .config import ConfigError, Deployment, PipelineError, Workspace, load_deployment
+from .config import ConfigError, PipelineError, Workspace
+from .deployment import Deployment, EvaluationSpec, load_deployment
 from .deploy import deployment_state
 from .evaluate import Estimate, evaluate_predictions
 from .features import AGE_BANDS
@@ -28,7 +29,7 @@ from .monitor import LABEL_STATES, PerformanceRow, analysis_time, label_counts, 
 from .registry import ModelRecord, display_threshold, get_model, load_bundle, resolve_model, test_predictions
 from .store import audit_log, get_engine, lab_orders, patients, read_frame, runs
 from .terminology import LABS, PANEL_NAMES
-from .tasks import Task, lab_abnormal_points, task_points
+from .tasks import lab_abnormal_points, task_points
 
 # %% auto #0
 __all__ = ['METRICS', 'SUBGROUP_LABELS', 'figure_html', 'roc_plot_html', 'pr_plot_html', 'calibration_plot_html',
@@ -409,17 +410,17 @@ def table2_row(conn: Connection, # open connection to the store
     "A deployment's Table 2 row: retrospective from its model's test predictions, prospective from its silent trial (if any)."
     return _table2_row(dep, performance_rows(conn, dep))
 
-def interval_note(evaluation: dict) -> str:
+def interval_note(evaluation: EvaluationSpec) -> str:
     "How a deployment's intervals were computed, for table notes: level, resamples and the resampling unit."
-    unit = evaluation.get('unit', 'case')
+    unit = evaluation.unit
     how = ("patients (each resample draws patients with replacement and takes all of a drawn patient's orders, which are correlated); "
            'prevalence: Wilson intervals on the effective sample size' if unit == 'patient' else 'orders, each treated as independent; prevalence: Wilson intervals')
-    return f'{evaluation["ci"] * 100:g}% percentile bootstrap intervals from {evaluation["bootstrap"]} resamples of {how}.'
+    return f'{evaluation.ci * 100:g}% percentile bootstrap intervals from {evaluation.bootstrap} resamples of {how}.'
 
 def _table2_row(dep: Deployment, rows: list[PerformanceRow]) -> Table2Row:
     by = {r.period: r for r in rows}
     r, p = by['retrospective'], by['prospective']
-    return Table2Row(dep.name, dep.task['component'], r.prevalence, r.auroc, p.prevalence, p.auroc, r.n, p.n)
+    return Table2Row(dep.name, dep.task.component, r.prevalence, r.auroc, p.prevalence, p.auroc, r.n, p.n)
 
 def table2_html(dep: Deployment, rows: list[PerformanceRow]) -> str:
     "DEPLOYR's Table 2 for one deployment (its retrospective and prospective performance rows)."
@@ -470,10 +471,10 @@ def evaluate_for_report(y: np.ndarray, # labels
     "The deployment's evaluation of one set of predictions, through `evaluate_predictions` with its settings."
     ev = dep.evaluation
     g = None if groups is None else {c: groups[c].to_numpy() for c in groups.columns}
-    if ev['unit'] == 'patient' and patients is None: raise PipelineError(f'{dep.name}: intervals resample patients, but no patient of each case was given')
-    return evaluate_predictions(y, score, threshold=float(dep.output['threshold']), groups=g, n_boot=ev['bootstrap'],
-                                seed=ev['seed'], level=ev['ci'], n_features=n_features, min_events=ev['min_events'],
-                                clusters=patients if ev['unit'] == 'patient' else None)
+    if ev.unit == 'patient' and patients is None: raise PipelineError(f'{dep.name}: intervals resample patients, but no patient of each case was given')
+    return evaluate_predictions(y, score, threshold=float(dep.output.threshold), groups=g, n_boot=ev.bootstrap,
+                                seed=ev.seed, level=ev.ci, n_features=n_features, min_events=ev.min_events,
+                                clusters=patients if ev.unit == 'patient' else None)
 
 # %% ../nbs/70_report.ipynb #55adac6b
 def _loads(conn: Connection) -> list[dict]:
@@ -491,8 +492,8 @@ def _loads(conn: Connection) -> list[dict]:
 
 def _cohort_facts(conn: Connection, dep: Deployment) -> dict:
     "Counts behind the cohort section: the task's points after its exclusions, those excluded, cancelled, without a result; source tags; synthetic or not."
-    comp = dep.task['component']; panel = LABS[comp].panel
-    pts = task_points(conn, Task.from_dict(dep.task), allow_empty=True)   # the task's cohort, exclusions applied, as training saw it
+    comp = dep.task.component; panel = LABS[comp].panel
+    pts = task_points(conn, dep.task, allow_empty=True)   # the task's cohort, exclusions applied, as training saw it
     n_excluded = lab_abnormal_points(conn, comp).height - pts.height
     o = lab_orders.c
     cancelled = conn.execute(sa.select(sa.func.count()).select_from(lab_orders).where(o.panel == panel, o.status == 'cancelled')).scalar()
@@ -517,18 +518,18 @@ _OUTPUT_MODES = {'silent': 'silent: scores are stored, never shown to clinicians
 def _shown_threshold(dep: Deployment, rec: ModelRecord) -> Deployment:
     "The deployment with its display threshold resolved for this model version: the rule's value from the lineage, or the hand-set one, and how it was set."
     t = display_threshold(dep, rec)
-    return replace(dep, output={**dep.output, 'threshold': t.value, 'threshold_source': t.source})
+    return replace(dep, output=dep.output.resolved(t.value, t.source))
 
 def intended_use_html(dep: Deployment) -> str:
     "Intended use: the deployment's description, task, output mode and threshold."
-    lab = LABS[dep.task['component']]
-    mode = dep.output['mode']
+    lab = LABS[dep.task.component]
+    mode = dep.output.mode
     return ('<section id="intended-use"><h2>Intended use</h2>' + f'<p>{_e(dep.description)}</p>' + _dl([
-        ('Task', f'{_e(dep.task["kind"])}: whether the {_e(lab.name)} ({_e(lab.code)}, LOINC {_e(lab.loinc)}) result will fall outside its '
+        ('Task', f'{_e(dep.task.kind)}: whether the {_e(lab.name)} ({_e(lab.code)}, LOINC {_e(lab.loinc)}) result will fall outside its '
                  f'reference range, predicted when the {_e(PANEL_NAMES.get(lab.panel, lab.panel))} is ordered'),
         ('Output', _e(_OUTPUT_MODES.get(mode, mode))),
-        ('Threshold', f'<span id="threshold">{dep.output["threshold"]:g}</span> (a score at or above it counts positive)'
-                      + (f'; <span id="threshold-source">{_e(dep.output["threshold_source"])}</span>' if dep.output.get('threshold_source') else '')),
+        ('Threshold', f'<span id="threshold">{dep.output.threshold:g}</span> (a score at or above it counts positive)'
+                      + (f'; <span id="threshold-source">{_e(dep.output.threshold_source)}</span>' if dep.output.threshold_source else '')),
         ('Users', 'clinical team, through the scoring service and dashboards; reviewers through this report'),
         ('Not intended for', 'patients outside the cohort below, other sites without local validation, or any use while the '
                              'deployment is not in an approved lifecycle state')]) + '</section>')
@@ -555,7 +556,7 @@ def data_html(facts: dict, rec: ModelRecord, retro: pl.DataFrame) -> str:
 
 def cohort_html(dep: Deployment, facts: dict) -> str:
     "Cohort: the task definition with inclusion and exclusion counts from the store."
-    lab = LABS[dep.task['component']]
+    lab = LABS[dep.task.component]
     n, unl = facts['n_orders'], facts['n_unlabelled']
     ref = f'{lab.ref_low:g}–{lab.ref_high:g} {lab.unit}' + (f' (men {lab.male_ref[0]:g}–{lab.male_ref[1]:g})' if lab.male_ref else '')
     return ('<section id="cohort"><h2>Cohort</h2>' + _dl([
@@ -565,15 +566,15 @@ def cohort_html(dep: Deployment, facts: dict) -> str:
                      'in the store (the splits under Data use those of their years)'),
         ('Excluded', f'<span id="n-cancelled">{facts["n_cancelled"]}</span> cancelled orders; '
                      + (f'<span id="n-excluded">{facts.get("n_excluded", 0)}</span> orders with a {_e(lab.code)} result in the previous '
-                        f'{dep.task["exclude_if_resulted_within_hours"]:g} h known at the order time (the task\'s exclusion); '
-                        if dep.task.get('exclude_if_resulted_within_hours') else '')
+                        f'{dep.task.exclude_if_resulted_within_hours:g} h known at the order time (the task\'s exclusion); '
+                        if dep.task.exclude_if_resulted_within_hours else '')
                      + f'<span id="n-unlabelled">{unl}</span> orders without a final result ({unl / max(n, 1):.1%} of the remaining orders)'),
         ('Point in time', 'features use only facts that had happened and were stored by the order time')]) + '</section>')
 
 def features_html(dep: Deployment, rec: ModelRecord, bundle: dict) -> str:
     "Features: the feature-set hash, kinds and windows, vocabulary size and features per kind."
     fz = bundle.get('featurizer')
-    p = {k: v for k, v in fz.get_params().items() if k != 'data'} if fz is not None else rec.params.get('features', dep.features)
+    p = {k: v for k, v in fz.get_params().items() if k != 'data'} if fz is not None else rec.params.get('features', dep.features.definition())
     names = list(getattr(fz, 'feature_names_', None) or bundle.get('feature_names') or [])
     kinds = {}
     for t in names: kinds[t.split(':', 1)[0]] = kinds.get(t.split(':', 1)[0], 0) + 1
@@ -653,7 +654,7 @@ def limitations(dep: Deployment, # the deployment
         out.append(f"Data come from one site's records ({', '.join(sorted(facts.get('tags', {}))) or 'unknown source'}); "
                    'performance at other sites is unknown.')
     split = dep.split
-    out.append(f'Validation is temporal only: one held-out period (test years {", ".join(map(str, split["test_years"]))}, '
+    out.append(f'Validation is temporal only: one held-out period (test years {", ".join(map(str, split.test_years))}, '
                f'n = {result["n"]}) at the same site; there is no external validation.')
     n, unl = facts.get('n_orders', 0), facts.get('n_unlabelled', 0)
     if unl:
@@ -677,7 +678,7 @@ def limitations(dep: Deployment, # the deployment
                    'not be read as probabilities until the model is recalibrated.')
     elif ci_ and cs and ci_.get('estimate') is not None and cs.get('estimate') is not None:
         out.append(f'Calibration intercept {_metric_text(ci_)} and slope {_metric_text(cs)} are consistent with ideal at this sample size.')
-    thr = dep.output['threshold']
+    thr = dep.output.threshold
     useful = _useful_ranges(result.get('net_benefit') or [])
     where = None
     if useful:   # the widest run, and how many thresholds outside it also show a (usually marginal) benefit
@@ -703,7 +704,7 @@ def limitations(dep: Deployment, # the deployment
     if uses_demographics:
         out.append('Sex, race/ethnicity and age band are model inputs; reviewers should judge whether using race/ethnicity is '
                    'appropriate for this task.')
-    if dep.output['mode'] == 'silent':
+    if dep.output.mode == 'silent':
         out.append('The deployment is silent (scores stored, never shown): its effect on care and outcomes has not been measured.')
     return out
 
@@ -753,7 +754,7 @@ def label_status_html(weekly_counts: pl.DataFrame, # `label_counts` per week
                       as_of, # the analysis time the labels are as known at
                      ) -> str:
     "The silent trial's packets by label state (labelled, awaiting, cancelled, censored) per week, with label-delay quantiles and a sentence."
-    hz = float(dep.labels.get('horizon_hours', 72.0))
+    hz = float(dep.labels.horizon_hours)
     t = total.row(0, named=True) if total.height else {}
     n = t.get('scored', 0) or 0
     if not n: return '<p id="label-status">No packets scored yet, so no labels to count.</p>'
@@ -804,7 +805,7 @@ def model_card_html(engine: Engine, # the store
     ev = dep.evaluation
     head = (f'<h1>{_e(dep.name)}: model card</h1><p>Lifecycle: <b id="lifecycle">{_e(state.status or "not registered")}</b>. '
             f'Model {_e(rec.name)} v{rec.version}. Rendered by cde-workbench <code>{_e(code_version())}</code>.</p>')
-    perf = evaluation_sections_html(result, y, s, float(dep.output['threshold']), float(ev['ci']), ev['bootstrap'], SUBGROUP_LABELS,
+    perf = evaluation_sections_html(result, y, s, float(dep.output.threshold), float(ev.ci), ev.bootstrap, SUBGROUP_LABELS,
                                     intro='<p>Retrospective: the held-out test years, from the predictions saved with the registered model.</p>')
     return ('<div class="cde-report">' + head + intended_use_html(dep) + data_html(facts, rec, retro) + cohort_html(dep, facts)
             + features_html(dep, rec, bundle) + model_html(rec, bundle, state.status) + perf
@@ -826,8 +827,8 @@ def lab_deployments(folder: Path, # the workspace's deployments folder
     "Every deployment under `folder` whose task is a lab-abnormal one, in DEPLOYR's component order."
     deps = [load_deployment(p.parent) for p in sorted(Path(folder).glob('*/deployment.toml'))]
     order = list(LABS)
-    labs = [d for d in deps if d.task.get('kind') == 'lab_abnormal' and d.task.get('component') in LABS]
-    return sorted(labs, key=lambda d: (order.index(d.task['component']), d.name))
+    labs = [d for d in deps if d.task.kind == 'lab_abnormal' and d.task.component in LABS]
+    return sorted(labs, key=lambda d: (order.index(d.task.component), d.name))
 
 def deployr_table2_html(conn: Connection, # open connection to the store
                         deps: list[Deployment], # the tasks, e.g. `lab_deployments(folder)`
@@ -864,7 +865,7 @@ def evaluation_html(engine: Engine, # the store
     ev = dep.evaluation
     fz = bundle.get('featurizer')
     head = f'<h1>{_e(dep.name)} v{rec.version}: evaluation</h1>'
-    perf = evaluation_sections_html(result, y, s, float(dep.output['threshold']), float(ev['ci']), ev['bootstrap'], SUBGROUP_LABELS,
+    perf = evaluation_sections_html(result, y, s, float(dep.output.threshold), float(ev.ci), ev.bootstrap, SUBGROUP_LABELS,
                                     intro='<p>The held-out test years, from the predictions saved with this registered version.</p>')
     return ('<div class="cde-report">' + head + model_html(rec, bundle, state.status) + perf
             + limitations_html(limitations(dep, facts, result, None, bool(getattr(fz, 'demographics', False)))) + '</div>')

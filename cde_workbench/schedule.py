@@ -19,7 +19,8 @@ from jupyter_client.manager import AsyncKernelManager
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from .config import ConfigError, Deployment, PipelineError, Workspace, utcnow
+from .config import ConfigError, PipelineError, Workspace, utcnow
+from .deployment import Deployment
 from .store import get_engine, runs
 
 # %% auto #0

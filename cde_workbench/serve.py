@@ -13,12 +13,13 @@ import polars as pl
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from .config import ConfigError, Deployment, PipelineError, utcnow
+from .config import ConfigError, PipelineError, utcnow
+from .deployment import Deployment
 from .deploy import SCORING_STATES, deployment_state
 from .features import load_feature_data, point_in_time_check
 from .registry import display_threshold, get_model, load_bundle
 from .store import inferences, insert_ignore
-from .tasks import Task, task_points
+from .tasks import task_points
 
 # %% auto #0
 __all__ = ['ScoringSummary', 'score_pending']
@@ -43,15 +44,15 @@ def score_pending(engine: Engine, # the store
         state = deployment_state(conn, dep.name)
         if state.status not in SCORING_STATES:
             raise ConfigError(f"deployment {dep.name!r} is {state.status or 'not registered'}; only silent or live deployments are scored")
-        task = Task.from_dict(dep.task)
+        task = dep.task
         if task.kind != 'lab_abnormal':   # time-triggered tasks need a clock-driven scorer, not this order-driven one
             raise ConfigError(f"deployment {dep.name!r}: the scoring run serves order-triggered lab tasks; task kind {task.kind!r} is not served yet")
         rec = get_model(conn, model_id=state.model_id)
         bundle = load_bundle(rec)
-        if bundle['component'] != dep.task['component']:
-            raise PipelineError(f"model {rec.name} v{rec.version} predicts {bundle['component']}, deployment wants {dep.task['component']}")
+        if bundle['component'] != dep.task.component:
+            raise PipelineError(f"model {rec.name} v{rec.version} predicts {bundle['component']}, deployment wants {dep.task.component}")
         thr = display_threshold(dep, rec).value   # the rule's value recorded at training, or the hand-set one
-        if since is None: since = datetime(max(dep.split['test_years']) + 1, 1, 1, tzinfo=as_of.tzinfo)
+        if since is None: since = datetime(max(dep.split.test_years) + 1, 1, 1, tzinfo=as_of.tzinfo)
         # the task's own cohort and exclusions, as known by the run's clock: the same definition training used
         pts = task_points(conn, task, start=since, as_of=as_of, allow_empty=True)
         done = {r[0] for r in conn.execute(sa.select(inferences.c.order_id).where(inferences.c.deployment == dep.name,
@@ -63,11 +64,11 @@ def score_pending(engine: Engine, # the store
     X = bundle['featurizer'].transform(pts, data)
     # the leakage guard before anything is stored: a seeded sample rebuilt from the store as it stood at each order time
     with engine.connect() as conn:
-        checked = point_in_time_check(conn, bundle['featurizer'], pts, X, task, dep.checks['point_in_time_sample'], dep.checks['point_in_time_seed'])
+        checked = point_in_time_check(conn, bundle['featurizer'], pts, X, task, dep.checks.point_in_time_sample, dep.checks.point_in_time_seed)
     score = bundle['estimator'].predict_proba(X)[:, 1]
     now = utcnow()
     rows = [dict(deployment=dep.name, model_id=rec.model_id, order_id=o, patient_key=p, prediction_time=t, score=float(s),
-                 threshold=thr, output_mode=dep.output['mode'], n_features=int(n), run_id=run_id, scored_at=now)
+                 threshold=thr, output_mode=dep.output.mode, n_features=int(n), run_id=run_id, scored_at=now)
             for o, p, t, s, n in zip(pts['order_id'], pts['patient_key'], pts['prediction_time'], score, np.diff(X.indptr))]
     with engine.begin() as conn: insert_ignore(conn, inferences, rows)
     return ScoringSummary(len(pts), len(rows), rec.model_id, checked)

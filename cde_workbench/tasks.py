@@ -16,13 +16,14 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from .config import ConfigError, PipelineError
-from .store import adt_events, diagnoses, lab_order_events, lab_orders, lab_results, location_visits, medication_orders, read_frame
+from .deployment import EVENT_TABLE_NAMES, Task
+from .store import adt_events, lab_order_events, lab_orders, lab_results, location_visits, metadata, read_frame
 from .terminology import LABS
 
 # %% auto #0
-__all__ = ['POINT_SCHEMA', 'CANCEL_CONTROLS', 'TASK_KINDS', 'EVENT_TABLES', 'DEPLOYR_TASKS', 'ICU_TRANSFER_24H',
-           'cancelled_orders', 'lab_abnormal_points', 'Task', 'LeakageError', 'point_sample', 'check_point_in_time',
-           'exclusion_mask', 'task_points']
+__all__ = ['POINT_SCHEMA', 'CANCEL_CONTROLS', 'EVENT_TABLES', 'DEPLOYR_TASKS', 'ICU_TRANSFER_24H', 'cancelled_orders',
+           'lab_abnormal_points', 'LeakageError', 'point_sample', 'check_point_in_time', 'exclusion_mask',
+           'task_points']
 
 # %% ../nbs/20_tasks.ipynb #37d3b96e
 _T = pl.Datetime('us', 'UTC')
@@ -78,62 +79,8 @@ def lab_abnormal_points(conn: Connection, # open connection to the store
     return pts.select(list(POINT_SCHEMA)).cast(POINT_SCHEMA).sort('prediction_time', 'order_id')
 
 # %% ../nbs/20_tasks.ipynb #2746a6fa
-TASK_KINDS = ('lab_abnormal', 'event_within')
-EVENT_TABLES = {t.name: t for t in (adt_events, location_visits, diagnoses, medication_orders, lab_results)}
-_KIND_KEYS = {'lab_abnormal': {'component', 'exclude_if_resulted_within_hours'},
-              'event_within': {'event_table', 'event_filter', 'window_hours', 'every_hours', 'exclude_if_event_before'}}
-
-@dataclass(frozen=True)
-class Task:
-    "A prediction task: cohort, label and prediction time, with its exclusions, as data."
-    kind: str                                        # 'lab_abnormal' or 'event_within'
-    name: str = ''                                   # a short name (defaults from the definition)
-    component: str | None = None                     # lab_abnormal: the lab component
-    exclude_if_resulted_within_hours: float | None = None  # lab_abnormal: skip an order when the component had a result (known at T) in the previous N hours
-    event_table: str | None = None                   # event_within: the table holding the event
-    event_filter: tuple = ()                         # event_within: ((column, (values, ...)), ...) rows that count as the event
-    window_hours: float | None = None                # event_within: the event starts in (T, T + window]
-    every_hours: float | None = None                 # event_within: prediction times every N hours after admission
-    exclude_if_event_before: bool = True             # event_within: skip points where the event already started in this stay (known at T)
-
-    @classmethod
-    def from_dict(cls, d: dict, # e.g. the `[task]` table of a deployment.toml
-                  where: str = 'task', # how errors refer to the input
-                 ) -> Task:
-        "Build and check a task from a plain dict; any problem is a `ConfigError` naming the key."
-        d = dict(d)
-        if 'kind' not in d: raise ConfigError(f"{where}: missing required key 'kind' (known kinds: {', '.join(TASK_KINDS)})")
-        if d['kind'] not in TASK_KINDS: raise ConfigError(f"{where}: unknown task kind {d['kind']!r} (known: {', '.join(TASK_KINDS)})")
-        allowed = {'kind', 'name'} | _KIND_KEYS[d['kind']]
-        bad = [k for k in d if k not in allowed]
-        if bad: raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, bad))} for a {d['kind']} task (known: {', '.join(sorted(allowed))})")
-        if isinstance(d.get('event_filter'), dict):
-            d['event_filter'] = tuple((c, tuple(v) if isinstance(v, (list, tuple)) else (v,)) for c, v in sorted(d['event_filter'].items()))
-        return cls(**d).check(where)
-
-    def check(self, where: str = 'task') -> Task:
-        "Validate the definition; a `ConfigError` names the bad setting."
-        if self.kind not in TASK_KINDS: raise ConfigError(f"{where}: unknown task kind {self.kind!r} (known: {', '.join(TASK_KINDS)})")
-        num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-        if self.kind == 'lab_abnormal':
-            if self.component not in LABS: raise ConfigError(f"{where}: unknown lab component {self.component!r} (known: {', '.join(LABS)})")
-            h = self.exclude_if_resulted_within_hours
-            if h is not None and not num(h): raise ConfigError(f"{where}: exclude_if_resulted_within_hours must be a positive number of hours, got {h!r}")
-        else:
-            if self.event_table not in EVENT_TABLES: raise ConfigError(f"{where}: unknown event table {self.event_table!r} (known: {', '.join(EVENT_TABLES)})")
-            cols = EVENT_TABLES[self.event_table].c
-            for c, vals in self.event_filter:
-                if c not in cols: raise ConfigError(f"{where}: event_filter names column {c!r}, not in table {self.event_table} (columns: {', '.join(cols.keys())})")
-            for k in ('window_hours', 'every_hours'):
-                if not num(getattr(self, k)): raise ConfigError(f"{where}: {k} must be a positive number of hours, got {getattr(self, k)!r}")
-        return self
-
-    @property
-    def label(self) -> str:
-        "The task's name, or one made from its definition."
-        if self.name: return self.name
-        return f'{self.component.lower()}_abnormal' if self.kind == 'lab_abnormal' else f'{self.event_table}_within_{self.window_hours:g}h'
-
+EVENT_TABLES = {n: metadata.tables[n] for n in EVENT_TABLE_NAMES}   # the tables an event_within task may watch
+# the built-in tasks; `Task` itself is a deployment's specification (see `deployment`)
 DEPLOYR_TASKS: dict[str, Task] = {c: Task('lab_abnormal', name=f'{c.lower()}_abnormal', component=c) for c in LABS}
 ICU_TRANSFER_24H = Task.from_dict({'kind': 'event_within', 'name': 'icu_transfer_24h', 'event_table': 'adt_events',
                                    'event_filter': {'ward': 'ICU'}, 'window_hours': 24, 'every_hours': 6})

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import hashlib
-import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,15 +21,16 @@ from sklearn.preprocessing import FunctionTransformer, MaxAbsScaler
 from sqlalchemy.engine import Engine
 from tqdm.auto import tqdm
 
-from .config import THRESHOLD_RULES, ConfigError, Deployment, PipelineError
+from .config import ConfigError, PipelineError
+from .deployment import MODEL_HYPERPARAMETERS, MODEL_KINDS, THRESHOLD_RULES, Deployment
 from .evaluate import auroc_ci, prevalence_ci
-from .features import CountFeaturizer, FeatureData, FeatureSet, feature_data_fingerprint, load_feature_data, offline_matrix, point_in_time_check
+from .features import CountFeaturizer, FeatureData, feature_data_fingerprint, load_feature_data, offline_matrix, point_in_time_check
 from .registry import ModelRecord, register_model
-from .tasks import Task, task_points
+from .tasks import task_points
 
 # %% auto #0
-__all__ = ['MODEL_KINDS', 'Split', 'temporal_split', 'data_fingerprint', 'to_dense', 'model_grid', 'make_model',
-           'threshold_from_rule', 'train_deployment']
+__all__ = ['MODEL_FACTORIES', 'Split', 'temporal_split', 'data_fingerprint', 'to_dense', 'make_model', 'threshold_from_rule',
+           'train_deployment']
 
 # %% ../nbs/22_train.ipynb #f444bb8b
 @dataclass
@@ -44,11 +44,11 @@ def temporal_split(points: pl.DataFrame, # labelled points with `prediction_time
                    dep: Deployment, # gives the years of each part
                   ) -> Split:
     "Split points by prediction year; each year must have data and each part both classes."
-    if points.is_empty(): raise PipelineError(f"{dep.name}: the cohort is empty (no labelled prediction points for task {dep.task.get('name') or dep.task['kind']} in the store)")
+    if points.is_empty(): raise PipelineError(f"{dep.name}: the cohort is empty (no labelled prediction points for task {dep.task.label} in the store)")
     year = points['prediction_time'].dt.year()
     parts = {}
     for part in ('train', 'validation', 'test'):
-        years = dep.split[f'{part}_years']
+        years = list(dep.split.years(part))
         for y in years:
             if not (year == y).any(): raise PipelineError(f"{dep.name}: split year {y} ({part}) has no labelled data")
         df = points.filter(year.is_in(years))
@@ -63,7 +63,7 @@ def data_fingerprint(points: pl.DataFrame, data: FeatureData) -> str:
     return hashlib.sha256((h.hexdigest() + feature_data_fingerprint(data)).encode()).hexdigest()
 
 def _featurizer(dep: Deployment) -> CountFeaturizer:
-    return CountFeaturizer.from_feature_set(FeatureSet.from_dict(dep.features))
+    return CountFeaturizer.from_feature_set(dep.features)
 
 # %% ../nbs/22_train.ipynb #2b9ef7ea
 def to_dense(X):
@@ -83,33 +83,11 @@ def _boosting(seed: int, **p) -> Pipeline:
     return Pipeline([('dense', FunctionTransformer(to_dense, accept_sparse=True)),
                      ('model', HistGradientBoostingClassifier(random_state=seed, early_stopping=False, **p))])
 
-MODEL_KINDS = {  # kind -> (pipeline factory, default grid)
-    'logistic_regression': (_logistic, {'C': [0.1, 1.0], 'class_weight': [None]}),
-    'random_forest': (_forest, {'n_estimators': [100], 'min_samples_leaf': [10, 30], 'max_features': ['sqrt']}),
-    'hist_gradient_boosting': (_boosting, {'learning_rate': [0.05, 0.1], 'max_iter': [100], 'max_leaf_nodes': [15]}),
-}
-
-def model_grid(model: dict, # the deployment's [model] section
-               where: str = '[model]', # how to name the section in errors
-              ) -> list[tuple[str, dict]]:
-    "Every (kind, hyperparameters) candidate of a [model] section, after checking kinds and parameter names."
-    if not model['candidates']: raise ConfigError(f"{where}: candidates is empty")
-    unknown = set(model['candidates']) - set(MODEL_KINDS) | set(model['grid']) - set(MODEL_KINDS)
-    if unknown: raise ConfigError(f"{where}: unknown model kind {sorted(unknown)[0]!r} (known: {', '.join(MODEL_KINDS)})")
-    out = []
-    for kind in model['candidates']:
-        make, default = MODEL_KINDS[kind]
-        grid = {**default, **model['grid'].get(kind, {})}
-        allowed = make(0).named_steps['model'].get_params()
-        for k, v in grid.items():
-            if k not in allowed or k == 'random_state': raise ConfigError(f"{where}.grid.{kind}: unknown hyperparameter {k!r}")
-            if not isinstance(v, list) or not v: raise ConfigError(f"{where}.grid.{kind}: {k} must be a non-empty list of values")
-        out += [(kind, dict(zip(grid, combo))) for combo in itertools.product(*grid.values())]
-    return out
+MODEL_FACTORIES = {'logistic_regression': _logistic, 'random_forest': _forest, 'hist_gradient_boosting': _boosting}  # kind -> pipeline factory
 
 def make_model(kind: str, params: dict, seed: int) -> Pipeline:
     "A fresh, unfitted pipeline of one kind with the given hyperparameters."
-    return MODEL_KINDS[kind][0](seed, **params)
+    return MODEL_FACTORIES[kind](seed, **params)
 
 # %% ../nbs/22_train.ipynb #e7134da5
 def threshold_from_rule(y: np.ndarray, # labels (0/1)
@@ -145,17 +123,16 @@ def threshold_from_rule(y: np.ndarray, # labels (0/1)
 # %% ../nbs/22_train.ipynb #59ef4299
 def train_deployment(engine: Engine, # the store
                      dep: Deployment, # what to train
+                     var: Path, # the workspace's var/ (feature cache, model bundles)
                      progress: bool = True, # show a progress bar
-                     var: Path | None = None, # the workspace's var/ (feature cache, model bundles); default the command line's
                     ) -> ModelRecord:
     "Train every candidate, choose on validation AUROC, refit the best on train + validation, evaluate on test, register."
-    cache = None if var is None else Path(var) / 'features'
-    candidates = model_grid(dep.model, f'{dep.path / "deployment.toml"}: [model]')
+    cache, candidates = Path(var) / 'features', dep.model.candidate_grid()
     with engine.connect() as conn:
-        points = task_points(conn, Task.from_dict(dep.task)).filter(pl.col('label').is_not_null())
+        points = task_points(conn, dep.task).filter(pl.col('label').is_not_null())
         split = temporal_split(points, dep)
         data = load_feature_data(conn)
-    seed = dep.model['seed']
+    seed = dep.model.seed
     fz = _featurizer(dep).fit(split.train, data)
     # matrices come from the feature store's cache when definition, fit, data and points all match
     Xtr, Xva = offline_matrix(fz, split.train, data, cache).X, offline_matrix(fz, split.validation, data, cache).X
@@ -169,9 +146,9 @@ def train_deployment(engine: Engine, # the store
     kind, params = validation[best]['kind'], validation[best]['params']
     # the display threshold's rule, on the chosen candidate's validation scores: before the refit, so a rule no data meets fails fast
     threshold = None
-    if 'threshold_rule' in dep.output:
-        va_years = ', '.join(map(str, dep.split['validation_years']))
-        threshold = threshold_from_rule(yva, va_scores[best], dep.output['threshold_rule'], dep.output['target'],
+    if dep.output.threshold_rule is not None:
+        va_years = ', '.join(map(str, dep.split.validation_years))
+        threshold = threshold_from_rule(yva, va_scores[best], dep.output.threshold_rule, dep.output.target,
                                         f"{dep.name}: [output] threshold_rule", f'validation-year ({va_years}) points')
     final_train = pl.concat([split.train, split.validation])
     fz = _featurizer(dep).fit(final_train, data)
@@ -180,15 +157,15 @@ def train_deployment(engine: Engine, # the store
     chk = dep.checks
     with engine.connect() as conn:
         checked = point_in_time_check(conn, fz, pl.concat([final_train, split.test], how='diagonal_relaxed'), sp.vstack([Xfin, Xte], format='csr'),
-                                      Task.from_dict(dep.task), chk['point_in_time_sample'], chk['point_in_time_seed'])
+                                      dep.task, chk.point_in_time_sample, chk.point_in_time_seed)
     est = make_model(kind, params, seed).fit(Xfin, final_train['label'].to_numpy())
     score = est.predict_proba(Xte)[:, 1]
     yte = split.test['label'].to_numpy()
     ev = dep.evaluation
-    cl = split.test['patient_key'].to_numpy() if ev['unit'] == 'patient' else None   # the test years' intervals resample patients
+    cl = split.test['patient_key'].to_numpy() if ev.unit == 'patient' else None   # the test years' intervals resample patients
     metrics = {'validation': validation, 'chosen': {'kind': kind, 'params': params},
-               'test_auroc': auroc_ci(yte, score, ev['bootstrap'], ev['seed'], ev['ci'], clusters=cl).as_dict(),
-               'test_prevalence': prevalence_ci(yte, ev['ci'], clusters=cl).as_dict(), 'interval_unit': ev['unit'],
+               'test_auroc': auroc_ci(yte, score, ev.bootstrap, ev.seed, ev.ci, clusters=cl).as_dict(),
+               'test_prevalence': prevalence_ci(yte, ev.ci, clusters=cl).as_dict(), 'interval_unit': ev.unit,
                'n': {'train': split.train.height, 'validation': split.validation.height, 'test': split.test.height},
                'n_features': int(Xte.shape[1]),   # the model's input width: count tokens and numeric lab columns
                'point_in_time_checked': checked}
@@ -196,7 +173,6 @@ def train_deployment(engine: Engine, # the store
     ids = ['point_id'] + (['order_id'] if 'order_id' in split.test.columns else [])
     preds = split.test.select(*ids, 'patient_key', 'prediction_time', 'label').with_columns(
         score=pl.Series(score), n_features=pl.Series(np.diff(Xte.indptr)))
-    params_all = {'task': dep.task, 'features': dep.features, 'split': dep.split, 'model': {'kind': kind, **params, 'seed': seed},
-                  'candidates': dep.model['candidates'], 'output': dep.output}
-    bundle = {'estimator': est, 'featurizer': fz, 'component': dep.task.get('component'), 'feature_names': fz.feature_names_}
+    params_all = {**dep.lineage(), 'model': {'kind': kind, **params, 'seed': seed}}
+    bundle = {'estimator': est, 'featurizer': fz, 'component': dep.task.component, 'feature_names': fz.feature_names_}
     return register_model(engine, dep.name, bundle, params_all, metrics, fz.definition_hash(), data_fingerprint(final_train, data), preds, var)

@@ -75,6 +75,13 @@ def store_url(request, tmp_path):
 SMALL_DEPLOYMENT = 'hgb_abnormal'
 
 
+def env_deployment(name: str = SMALL_DEPLOYMENT):
+    "A deployment from the folder the environment points at: tests stand where the command line stands."
+    from cde_workbench.config import Workspace
+    from cde_workbench.deployment import load_deployment
+    return load_deployment(name, Workspace.from_env().deployments)
+
+
 @dataclass(frozen=True)
 class SmallStore:
     "A store under `base`: var/ (SQLite store, model bundles), reports/, deployments/ and a site key."
@@ -106,7 +113,7 @@ def small_trained_store(tmp_path_factory) -> SmallStore:
     """200 synthetic patients, their warehouse extract loaded, and `hgb_abnormal` trained with two quick candidates
     (logistic regression, a 40-tree forest) and 200 bootstrap resamples; no deployment status set, no HL7 feed yet.
     Read-only: tests that change the store use `small_store` (a copy)."""
-    from cde_workbench.config import load_deployment
+    from cde_workbench.deployment import load_deployment
     from cde_workbench.store import dispose_engines, get_engine
     from cde_workbench.synth import HospitalConfig, generate, write_warehouse_extract
     from cde_workbench.train import train_deployment
@@ -125,7 +132,7 @@ def small_trained_store(tmp_path_factory) -> SmallStore:
         engine = get_engine()
         try:
             load_warehouse_extract(engine, store.base / 'extract')
-            train_deployment(engine, load_deployment(SMALL_DEPLOYMENT), progress=False)
+            train_deployment(engine, load_deployment(SMALL_DEPLOYMENT, store.base / 'deployments'), store.base / 'var', progress=False)
         finally: dispose_engines()   # closes the SQLite files, so that copies are complete
     return store
 
@@ -155,13 +162,13 @@ def deliver_feed(engine, until=None) -> int:
 @pytest.fixture
 def silent_store(small_store):
     "The small store with its prospective feed delivered and `hgb_abnormal` in a silent trial of its trained model: (engine, deployment, model)."
-    from cde_workbench.config import load_deployment
+    from cde_workbench.deployment import load_deployment
     from cde_workbench.deploy import set_status
     from cde_workbench.registry import get_model
     from cde_workbench.store import get_engine
     engine = get_engine()
     assert deliver_feed(engine) > 200
-    dep = load_deployment(SMALL_DEPLOYMENT)
+    dep = env_deployment()
     with engine.connect() as c: rec = get_model(c, dep.name)
     set_status(engine, dep.name, 'silent', rec.model_id, 'test: silent trial')
     return engine, dep, rec

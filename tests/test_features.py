@@ -13,8 +13,8 @@ import sqlalchemy as sa
 
 from cde_workbench.config import ConfigError, SchemaError, var_dir
 from cde_workbench.events import process_pending
-from cde_workbench.features import (SKLEARN_EXPECTED_FAILED_CHECKS, CountFeaturizer, FeatureData, FeatureSet, check_features_point_in_time,
-                                    load_feature_data, offline_matrix, online_vector)
+from cde_workbench.deployment import FeatureSet
+from cde_workbench.features import (SKLEARN_EXPECTED_FAILED_CHECKS, CountFeaturizer, FeatureData, check_features_point_in_time, load_feature_data, offline_matrix, online_vector)
 from cde_workbench.ids import store_messages
 from cde_workbench.store import dispose_engines, get_engine, lab_results, patient_links, read_frame
 from cde_workbench.synth import HospitalConfig, generate, hl7_feed, write_warehouse_extract

@@ -93,7 +93,11 @@ def test_score_help_names_the_notebook_that_runs():
 
 @pytest.mark.parametrize('typo', [('mode = "silent"', 'mod = "silent"', "unknown key 'mod' in [output]"),
                                   ('test_years = [2023]', 'test_years = [2021]', 'more than one part of the split'),
-                                  ('mode = "silent"', 'mode = "silent', 'not valid TOML')])
+                                  ('mode = "silent"', 'mode = "silent', 'not valid TOML'),
+                                  # the task, feature set and model search are typed specifications checked without their libraries
+                                  ('component = "HGB"', 'component = "HBG"', "[task]: unknown lab component 'HBG'"),
+                                  ('lab_bins = 5', 'lab_bin = 5', "[features]: unknown feature key(s) 'lab_bin'"),
+                                  ('min_samples_leaf = [10, 30]', 'min_sample_leaf = [10, 30]', "unknown hyperparameter 'min_sample_leaf'")])
 def test_a_deployment_toml_typo_is_reported_before_heavy_libraries_load(tmp_path, typo):
     "`cde score` on a broken deployment.toml answers in well under a second: scikit-learn, polars and papermill never load."
     old, new, needle = typo

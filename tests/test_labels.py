@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 import sqlalchemy as sa
 
-from cde_workbench.config import Deployment
+from cde_workbench.deployment import Deployment, EvaluationSpec, FeatureSet, LabelsSpec, ModelSpec, OutputSpec, SplitSpec, Task
 from cde_workbench.events import process_pending
 from cde_workbench.ids import store_messages
 from cde_workbench.labels import extract_labels, label_versions, run_counts
@@ -27,10 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CDE = str(Path(sys.executable).parent / 'cde')
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)   # a Monday
 t = lambda h: T0 + timedelta(hours=h)
-DEP = Deployment(name='hgb_test', path=Path('.'), description='', task={'kind': 'lab_abnormal', 'component': 'HGB'}, features={},
-                 split={'train_years': [2021], 'validation_years': [2022], 'test_years': [2023]}, model={},
-                 output={'mode': 'silent', 'threshold': 0.5}, evaluation={'bootstrap': 50, 'seed': 0, 'ci': 0.95},
-                 labels={'horizon_hours': 72.0})
+DEP = Deployment(name='hgb_test', path=Path('.'), description='', task=Task('lab_abnormal', component='HGB'), features=FeatureSet(),
+                 split=SplitSpec((2021,), (2022,), (2023,)), model=ModelSpec(), output=OutputSpec('silent', threshold=0.5),
+                 evaluation=EvaluationSpec(bootstrap=50, seed=0), labels=LabelsSpec(72.0))
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ def run(engine, dep, kind, fn, as_of):
 @pytest.fixture(scope='module')
 def trial(small_trained_store, tmp_path_factory):
     "A silent trial on a copy of the small store: every order to April scored, labels extracted as of March."
-    from cde_workbench.config import load_deployment
+    from cde_workbench.deployment import load_deployment
     from cde_workbench.deploy import set_status
     from cde_workbench.labels import extract_labels
     from cde_workbench.registry import get_model
@@ -41,7 +41,7 @@ def trial(small_trained_store, tmp_path_factory):
         store.apply(mp)
         engine = get_engine()
         deliver_feed(engine)
-        dep = load_deployment(SMALL_DEPLOYMENT)
+        dep = load_deployment(SMALL_DEPLOYMENT, store.base / 'deployments')
         with engine.connect() as c: rec = get_model(c, dep.name)
         set_status(engine, dep.name, 'silent', rec.model_id, 'test: silent trial')
         scored = run(engine, dep, 'score', score_pending, SCORED_TO).scored
@@ -69,8 +69,8 @@ def test_performance_rows_match_the_reference_metrics(trial):
     with engine.connect() as c: retro, pro = performance_rows(c, dep)
     ev = dep.evaluation
     t = test_predictions(rec)
-    assert ev['unit'] == 'patient'   # intervals resample patients
-    assert (retro.period, retro.n) == ('retrospective', t.height) and retro.auroc == auroc_ci(t['label'].to_numpy(), t['score'].to_numpy(), ev['bootstrap'], ev['seed'], ev['ci'],
+    assert ev.unit == 'patient'   # intervals resample patients
+    assert (retro.period, retro.n) == ('retrospective', t.height) and retro.auroc == auroc_ci(t['label'].to_numpy(), t['score'].to_numpy(), ev.bootstrap, ev.seed, ev.ci,
                                                                                               clusters=t['patient_key'].to_numpy())
     assert retro.auroc.estimate == pytest.approx(roc_auc_score(t['label'], t['score']), abs=1e-12)
     # prospective: packets labelled within the horizon, each with its newest label version (label_status is tested in test_labels)

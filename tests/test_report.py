@@ -127,7 +127,8 @@ def test_undefined_metrics_say_why(tmp_path, browser):
 @pytest.fixture(scope='module')
 def card(small_trained_store, tmp_path_factory):
     "The report of the small trained store (conftest: 200 patients, a small forest), rendered on a copy of it."
-    from cde_workbench.config import Workspace, load_deployment
+    from cde_workbench.config import Workspace
+    from cde_workbench.deployment import load_deployment
     from cde_workbench.registry import get_model
     from cde_workbench.report import render_report
     from cde_workbench.store import dispose_engines, get_engine
@@ -136,7 +137,7 @@ def card(small_trained_store, tmp_path_factory):
         store.apply(mp)
         try:
             engine = get_engine()
-            dep = load_deployment('hgb_abnormal')
+            dep = load_deployment('hgb_abnormal', Workspace.from_env().deployments)
             with engine.connect() as c: rec = get_model(c, dep.name)
             path = render_report(Workspace.from_env(), dep)
             yield {'engine': engine, 'dep': dep, 'rec': rec, 'path': path, 'doc': path.read_text()}
@@ -173,11 +174,11 @@ def test_model_card_in_chromium(card, browser):
         pred = test_predictions(rec)
         y, s = pred['label'].to_numpy().astype(int), pred['score'].to_numpy()
         ev = dep.evaluation
-        assert ev['unit'] == 'patient'   # deployments resample patients, and the card says so
+        assert ev.unit == 'patient'   # deployments resample patients, and the card says so
         from cde_workbench.registry import display_threshold
         thr = display_threshold(dep, rec)   # the deployment's threshold as set (rule from the lineage, or hand-set with its reason)
         assert float(page.inner_text('#threshold')) == float(f'{thr.value:g}') and page.inner_text('#threshold-source') == thr.source
-        result = evaluate_predictions(y, s, threshold=thr.value, n_boot=ev['bootstrap'], seed=ev['seed'], level=ev['ci'],
+        result = evaluate_predictions(y, s, threshold=thr.value, n_boot=ev.bootstrap, seed=ev.seed, level=ev.ci,
                                       clusters=pred['patient_key'].to_numpy())
         assert_metrics_match(page, result)
         n_patients = pred['patient_key'].n_unique()
@@ -213,11 +214,11 @@ def test_cohort_section_counts_the_tasks_points_after_its_exclusions(card):
     "The cohort section counts what the task trains on (a new-user report said 26,600 included orders where the task had 17,624 points)."
     from dataclasses import replace
     from cde_workbench.report import _cohort_facts, cohort_html
-    from cde_workbench.tasks import Task, lab_abnormal_points, task_points
-    dep = replace(card['dep'], task={**card['dep'].task, 'exclude_if_resulted_within_hours': 24})
+    from cde_workbench.tasks import lab_abnormal_points, task_points
+    dep = replace(card['dep'], task=replace(card['dep'].task, exclude_if_resulted_within_hours=24))
     with card['engine'].connect() as c:
         facts = _cohort_facts(c, dep)
-        pts, every = task_points(c, Task.from_dict(dep.task)), lab_abnormal_points(c, 'HGB')
+        pts, every = task_points(c, dep.task), lab_abnormal_points(c, 'HGB')
     html = cohort_html(dep, facts)
     assert 0 < pts.height < every.height and facts['n_orders'] == pts.height
     assert f'<span id="n-included">{pts["label"].is_not_null().sum()}</span>' in html

@@ -9,6 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from cde_workbench.config import ConfigError, PipelineError
+from cde_workbench.deployment import Task
 from cde_workbench.registry import display_threshold
 from cde_workbench.schedule import run_ledger
 from cde_workbench.serve import score_pending
@@ -53,12 +54,12 @@ def test_scores_use_only_what_was_stored_at_the_order_time(silent_store):
     import polars as pl
     from cde_workbench.features import load_feature_data
     from cde_workbench.registry import load_bundle
-    from cde_workbench.tasks import Task, task_points
+    from cde_workbench.tasks import task_points
     engine, dep, rec = silent_store
     score(engine, dep, AS_OF)
     with engine.connect() as c:
         got = pl.DataFrame(q(engine, 'select order_id, score, n_features from inferences'), schema=['order_id', 'score', 'n_features'], orient='row')
-        pts = task_points(c, Task.from_dict(dep.task), start=SINCE, end=AS_OF).filter(pl.col('order_id').is_in(got['order_id'].to_list()))
+        pts = task_points(c, dep.task, start=SINCE, end=AS_OF).filter(pl.col('order_id').is_in(got['order_id'].to_list()))
         data = load_feature_data(c, pts['patient_key'].unique().to_list())   # everything, including facts stored after AS_OF
     assert pts.height == got.height
     bundle = load_bundle(rec)
@@ -85,10 +86,10 @@ def test_deployments_that_must_not_be_scored_are_refused(silent_store):
     from cde_workbench.deploy import set_status
     engine, dep, rec = silent_store
     with pytest.raises(ConfigError, match=r"task kind 'event_within' is not served yet"):
-        score_pending(engine, replace(dep, task={'kind': 'event_within', 'event_table': 'adt_events', 'event_filter': {'ward': 'ICU'},
-                                                 'window_hours': 24, 'every_hours': 6}), AS_OF, 'run-x')
+        score_pending(engine, replace(dep, task=Task.from_dict({'kind': 'event_within', 'event_table': 'adt_events', 'event_filter': {'ward': 'ICU'},
+                                                               'window_hours': 24, 'every_hours': 6})), AS_OF, 'run-x')
     with pytest.raises(PipelineError, match=r'predicts HGB, deployment wants PLT'):
-        score_pending(engine, replace(dep, task={**dep.task, 'component': 'PLT'}), AS_OF, 'run-x')
+        score_pending(engine, replace(dep, task=replace(dep.task, component='PLT')), AS_OF, 'run-x')
     set_status(engine, dep.name, 'paused', reason='test: paused')
     with pytest.raises(ConfigError, match=r"deployment 'hgb_abnormal' is paused; only silent or live deployments are scored"):
         score_pending(engine, dep, AS_OF, 'run-x')

@@ -14,8 +14,8 @@ from cde_workbench.config import ConfigError, PipelineError
 from cde_workbench.store import adt_events, diagnoses, dispose_engines, get_engine, lab_results, read_frame
 from cde_workbench.synth import HospitalConfig, generate, write_warehouse_extract
 from cde_workbench.terminology import LABS
-from cde_workbench.tasks import (DEPLOYR_TASKS, ICU_TRANSFER_24H, LeakageError, Task, check_point_in_time, exclusion_mask,
-                                 lab_abnormal_points, task_points)
+from cde_workbench.deployment import Task
+from cde_workbench.tasks import (DEPLOYR_TASKS, ICU_TRANSFER_24H, LeakageError, check_point_in_time, exclusion_mask, lab_abnormal_points, task_points)
 from cde_workbench.warehouse import load_warehouse_extract
 
 T = pl.Datetime('us', 'UTC')

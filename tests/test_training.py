@@ -23,7 +23,7 @@ def store(tmp_path_factory):
 
 
 def test_time_triggered_task_trains_with_the_same_code(store, tmp_path):
-    from cde_workbench.config import load_deployment
+    from cde_workbench.deployment import load_deployment
     from cde_workbench.registry import load_bundle, test_predictions
     from cde_workbench.train import train_deployment
     folder = tmp_path / 'icu_transfer_24h'; folder.mkdir()
@@ -32,7 +32,7 @@ def test_time_triggered_task_trains_with_the_same_code(store, tmp_path):
     (folder / 'deployment.toml').write_text(toml + '\n[model]\ncandidates = ["logistic_regression", "random_forest"]\nseed = 0\n'
                                             '[model.grid.random_forest]\nn_estimators = [40]\nmin_samples_leaf = [10]\n')
     dep = load_deployment(folder)
-    rec = train_deployment(store, dep, progress=False)
+    rec = train_deployment(store, dep, tmp_path / 'var', progress=False)
     preds = test_predictions(rec)
     # points every 6 h of a stay, ids "<encounter>@<time>", all in the test years, scored by the registered model
     assert preds['point_id'].str.contains('@').all() and (preds['prediction_time'].dt.year() == 2023).all()
@@ -44,7 +44,8 @@ def test_time_triggered_task_trains_with_the_same_code(store, tmp_path):
 
 
 def test_a_feature_set_naming_an_unknown_table_fails_before_training(store, tmp_path):
-    from cde_workbench.config import ConfigError, load_deployment
+    from cde_workbench.config import ConfigError
+    from cde_workbench.deployment import load_deployment
     d = tmp_path / 'bad_features'; d.mkdir()
     toml = (ROOT / 'deployments' / 'hgb_abnormal' / 'deployment.toml').read_text().replace('hgb_abnormal', 'bad_features')
     (d / 'deployment.toml').write_text(toml.replace('lab_bins = 5', 'lab_bins = 5\nvitals_days = 3'))
@@ -58,8 +59,8 @@ def test_a_leaky_feature_fails_training_before_anything_is_registered(store, tmp
     import scipy.sparse as sp
     import sqlalchemy as sa
     from cde_workbench import train
-    from cde_workbench.config import load_deployment
-    from cde_workbench.features import CountFeaturizer, FeatureSet
+    from cde_workbench.deployment import load_deployment
+    from cde_workbench.features import CountFeaturizer
     from cde_workbench.store import models
     from cde_workbench.tasks import LeakageError
 
@@ -76,9 +77,9 @@ def test_a_leaky_feature_fails_training_before_anything_is_registered(store, tmp
         'name = "hgb_leaky"\n[task]\nkind = "lab_abnormal"\ncomponent = "HGB"\n[split]\ntrain_years = [2019, 2020, 2021]\n'
         'validation_years = [2022]\ntest_years = [2023]\n[model]\ncandidates = ["logistic_regression"]\n[output]\nmode = "silent"\n'
         'threshold = 0.5\nthreshold_reason = "a test"\n[checks]\npoint_in_time_sample = 20\npoint_in_time_seed = 4\n')
-    monkeypatch.setattr(train, '_featurizer', lambda dep: OwnResultFeaturizer.from_feature_set(FeatureSet.from_dict(dep.features)))
+    monkeypatch.setattr(train, '_featurizer', lambda dep: OwnResultFeaturizer.from_feature_set(dep.features))
     with pytest.raises(LeakageError, match=r'features use data not known at the prediction time in \d+ of 20 checked point\(s\); first: point ORD'):
-        train.train_deployment(store, load_deployment(d), progress=False)
+        train.train_deployment(store, load_deployment(d), tmp_path / 'var', progress=False)
     with store.connect() as c:
         assert c.execute(sa.select(sa.func.count()).select_from(models).where(models.c.name == 'hgb_leaky')).scalar() == 0
 
@@ -87,7 +88,7 @@ def test_a_scoring_run_checks_a_seeded_sample_and_stores_the_rule_threshold(stor
     "Training computes the flag-rate threshold on validation years and records it; a scoring run checks its packets and uses that value."
     from datetime import datetime, timezone
     import sqlalchemy as sa
-    from cde_workbench.config import load_deployment
+    from cde_workbench.deployment import load_deployment
     from cde_workbench.deploy import set_status
     from cde_workbench.registry import display_threshold
     from cde_workbench.schedule import run_ledger
@@ -100,7 +101,7 @@ def test_a_scoring_run_checks_a_seeded_sample_and_stores_the_rule_threshold(stor
         'validation_years = [2022]\ntest_years = [2023]\n[model]\ncandidates = ["logistic_regression"]\n[output]\nmode = "silent"\n'
         'threshold_rule = "flag_rate"\ntarget = 0.25\n[checks]\npoint_in_time_sample = 15\n')
     dep = load_deployment(d)
-    rec = train_deployment(store, dep, progress=False)
+    rec = train_deployment(store, dep, tmp_path / 'var', progress=False)
     t = rec.metrics['threshold']
     assert (t['rule'], t['target']) == ('flag_rate', 0.25) and 0.15 < t['achieved']['flag_rate'] <= 0.25 and t['computed_on'].startswith('validation-year (2022)')
     assert rec.metrics['point_in_time_checked'] == 15

@@ -57,7 +57,8 @@ def carried(request, tmp_path, monkeypatch):
 
 
 def test_runs_carry_the_workspace(carried, tmp_path):
-    from cde_workbench.config import Workspace, load_deployment
+    from cde_workbench.config import Workspace
+    from cde_workbench.deployment import load_deployment
     from cde_workbench.deploy import set_status
     from cde_workbench.monitor import performance_rows
     from cde_workbench.registry import get_model
