@@ -11,8 +11,6 @@ KNOWN = {  # (importing notebook, imported notebook): why it is still there
     ('00_config', '20_tasks'): 'load_deployment validates [task] through Task (to move to a typed Deployment built after 22)',
     ('00_config', '21_features'): 'load_deployment validates [features] through FeatureSet (same)',
     ('00_config', '22_train'): 'load_deployment validates [model] through model_grid (same)',
-    ('10_synth', '11_hl7'): 'the synthetic feed is written with the HL7 writer',
-    ('12a_mllp', '13_events'): 'the MLLP receiver wakes the event processor after each commit',
     ('22_train', '23_registry'): 'training registers the chosen model',
     ('22_train', '30_evaluate'): 'training reports the test-year AUROC and prevalence with intervals',
 }
