@@ -14,8 +14,9 @@ from pathlib import Path
 
 def bench_replay(n_messages: int = 200_000) -> dict:
     import hl7
-    from cde_workbench.events import replay
     from cde_workbench.ids import store_messages
+    from cde_workbench.pseudonyms import site_key
+    from cde_workbench.rebuild import replay
     from cde_workbench.store import dispose_engines, get_engine
     from cde_workbench.synth import HospitalConfig, generate, hl7_feed
     with tempfile.TemporaryDirectory() as d:
@@ -26,7 +27,7 @@ def bench_replay(n_messages: int = 200_000) -> dict:
         for i in range(0, len(feed), 20_000):
             store_messages(src, [(m, t + timedelta(seconds=30), 'bench') for t, m in feed[i:i + 20_000]])
         dst = get_engine(f'sqlite:///{d}/dst.sqlite')
-        t0 = time.perf_counter(); s = replay(src, dst, batch=20_000); t_replay = time.perf_counter() - t0
+        t0 = time.perf_counter(); s = replay(src, dst, batch=20_000, key=site_key()); t_replay = time.perf_counter() - t0
         assert s.messages == len(feed) and s.errors == 0
         sample = [m for _, m in feed[:20_000]]
         t0 = time.perf_counter()

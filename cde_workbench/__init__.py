@@ -13,9 +13,9 @@ _API = {
     'ModelSpec': 'deployment',
     # the store (01_store)
     'get_engine': 'store', 'redact_url': 'store',
-    # data in (10_synth, 13_events, 14_warehouse)
+    # data in (11_synth, 13_facts, 13a_events, 13b_rebuild, 14_warehouse)
     'HospitalConfig': 'synth', 'generate': 'synth', 'write_warehouse_extract': 'synth', 'write_hl7_feed': 'synth',
-    'process_pending': 'events', 'load_warehouse_extract': 'warehouse',
+    'message_facts': 'facts', 'process_pending': 'events', 'replay': 'rebuild', 'load_warehouse_extract': 'warehouse',
     # research (20_tasks, 21_features, 22_train, 23_registry, 30_evaluate)
     'task_points': 'tasks', 'check_point_in_time': 'tasks',
     'CountFeaturizer': 'features', 'load_feature_data': 'features', 'online_vector': 'features',

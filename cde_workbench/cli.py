@@ -112,12 +112,15 @@ def ingest_mllp(port: int = typer.Option(2575, help='TCP port to listen on.'),
                 process: bool = typer.Option(True, help='Keep the clinical tables up to date behind the store (else run `cde ingest process`).'),
                 replay_clock: bool = typer.Option(False, help='Stamp messages with their own time (MSH-7) + 30 s: only for replaying a recorded feed.')):
     "Receive HL7 v2 over MLLP; acknowledge each message once it is committed to the immutable data store (Ctrl-C stops)."
+    import functools
+    from cde_workbench.events import process_pending
     from cde_workbench.mllp import ReplayClock, serve
     from cde_workbench.pseudonyms import site_key
     from cde_workbench.store import get_engine
     ws = Workspace.from_env()
     engine = get_engine(ws.database_url)
-    serve(engine, host, port, max_frame, process, clock=ReplayClock() if replay_clock else None, key=site_key(ws.site_key_file),
+    after = functools.partial(process_pending, engine, 200, key=site_key(ws.site_key_file)) if process else None   # small batches: commits go on
+    serve(engine, host, port, max_frame, clock=ReplayClock() if replay_clock else None, after_commit=after,
           ready=lambda p: typer.echo(f'listening on {host}:{p} (MLLP); storing into {engine.url.render_as_string(hide_password=True)}', err=True))
 
 @ingest_app.command('process')
@@ -135,8 +138,9 @@ def ingest_replay(target: str = typer.Argument(..., help='SQLAlchemy URL of an e
                   from_seq: Optional[int] = typer.Option(None, '--from', help='First ingest sequence number.'),
                   to_seq: Optional[int] = typer.Option(None, '--to', help='Last ingest sequence number.')):
     "Rebuild the clinical tables from the immutable data store into an empty store, and compare checksums."
-    from cde_workbench.events import replay, table_checksums
+    from cde_workbench.events import table_checksums
     from cde_workbench.pseudonyms import site_key
+    from cde_workbench.rebuild import replay
     from cde_workbench.store import get_engine
     ws = Workspace.from_env()
     source, dest = get_engine(ws.database_url), get_engine(target)
@@ -428,6 +432,7 @@ def demo(patients: int = typer.Option(3000, min=200, help='Patients in the synth
     from cde_workbench.events import process_pending
     from cde_workbench.mllp import send_messages
     from cde_workbench.monitor import performance_rows
+    from cde_workbench.pseudonyms import site_key
     from cde_workbench.registry import get_model
     from cde_workbench.report import render_report
     from cde_workbench.schedule import run_notebook
@@ -475,12 +480,12 @@ def demo(patients: int = typer.Option(3000, min=200, help='Patients in the synth
             while done < len(feed) and feed[done][1] <= wk: batch.append(feed[done][0]); done += 1
             ti = time.perf_counter()
             for code in asyncio.run(send_messages(batch, port=port, window=32, timeout=60)).acks.values(): acks[code] = acks.get(code, 0) + 1
-            process_pending(engine)
+            process_pending(engine, key=site_key(ws.site_key_file))
             t_ingest += time.perf_counter() - ti
             ts = time.perf_counter(); run_notebook(ws, dep, 'score', {'as_of': wk.isoformat()}); t_score += time.perf_counter() - ts
             if (k + 1) % 4 == 0 or wk == end:
                 tl = time.perf_counter(); run_notebook(ws, dep, 'labels', {'as_of': wk.isoformat()}); t_labels += time.perf_counter() - tl
-        if done < len(feed): asyncio.run(send_messages([m for m, _ in feed[done:]], port=port, window=32, timeout=60)); process_pending(engine)
+        if done < len(feed): asyncio.run(send_messages([m for m, _ in feed[done:]], port=port, window=32, timeout=60)); process_pending(engine, key=site_key(ws.site_key_file))
     tl = time.perf_counter(); run_notebook(ws, dep, 'labels', {'as_of': (end + timedelta(days=2)).isoformat()}); t_labels += time.perf_counter() - tl
     with engine.connect() as c:
         n = {t: c.execute(sa.text(f'select count(*) from {t}')).scalar() for t in ('ids_messages', 'ids_receipts', 'ids_dead_letters', 'mrn_merges', 'processing_errors')}

@@ -13,6 +13,7 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -144,22 +145,23 @@ def _ack_code(ack: bytes) -> str:
 class MLLPReceiver:
     "An asyncio MLLP server that acknowledges each message after its group commit to the immutable data store."
     def __init__(self, engine: Engine, host: str = '127.0.0.1', port: int = 2575, max_frame: int = 1 << 20,
-                 max_batch: int = 1000, process: bool = True, process_every: float = 0.5, clock=None,
+                 max_batch: int = 1000, clock=None,
                  linger: float = 0.002, # longest a batch waits for connections that answer each ACK at once (s)
-                 key: bytes | None = None): # site key for processing (the workspace's); default the command line's
+                 after_commit: Callable[[], object] | None = None, # run in a worker thread after commits (e.g. the event processor)
+                 after_commit_every: float = 0.5): # at most this often (s): several commits share one run
         self.engine, self.host, self.port, self.max_frame, self.max_batch = engine, host, port, max_frame, max_batch
-        self.linger, self.key = linger, key
+        self.linger = linger
         self._conns: set[_Conn] = set()
         self.clock = clock   # receive time of a message; None: the wall clock
-        self.process, self.process_every = process, process_every
+        self.after_commit, self.after_commit_every = after_commit, after_commit_every
         self.stats = ReceiverStats()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()   # _Item, or None to stop the committer
         self._committer: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server = None
         self._tasks: list[asyncio.Task] = []
-        self._process_pool = ThreadPoolExecutor(1, thread_name_prefix='cde-events')
-        self._stored_since_processing = asyncio.Event()
+        self._after_pool = ThreadPoolExecutor(1, thread_name_prefix='cde-after-commit')
+        self._stored_since_run = asyncio.Event()
 
     async def start(self) -> int:
         "Start listening; returns the port (useful with port 0)."
@@ -168,7 +170,7 @@ class MLLPReceiver:
         self._committer.start()
         self._server = await asyncio.start_server(self._handle, self.host, self.port, limit=1 << 16)
         self.port = self._server.sockets[0].getsockname()[1]
-        if self.process: self._tasks.append(asyncio.create_task(self._processor()))
+        if self.after_commit is not None: self._tasks.append(asyncio.create_task(self._run_after_commits()))
         return self.port
 
     async def close(self):
@@ -181,7 +183,7 @@ class MLLPReceiver:
         for t in self._tasks: t.cancel()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError): await t
-        self._process_pool.shutdown(wait=True)
+        self._after_pool.shutdown(wait=True)
 
     # --- the committer thread: the only writer to the store
     def _commit_loop(self):
@@ -264,18 +266,17 @@ class MLLPReceiver:
         for c, parts in out.values():
             if not c.writer.is_closing(): c.writer.write(b''.join(parts))
         for c in broken: c.writer.close()   # after the ACKs before it: the sender resends the rest
-        if stored: self._stored_since_processing.set()
+        if stored: self._stored_since_run.set()
 
-    async def _processor(self):
-        "Keep the clinical tables up to date behind the store, in small batches so commits are not held up."
-        from cde_workbench.events import process_pending
+    async def _run_after_commits(self):
+        "Run `after_commit` behind the store (e.g. to keep the clinical tables up to date), off the loop, so commits are not held up."
         loop = asyncio.get_running_loop()
         while True:
-            await self._stored_since_processing.wait()
-            self._stored_since_processing.clear()
-            try: await loop.run_in_executor(self._process_pool, process_pending, self.engine, 200, None, self.key)
-            except Exception: pass   # the next stored message retries; the cursor only moves on success
-            await asyncio.sleep(self.process_every)
+            await self._stored_since_run.wait()
+            self._stored_since_run.clear()
+            try: await loop.run_in_executor(self._after_pool, self.after_commit)
+            except Exception: pass   # the next commit runs it again (the event processor's cursor only moves on success)
+            await asyncio.sleep(self.after_commit_every)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.stats.connections += 1
@@ -340,11 +341,13 @@ async def send_messages(messages: list[bytes | str], # messages to send, in orde
     return res
 
 # %% ../nbs/12a_mllp.ipynb #d4932510
-def serve(engine: Engine, host: str = '127.0.0.1', port: int = 2575, max_frame: int = 1 << 20, process: bool = True,
-          ready=None, clock=None, key: bytes | None = None) -> None:
+def serve(engine: Engine, host: str = '127.0.0.1', port: int = 2575, max_frame: int = 1 << 20,
+          ready=None, clock=None,
+          after_commit: Callable[[], object] | None = None, # run behind the commits (`cde ingest mllp`: the event processor)
+         ) -> None:
     "Run the receiver until SIGINT or SIGTERM (the `cde ingest mllp` command)."
     async def main():
-        rx = MLLPReceiver(engine, host, port, max_frame, process=process, clock=clock, key=key)
+        rx = MLLPReceiver(engine, host, port, max_frame, clock=clock, after_commit=after_commit)
         try: bound = await rx.start()
         except OSError as e: raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}")
         gc.collect(); gc.freeze()   # what is loaded by now lives as long as the process: full collections need not walk it

@@ -152,10 +152,11 @@ def deliver_feed(engine, until=None) -> int:
     as the receiver's replay clock does; returns how many messages were delivered."""
     from cde_workbench.events import process_pending
     from cde_workbench.ids import store_messages
+    from cde_workbench.pseudonyms import site_key
     from cde_workbench.synth import HospitalConfig, generate, hl7_feed
     feed = [(m, t, 'test') for t, m in hl7_feed(generate(HospitalConfig(n_patients=200, seed=5))) if until is None or t <= until]
     store_messages(engine, feed)
-    process_pending(engine)
+    process_pending(engine, key=site_key())   # the workspace's key: the test's environment points at it
     return len(feed)
 
 

@@ -8,8 +8,6 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / 'cde_workbench'
 
 KNOWN = {  # (importing notebook, imported notebook): why it is still there
-    ('10_synth', '11_hl7'): 'the synthetic feed is written with the HL7 writer',
-    ('12a_mllp', '13_events'): 'the MLLP receiver wakes the event processor after each commit',
     ('22_train', '23_registry'): 'training registers the chosen model',
     ('22_train', '30_evaluate'): 'training reports the test-year AUROC and prevalence with intervals',
 }

@@ -10,10 +10,11 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import sqlalchemy as sa
 
-from cde_workbench.events import (DERIVED_TABLES, _Facts, encounter_rows, message_facts, newest, order_state, process_messages,
-                                  process_pending, replay, resolve_links, table_checksums)
+from cde_workbench.events import DERIVED_TABLES, process_messages, process_pending, table_checksums
+from cde_workbench.facts import Facts, encounter_rows, message_facts, newest, order_state, resolve_links
 from cde_workbench.hl7 import format_ts, join_segments, msh, parse_message, segment
 from cde_workbench.ids import store_messages
+from cde_workbench.rebuild import replay
 from cde_workbench.store import (adt_events, dispose_engines, encounters, get_engine, lab_order_events, lab_orders, location_visits,
                                  mrn_merges, patient_facts, patient_identity, patient_links, patients)
 from cde_workbench.synth import HospitalConfig, generate, hl7_feed
@@ -88,10 +89,10 @@ def memory_state(msgs, order):
     """The final state of the derived tables when `msgs` arrive in `order`, one message at a time, computed in memory:
     each message's facts by `message_facts` (stored as the store's unique constraints keep them), and the current state of
     patients, identities, merge links, stays, visits and orders by the same pure functions `refresh_state` applies."""
-    facts = _Facts()
+    facts = Facts()
     seen_adt = set()
     for arrival, i in enumerate(order):
-        one = _Facts()
+        one = Facts()
         message_facts(parse_message(msgs[i]), arrival + 1, T0 + timedelta(days=arrival), one, KEY)
         for table, rows in one.rows.items():
             for r in rows:
@@ -210,13 +211,13 @@ def test_labels_and_features_use_the_newest_result_known_at_the_time(sqlite_engi
 def test_processing_errors_are_recorded_and_the_rest_goes_on(sqlite_engine, tmp_path, monkeypatch):
     monkeypatch.setenv('CDE_SITE_KEY_FILE', str(tmp_path / 'site.key'))
     store_messages(sqlite_engine, [(oru('e1', 'O9', 2, 'twelve', 'F'), T0, 't'), (adt('e2', 'A01', 0, enc='E9', ward='MED1'), T0, 't')])
-    s = process_pending(sqlite_engine)
+    s = process_pending(sqlite_engine, key=KEY)
     assert (s.messages, s.errors) == (2, 1)
     with sqlite_engine.connect() as conn:
         reason = conn.execute(sa.text('select reason from processing_errors where seq=1')).scalar()
         assert "OBX-5 'twelve'" in reason and 'not a number' in reason
         assert conn.execute(sa.text("select count(*) from encounters where encounter_id='E9'")).scalar() == 1
-    assert process_pending(sqlite_engine).messages == 0   # the cursor moved past both
+    assert process_pending(sqlite_engine, key=KEY).messages == 0   # the cursor moved past both
 
 
 def test_resumable_processing_and_replay_rebuild_identical_tables(store_url, tmp_path, monkeypatch):
@@ -227,14 +228,14 @@ def test_resumable_processing_and_replay_rebuild_identical_tables(store_url, tmp
     items = [(m, t, 'live') for t, m in feed] + [(m, T0, 'live') for m in extra]
     for i in range(0, len(items), 97):   # arrives in pieces, processed after each piece, in small batches
         store_messages(live, items[i:i + 97])
-        process_pending(live, batch=40)
+        process_pending(live, batch=40, key=KEY)
     target = get_engine(f'sqlite:///{tmp_path}/replayed.sqlite')
-    s = replay(live, target)
+    s = replay(live, target, key=KEY)
     assert s.messages == len(items)
     a, b = table_checksums(live), table_checksums(target)
     assert a == b and int(a['lab_results'].split(':')[0]) > 100
     with pytest.raises(Exception, match='not empty'):
-        replay(live, target)
+        replay(live, target, key=KEY)
 
 
 def tricky():
@@ -268,18 +269,18 @@ def noisy_live(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize('bounds', [(None, None), (40, 300)])
 def test_one_pass_rebuild_equals_processing_batch_by_batch(tmp_path, monkeypatch, bounds):
-    from cde_workbench.events import _copy_and_process, _rebuild_sqlite
+    from cde_workbench.rebuild import _copy_and_process, _rebuild_sqlite
     from cde_workbench.store import ids_messages, processor_state
     live = noisy_live(tmp_path, monkeypatch)
     fast, slow = (get_engine(f'sqlite:///{tmp_path}/{n}.sqlite') for n in ('fast', 'slow'))
-    a = _rebuild_sqlite(live, fast, *bounds, batch=64)   # several batches
-    b = _copy_and_process(live, slow, *bounds, batch=50)
+    a = _rebuild_sqlite(live, fast, *bounds, batch=64, key=KEY)   # several batches
+    b = _copy_and_process(live, slow, *bounds, batch=50, key=KEY)
     assert (a.messages, a.errors, a.last_seq, a.rows) == (b.messages, b.errors, b.last_seq, b.rows)
     assert a.messages == (261 if bounds[0] else len(live_seqs(live)))
     if bounds[0] is None: assert a.errors >= 3 and a.rows['mrn_merges'] > 3   # the tricky messages and the merges took part
     tables = (*DERIVED_TABLES, ids_messages, processor_state)
     assert table_checksums(fast, tables, source=None, ignore=('id', 'at', 'updated_at')) == table_checksums(slow, tables, source=None, ignore=('id', 'at', 'updated_at'))
-    assert process_pending(fast).messages == 0   # the cursor is where processing would have left it
+    assert process_pending(fast, key=KEY).messages == 0   # the cursor is where processing would have left it
 
 
 def live_seqs(engine):
@@ -296,13 +297,13 @@ def test_a_failed_rebuild_leaves_the_target_empty_and_as_it_was(tmp_path, monkey
         c.execute(sa.text(f"CREATE TRIGGER full BEFORE INSERT ON {table} BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"))
     schema = lambda: target.connect().execute(sa.text('select type, name, sql from sqlite_master order by name')).all()
     before = schema()
-    with pytest.raises(Exception, match='disk is full'): replay(live, target, batch=64)
+    with pytest.raises(Exception, match='disk is full'): replay(live, target, batch=64, key=KEY)
     assert schema() == before and gc.isenabled()
     with target.connect() as c:
         assert all(c.execute(sa.text(f'select count(*) from {t.name}')).scalar() == 0 for t in DERIVED_TABLES)
         assert c.execute(sa.text('select count(*) from ids_messages')).scalar() == 0
         assert c.execute(sa.text('PRAGMA synchronous')).scalar() == 2   # FULL again for whoever uses the connection next
         c.execute(sa.text('DROP TRIGGER full')); c.commit()
-    process_pending(live, batch=40)
-    replay(live, target)   # done again, it succeeds, and equals the live-built tables
+    process_pending(live, batch=40, key=KEY)
+    replay(live, target, key=KEY)   # done again, it succeeds, and equals the live-built tables
     assert table_checksums(target) == table_checksums(live)

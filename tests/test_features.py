@@ -16,6 +16,7 @@ from cde_workbench.events import process_pending
 from cde_workbench.deployment import FeatureSet
 from cde_workbench.features import (SKLEARN_EXPECTED_FAILED_CHECKS, CountFeaturizer, FeatureData, check_features_point_in_time, load_feature_data, offline_matrix, online_vector)
 from cde_workbench.ids import store_messages
+from cde_workbench.pseudonyms import site_key
 from cde_workbench.store import dispose_engines, get_engine, lab_results, patient_links, read_frame
 from cde_workbench.synth import HospitalConfig, generate, hl7_feed, write_warehouse_extract
 from cde_workbench.tasks import LeakageError, lab_abnormal_points
@@ -36,7 +37,7 @@ def store(tmp_path_factory):
     eng = get_engine(f'sqlite:///{d}/store.sqlite'); load_warehouse_extract(eng, d / 'x')
     feed = hl7_feed(h)
     store_messages(eng, [(m, t, 'live') for t, m in feed])
-    process_pending(eng)
+    process_pending(eng, key=site_key())
     r = lab_results.c
     with eng.begin() as c:   # corrections: a new version with another value, resulted and stored 2-30 h after the original
         rows = read_frame(c, sa.select(lab_results).where(r.component.in_(('HGB', 'K')), r.status == 'F').order_by(r.id))

@@ -6,7 +6,7 @@ field, repetition, component and subcomponent of every segment. Indexing maps on
 so MSH-1 is the field separator and MSH-2 the encoding characters. The grid compared covers every position either
 parser has, plus one beyond, so an extra or missing piece on either side shows up as a difference.
 
-How the edge cases compare (decided here, documented in nbs/11_hl7.ipynb):
+How the edge cases compare (decided here, documented in nbs/10_hl7.ipynb):
 - MSH-1 and MSH-2 (and BHS/FHS-1/2) are atomic: both return them as sent, never split or unescaped; only
   repetition 1 / component 1 exists.
 - `""` (explicit null) is data to both: the two characters `""`.

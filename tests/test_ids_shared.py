@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from cde_workbench.events import process_pending
 from cde_workbench.ids import store_messages
 from cde_workbench.mllp import MLLPReceiver, send_messages
+from cde_workbench.pseudonyms import site_key
 from cde_workbench.store import dispose_engines, get_engine
 
 from conftest import SHARED, needs_shared  # noqa: E402
@@ -43,7 +44,7 @@ def test_store_and_process_the_shared_messages(engine):
     with engine.connect() as c:
         assert c.execute(sa.text('select count(*) from ids_dead_letters')).scalar() == sum(o.status == 'dead_letter' for o in out)
         assert c.execute(sa.text("select count(*) from ids_dead_letters where reason = ''")).scalar() == 0
-    s = process_pending(engine)   # types the processor does not handle are recorded, never a crash
+    s = process_pending(engine, key=site_key())   # types the processor does not handle are recorded, never a crash
     with engine.connect() as c:
         assert c.execute(sa.text('select count(*) from processing_errors')).scalar() == s.errors
 
@@ -52,7 +53,7 @@ def test_the_shared_messages_over_mllp(engine):
     entries = manifest()
     raws = [(DATA / 'messages' / e['file']).read_bytes() for e in entries]
     async def go():
-        rx = MLLPReceiver(engine, port=0, process=False)
+        rx = MLLPReceiver(engine, port=0)
         port = await rx.start()
         try: return await send_messages(raws, port=port, window=8, timeout=20)
         finally: await rx.close()

@@ -18,6 +18,7 @@ from cde_workbench.events import process_pending
 from cde_workbench.ids import store_messages
 from cde_workbench.labels import extract_labels, label_versions, run_counts
 from cde_workbench.monitor import label_counts, label_status, packets
+from cde_workbench.pseudonyms import site_key
 from cde_workbench.store import (get_engine, inference_labels, inferences, lab_order_events, lab_orders, lab_results, models, read_frame,
                                  runs, upgrade)
 from cde_workbench.synth import HospitalConfig, feed_revisions, generate, hl7_feed
@@ -178,7 +179,7 @@ def test_the_feeds_cancellations_and_corrections_reach_the_store_as_facts_with_s
     cancels, fixes = feed_revisions(h)
     eng = get_engine(store_url)
     store_messages(eng, [(m, ts, 'test') for ts, m in hl7_feed(h)])
-    assert process_pending(eng).errors == 0
+    assert process_pending(eng, key=site_key()).errors == 0
     e, r = lab_order_events.c, lab_results.c
     with eng.connect() as c:
         ca = dict(c.execute(sa.select(e.order_id, e.stored_time).where(e.control == 'CA')).all())

@@ -1,6 +1,7 @@
 """The MLLP receiver as a real server on 127.0.0.1: framing, concurrency, acknowledgement modes, store
 failures, fuzzing, and SIGKILL at random moments with the sender resending what was not acknowledged."""
 import asyncio
+import functools
 import os
 import random
 import signal
@@ -18,6 +19,7 @@ from cde_workbench.events import process_pending, table_checksums
 from cde_workbench.hl7 import parse_message
 from cde_workbench.ids import store_messages
 from cde_workbench.mllp import END, START, FrameReader, MLLPReceiver, frame, send_messages
+from cde_workbench.pseudonyms import patient_key, site_key
 from cde_workbench.store import dispose_engines, get_engine
 from cde_workbench.synth import HospitalConfig, generate, hl7_feed
 
@@ -68,10 +70,29 @@ def test_concurrent_connections_every_message_once(engine, tmp_path, monkeypatch
         batches = [[msg(f'{c}-{i}') for i in range(150)] for c in range(8)]
         res = await asyncio.gather(*(send_messages(b, port=port, window=rng) for b, rng in zip(batches, (1, 4, 16, 64, 1, 8, 32, 2))))
         return res, rx.stats
-    res, stats = run(go, engine, process=False)
+    res, stats = run(go, engine)
     assert all(r.acks == {i: 'AA' for i in range(150)} for r in res)
     assert count(engine, 'ids_messages') == 1200 and count(engine, 'ids_receipts') == 1200
     assert stats.commits < 1200   # commits were grouped across connections
+
+
+def test_after_commit_keeps_the_clinical_tables_up_to_date_behind_the_store(engine):
+    "The receiver only stores; the caller's `after_commit` (here the event processor, as `cde ingest mllp` wires it) derives."
+    key = bytes(range(32))
+    async def go(port, rx):
+        res = await send_messages([msg(f'ac{i}') for i in range(20)], port=port, window=4)
+        for _ in range(200):   # processing runs behind the ACKs: wait for it
+            if count(engine, 'encounters') == 20: break
+            await asyncio.sleep(0.05)
+        return res
+    res = run(go, engine, after_commit=functools.partial(process_pending, engine, 200, key=key), after_commit_every=0.01)
+    assert res.acks == {i: 'AA' for i in range(20)}
+    assert count(engine, 'encounters') == 20 and count(engine, 'ids_messages') == 20
+    with engine.connect() as c:
+        assert c.execute(sa.text('select last_seq from processor_state')).scalar() == 20
+        assert c.execute(sa.text("select patient_key from patient_identity where mrn = 'Mac0'")).scalar() == patient_key('Mac0', key)
+    assert run(lambda port, rx: send_messages([msg('x1')], port=port), engine).acks == {0: 'AA'}   # without it: stored, not derived
+    assert count(engine, 'ids_messages') == 21 and count(engine, 'encounters') == 20
 
 
 def test_ack_echoes_control_id_and_swaps_sender_and_receiver(engine):
@@ -80,7 +101,7 @@ def test_ack_echoes_control_id_and_swaps_sender_and_receiver(engine):
         w.write(frame(msg('XYZ-1'))); await w.drain()
         data = await asyncio.wait_for(r.readuntil(END), 10); w.close()
         return data
-    data = run(go, engine, process=False)
+    data = run(go, engine)
     assert data.startswith(START)
     ack = parse_message(data[1:-2])
     assert ack.message_type == 'ACK^A01' and ack.field('MSA', 1) == 'AA' and ack.field('MSA', 2) == 'XYZ-1'
@@ -90,7 +111,7 @@ def test_ack_echoes_control_id_and_swaps_sender_and_receiver(engine):
 def test_duplicates_conflicts_and_garbage(engine):
     async def go(port, rx):
         return await send_messages([msg('D1'), msg('D1'), msg('D1', extra='\rNTE|1||changed'), b'\x00\x01not hl7'], port=port, window=4)
-    r = run(go, engine, process=False)
+    r = run(go, engine)
     assert r.acks == {0: 'AA', 1: 'AA', 2: 'AA', 3: 'AR'} and 'MSH' in r.texts[3]
     assert count(engine, 'ids_messages') == 2 and count(engine, 'ids_receipts') == 3 and count(engine, 'ids_dead_letters') == 1
     with engine.connect() as c: assert c.execute(sa.text('select conflict from ids_messages order by seq')).scalars().all() == [0, 1]
@@ -108,7 +129,7 @@ def test_enhanced_mode_sends_accept_acks_as_msh15_asks(engine):
         with pytest.raises(asyncio.TimeoutError): await asyncio.wait_for(r.readuntil(END), 0.5)   # nothing more comes
         w.close()
         return [(a.field('MSA', 1), a.field('MSA', 2)) for a in acks]
-    assert run(go, engine, process=False) == [('CA', 'E3'), ('CA', 'E4')]
+    assert run(go, engine) == [('CA', 'E3'), ('CA', 'E4')]
     assert count(engine, 'ids_messages') == 4   # all stored, whatever was acknowledged
 
 
@@ -120,7 +141,7 @@ def test_a_store_failure_is_answered_ae_and_the_resend_is_stored_once(engine):
         with engine.begin() as c: c.execute(sa.text('DROP TRIGGER full'))
         again = await send_messages([msg('F1'), msg('F2', mode='AL')], port=port, window=2)
         return first, again
-    first, again = run(go, engine, process=False)
+    first, again = run(go, engine)
     assert first.acks == {0: 'AE', 1: 'CE'} and 'disk is full' in first.texts[0]
     assert again.acks == {0: 'AA', 1: 'CA'} and count(engine, 'ids_messages') == 2
 
@@ -144,7 +165,7 @@ def test_fuzzed_frames_never_stop_the_receiver(engine):
             await w.drain(); w.close()
         res = await send_messages([good], port=port)
         return res
-    assert run(go, engine, process=False).acks == {0: 'AA'}
+    assert run(go, engine).acks == {0: 'AA'}
 
 
 def _free_port():
@@ -210,16 +231,16 @@ def test_sigkill_at_random_moments_loses_and_doubles_nothing(tmp_path, monkeypat
         try: proc.wait(20)
         except subprocess.TimeoutExpired: proc.kill()
     assert kills == 5 and all(acked)
-    monkeypatch.setenv('CDE_SITE_KEY_FILE', env['CDE_SITE_KEY_FILE'])   # the receiver's key: finish its processing with it
+    key = site_key(Path(env['CDE_SITE_KEY_FILE']))   # the receiver's key: finish its processing with it
     live = get_engine(f"sqlite:///{tmp_path / 'var' / 'cde.sqlite'}")
-    process_pending(live)
+    process_pending(live, key=key)
     with live.connect() as c:
         assert c.execute(sa.text('select count(*), count(distinct sha256) from ids_messages')).one() == (20_000, 20_000)
         assert c.execute(sa.text('select count(*) from ids_receipts')).scalar() >= 20_000
     calm = get_engine(f"sqlite:///{tmp_path / 'calm.sqlite'}")
     try:
         store_messages(calm, [(m, datetime.now(timezone.utc), 'calm') for m in feed])
-        process_pending(calm)
+        process_pending(calm, key=key)
         ignore = ('id', 'at', 'seq', 'stored_time')
         assert table_checksums(live, ignore=ignore) == table_checksums(calm, ignore=ignore)
     finally:

@@ -11,6 +11,7 @@ from alembic.migration import MigrationContext
 from cde_workbench.config import CDEError, IngestError
 from cde_workbench.events import process_pending
 from cde_workbench.ids import store_messages
+from cde_workbench.pseudonyms import site_key
 from cde_workbench.store import (audit, audit_log, dispose_engines, get_engine, ids_messages, insert_ignore, lab_results,
                                  metadata, patients, read_frame, upgrade)
 from cde_workbench.synth import HospitalConfig, feed_revisions, generate, hl7_feed, write_warehouse_extract
@@ -98,7 +99,7 @@ def test_warehouse_and_feed_load_the_same_on_both_backends(engine, tmp_path, mon
     feed = hl7_feed(h)
     out = store_messages(engine, [(m, t + timedelta(seconds=30), 'test') for t, m in feed])
     assert all(o.status == 'stored' for o in out)
-    s = process_pending(engine)
+    s = process_pending(engine, key=site_key())
     assert s.messages == len(feed) and s.errors == 0
     with engine.connect() as c:
         n_results = c.execute(sa.select(sa.func.count()).select_from(lab_results)).scalar()
