@@ -22,9 +22,11 @@ from sklearn.preprocessing import FunctionTransformer, MaxAbsScaler
 from sqlalchemy.engine import Engine
 from tqdm.auto import tqdm
 
-from .config import THRESHOLD_RULES, ConfigError, Deployment, PipelineError
+from .config import THRESHOLD_RULES, ConfigError, Deployment, PipelineError, var_dir
 from .evaluate import auroc_ci, prevalence_ci
-from .features import CountFeaturizer, FeatureData, FeatureSet, feature_data_fingerprint, load_feature_data, offline_matrix, point_in_time_check
+from .features import FeatureData, FeatureSet, load_feature_data
+from .featurizer import CountFeaturizer
+from .feature_store import feature_data_fingerprint, offline_matrix, point_in_time_check
 from .registry import ModelRecord, register_model
 from .tasks import Task, task_points
 
@@ -149,7 +151,7 @@ def train_deployment(engine: Engine, # the store
                      var: Path | None = None, # the workspace's var/ (feature cache, model bundles); default the command line's
                     ) -> ModelRecord:
     "Train every candidate, choose on validation AUROC, refit the best on train + validation, evaluate on test, register."
-    cache = None if var is None else Path(var) / 'features'
+    cache = (var_dir() if var is None else Path(var)) / 'features'   # the workspace's feature cache
     candidates = model_grid(dep.model, f'{dep.path / "deployment.toml"}: [model]')
     with engine.connect() as conn:
         points = task_points(conn, Task.from_dict(dep.task)).filter(pl.col('label').is_not_null())
