@@ -141,6 +141,7 @@ def test_offline_matrix_cache_reused_and_recomputed(store, tmp_path):
     assert not c1.from_cache and c1.path != a.path and c1.path.parent == a.path.parent   # data changed: recomputed
     d = offline_matrix(fz, pts.head(399), data, cache)
     assert not d.from_cache and d.path != a.path and d.X.shape[0] == 399          # points changed: recomputed
+    assert 'order_id' in pts.columns and offline_matrix(fz, pts.drop('order_id'), data, cache).path != a.path   # own orders change rows: another key
     fz2 = CountFeaturizer(numeric_labs=('K',), lab_days=7).fit(pts, data)
     assert offline_matrix(fz2, pts, data, cache).path.parent != a.path.parent           # definition changed: another folder
 
