@@ -15,8 +15,8 @@ from sqlalchemy.engine import Engine
 
 from .config import ConfigError, Deployment, PipelineError, utcnow
 from .deploy import SCORING_STATES, deployment_state
-from .features import load_feature_data
 from .feature_store import point_in_time_check
+from .features import load_feature_data
 from .registry import display_threshold, get_model, load_bundle
 from .store import inferences, insert_ignore
 from .tasks import Task, task_points

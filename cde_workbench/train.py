@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 
 from .config import THRESHOLD_RULES, ConfigError, Deployment, PipelineError, var_dir
 from .evaluate import auroc_ci, prevalence_ci
+from .feature_store import feature_data_fingerprint, offline_matrix, point_in_time_check
 from .features import FeatureData, FeatureSet, load_feature_data
 from .featurizer import CountFeaturizer
-from .feature_store import feature_data_fingerprint, offline_matrix, point_in_time_check
 from .registry import ModelRecord, register_model
 from .tasks import Task, task_points
 
