@@ -62,7 +62,8 @@ def _digest(m) -> dict:
 def run_ours(p: dict) -> dict:
     "Our transform: FeatureData from the events table, CountFeaturizer.transform to CSR."
     import polars as pl
-    from cde_workbench.features import CountFeaturizer, FeatureData
+    from cde_workbench.features import FeatureData
+    from cde_workbench.featurizer import CountFeaturizer
     ev_pid, ev_sec, ev_stored, ev_tok, pt_pid, pt_sec = _arrays(**p)
     T = pl.Datetime('us', 'UTC')
     pkeys = [f'P{i:06d}' for i in range(p['n_patients'])]

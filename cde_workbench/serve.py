@@ -16,7 +16,8 @@ from sqlalchemy.engine import Engine
 from .config import ConfigError, PipelineError, utcnow
 from .deployment import Deployment
 from .deploy import SCORING_STATES, deployment_state
-from .features import load_feature_data, point_in_time_check
+from .feature_store import point_in_time_check
+from .features import load_feature_data
 from .registry import display_threshold, get_model, load_bundle
 from .store import inferences, insert_ignore
 from .tasks import task_points

@@ -24,7 +24,9 @@ from tqdm.auto import tqdm
 from .config import ConfigError, PipelineError
 from .deployment import MODEL_HYPERPARAMETERS, MODEL_KINDS, THRESHOLD_RULES, Deployment
 from .evaluate import auroc_ci, prevalence_ci
-from .features import CountFeaturizer, FeatureData, feature_data_fingerprint, load_feature_data, offline_matrix, point_in_time_check
+from .feature_store import feature_data_fingerprint, offline_matrix, point_in_time_check
+from .features import FeatureData, load_feature_data
+from .featurizer import CountFeaturizer
 from .registry import ModelRecord, register_model
 from .tasks import task_points
 

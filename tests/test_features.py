@@ -11,10 +11,12 @@ import polars as pl
 import pytest
 import sqlalchemy as sa
 
-from cde_workbench.config import ConfigError, SchemaError, var_dir
+from cde_workbench.config import ConfigError, SchemaError
 from cde_workbench.events import process_pending
 from cde_workbench.deployment import FeatureSet
-from cde_workbench.features import (SKLEARN_EXPECTED_FAILED_CHECKS, CountFeaturizer, FeatureData, check_features_point_in_time, load_feature_data, offline_matrix, online_vector)
+from cde_workbench.feature_store import check_features_point_in_time, offline_matrix, online_vector
+from cde_workbench.features import FeatureData, load_feature_data
+from cde_workbench.featurizer import SKLEARN_EXPECTED_FAILED_CHECKS, CountFeaturizer
 from cde_workbench.ids import store_messages
 from cde_workbench.pseudonyms import site_key
 from cde_workbench.store import dispose_engines, get_engine, lab_results, patient_links, read_frame
@@ -126,22 +128,24 @@ def test_leaky_features_are_caught_and_correct_ones_pass(store):
             check_features_point_in_time(c, fz, pts, fz.transform(pts, leaky), n=40)
 
 
-def test_offline_matrix_cache_reused_and_recomputed(store):
+def test_offline_matrix_cache_reused_and_recomputed(store, tmp_path):
     eng, _ = store
     with eng.connect() as c:
         pts = lab_abnormal_points(c, 'K').head(400); data = load_feature_data(c)
     fz = CountFeaturizer(numeric_labs=('K',)).fit(pts, data)
-    a = offline_matrix(fz, pts, data)
-    assert not a.from_cache and a.path.is_relative_to(var_dir() / 'features' / fz.definition_hash())
-    b = offline_matrix(fz, pts, FeatureData(data.patients, data.events.sample(fraction=1.0, shuffle=True, seed=1), data.links))
+    cache = tmp_path / 'var' / 'features'   # the workspace's feature cache
+    a = offline_matrix(fz, pts, data, cache)
+    assert not a.from_cache and a.path.is_relative_to(cache / fz.definition_hash())
+    b = offline_matrix(fz, pts, FeatureData(data.patients, data.events.sample(fraction=1.0, shuffle=True, seed=1), data.links), cache)
     assert b.from_cache and b.path == a.path and (b.X != a.X).nnz == 0          # same content in another order: reused
     changed = FeatureData(data.patients, data.events.slice(1), data.links)
-    c1 = offline_matrix(fz, pts, changed)
+    c1 = offline_matrix(fz, pts, changed, cache)
     assert not c1.from_cache and c1.path != a.path and c1.path.parent == a.path.parent   # data changed: recomputed
-    d = offline_matrix(fz, pts.head(399), data)
+    d = offline_matrix(fz, pts.head(399), data, cache)
     assert not d.from_cache and d.path != a.path and d.X.shape[0] == 399          # points changed: recomputed
+    assert 'order_id' in pts.columns and offline_matrix(fz, pts.drop('order_id'), data, cache).path != a.path   # own orders change rows: another key
     fz2 = CountFeaturizer(numeric_labs=('K',), lab_days=7).fit(pts, data)
-    assert offline_matrix(fz2, pts, data).path.parent != a.path.parent           # definition changed: another folder
+    assert offline_matrix(fz2, pts, data, cache).path.parent != a.path.parent           # definition changed: another folder
 
 
 def test_feature_set_definitions_and_errors():

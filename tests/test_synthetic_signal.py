@@ -8,7 +8,8 @@ import pytest
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.metrics import roc_auc_score
 
-from cde_workbench.features import CountFeaturizer, load_feature_data
+from cde_workbench.features import load_feature_data
+from cde_workbench.featurizer import CountFeaturizer
 from cde_workbench.store import dispose_engines, get_engine
 from cde_workbench.synth import HospitalConfig, generate, write_warehouse_extract
 from cde_workbench.terminology import LABS

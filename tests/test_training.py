@@ -60,7 +60,7 @@ def test_a_leaky_feature_fails_training_before_anything_is_registered(store, tmp
     import sqlalchemy as sa
     from cde_workbench import train
     from cde_workbench.deployment import load_deployment
-    from cde_workbench.features import CountFeaturizer
+    from cde_workbench.featurizer import CountFeaturizer
     from cde_workbench.store import models
     from cde_workbench.tasks import LeakageError
 
