@@ -26,10 +26,10 @@ _API = {
     # deployment (40_deploy, 41_serve, 42_schedule, 43_labels)
     'set_status': 'deploy', 'deployment_state': 'deploy', 'score_pending': 'serve', 'run_notebook': 'schedule',
     'extract_labels': 'labels',
-    # watching and reporting (50_monitor, 51_dashboard, 70_report)
+    # watching and reporting (50_monitor, 51_dashboard, 73_model_card, 74_report)
     'health': 'monitor', 'performance_rows': 'monitor', 'packets': 'monitor', 'weekly': 'monitor',
     'monitor_view': 'dashboard',
-    'render_report': 'report', 'evaluation_report_html': 'report', 'model_card_html': 'report',
+    'render_report': 'report', 'evaluation_report_html': 'report', 'model_card_html': 'model_card',
 }
 
 __all__ = ['__version__', *_API]

@@ -201,7 +201,7 @@ def test_model_card_in_chromium(card, browser):
         assert 'synthetic' in lim and 'temporal only' in lim and 'silent' in lim
         assert page.locator('#auroc-retro').inner_text() == f"{rec.metrics['test_auroc']['estimate']:.2f} [{rec.metrics['test_auroc']['low']:.2f}, {rec.metrics['test_auroc']['high']:.2f}]"
         assert page.inner_text('#auroc-pro') == '—'   # no silent trial has run
-        from cde_workbench.report import table2_row, table2_rows_html
+        from cde_workbench.table2 import table2_row, table2_rows_html
         with card['engine'].connect() as c: row = table2_row(c, dep)
         assert row.retrospective_auroc.estimate == rec.metrics['test_auroc']['estimate'] and row.prospective_auroc is None
         assert f'id="auroc-retro-hgb-abnormal">{page.inner_text("#auroc-retro")}<' in table2_rows_html([row])
@@ -213,7 +213,7 @@ def test_model_card_in_chromium(card, browser):
 def test_cohort_section_counts_the_tasks_points_after_its_exclusions(card):
     "The cohort section counts what the task trains on (a new-user report said 26,600 included orders where the task had 17,624 points)."
     from dataclasses import replace
-    from cde_workbench.report import _cohort_facts, cohort_html
+    from cde_workbench.model_card import _cohort_facts, cohort_html
     from cde_workbench.tasks import lab_abnormal_points, task_points
     dep = replace(card['dep'], task=replace(card['dep'].task, exclude_if_resulted_within_hours=24))
     with card['engine'].connect() as c:
