@@ -246,10 +246,11 @@ def report(deployment: str = typer.Argument(..., help='Deployment name.')):
 @app.command()
 def dashboard(port: int = typer.Option(8866, help='Port on 127.0.0.1.')):
     "Serve the Voilà monitoring dashboard on 127.0.0.1 with an access token (Ctrl-C stops it)."
-    import subprocess
-    from cde_workbench.dashboard import dashboard_url, voila_command
-    cmd = voila_command(port)
-    typer.echo(f'dashboard: {dashboard_url(port)}')
+    import os, subprocess
+    from cde_workbench.dashboard import dashboard_token, dashboard_url, voila_command
+    token = dashboard_token(Workspace.from_env(), os.environ.get('CDE_DASHBOARD_TOKEN'), 'CDE_DASHBOARD_TOKEN')
+    cmd = voila_command(port, token)
+    typer.echo(f'dashboard: {dashboard_url(port, token)}')
     try: subprocess.run(cmd, check=False)
     except KeyboardInterrupt: pass
 

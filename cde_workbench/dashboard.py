@@ -18,7 +18,7 @@ from pathlib import Path
 import ipywidgets as widgets
 import polars as pl
 
-from .config import ConfigError, Workspace, deployments_dir, project_root, var_dir
+from .config import ConfigError, Workspace, project_root
 from .deployment import load_deployment
 from .deploy import deployment_state
 from .monitor import Health, health, packets, weekly
@@ -53,6 +53,7 @@ def scores_html(pk: pl.DataFrame, # packets (`monitor.packets`), newest first
     return ('<h3>Latest scores (surrogate patient ids)</h3><table><tr><th>patient</th><th>order time</th><th>risk</th>'
             f'<th>above threshold</th><th>result</th></tr>{rows}</table>')
 
+# %% ../nbs/51_dashboard.ipynb #7f753ca8
 def _trend_png(w: pl.DataFrame) -> str:
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -63,18 +64,20 @@ def _trend_png(w: pl.DataFrame) -> str:
     fig.autofmt_xdate(); buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=90, bbox_inches='tight'); plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
 
-def deployment_names(folder: Path | None = None, # the workspace's deployments folder; default the command line's
+# %% ../nbs/51_dashboard.ipynb #291bc3a0
+def deployment_names(folder: Path, # the workspace's deployments folder (`Workspace.deployments`)
                     ) -> list[str]:
     "Deployments that have a `deployment.toml`."
-    d = deployments_dir() if folder is None else Path(folder)
+    d = Path(folder)
     return sorted(p.parent.name for p in d.glob('*/deployment.toml')) if d.exists() else []
 
-def monitor_view(names: list[str] | None = None, # deployments to show; default all
+# %% ../nbs/51_dashboard.ipynb #c5f91509
+def monitor_view(workspace: Workspace, # whose store and deployments (the dashboard notebook builds it, like the command line)
+                 names: list[str] | None = None, # deployments to show; default all
                  recent: int = 15, # how many current scores to list
-                 workspace: Workspace | None = None, # whose store and deployments; default the command line's (`Workspace.from_env()`)
                 ) -> widgets.Widget:
     "The monitoring dashboard: a tab per deployment with its health card, current scores and weekly trend."
-    ws = workspace or Workspace.from_env()
+    ws = workspace
     names = names or deployment_names(ws.deployments)
     engine = get_engine(ws.database_url)
     tabs = []
@@ -110,28 +113,40 @@ def check_token(token: str, # a candidate access token
         raise ConfigError(f"{where}: the token must be at least 16 URL-safe characters (letters, digits, . _ ~ -)")
     return t
 
-def dashboard_token() -> str:
-    "The dashboard's access token: `CDE_DASHBOARD_TOKEN`, else `var/dashboard.token` (created, owner-only); never empty."
-    if t := os.environ.get('CDE_DASHBOARD_TOKEN'): return check_token(t, 'CDE_DASHBOARD_TOKEN')
-    p = var_dir() / 'dashboard.token'
+# %% ../nbs/51_dashboard.ipynb #ec89d79a
+def dashboard_token(workspace: Workspace, # whose `var/` keeps the token file
+                    given: str | None = None, # a token the caller chose (the command line: `CDE_DASHBOARD_TOKEN`); used instead of the file
+                    source: str = 'the token given', # where `given` came from, for the error message
+                   ) -> str:
+    "The dashboard's access token: `given` if any, else the workspace's `var/dashboard.token` (created, owner-only); never empty."
+    if given: return check_token(given, source)
+    p = Path(workspace.var) / 'dashboard.token'
+    p.parent.mkdir(parents=True, exist_ok=True)
     if not p.exists():
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, 'w') as f: f.write(secrets.token_urlsafe(24))
     return check_token(p.read_text(), f'token file {p}')
 
+# %% ../nbs/51_dashboard.ipynb #b6f6d600
 def dashboard_notebook() -> Path:
     "The Voilà monitoring notebook."
     p = project_root() / 'dashboards' / 'monitor.ipynb'
     if not p.exists(): raise ConfigError(f"dashboard notebook {p} is missing")
     return p
 
-def voila_command(port: int = 8866, token: str | None = None, host: str = '127.0.0.1') -> list[str]:
+def voila_command(port: int, # port on `host`, 1024-65535
+                  token: str, # the access token (`dashboard_token`)
+                  host: str = '127.0.0.1', # interface to bind
+                 ) -> list[str]:
     "The command that serves the monitoring dashboard."
     if not 1024 <= port <= 65535: raise ConfigError(f"port {port} is out of range (1024-65535)")
     nb = dashboard_notebook()
     return [sys.executable, '-m', 'voila', str(nb), '--no-browser', f'--port={port}', f'--Voila.ip={host}',
-            '--Voila.port_retries=0', f'--token={check_token(token, "the token given") if token else dashboard_token()}']
+            '--Voila.port_retries=0', f'--token={check_token(token, "the token given")}']
 
-def dashboard_url(port: int = 8866, token: str | None = None, host: str = '127.0.0.1') -> str:
+def dashboard_url(port: int, # port the dashboard serves on
+                  token: str, # its access token
+                  host: str = '127.0.0.1', # where it binds
+                 ) -> str:
     "Where the dashboard opens, token included."
-    return f'http://{host}:{port}/?token={check_token(token, "the token given") if token else dashboard_token()}'
+    return f'http://{host}:{port}/?token={check_token(token, "the token given")}'

@@ -29,6 +29,7 @@ TRANSITIONS = {  # from -> allowed targets
 }
 SCORING_STATES = {'silent', 'live'}
 
+# %% ../nbs/40_deploy.ipynb #3f8f8ce6
 @dataclass
 class DeploymentState:
     "Where a deployment is in its lifecycle, and which model it serves."

@@ -48,6 +48,7 @@ def packets(conn: Connection, # open connection to the store
     lab = current_labels(label_versions(conn, name, as_of))
     return pk.join(lab, on='inference_id', how='left', maintain_order='left').select(list(PACKET_SCHEMA)).cast(PACKET_SCHEMA)
 
+# %% ../nbs/50_monitor.ipynb #212da114
 @dataclass
 class PerformanceRow:
     "One row of DEPLOYR's Table 2 for one deployment and one period."
@@ -114,6 +115,7 @@ def health(conn: Connection, dep: Deployment) -> Health:
     else: msg = f'Performing as expected: prospective AUROC {pro.estimate:.2f} against retrospective {retro.estimate:.2f}.'
     return Health(dep.name, state.status, f'{rec.name} v{rec.version}', pk.height, labelled, flagged, last, pro, retro, msg)
 
+# %% ../nbs/50_monitor.ipynb #6bbb7d5d
 def weekly(conn: Connection, name: str,
            as_of: datetime | None = None, # labels as known then (None: the newest versions)
           ) -> pl.DataFrame:
@@ -143,6 +145,7 @@ def classify_labels(pk: pl.DataFrame, # packets (`packets`): prediction_time, la
                                           .when(due <= as_of).then(pl.lit('censored'))
                                           .otherwise(pl.lit('awaiting'))))
 
+# %% ../nbs/50_monitor.ipynb #e81574cd
 def analysis_time(conn: Connection, # open connection to the store
                   name: str, # the deployment
                  ) -> datetime:
@@ -156,6 +159,7 @@ def analysis_time(conn: Connection, # open connection to the store
     v = label_versions(conn, name)
     return v['stored_time'].max() if v.height else utcnow()
 
+# %% ../nbs/50_monitor.ipynb #d7baaf35
 def _first_results(conn: Connection, component: str, order_ids, as_of: datetime) -> pl.DataFrame:
     "Per order: when its first final or corrected `component` result was stored (by `as_of`)."
     r, keys, out = lab_results.c, sorted(set(order_ids)), []
@@ -181,6 +185,7 @@ def label_status(conn: Connection, # open connection to the store
                 .with_columns(first_label_time=pl.min_horizontal('first_label_time', 'first_result_time')).drop('first_result_time'))
     return classify_labels(pk, as_of, float(dep.labels.horizon_hours), gone)
 
+# %% ../nbs/50_monitor.ipynb #315ddba3
 def label_counts(st: pl.DataFrame, # `label_status` rows
                  per_week: bool = True, # one row per week of prediction time; False: one row for all
                 ) -> pl.DataFrame:
@@ -191,4 +196,3 @@ def label_counts(st: pl.DataFrame, # `label_status` rows
            pl.col('label_delay_hours').quantile(0.9, 'linear').alias('delay_p90_h'), pl.col('label_delay_hours').max().alias('delay_max_h')]
     if not per_week: return st.select(agg)
     return (st.with_columns(week=pl.col('prediction_time').dt.truncate('1w').dt.date()).group_by('week').agg(agg).sort('week'))
-

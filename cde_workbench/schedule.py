@@ -42,6 +42,7 @@ def check_parameters(path: Path, given: dict) -> None:
     missing = sorted(k for k, v in declared.items() if v.strip() == 'None' and given.get(k) is None)
     if missing: raise ConfigError(f"{path.name}: missing required parameter(s) {', '.join(missing)}")
 
+# %% ../nbs/42_schedule.ipynb #6527388c
 def new_run_id(kind: str) -> str:
     "A sortable, unique run id: UTC time, kind and a random suffix."
     return f"{utcnow().strftime('%Y%m%dT%H%M%S')}-{kind}-{uuid.uuid4().hex[:8]}"
@@ -62,6 +63,7 @@ def run_ledger(engine: Engine, deployment: str, kind: str, parameters: dict, not
     with engine.begin() as conn:
         conn.execute(runs.update().where(runs.c.run_id == run_id).values(status='succeeded', finished_at=utcnow()))
 
+# %% ../nbs/42_schedule.ipynb #2f43ce98
 def _ipc_kernel_manager(folder: str, env: dict | None = None):
     "A kernel manager whose kernels talk over IPC sockets in `folder` (private to this run) rather than TCP, with `env` added to their environment."
     class IPCKernelManager(AsyncKernelManager):

@@ -73,7 +73,7 @@ def test_an_empty_token_file_is_refused(tmp_path):
     assert r.stderr.strip().count('\n') == 0 and 'dashboard: http' not in r.stdout
 
 
-def test_a_broken_deployment_folder_does_not_hide_the_others(store_with_a_hostile_key, monkeypatch):
+def test_a_broken_deployment_folder_does_not_hide_the_others(store_with_a_hostile_key):
     import html
     import shutil
     from cde_workbench.dashboard import monitor_view
@@ -81,8 +81,9 @@ def test_a_broken_deployment_folder_does_not_hide_the_others(store_with_a_hostil
     deps = store_with_a_hostile_key / 'deployments'
     shutil.copytree(ROOT / 'deployments' / 'hgb_abnormal', deps / 'hgb_abnormal')
     (deps / 'bad-name').mkdir(); (deps / 'bad-name' / 'deployment.toml').write_text('name = "bad-name"\n')
-    monkeypatch.setenv('CDE_DEPLOYMENTS', str(deps))
-    try: view = monitor_view()
+    from cde_workbench.config import Workspace
+    ws = Workspace.from_env({'CDE_VAR': str(store_with_a_hostile_key / 'var'), 'CDE_DEPLOYMENTS': str(deps)})
+    try: view = monitor_view(workspace=ws)
     finally: dispose_engines()
     pages = {view.get_title(i): child.value for i, child in enumerate(view.children)}
     assert set(pages) == {'hgb_abnormal', 'bad-name'}
