@@ -12,8 +12,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['CDEError', 'ConfigError', 'SchemaError', 'IngestError', 'PipelineError', 'project_root', 'var_dir', 'database_url',
-           'deployments_dir', 'reports_dir', 'Workspace', 'utcnow', 'as_utc']
+__all__ = ['CDEError', 'ConfigError', 'SchemaError', 'IngestError', 'PipelineError', 'project_root', 'Workspace', 'utcnow',
+           'as_utc']
 
 # %% ../nbs/00_config.ipynb #1a642814
 class CDEError(Exception):
@@ -33,34 +33,10 @@ class PipelineError(CDEError):
 
 # %% ../nbs/00_config.ipynb #830162a0
 def project_root() -> Path:
-    "The project directory: `CDE_HOME` if set, else the checkout this package lives in, else the cwd."
-    if env := os.environ.get('CDE_HOME'): return Path(env).resolve()
-    return _checkout()
-
-def _checkout() -> Path:
+    "Where the workbench's own files are (`migrations/`, `dashboards/`, `deployments/_pipelines/`): the checkout this package lives in, else the cwd."
     here = Path(__file__).resolve().parent.parent
     if (here / 'settings.ini').exists(): return here
     return Path.cwd().resolve()
-
-# The helpers below are the command line's defaults, read from the environment through `Workspace.from_env`;
-# library code takes a `Workspace` (or an engine, or a folder) from its caller instead of calling them.
-def var_dir() -> Path:
-    "Directory for the embedded default's data (database, model bundles, caches); created on demand."
-    d = Workspace.from_env().var
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-def database_url() -> str:
-    "SQLAlchemy URL of the store: `CDE_DATABASE_URL`, else SQLite at `var/cde.sqlite`."
-    return Workspace.from_env().database_url
-
-def deployments_dir() -> Path:
-    "Where deployment folders (`deployment.toml` and pipeline notebooks) live."
-    return Workspace.from_env().deployments
-
-def reports_dir() -> Path:
-    "Where rendered reports land: `reports/<deployment>/<run>/`."
-    return Workspace.from_env().reports
 
 # %% ../nbs/00_config.ipynb #a7e09846
 _WORKSPACE_ENV = {'database_url': 'CDE_DATABASE_URL', 'var': 'CDE_VAR', 'reports': 'CDE_REPORTS',
@@ -94,7 +70,7 @@ class Workspace:
                 ) -> Workspace:
         "The command line's workspace: `CDE_DATABASE_URL`, `CDE_VAR`, `CDE_REPORTS`, `CDE_DEPLOYMENTS`, `CDE_SITE_KEY_FILE`, else the defaults."
         env = os.environ if environ is None else environ
-        root = Path(env['CDE_HOME']).resolve() if env.get('CDE_HOME') else _checkout()
+        root = Path(env['CDE_HOME']).resolve() if env.get('CDE_HOME') else project_root()
         var = Path(env.get('CDE_VAR') or root / 'var')
         return cls(database_url=env.get('CDE_DATABASE_URL') or f"sqlite:///{var / 'cde.sqlite'}", var=var,
                    reports=Path(env.get('CDE_REPORTS') or root / 'reports'),

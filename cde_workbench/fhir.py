@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from sqlalchemy.engine import Engine
 
 from .config import IngestError, SchemaError
-from .pseudonyms import patient_key, site_key
+from .pseudonyms import patient_key
 from .synthea import LAB_OBSERVATION_SCHEMA, RESULT_TURNAROUND, compact_id, lab_tables, race_ethnicity
 from .terminology import ADT_WARDS, ICU_CODES, LOINC_REFERENCE, SNOMED_ICD10
 from .warehouse import check_tables, load_tables
@@ -183,7 +183,7 @@ _SCHEMAS = {
                           'event_time': _T, 'stored_time': _T},
 }
 
-def _read_fhir(paths: Sequence[Path], key: bytes | None = None) -> tuple[dict[str, pl.DataFrame], dict]:
+def _read_fhir(paths: Sequence[Path], key: bytes) -> tuple[dict[str, pl.DataFrame], dict]:
     "The clinical-table frames of some FHIR bundles, and what was read and left out."
     if isinstance(paths, (str, Path)): paths = [paths]
     paths = [Path(p) for p in paths]
@@ -193,7 +193,6 @@ def _read_fhir(paths: Sequence[Path], key: bytes | None = None) -> tuple[dict[st
     read = Counter(r.rtype for r in resources)
     index = _Index(resources)
     of = lambda t: [r for r in resources if r.rtype == t]
-    key = key or site_key()
     patients = {id(r): _patient_row(r, key) for r in of('Patient')}
     rows: dict[str, list[dict]] = {t: [] for t in _SCHEMAS if t != 'patients'}
     first_seen: dict[str, datetime] = {}
@@ -312,9 +311,10 @@ def _read_fhir(paths: Sequence[Path], key: bytes | None = None) -> tuple[dict[st
     return check_tables(tables, name), stats
 
 def read_fhir_bundles(paths: Sequence[Path], # FHIR R4 Bundle JSON files, read as one load (references resolve across them)
+                      key: bytes, # the workspace's site key: patient ids become surrogate keys
                      ) -> dict[str, pl.DataFrame]:
     "Read and validate FHIR R4 Bundles as one frame per clinical table."
-    return _read_fhir(paths)[0]
+    return _read_fhir(paths, key)[0]
 
 # %% ../nbs/14b_fhir.ipynb #f2a28c69
 def fhir_fingerprint(paths: Sequence[Path], # the bundle files
@@ -326,7 +326,7 @@ def fhir_fingerprint(paths: Sequence[Path], # the bundle files
 
 def load_fhir(engine: Engine, # the store
               paths: Sequence[Path], # FHIR R4 Bundle JSON files, loaded together
-              key: bytes | None = None, # the workspace's site key (`site_key(ws.site_key_file)`); default the command line's
+              key: bytes, # the workspace's site key (`site_key(ws.site_key_file)`)
              ) -> dict[str, int]:
     "Load FHIR R4 Bundles into the clinical tables in one transaction; rows per table (empty if already loaded)."
     if isinstance(paths, (str, Path)): paths = [paths]

@@ -11,20 +11,16 @@ import os
 import secrets
 from pathlib import Path
 
-from .config import ConfigError, Workspace
+from .config import ConfigError
 
 # %% auto #0
-__all__ = ['site_key_path', 'site_key', 'patient_key']
+__all__ = ['site_key', 'patient_key']
 
 # %% ../nbs/01a_pseudonyms.ipynb #d5ff78bd
-def site_key_path() -> Path:
-    "The command line's site key file: the workspace's (`CDE_SITE_KEY_FILE`, else `var/site.key`)."
-    return Workspace.from_env().site_key_file
-
-def site_key(path: Path | None = None, # the workspace's `site_key_file`; default the command line's
+def site_key(path: Path, # the workspace's `site_key_file`
             ) -> bytes:
     "The site secret for pseudonyms; created (readable by the owner only) on first use."
-    p = site_key_path() if path is None else Path(path)
+    p = Path(path)
     if not p.exists():
         p.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -34,8 +30,9 @@ def site_key(path: Path | None = None, # the workspace's `site_key_file`; defaul
     return bytes.fromhex(key)
 
 def patient_key(mrn: str, # the hospital's medical record number
-                key: bytes | None = None, # site secret; default `site_key()`
+                key: bytes, # the site secret (`site_key(workspace.site_key_file)`)
                ) -> str:
     "The surrogate key for an MRN: 'P' + 20 hex characters of HMAC-SHA256."
     if not mrn or not str(mrn).strip(): raise ConfigError("empty MRN cannot be pseudonymised")
-    return 'P' + hmac.new(key or site_key(), str(mrn).strip().encode(), hashlib.sha256).hexdigest()[:20]
+    if not isinstance(key, bytes) or len(key) < 16: raise ConfigError("patient_key: the site key must be the workspace's secret (bytes, at least 16)")
+    return 'P' + hmac.new(key, str(mrn).strip().encode(), hashlib.sha256).hexdigest()[:20]

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 import cde_workbench
-from .config import ConfigError, PipelineError, project_root, utcnow, var_dir
+from .config import ConfigError, PipelineError, project_root, utcnow
 from .deployment import Deployment
 from .store import audit, model_aliases, models, read_frame
 
@@ -82,12 +82,12 @@ def register_model(engine: Engine, # the store
                    feature_set_hash: str, # `CountFeaturizer.definition_hash()`
                    data_fingerprint: str, # hash of the training data
                    test_predictions: pl.DataFrame | None = None, # retrospective test set: ids, labels, scores
-                   var: Path | None = None, # the workspace's var/: bundles go to `var/models/<name>/`; default the command line's
+                   *, var: Path, # the workspace's var/: bundles go to `var/models/<name>/`
                   ) -> ModelRecord:
     "Save a new immutable model version and record it; returns its record."
     if not (name.isascii() and name.isidentifier()):   # the name is a folder under var/models: '..' or 'a/b' would escape it
         raise ConfigError(f"model name {name!r} must be a plain identifier (ASCII letters, digits and _, not starting with a digit)")
-    root = (var_dir() if var is None else Path(var)) / 'models' / name
+    root = Path(var) / 'models' / name
     root.mkdir(parents=True, exist_ok=True)
     with engine.begin() as conn:
         version = (conn.execute(sa.select(sa.func.max(models.c.version)).where(models.c.name == name)).scalar() or 0) + 1

@@ -22,7 +22,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Connection, Engine
 
-from .config import CDEError, ConfigError, database_url, project_root, utcnow
+from .config import CDEError, ConfigError, project_root, utcnow
 
 # %% auto #0
 __all__ = ['metadata', 'T', 'patients', 'patient_identity', 'adt_events', 'diagnoses', 'medication_orders', 'lab_orders',
@@ -326,11 +326,11 @@ def _redact(text, url) -> str:
 
 _engines: dict[str, Engine] = {}
 
-def get_engine(url: str | None = None, # SQLAlchemy URL; default `database_url()`
+def get_engine(url: str, # SQLAlchemy URL of the store (the workspace's `database_url`)
                migrate: bool = True, # bring the schema to the newest migration first
               ) -> Engine:
     "An engine for the store (cached per URL), migrated to the newest schema."
-    url = url or database_url()
+    if not isinstance(url, str) or not url: raise ConfigError(f'database URL {url!r}: give the SQLAlchemy URL of the store (the workspace\'s database_url)')
     if url in _engines: return _engines[url]
     if url.startswith('sqlite:///'):
         Path(url.removeprefix('sqlite:///')).parent.mkdir(parents=True, exist_ok=True)

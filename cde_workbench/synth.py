@@ -282,7 +282,7 @@ EXTRACT_TABLES = ('patients', 'adt_events', 'diagnoses', 'medication_orders', 'l
 
 def write_warehouse_extract(h: Hospital, # the generated hospital
                             folder: Path, # where the Parquet files go (created)
-                            key: bytes | None = None, # site secret for surrogate keys
+                            key: bytes, # the workspace's site secret for surrogate keys (`site_key(ws.site_key_file)`)
                            ) -> dict[str, int]:
     "Write the retrospective years as a pseudonymised Parquet extract; returns rows per table."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from .config import IngestError, SchemaError
-from .pseudonyms import patient_key, site_key
+from .pseudonyms import patient_key
 from .terminology import ADT_WARDS, ICU_CODES, LABS, LOINC_REFERENCE, SNOMED_ICD10, unit_factor
 from .warehouse import check_tables, load_tables
 
@@ -150,13 +150,12 @@ def _refs(p: Path, df: pl.DataFrame, col: str, known: pl.Series, target: str) ->
 def _id_map(ids: pl.Series) -> dict[str, str]:
     return {i: compact_id(i) for i in ids.drop_nulls().unique().to_list()}
 
-def _read_synthea(folder: Path, key: bytes | None = None) -> tuple[dict[str, pl.DataFrame], dict]:
+def _read_synthea(folder: Path, key: bytes) -> tuple[dict[str, pl.DataFrame], dict]:
     "The clinical-table frames of a Synthea export, and what was read, mapped and left out."
     folder = Path(folder)
     if not folder.is_dir(): raise IngestError(f"Synthea export {folder} is not a folder")
     f = {name: folder / name for name in SYNTHEA_COLUMNS}
     pts, enc, cond, meds, obs = (_read_csv(folder, name) for name in SYNTHEA_COLUMNS)
-    key = key or site_key()
 
     # patients
     _required(f['patients.csv'], pts, 'Id', 'BIRTHDATE')
@@ -258,9 +257,10 @@ def _read_synthea(folder: Path, key: bytes | None = None) -> tuple[dict[str, pl.
     return check_tables(tables, f"Synthea export {folder}"), stats
 
 def read_synthea(folder: Path, # a Synthea CSV export (patients.csv, encounters.csv, conditions.csv, medications.csv, observations.csv)
+                 key: bytes, # the workspace's site key: patient ids become surrogate keys
                 ) -> dict[str, pl.DataFrame]:
     "Read and check a Synthea CSV export as one frame per clinical table."
-    return _read_synthea(folder)[0]
+    return _read_synthea(folder, key)[0]
 
 # %% ../nbs/14a_synthea.ipynb #7ea34f82
 def synthea_fingerprint(folder: Path, # a Synthea CSV export
@@ -275,7 +275,7 @@ def synthea_fingerprint(folder: Path, # a Synthea CSV export
 
 def load_synthea(engine: Engine, # the store
                  folder: Path, # a Synthea CSV export
-                 key: bytes | None = None, # the workspace's site key (`site_key(ws.site_key_file)`); default the command line's
+                 key: bytes, # the workspace's site key (`site_key(ws.site_key_file)`)
                 ) -> dict[str, int]:
     "Load a Synthea CSV export into the clinical tables in one transaction; rows per table (empty if already loaded)."
     tables, stats = _read_synthea(folder, key)

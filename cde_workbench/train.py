@@ -177,4 +177,4 @@ def train_deployment(engine: Engine, # the store
         score=pl.Series(score), n_features=pl.Series(np.diff(Xte.indptr)))
     params_all = {**dep.lineage(), 'model': {'kind': kind, **params, 'seed': seed}}
     bundle = {'estimator': est, 'featurizer': fz, 'component': dep.task.component, 'feature_names': fz.feature_names_}
-    return register_model(engine, dep.name, bundle, params_all, metrics, fz.definition_hash(), data_fingerprint(final_train, data), preds, var)
+    return register_model(engine, dep.name, bundle, params_all, metrics, fz.definition_hash(), data_fingerprint(final_train, data), preds, var=var)

@@ -75,6 +75,20 @@ def store_url(request, tmp_path):
 SMALL_DEPLOYMENT = 'hgb_abnormal'
 
 
+def env_engine():
+    "The store the environment points at (tests stand where the command line stands)."
+    from cde_workbench.config import Workspace
+    from cde_workbench.store import get_engine
+    return get_engine(Workspace.from_env().database_url)
+
+
+def env_key() -> bytes:
+    "The site key the environment points at: the one the command line (and its kernels) pseudonymise with."
+    from cde_workbench.config import Workspace
+    from cde_workbench.pseudonyms import site_key
+    return site_key(Workspace.from_env().site_key_file)
+
+
 def env_deployment(name: str = SMALL_DEPLOYMENT):
     "A deployment from the folder the environment points at: tests stand where the command line stands."
     from cde_workbench.config import Workspace
@@ -128,8 +142,8 @@ def small_trained_store(tmp_path_factory) -> SmallStore:
         toml = re.sub(r'candidates = \[.*\]', 'candidates = ["logistic_regression", "random_forest"]', toml)   # keep it short
         assert 'n_estimators = [40]' in toml and 'bootstrap = 200' in toml and '"random_forest"]' in toml
         (folder / 'deployment.toml').write_text(toml)
-        write_warehouse_extract(generate(HospitalConfig(n_patients=200, seed=5)), store.base / 'extract')
-        engine = get_engine()
+        write_warehouse_extract(generate(HospitalConfig(n_patients=200, seed=5)), store.base / 'extract', env_key())
+        engine = get_engine(store.url)
         try:
             load_warehouse_extract(engine, store.base / 'extract')
             train_deployment(engine, load_deployment(SMALL_DEPLOYMENT, store.base / 'deployments'), store.base / 'var', progress=False)
@@ -156,7 +170,7 @@ def deliver_feed(engine, until=None) -> int:
     from cde_workbench.synth import HospitalConfig, generate, hl7_feed
     feed = [(m, t, 'test') for t, m in hl7_feed(generate(HospitalConfig(n_patients=200, seed=5))) if until is None or t <= until]
     store_messages(engine, feed)
-    process_pending(engine, key=site_key())   # the workspace's key: the test's environment points at it
+    process_pending(engine, key=env_key())   # the workspace's key: the test's environment points at it
     return len(feed)
 
 
@@ -167,7 +181,7 @@ def silent_store(small_store):
     from cde_workbench.deploy import set_status
     from cde_workbench.registry import get_model
     from cde_workbench.store import get_engine
-    engine = get_engine()
+    engine = env_engine()
     assert deliver_feed(engine) > 200
     dep = env_deployment()
     with engine.connect() as c: rec = get_model(c, dep.name)

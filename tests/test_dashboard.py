@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CHROMIUM, CHROMIUM_ARGS, free_port, voila_server  # noqa: E402
+from conftest import CHROMIUM, CHROMIUM_ARGS, free_port, voila_server, env_engine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CDE = str(Path(sys.executable).parent / 'cde')
@@ -24,10 +24,10 @@ def store_with_a_hostile_key(tmp_path, monkeypatch):
     from cde_workbench.store import dispose_engines, get_engine, inferences, runs
     monkeypatch.setenv('CDE_VAR', str(tmp_path / 'var'))
     monkeypatch.delenv('CDE_DATABASE_URL', raising=False)
-    eng = get_engine()
+    eng = env_engine()
     est = LogisticRegression().fit(np.array([[0.], [1.]]), [0, 1])
     rec = register_model(eng, 'hgb_abnormal', {'estimator': est}, {'model': {'kind': 'logistic_regression'}},
-                         {'test_auroc': {'estimate': 0.7, 'low': 0.6, 'high': 0.8}}, 'a' * 64, 'b' * 64)
+                         {'test_auroc': {'estimate': 0.7, 'low': 0.6, 'high': 0.8}}, 'a' * 64, 'b' * 64, var=tmp_path / 'var')
     t0 = datetime(2024, 3, 1, 8, tzinfo=timezone.utc)
     with eng.begin() as c:
         c.execute(runs.insert().values(run_id='r1', deployment='hgb_abnormal', kind='score', status='done', started_at=t0,

@@ -23,6 +23,7 @@ from cde_workbench.store import dispose_engines, get_engine, lab_results, patien
 from cde_workbench.synth import HospitalConfig, generate, hl7_feed, write_warehouse_extract
 from cde_workbench.tasks import LeakageError, lab_abnormal_points
 from cde_workbench.warehouse import load_warehouse_extract
+from conftest import env_key  # noqa: E402
 
 T = pl.Datetime('us', 'UTC')
 
@@ -35,11 +36,11 @@ def store(tmp_path_factory):
     mp = pytest.MonkeyPatch(); mp.setenv('CDE_SITE_KEY_FILE', str(d / 'site.key'))
     h = generate(HospitalConfig(n_patients=250, seed=11, start='2023-01-01', cutover='2023-08-01', end='2024-01-15',
                                 merge_rate=0.5, late_rate=0.05, drift_component=None))
-    write_warehouse_extract(h, d / 'x')
+    write_warehouse_extract(h, d / 'x', env_key())
     eng = get_engine(f'sqlite:///{d}/store.sqlite'); load_warehouse_extract(eng, d / 'x')
     feed = hl7_feed(h)
     store_messages(eng, [(m, t, 'live') for t, m in feed])
-    process_pending(eng, key=site_key())
+    process_pending(eng, key=env_key())
     r = lab_results.c
     with eng.begin() as c:   # corrections: a new version with another value, resulted and stored 2-30 h after the original
         rows = read_frame(c, sa.select(lab_results).where(r.component.in_(('HGB', 'K')), r.status == 'F').order_by(r.id))

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, cde, one_line_error  # noqa: E402
+from conftest import ROOT, cde, one_line_error, env_engine  # noqa: E402
 
 @pytest.mark.parametrize('url', ['postgresql+psycopg://cde:s3cret@127.0.0.1:1/cde',   # nothing listens on port 1
                                  'postgresql+psycopg://cde:s3cret@db:notaport/cde',   # unparseable
@@ -64,9 +64,9 @@ def test_score_and_labels_runs_say_how_many_orders_they_did(tmp_path, monkeypatc
     from cde_workbench.registry import register_model
     from cde_workbench.store import dispose_engines, get_engine, inference_labels, inferences, runs
     monkeypatch.setenv('CDE_VAR', str(tmp_path / 'var')); monkeypatch.delenv('CDE_DATABASE_URL', raising=False)
-    eng = get_engine()
+    eng = env_engine()
     rec = register_model(eng, 'hgb_abnormal', {'estimator': LogisticRegression().fit(np.array([[0.], [1.]]), [0, 1])},
-                         {'model': {'kind': 'logistic_regression'}}, {}, 'a' * 64, 'b' * 64)
+                         {'model': {'kind': 'logistic_regression'}}, {}, 'a' * 64, 'b' * 64, var=tmp_path / 'var')
     t = datetime(2024, 3, 1, tzinfo=timezone.utc)
     with eng.begin() as c:
         for r, kind in (('s1', 'score'), ('s2', 'score'), ('l1', 'labels'), ('l2', 'labels')):

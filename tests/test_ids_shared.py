@@ -15,7 +15,7 @@ from cde_workbench.mllp import MLLPReceiver, send_messages
 from cde_workbench.pseudonyms import site_key
 from cde_workbench.store import dispose_engines, get_engine
 
-from conftest import SHARED, needs_shared  # noqa: E402
+from conftest import SHARED, needs_shared, env_key  # noqa: E402
 
 DATA = SHARED / 'hl7v2'
 needs_shared(DATA / 'MANIFEST.json', 'shared HL7 v2 test messages')
@@ -44,7 +44,7 @@ def test_store_and_process_the_shared_messages(engine):
     with engine.connect() as c:
         assert c.execute(sa.text('select count(*) from ids_dead_letters')).scalar() == sum(o.status == 'dead_letter' for o in out)
         assert c.execute(sa.text("select count(*) from ids_dead_letters where reason = ''")).scalar() == 0
-    s = process_pending(engine, key=site_key())   # types the processor does not handle are recorded, never a crash
+    s = process_pending(engine, key=env_key())   # types the processor does not handle are recorded, never a crash
     with engine.connect() as c:
         assert c.execute(sa.text('select count(*) from processing_errors')).scalar() == s.errors
 

@@ -23,6 +23,7 @@ from cde_workbench.store import (get_engine, inference_labels, inferences, lab_o
                                  runs, upgrade)
 from cde_workbench.synth import HospitalConfig, feed_revisions, generate, hl7_feed
 from cde_workbench.tasks import lab_abnormal_points
+from conftest import env_key  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CDE = str(Path(sys.executable).parent / 'cde')
@@ -179,7 +180,7 @@ def test_the_feeds_cancellations_and_corrections_reach_the_store_as_facts_with_s
     cancels, fixes = feed_revisions(h)
     eng = get_engine(store_url)
     store_messages(eng, [(m, ts, 'test') for ts, m in hl7_feed(h)])
-    assert process_pending(eng, key=site_key()).errors == 0
+    assert process_pending(eng, key=env_key()).errors == 0
     e, r = lab_order_events.c, lab_results.c
     with eng.connect() as c:
         ca = dict(c.execute(sa.select(e.order_id, e.stored_time).where(e.control == 'CA')).all())

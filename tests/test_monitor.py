@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from cde_workbench.monitor import PACKET_SCHEMA, health, label_status, packets, performance_rows, weekly
 
-from conftest import SMALL_DEPLOYMENT, deliver_feed
+from conftest import SMALL_DEPLOYMENT, deliver_feed, env_engine
 
 SCORED_TO = datetime(2024, 4, 1, tzinfo=timezone.utc)
 LABELLED_TO = datetime(2024, 3, 1, tzinfo=timezone.utc)   # results stored after this are not labels yet
@@ -39,7 +39,7 @@ def trial(small_trained_store, tmp_path_factory):
     store = small_trained_store.copy(tmp_path_factory.mktemp('monitor') / 'store')
     with pytest.MonkeyPatch.context() as mp:
         store.apply(mp)
-        engine = get_engine()
+        engine = env_engine()
         deliver_feed(engine)
         dep = load_deployment(SMALL_DEPLOYMENT, store.base / 'deployments')
         with engine.connect() as c: rec = get_model(c, dep.name)

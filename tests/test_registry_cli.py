@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from conftest import env_engine  # noqa: E402
 
 CDE = [str(Path(sys.executable).parent / 'cde')]
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,11 +22,11 @@ def test_models_list_show_and_alias(tmp_path, monkeypatch):
     from cde_workbench.store import dispose_engines, get_engine
     env = {'CDE_VAR': str(tmp_path / 'var')}
     monkeypatch.setenv('CDE_VAR', env['CDE_VAR'])
-    eng = get_engine()
+    eng = env_engine()
     est = LogisticRegression().fit(np.array([[0.], [1.]]), [0, 1])
     for auc in (0.71, 0.74):
         register_model(eng, 'k_abnormal', {'estimator': est}, {'model': {'kind': 'logistic_regression', 'C': 1.0}},
-                       {'test_auroc': {'estimate': auc, 'low': auc - .05, 'high': auc + .05, 'n': 100}}, 'a' * 64, 'b' * 64)
+                       {'test_auroc': {'estimate': auc, 'low': auc - .05, 'high': auc + .05, 'n': 100}}, 'a' * 64, 'b' * 64, var=tmp_path / 'var')
     dispose_engines()
     r = cde('models', 'list', env=env)
     assert r.returncode == 0, r.stderr

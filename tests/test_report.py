@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 import sqlalchemy as sa
 from scipy.special import expit
+from conftest import env_engine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = '/usr/bin/chromium'
@@ -136,7 +137,7 @@ def card(small_trained_store, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         store.apply(mp)
         try:
-            engine = get_engine()
+            engine = env_engine()
             dep = load_deployment('hgb_abnormal', Workspace.from_env().deployments)
             with engine.connect() as c: rec = get_model(c, dep.name)
             path = render_report(Workspace.from_env(), dep)

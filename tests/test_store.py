@@ -16,6 +16,7 @@ from cde_workbench.store import (audit, audit_log, dispose_engines, get_engine, 
                                  metadata, patients, read_frame, upgrade)
 from cde_workbench.synth import HospitalConfig, feed_revisions, generate, hl7_feed, write_warehouse_extract
 from cde_workbench.warehouse import load_warehouse_extract
+from conftest import env_key  # noqa: E402
 
 
 @pytest.fixture
@@ -94,12 +95,12 @@ def test_insert_ignore_skips_existing_keys(engine):
 def test_warehouse_and_feed_load_the_same_on_both_backends(engine, tmp_path, monkeypatch):
     monkeypatch.setenv('CDE_SITE_KEY_FILE', str(tmp_path / 'site.key'))
     h = generate(HospitalConfig(n_patients=80, seed=11))
-    counts = write_warehouse_extract(h, tmp_path / 'x')
+    counts = write_warehouse_extract(h, tmp_path / 'x', env_key())
     assert load_warehouse_extract(engine, tmp_path / 'x') == counts
     feed = hl7_feed(h)
     out = store_messages(engine, [(m, t + timedelta(seconds=30), 'test') for t, m in feed])
     assert all(o.status == 'stored' for o in out)
-    s = process_pending(engine, key=site_key())
+    s = process_pending(engine, key=env_key())
     assert s.messages == len(feed) and s.errors == 0
     with engine.connect() as c:
         n_results = c.execute(sa.select(sa.func.count()).select_from(lab_results)).scalar()
@@ -139,7 +140,7 @@ def test_registered_models_and_alias_history_are_append_only_in_the_database(eng
     from cde_workbench.registry import register_model, set_alias
     monkeypatch.setenv('CDE_VAR', str(tmp_path))
     est = LogisticRegression().fit(np.array([[0.], [1.]]), [0, 1])
-    register_model(engine, 'm', {'estimator': est}, {}, {}, 'f' * 64, 'd' * 64)
+    register_model(engine, 'm', {'estimator': est}, {}, {}, 'f' * 64, 'd' * 64, var=tmp_path)
     set_alias(engine, 'm', 'champion', 1, 'test')
     col = 'name'
     for stmt in (f"UPDATE {table} SET {col} = 'x'", f'DELETE FROM {table}'):

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 import sqlalchemy as sa
 
-from conftest import SHARED, needs_shared  # noqa: E402
+from conftest import SHARED, needs_shared, env_key  # noqa: E402
 
 SAMPLE = Path(os.environ.get('CDE_SYNTHEA_SAMPLE', SHARED / 'synthea'))
 needs_shared(SAMPLE / 'patients.csv', 'Synthea sample (set CDE_SYNTHEA_SAMPLE to its folder)')
@@ -30,7 +30,7 @@ def loaded(store_url, tmp_path, monkeypatch):
     from cde_workbench.store import dispose_engines, get_engine
     from cde_workbench.synthea import load_synthea
     eng = get_engine(store_url)
-    counts = load_synthea(eng, SAMPLE)
+    counts = load_synthea(eng, SAMPLE, env_key())
     yield eng, counts
     dispose_engines()
 
@@ -72,13 +72,13 @@ def test_values_match_the_csv_files(loaded):
     eng, _ = loaded
     res = _table(eng, 'lab_results')
     obs = _csv('observations.csv').filter(pl.col('CODE').is_in(list(LOINC_REFERENCE)))
-    want = Counter((patient_key(p), code, _utc(t), float(v)) for p, code, t, v in obs.select('PATIENT', 'CODE', 'DATE', 'VALUE').rows())
+    want = Counter((patient_key(p, env_key()), code, _utc(t), float(v)) for p, code, t, v in obs.select('PATIENT', 'CODE', 'DATE', 'VALUE').rows())
     got = Counter(res.select('patient_key', 'loinc', 'event_time', 'value').rows())
     assert got == want
     assert (res['stored_time'] - res['event_time'] == RESULT_TURNAROUND).all()
     assert set(res['component']) == {r.component for r in LOINC_REFERENCE.values()}
     assert (res.filter(pl.col('loinc') == '38483-4')['component'] == 'CREAT').all()    # whole-blood creatinine is creatinine
-    sex = {patient_key(i): g for i, g in _csv('patients.csv').select('Id', 'GENDER').rows()}
+    sex = {patient_key(i, env_key()): g for i, g in _csv('patients.csv').select('Id', 'GENDER').rows()}
     hgb = res.filter(pl.col('component') == 'HGB').with_columns(sex=pl.col('patient_key').replace_strict(sex))
     assert set(hgb.filter(pl.col('sex') == 'M').select('ref_low', 'ref_high').rows()) == {(13.5, 17.5)}
     assert set(hgb.filter(pl.col('sex') == 'F').select('ref_low', 'ref_high').rows()) == {(12.0, 15.5)}
@@ -87,7 +87,7 @@ def test_values_match_the_csv_files(loaded):
     assert (flags['f'] == flags['abnormal_flag']).all()
 
     meds = _table(eng, 'medication_orders')
-    want = Counter((patient_key(p), f'RXNORM:{c}', _utc(t)) for p, c, t in _csv('medications.csv').select('PATIENT', 'CODE', 'START').rows())
+    want = Counter((patient_key(p, env_key()), f'RXNORM:{c}', _utc(t)) for p, c, t in _csv('medications.csv').select('PATIENT', 'CODE', 'START').rows())
     assert Counter(meds.select('patient_key', 'med_code', 'event_time').rows()) == want
 
     adt = _table(eng, 'adt_events')
@@ -113,7 +113,7 @@ def test_diagnoses_are_coded_at_the_end_of_their_visit(loaded):
     assert len(late) == 5 and all(s > t and s.hour == 0 for t, s in late)
     # the sample's hypertension diagnoses, one per patient who has one
     htn = _csv('conditions.csv').filter(pl.col('CODE') == '59621000')
-    assert Counter(dx.filter(pl.col('icd10') == 'I10')['patient_key']) == Counter(patient_key(p) for p in htn['PATIENT'])
+    assert Counter(dx.filter(pl.col('icd10') == 'I10')['patient_key']) == Counter(patient_key(p, env_key()) for p in htn['PATIENT'])
 
 
 def test_no_identifiers_reach_the_research_tables(loaded):
@@ -134,7 +134,7 @@ def test_second_load_is_a_no_op_and_the_audit_row_has_the_coverage(loaded):
     from cde_workbench.store import audit_log
     from cde_workbench.synthea import load_synthea
     eng, counts = loaded
-    assert load_synthea(eng, SAMPLE) == {}
+    assert load_synthea(eng, SAMPLE, env_key()) == {}
     with eng.connect() as c:
         rows = c.execute(sa.select(audit_log.c.detail).where(audit_log.c.action == 'synthea.load')).scalars().all()
     assert len(rows) == 1
@@ -152,7 +152,7 @@ def test_an_edited_copy_of_a_loaded_export_is_refused_whole(loaded, tmp_path):
     with open(copy / 'medications.csv', 'a') as f:   # one more prescription: a new fingerprint, the rest already stored
         f.write(open(SAMPLE / 'medications.csv').read().splitlines()[1] + '\n')
     with pytest.raises(IngestError, match='already in the store'):
-        load_synthea(eng, copy)
+        load_synthea(eng, copy, env_key())
     assert {k: _table(eng, k).height for k in counts} == counts
 
 
@@ -171,7 +171,7 @@ def test_a_bad_value_in_the_sample_is_named_and_nothing_is_loaded(tmp_path, monk
     (copy / 'observations.csv').write_text(''.join(lines))
     eng = get_engine(f'sqlite:///{tmp_path}/s.sqlite')
     with pytest.raises(SchemaError, match=rf"observations.csv: row {i}, column VALUE: 'n/a' is not a number"):
-        load_synthea(eng, copy)
+        load_synthea(eng, copy, env_key())
     with eng.connect() as c:
         assert c.execute(sa.text('select count(*) from lab_results')).scalar() == 0
     dispose_engines()
@@ -201,8 +201,8 @@ def test_the_same_patient_read_as_fhir_gets_the_same_keys_ids_and_values(tmp_pat
     bundle = tmp_path / 'patient.json'
     bundle.write_text(json.dumps({'resourceType': 'Bundle', 'type': 'transaction',
                                   'entry': [{'fullUrl': f"urn:uuid:{r['id']}", 'resource': r} for r in res]}))
-    fhir = read_fhir_bundles([bundle])
-    csv = read_synthea(SAMPLE)
+    fhir = read_fhir_bundles([bundle], env_key())
+    csv = read_synthea(SAMPLE, env_key())
     key = fhir['patients']['patient_key'][0]
     mine = lambda t: csv[t].filter(pl.col('patient_key') == key)
     cols = ['patient_key', 'birth_year', 'sex', 'stored_time']

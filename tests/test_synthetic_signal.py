@@ -15,12 +15,13 @@ from cde_workbench.synth import HospitalConfig, generate, write_warehouse_extrac
 from cde_workbench.terminology import LABS
 from cde_workbench.tasks import lab_abnormal_points
 from cde_workbench.warehouse import load_warehouse_extract
+from conftest import env_key  # noqa: E402
 
 
 @pytest.fixture(scope='module')
 def hospital(tmp_path_factory):
     d = tmp_path_factory.mktemp('signal')
-    write_warehouse_extract(generate(HospitalConfig(n_patients=1500, seed=21)), d / 'x')
+    write_warehouse_extract(generate(HospitalConfig(n_patients=1500, seed=21)), d / 'x', env_key())
     eng = get_engine(f'sqlite:///{d}/s.sqlite')
     load_warehouse_extract(eng, d / 'x')
     with eng.connect() as c:

@@ -17,6 +17,7 @@ from cde_workbench.terminology import LABS
 from cde_workbench.deployment import Task
 from cde_workbench.tasks import (DEPLOYR_TASKS, ICU_TRANSFER_24H, LeakageError, check_point_in_time, exclusion_mask, lab_abnormal_points, task_points)
 from cde_workbench.warehouse import load_warehouse_extract
+from conftest import env_key  # noqa: E402
 
 T = pl.Datetime('us', 'UTC')
 
@@ -25,7 +26,7 @@ T = pl.Datetime('us', 'UTC')
 def eng(tmp_path_factory):
     d = tmp_path_factory.mktemp('tasks')
     mp = pytest.MonkeyPatch(); mp.setenv('CDE_SITE_KEY_FILE', str(d / 'site.key'))
-    write_warehouse_extract(generate(HospitalConfig(n_patients=200, seed=9)), d / 'x')
+    write_warehouse_extract(generate(HospitalConfig(n_patients=200, seed=9)), d / 'x', env_key())
     e = get_engine(f'sqlite:///{d}/store.sqlite'); load_warehouse_extract(e, d / 'x')
     yield e
     dispose_engines(); mp.undo()

@@ -3,6 +3,7 @@ notebooks, and a time-triggered task (ICU transfer within 24 h) through the same
 from pathlib import Path
 
 import pytest
+from conftest import env_engine, env_key  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -15,8 +16,8 @@ def store(tmp_path_factory):
     base = tmp_path_factory.mktemp('training')
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv('CDE_VAR', str(base / 'var'))
-        write_warehouse_extract(generate(HospitalConfig(n_patients=400, seed=11)), base / 'x')
-        eng = get_engine()
+        write_warehouse_extract(generate(HospitalConfig(n_patients=400, seed=11)), base / 'x', env_key())
+        eng = env_engine()
         load_warehouse_extract(eng, base / 'x')
         yield eng
         dispose_engines()
