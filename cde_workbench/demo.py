@@ -186,9 +186,11 @@ class WarmKernels:
                  ahead: int = 1, # kernels kept started and waiting
                  total: int | None = None, # kernels to start in all (the runs to come); None: no limit
                  kernel_name: str = 'python3', # the kernel spec
+                 reuse: bool = False, # a kernel that finished a run serves the next, its namespace reset (imports stay, as with `preload`)
                 ):
         if ahead < 0 or (total is not None and total < 0): raise ConfigError(f'WarmKernels: ahead ({ahead}) and total ({total}) cannot be negative')
         self.preload, self.env, self.ahead, self.total, self.kernel_name = tuple(preload), env, ahead, total, kernel_name
+        self.reuse, self._idle = reuse, []   # with reuse: kernels whose run has finished
         self.started = 0   # kernels started so far
         self._ready: list[Future] = []      # starting or started, not yet taken
         self._retiring: list[Future] = []   # shutting down
@@ -210,12 +212,16 @@ class WarmKernels:
         from cde_workbench.schedule import _ipc_kernel_manager
         pool = self
         class Pooled(_ipc_kernel_manager(tempfile.mkdtemp(dir=self._dir), self.env)):
-            retired = False
+            retired = kept = False
             async def shutdown_kernel(self, now: bool = False, restart: bool = False):   # papermill is done with it
+                if pool.reuse and not now and not pool._closed:
+                    self.kept = True
+                    with pool._lock: pool._idle.append(self)
+                    return
                 self.retired = True
                 pool._retire(self, now)
             async def cleanup_resources(self, restart: bool = False):
-                if not self.retired: await super().cleanup_resources(restart)   # else the shutdown in the background does it
+                if not (self.retired or self.kept): await super().cleanup_resources(restart)   # else the shutdown in the background does it, or it is kept
         km = Pooled(kernel_name=self.kernel_name)
         asyncio.run(km.start_kernel())
         if self.preload:
@@ -237,10 +243,22 @@ class WarmKernels:
         def down(): asyncio.run(AsyncKernelManager.shutdown_kernel(km, now=now))
         with self._lock: self._retiring.append(self._threads.submit(down))
 
+    def _reset(self, km: AsyncKernelManager) -> AsyncKernelManager:
+        "Clear a used kernel's namespace and history as a new session does (the next cell is number 1); its imports stay."
+        km.kept = False
+        kc = km.blocking_client(); kc.start_channels()
+        try: reply = kc.execute_interactive('get_ipython().reset(new_session=True)', silent=True, store_history=False, timeout=60)
+        finally: kc.stop_channels()
+        if reply['content']['status'] != 'ok': raise PipelineError(f"could not reset a kernel for its next run: {reply['content'].get('evalue')}")
+        return km
+
     def take(self) -> AsyncKernelManager:
         "A started kernel for the next run (waiting for it if need be); the next one starts in its place."
         with self._lock:
             if self._closed: raise PipelineError('WarmKernels: the pool is closed')
+            idle = self._idle.pop(0) if self._idle else None
+        if idle is not None: return self._reset(idle)
+        with self._lock:
             if self._ready: fut = self._ready.pop(0)
             else: fut = self._threads.submit(self._start); self.started += 1
         self._fill()
@@ -258,7 +276,8 @@ class WarmKernels:
         "Shut down every kernel not taken and wait for those shutting down; the pool takes no more."
         with self._lock:
             self._closed = True
-            ready, self._ready = self._ready, []
+            ready, self._ready, idle, self._idle = self._ready, [], self._idle, []
+        for km in idle: asyncio.run(AsyncKernelManager.shutdown_kernel(km, now=True))
         for f in ready:
             if f.cancel(): continue
             try: km = f.result()
@@ -348,13 +367,13 @@ def _silent_trial(ws: Workspace, dep, engine, cfg, feed_path: Path, key: bytes, 
     feed = [(m, clock(m)) for m in read_feed_file(feed_path)]
     start, end = (datetime.fromisoformat(t).replace(tzinfo=timezone.utc) for t in (cfg.cutover, cfg.end))
     weeks = trial_weeks(start, end)
-    n_runs = len(weeks) + sum(label_run_due(k, weeks) for k in range(len(weeks))) + 1
     sent, t_ingest, t_score, t_labels, acks = 0, 0.0, 0.0, 0.0, {}
     def send(batch):
         for code in asyncio.run(send_messages(batch, port=port, window=32, timeout=60)).acks.values(): acks[code] = acks.get(code, 0) + 1
         process_pending(engine, key=key)
-    # each run's kernel is started, with the serving and labelling code imported, while the previous run works
-    with WarmKernels(preload=('cde_workbench.serve', 'cde_workbench.labels'), total=n_runs) as kernels, \
+    # one kernel for the deployment's weekly runs, started (the serving and labelling code imported) while the receiver starts;
+    # each run finds it reset as for a new session
+    with WarmKernels(preload=('cde_workbench.serve', 'cde_workbench.labels'), total=1, reuse=True) as kernels, \
          mllp_receiver(replay_clock=True, env=workspace_env(ws)) as port:
         def run(kind, when):
             t = time.perf_counter(); run_notebook(ws, dep, kind, {'as_of': when.isoformat()}, kernel_manager_class=kernels.manager_class)

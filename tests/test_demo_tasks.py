@@ -72,7 +72,13 @@ def test_sigterm_ends_every_run_and_kernel(small_store):
 
 
 def _kernels_of_this_process():
-    return [p for p in psutil.Process().children(recursive=True) if 'ipykernel' in ' '.join(p.cmdline())]
+    "Kernels this process started that are still running (a zombie has ended; its exit status only waits to be read)."
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and 'ipykernel' in ' '.join(p.cmdline()): found.append(p)
+        except psutil.NoSuchProcess: pass
+    return found
 
 
 def test_warm_kernels_give_each_run_a_fresh_kernel_started_ahead(tmp_path):
@@ -111,4 +117,29 @@ def test_warm_kernels_report_a_failed_import_and_leave_no_kernel():
     with WarmKernels(preload=('no_such_module_for_cde',), total=1) as warm:
         with pytest.raises(PipelineError, match="could not import no_such_module_for_cde: ModuleNotFoundError"):
             warm.take()
+    assert not _kernels_of_this_process()
+
+
+def test_a_reused_kernel_starts_each_run_as_a_new_session(tmp_path):
+    "With reuse, one kernel serves every run: the previous run's variables are gone and the cells are numbered from 1 again."
+    import nbformat
+    import papermill as pm
+    from cde_workbench.demo import WarmKernels
+    code = ("import os\nprint(os.getpid(), 'left' in globals(), get_ipython().execution_count, len(In))\n"
+            "left = 'by this run'")
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code), nbformat.v4.new_code_cell('pass')]),
+                   tmp_path / 'nb.ipynb')
+    seen = []
+    with WarmKernels(total=1, reuse=True) as warm:
+        for i in range(3):
+            out = tmp_path / f'run{i}.ipynb'
+            pm.execute_notebook(str(tmp_path / 'nb.ipynb'), str(out), kernel_name='python3', progress_bar=False,
+                                kernel_manager_class=warm.manager_class)
+            nb = nbformat.read(out, as_version=4)
+            seen.append([*nb.cells[0].outputs[0]['text'].split(), [c.execution_count for c in nb.cells]])
+        assert warm.started == 1
+        assert len(_kernels_of_this_process()) == 1
+    assert len({s[0] for s in seen}) == 1, seen                          # one kernel
+    assert all(s[1:] == seen[0][1:] for s in seen), seen                 # ... and every run sees it as the first did
+    assert seen[0][1] == 'False' and seen[0][4] == [1, 2], seen          # no variable left, cells numbered from 1
     assert not _kernels_of_this_process()
