@@ -136,8 +136,8 @@ def _demo_task(name: str, ws: Workspace) -> str:
     from cde_workbench.schedule import run_notebook
     from cde_workbench.store import get_engine
     engine, d = get_engine(ws.database_url), load_deployment(name, ws.deployments)
-    # the evaluation's kernel starts while the task trains, and the training kernel shuts down while it evaluates
-    with WarmKernels(total=2, env={'PGPASSWORD': ws.password} if ws.password else None) as kernels:
+    # one kernel for the deployment's two runs: the evaluation finds it reset as a new session, the libraries loaded
+    with WarmKernels(total=1, reuse=True, env={'PGPASSWORD': ws.password} if ws.password else None) as kernels:
         run_notebook(ws, d, 'train', {}, kernel_manager_class=kernels.manager_class)
         with engine.connect() as c: rec = get_model(c, d.name)
         set_alias(engine, d.name, 'champion', rec.version, 'demo: the only version, reviewed in the demo report')
