@@ -191,6 +191,7 @@ class WarmKernels:
         if ahead < 0 or (total is not None and total < 0): raise ConfigError(f'WarmKernels: ahead ({ahead}) and total ({total}) cannot be negative')
         self.preload, self.env, self.ahead, self.total, self.kernel_name = tuple(preload), env, ahead, total, kernel_name
         self.reuse, self._idle = reuse, []   # with reuse: kernels whose run has finished
+        self._all: list[AsyncKernelManager] = []   # every kernel started, to stop any still running at close
         self.started = 0   # kernels started so far
         self._ready: list[Future] = []      # starting or started, not yet taken
         self._retiring: list[Future] = []   # shutting down
@@ -224,6 +225,7 @@ class WarmKernels:
                 if not (self.retired or self.kept): await super().cleanup_resources(restart)   # else the shutdown in the background does it, or it is kept
         km = Pooled(kernel_name=self.kernel_name)
         asyncio.run(km.start_kernel())
+        with self._lock: self._all.append(km)
         if self.preload:
             kc = km.blocking_client(); kc.start_channels()
             try:
@@ -257,7 +259,9 @@ class WarmKernels:
         with self._lock:
             if self._closed: raise PipelineError('WarmKernels: the pool is closed')
             idle = self._idle.pop(0) if self._idle else None
-        if idle is not None: return self._reset(idle)
+        if idle is not None:
+            if asyncio.run(idle.is_alive()): return self._reset(idle)
+            idle.retired = True; asyncio.run(AsyncKernelManager.shutdown_kernel(idle, now=True))   # it died: a fresh one instead
         with self._lock:
             if self._ready: fut = self._ready.pop(0)
             else: fut = self._threads.submit(self._start); self.started += 1
@@ -287,6 +291,10 @@ class WarmKernels:
         for f in retiring:
             try: f.result()
             except Exception: pass
+        for km in self._all:   # one still in a run that was stopped before papermill let go of it
+            try:
+                if not km.retired and km.has_kernel: asyncio.run(AsyncKernelManager.shutdown_kernel(km, now=True))
+            except Exception: pass   # gone already
         self._threads.shutdown(wait=True)
         shutil.rmtree(self._dir, ignore_errors=True)
 

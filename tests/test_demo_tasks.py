@@ -143,3 +143,12 @@ def test_a_reused_kernel_starts_each_run_as_a_new_session(tmp_path):
     assert all(s[1:] == seen[0][1:] for s in seen), seen                 # ... and every run sees it as the first did
     assert seen[0][1] == 'False' and seen[0][4] == [1, 2], seen          # no variable left, cells numbered from 1
     assert not _kernels_of_this_process()
+
+
+def test_closing_the_pool_stops_a_kernel_still_taken():
+    "A run stopped before papermill let go of its kernel (Ctrl-C, SIGTERM): closing the pool stops that kernel too."
+    from cde_workbench.demo import WarmKernels
+    with WarmKernels(total=1) as warm:
+        km = warm.take()
+        assert len(_kernels_of_this_process()) == 1 and km.has_kernel
+    assert not _kernels_of_this_process()
