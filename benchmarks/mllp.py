@@ -39,7 +39,7 @@ import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cde_workbench.cli import mllp_receiver
+from cde_workbench.demo import mllp_receiver
 
 import numpy as np
 

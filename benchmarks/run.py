@@ -26,11 +26,18 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cde_workbench.config import var_dir  # noqa: E402
+from cde_workbench.config import Workspace  # noqa: E402
+
+
+def _bench_dir() -> Path:
+    "Where `make demo` leaves its stage timings and this script its figures: the command line's var/bench."
+    d = Workspace.from_env().var / 'bench'
+    d.mkdir(parents=True, exist_ok=True)
+    return d
 
 
 def demo_stages():
-    p = var_dir() / 'bench' / 'demo_stages.json'
+    p = _bench_dir() / 'demo_stages.json'
     if not p.exists(): return {}
     d = json.loads(p.read_text())
     return {f'demo_{k}_seconds': {'value': v, 'unit': 's', 'baseline': None, 'ratio': None, 'note': f"make demo, {d['patients']} patients"}
@@ -54,7 +61,7 @@ def main():
     for name, v in figures.items():
         ratio = f"  ratio {v['ratio']}x (baseline {v['baseline']} {v['unit']})" if v['ratio'] else ''
         print(f"{name:34s} {v['value']:>9} {v['unit']}{ratio}   [{v['note']}]")
-    out = var_dir() / 'bench' / 'latest.json'
+    out = _bench_dir() / 'latest.json'
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(figures, indent=1))
     print(f'written: {out}')

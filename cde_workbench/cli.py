@@ -6,27 +6,23 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import time
-from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .config import CDEError, ConfigError, Workspace, as_utc, database_url, utcnow, var_dir
+from .config import CDEError, ConfigError, Workspace, as_utc, utcnow
 from .deployment import load_deployment
 
 # The heavy libraries (scikit-learn, polars, papermill, nbformat) load inside each command, so that
 # `cde --help` and argument errors answer at once.
 
 # %% auto #0
-__all__ = ['app', 'ingest_app', 'models_app', 'DEMO_DEPLOYMENT', 'DEPLOYR_DEPLOYMENTS', 'synth', 'ingest_warehouse',
-           'feed_with_times', 'ingest_synthea', 'ingest_fhir', 'ingest_file', 'ingest_mllp', 'ingest_process',
-           'ingest_replay', 'train', 'deploy', 'score', 'labels', 'report', 'dashboard', 'models_list', 'models_show',
-           'models_alias', 'mllp_receiver', 'train_demo_tasks', 'demo', 'evaluate', 'main']
+__all__ = ['app', 'ingest_app', 'models_app', 'synth', 'ingest_warehouse', 'feed_with_times', 'ingest_synthea', 'ingest_fhir',
+           'ingest_file', 'ingest_mllp', 'ingest_process', 'ingest_replay', 'train', 'deploy', 'score', 'labels',
+           'report', 'dashboard', 'models_list', 'models_show', 'models_alias', 'demo', 'evaluate', 'main']
 
 # %% ../nbs/80_cli.ipynb #636e4249
 app = typer.Typer(help='cde-workbench: take a clinical model from the research notebook to a silent trial, a report and a dashboard.',
@@ -45,11 +41,13 @@ def synth(out: Path = typer.Option(None, help='Folder for the extract and feed (
           drift: Optional[str] = typer.Option('HGB', help="Lab component shifted by an analyser change from 2024-02-15 ('none' for no drift)."),
          ):
     "Generate the synthetic hospital: a warehouse extract (2019-2023) and an HL7 v2 feed (2024-01 to 2024-03)."
+    from cde_workbench.pseudonyms import site_key
     from cde_workbench.synth import HospitalConfig, generate, write_hl7_feed, write_warehouse_extract
-    out = out or var_dir() / 'synth'
+    ws = Workspace.from_env()
+    out = out or ws.var / 'synth'
     cfg = HospitalConfig(n_patients=patients, seed=seed, drift_component=None if drift in (None, 'none') else drift)
     h = generate(cfg)
-    counts = write_warehouse_extract(h, out / 'warehouse')
+    counts = write_warehouse_extract(h, out / 'warehouse', site_key(ws.site_key_file))
     n = write_hl7_feed(h, out / 'feed.hl7')
     typer.echo(f"warehouse extract: {out / 'warehouse'} ({', '.join(f'{k} {v}' for k, v in counts.items())})")
     typer.echo(f"HL7 feed: {out / 'feed.hl7'} ({n} messages)")
@@ -176,11 +174,12 @@ def deploy(deployment: str = typer.Argument(..., help='Deployment name.'),
            model: Optional[str] = typer.Option(None, '--model', help='Model version number or alias to serve (default: the champion, else the newest).'),
            reason: str = typer.Option('', help='Why, for the audit log.')):
     "Move a deployment through its lifecycle (draft → silent → live → retired, with pause); audited."
-    dep = load_deployment(deployment, Workspace.from_env().deployments)
+    ws = Workspace.from_env()
+    dep = load_deployment(deployment, ws.deployments)
     from cde_workbench.deploy import set_status
     from cde_workbench.registry import resolve_model
     from cde_workbench.store import get_engine
-    engine = get_engine()
+    engine = get_engine(ws.database_url)
     mid = None
     if status in ('silent', 'live'):
         with engine.connect() as c: mid = resolve_model(c, dep.name, model).model_id
@@ -229,7 +228,8 @@ def labels(deployment: str = typer.Argument(..., help='Deployment name.'),
     from cde_workbench.store import get_engine
     when = _as_of(as_of)
     run = _timed_run(deployment, 'labels', when.isoformat())
-    with get_engine().connect() as c: got, st = run_counts(c, run.run_id), label_status(c, load_deployment(deployment, Workspace.from_env().deployments), when)
+    ws = Workspace.from_env()
+    with get_engine(ws.database_url).connect() as c: got, st = run_counts(c, run.run_id), label_status(c, load_deployment(deployment, ws.deployments), when)
     t = label_counts(st, per_week=False).row(0, named=True)
     typer.echo(f"{got}; as of {when:%Y-%m-%d %H:%M} UTC, of {t['scored']} packets: {t['labelled']} labelled, {t['awaiting']} awaiting "
                f"a result, {t['cancelled']} cancelled, {t['censored']} censored")
@@ -237,10 +237,10 @@ def labels(deployment: str = typer.Argument(..., help='Deployment name.'),
 @app.command()
 def report(deployment: str = typer.Argument(..., help='Deployment name.')):
     "Render the reviewer's HTML report (retrospective against prospective performance) to reports/<name>/report.html."
-    dep = load_deployment(deployment, Workspace.from_env().deployments)
-    from cde_workbench.report import render_report
     ws = Workspace.from_env()
-    path = render_report(ws, load_deployment(deployment, ws.deployments))
+    dep = load_deployment(deployment, ws.deployments)   # a typo is reported before the report's libraries load
+    from cde_workbench.report import render_report
+    path = render_report(ws, dep)
     typer.echo(f'report: {path}')
 
 @app.command()
@@ -264,7 +264,7 @@ def models_list(name: Optional[str] = typer.Argument(None, help='Only this model
     "Registered versions, newest first, with aliases, model kind and test AUROC."
     from cde_workbench.registry import list_models
     from cde_workbench.store import get_engine
-    with get_engine().connect() as c: df = list_models(c, name)
+    with get_engine(Workspace.from_env().database_url).connect() as c: df = list_models(c, name)
     if name is not None and df.is_empty(): raise ConfigError(f"no registered model {name!r}")
     if as_json: typer.echo(json.dumps(df.to_dicts(), indent=1)); return
     if df.is_empty(): typer.echo('no registered models; train one with `cde train <deployment>`'); return
@@ -280,7 +280,7 @@ def models_show(name: str = typer.Argument(..., help='Model name.'),
     "One version's lineage (feature-set hash, data fingerprint, code version), parameters, metrics and alias history, as JSON."
     from cde_workbench.registry import alias_history, list_models, resolve_model
     from cde_workbench.store import get_engine
-    with get_engine().connect() as c:
+    with get_engine(Workspace.from_env().database_url).connect() as c:
         rec = resolve_model(c, name, ref)
         aliases = list_models(c, name).filter(version=rec.version)['aliases'][0]
         hist = alias_history(c, name)
@@ -300,211 +300,20 @@ def models_alias(name: str = typer.Argument(..., help='Model name.'),
     from cde_workbench.registry import set_alias
     from cde_workbench.store import get_engine
     if (version is None) != clear: raise ConfigError('give a VERSION, or --clear to remove the alias (not both)')
-    rec = set_alias(get_engine(), name, alias, version, reason)
+    rec = set_alias(get_engine(Workspace.from_env().database_url), name, alias, version, reason)
     typer.echo(f'{name}@{alias} -> ' + (f'v{rec.version} (sha256 {rec.sha256[:12]}…)' if rec else 'cleared'))
 
 
 # %% ../nbs/80_cli.ipynb #15886338
-DEMO_DEPLOYMENT = 'hgb_abnormal'   # the one that runs a silent trial
-# DEPLOYR's twelve lab-abnormal tasks, trained and evaluated retrospectively by the demo
-DEPLOYR_DEPLOYMENTS = ('hct_abnormal', 'hgb_abnormal', 'plt_abnormal', 'wbc_abnormal', 'alb_abnormal', 'bun_abnormal', 'ca_abnormal',
-                       'co2_abnormal', 'creat_abnormal', 'k_abnormal', 'na_abnormal', 'mg_abnormal')
-
-def _reset_demo_store() -> None:
-    "Start the demo from an empty default store; refuse to touch a store the demo did not create."
-    import sqlalchemy as sa
-    from cde_workbench.store import audit_log, dispose_engines, get_engine, inferences
-    url = database_url()
-    if not url.startswith('sqlite:///'): raise ConfigError('the demo runs on the embedded SQLite store; unset CDE_DATABASE_URL')
-    db = Path(url.removeprefix('sqlite:///'))
-    if db.exists():
-        eng = get_engine(url)
-        with eng.connect() as c:
-            ours = c.execute(sa.select(audit_log.c.id).where(audit_log.c.action == 'demo.start')).first()
-            anything = c.execute(sa.select(sa.func.count()).select_from(inferences)).scalar()
-        dispose_engines()
-        if not ours and anything: raise ConfigError(f'{db} holds data the demo did not create; move it away or set CDE_VAR to another folder')
-        for p in (db, db.with_name(db.name + '-wal'), db.with_name(db.name + '-shm')): p.unlink(missing_ok=True)
-    for d in ('synth', *(f'models/{n}' for n in DEPLOYR_DEPLOYMENTS)):
-        p = var_dir() / d
-        if p.exists():
-            for f in p.rglob('*'):
-                if f.is_file(): f.chmod(0o644)
-            shutil.rmtree(p)
-
-@contextmanager
-def mllp_receiver(replay_clock: bool = False, timeout: float = 60.0, env: dict | None = None):
-    "Run `cde ingest mllp --no-process` as its own process on a free loopback port for the duration; yields the port."
-    import os, signal, socket, subprocess
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0)); port = sock.getsockname()[1]
-    cmd = [sys.executable, '-c', 'from cde_workbench.cli import main; main()', 'ingest', 'mllp', '--port', str(port), '--no-process']
-    if replay_clock: cmd.append('--replay-clock')
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None: raise ConfigError(f"the MLLP receiver stopped: {proc.stderr.read().decode(errors='replace')[-500:]}")
-            try:
-                with socket.create_connection(('127.0.0.1', port), timeout=0.5): break
-            except OSError:
-                if time.monotonic() > deadline: raise ConfigError(f'the MLLP receiver did not start within {timeout:.0f} s')
-                time.sleep(0.1)
-        yield port
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try: proc.wait(30)
-        except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL); proc.wait()
-
-def _stop(signum, frame):
-    "SIGTERM handler: stop like Ctrl-C, so that `finally` blocks shut kernels down and the run ledger records the run as failed."
-    raise KeyboardInterrupt(f'stopped by signal {signum}')
-
-def _demo_worker_stop(signum, frame):
-    "A demo worker told to stop: the first signal ends its run (kernel shut down, run failed), later ones are ignored."
-    import signal
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise SystemExit(f'demo worker stopped by signal {signum}')
-
-def _demo_worker_init(threads: int = 1) -> None:
-    "A demo worker process stops on SIGTERM from the demo, and leaves Ctrl-C to the demo, which stops every worker; its kernels use `threads` threads."
-    import os, signal
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _demo_worker_stop)
-    # the kernels this worker starts inherit these: two tasks each fitting with every core (OpenMP in gradient
-    # boosting, joblib in the forest) oversubscribe the machine and run several times slower than one at a time
-    for k in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS', 'LOKY_MAX_CPU_COUNT'): os.environ[k] = str(threads)
-
-def _demo_task(name: str, ws: Workspace) -> str:
-    "Train one task (train.ipynb), make the model its champion, evaluate it (evaluate.ipynb); runs in a demo worker process."
-    from cde_workbench.registry import get_model, set_alias
-    from cde_workbench.schedule import run_notebook
-    from cde_workbench.store import get_engine
-    engine, d = get_engine(ws.database_url), load_deployment(name, ws.deployments)
-    run_notebook(ws, d, 'train', {})
-    with engine.connect() as c: rec = get_model(c, d.name)
-    set_alias(engine, d.name, 'champion', rec.version, 'demo: the only version, reviewed in the demo report')
-    run_notebook(ws, d, 'evaluate', {})
-    return name
-
-def train_demo_tasks(ws: Workspace, # the workspace every run uses
-                     names: list[str], # deployments to train and evaluate
-                     workers: int = 2, # tasks at a time, each in its own process with its own kernels
-                     progress: bool = True, # a progress bar of finished tasks
-                    ) -> None:
-    "Train and evaluate each task `workers` at a time; a failure stops new tasks, Ctrl-C or SIGTERM stops every run and kernel."
-    import multiprocessing, os, queue, signal, threading
-    from cde_workbench.config import PipelineError
-    from tqdm.auto import tqdm
-    todo, running, failed, done = list(names), set(), {}, queue.Queue()
-    main = threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGTERM, _stop) if main else None
-    threads = max(1, (os.cpu_count() or 1) // workers)   # the machine's cores shared between the tasks that run at once
-    pool = multiprocessing.get_context('spawn').Pool(workers, initializer=_demo_worker_init, initargs=(threads,))
-    try:
-        with tqdm(total=len(todo), desc='tasks', unit='task', disable=not progress) as bar:
-            while todo or running:
-                while todo and len(running) < workers and not failed:
-                    n = todo.pop(0); running.add(n)
-                    pool.apply_async(_demo_task, (n, ws), callback=lambda _, n=n: done.put((n, None)),
-                                     error_callback=lambda e, n=n: done.put((n, e)))
-                if not running: break
-                n, err = done.get()
-                running.discard(n); bar.update()
-                if err is not None: failed[n] = err
-        pool.close()
-    except BaseException:
-        pool.terminate()   # SIGTERM to each worker: its run's kernel is shut down and the run recorded as failed
-        raise
-    finally:
-        pool.join()
-        if main: signal.signal(signal.SIGTERM, old)
-    if failed:
-        raise PipelineError(f"{len(failed)} of {len(names)} demo tasks failed: " + '; '.join(f'{n}: {e}' for n, e in failed.items())
-                            + (f" (not started: {', '.join(todo)})" if todo else ''))
-
 @app.command()
 def demo(patients: int = typer.Option(3000, min=200, help='Patients in the synthetic hospital.'),
          seed: int = typer.Option(7, help='Random seed.')):
     "Run the whole workbench end to end on the synthetic hospital and say where the report and dashboard are."
-    from cde_workbench.deploy import set_status
-    import asyncio
-    import sqlalchemy as sa
-    from cde_workbench.events import process_pending
-    from cde_workbench.mllp import send_messages
-    from cde_workbench.monitor import performance_rows
-    from cde_workbench.pseudonyms import site_key
-    from cde_workbench.registry import get_model
-    from cde_workbench.report import render_report
-    from cde_workbench.schedule import run_notebook
-    from cde_workbench.store import audit, get_engine
-    from cde_workbench.synth import HospitalConfig, generate, write_hl7_feed, write_warehouse_extract
-    from cde_workbench.warehouse import load_warehouse_extract
-    from tqdm.auto import tqdm
-    t_all = time.perf_counter(); stages = {}
-    import signal, threading
-    if threading.current_thread() is threading.main_thread():   # SIGTERM stops the demo as Ctrl-C does: kernels, workers and the MLLP receiver too
-        signal.signal(signal.SIGTERM, _stop)
-    def stage(name, t0): stages[name] = round(time.perf_counter() - t0, 2); typer.echo(f'  {name}: {stages[name]:.1f} s')
-    ws = Workspace.from_env()
-    dep = load_deployment(DEMO_DEPLOYMENT, ws.deployments)
-    _reset_demo_store()
-    engine = get_engine(ws.database_url)
-    with engine.begin() as c: audit(c, 'demo.start', str(database_url()), {'patients': patients, 'seed': seed})
-    typer.echo(f'1/6 synthetic hospital ({patients} patients)')
-    t0 = time.perf_counter()
-    # a realistic feed: some messages sent twice, some late, a few garbled, some patients registered twice then merged
-    cfg = HospitalConfig(n_patients=patients, seed=seed, duplicate_rate=0.01, late_rate=0.02, merge_rate=0.02, malformed_rate=0.002)
-    h = generate(cfg)
-    out = var_dir() / 'synth'
-    write_warehouse_extract(h, out / 'warehouse'); write_hl7_feed(h, out / 'feed.hl7')
-    stage('synth', t0)
-    typer.echo('2/6 warehouse extract into the store'); t0 = time.perf_counter()
-    load_warehouse_extract(engine, out / 'warehouse'); stage('warehouse_load', t0)
-    typer.echo(f'3/6 training and evaluating DEPLOYR\'s {len(DEPLOYR_DEPLOYMENTS)} lab tasks, two at a time (train.ipynb, evaluate.ipynb by papermill)')
-    t0 = time.perf_counter()
-    train_demo_tasks(ws, list(DEPLOYR_DEPLOYMENTS), workers=2)   # two at a time: one task's kernel start-up and data loading overlap the other's fitting
-    with engine.connect() as c: rec = get_model(c, dep.name)
-    set_status(engine, dep.name, 'silent', rec.model_id, 'demo: silent trial')
-    stage('train', t0)
-    typer.echo('4/6 silent trial: the feed sent week by week over MLLP to `cde ingest mllp`, score.ipynb after each week')
-    t0 = time.perf_counter()
-    feed = feed_with_times(out / 'feed.hl7')   # the receive time each message will get (the receiver's replay clock)
-    start, end = datetime.fromisoformat(cfg.cutover).replace(tzinfo=timezone.utc), datetime.fromisoformat(cfg.end).replace(tzinfo=timezone.utc)
-    weeks = []
-    w = start
-    while w < end: w = min(w + timedelta(days=7), end); weeks.append(w)
-    done, t_ingest, t_score, t_labels, acks = 0, 0.0, 0.0, 0.0, {}
-    with mllp_receiver(replay_clock=True) as port:
-        for k, wk in enumerate(tqdm(weeks, desc='weeks', unit='week')):
-            batch = []
-            while done < len(feed) and feed[done][1] <= wk: batch.append(feed[done][0]); done += 1
-            ti = time.perf_counter()
-            for code in asyncio.run(send_messages(batch, port=port, window=32, timeout=60)).acks.values(): acks[code] = acks.get(code, 0) + 1
-            process_pending(engine, key=site_key(ws.site_key_file))
-            t_ingest += time.perf_counter() - ti
-            ts = time.perf_counter(); run_notebook(ws, dep, 'score', {'as_of': wk.isoformat()}); t_score += time.perf_counter() - ts
-            if (k + 1) % 4 == 0 or wk == end:
-                tl = time.perf_counter(); run_notebook(ws, dep, 'labels', {'as_of': wk.isoformat()}); t_labels += time.perf_counter() - tl
-        if done < len(feed): asyncio.run(send_messages([m for m, _ in feed[done:]], port=port, window=32, timeout=60)); process_pending(engine, key=site_key(ws.site_key_file))
-    tl = time.perf_counter(); run_notebook(ws, dep, 'labels', {'as_of': (end + timedelta(days=2)).isoformat()}); t_labels += time.perf_counter() - tl
-    with engine.connect() as c:
-        n = {t: c.execute(sa.text(f'select count(*) from {t}')).scalar() for t in ('ids_messages', 'ids_receipts', 'ids_dead_letters', 'mrn_merges', 'processing_errors')}
-    typer.echo(f"  {len(feed)} messages sent ({', '.join(f'{v} {k}' for k, v in sorted(acks.items()))}): {n['ids_messages']} stored, "
-               f"{n['ids_receipts'] - n['ids_messages']} duplicates acknowledged again, {n['ids_dead_letters']} dead letters, "
-               f"{n['mrn_merges']} MRN merges, {n['processing_errors']} processing errors")
-    stages.update(ingest_feed=round(t_ingest, 2), scoring_runs=round(t_score, 2), label_runs=round(t_labels, 2))
-    stage('silent_trial', t0)
-    typer.echo('5/6 report (report.ipynb by papermill, nbconvert)'); t0 = time.perf_counter()
-    path = render_report(ws, dep); stage('report', t0)
-    typer.echo('6/6 summary')
-    with engine.connect() as c: rows = performance_rows(c, dep)
-    stages['total'] = round(time.perf_counter() - t_all, 2)
-    (var_dir() / 'bench').mkdir(exist_ok=True)
-    (var_dir() / 'bench' / 'demo_stages.json').write_text(json.dumps({'patients': patients, 'seconds': stages}, indent=1))
-    for r in rows:
-        typer.echo(f'  {r.period:>13}: n={r.n}, prevalence {r.prevalence}, AUROC {r.auroc}')
-    typer.echo(f'\nDemo finished in {stages["total"]:.0f} s.\nReport: {path}\nDashboard: run `make dashboard` '
+    from cde_workbench.demo import run_demo
+    r = run_demo(Workspace.from_env(), patients=patients, seed=seed, echo=typer.echo)
+    for row in r.rows:
+        typer.echo(f'  {row.period:>13}: n={row.n}, prevalence {row.prevalence}, AUROC {row.auroc}')
+    typer.echo(f'\nDemo finished in {r.seconds:.0f} s.\nReport: {r.report}\nDashboard: run `make dashboard` '
                f'(or `.venv/bin/cde dashboard`) and open the address it prints (127.0.0.1, with a token).')
 
 # %% ../nbs/80_cli.ipynb #81057cfe
@@ -523,7 +332,6 @@ def evaluate(file: Path = typer.Argument(..., help='Predictions file (.csv or .p
              cluster: Optional[str] = typer.Option(None, '--cluster', help='Column of the independent unit (e.g. patient id): the bootstrap resamples it whole. Without it, rows are treated as independent.'),
              as_json: bool = typer.Option(False, '--json', help='Print the result as JSON on stdout instead of a summary and an HTML report.')):
     "Evaluate a predictions file: AUROC, AP, threshold metrics, Brier, calibration, net benefit and subgroups, with bootstrap CIs."
-    from cde_workbench.config import reports_dir
     from cde_workbench.evaluate import evaluate_predictions, read_predictions, summary_text
     try: nb = None if nb_thresholds is None else [float(t) for t in nb_thresholds.split(',') if t.strip()]
     except ValueError: raise typer.BadParameter(f'comma-separated numbers expected, got {nb_thresholds!r}', param_hint='--nb-thresholds') from None
@@ -534,7 +342,7 @@ def evaluate(file: Path = typer.Argument(..., help='Predictions file (.csv or .p
     typer.echo(summary_text(result))
     from cde_workbench.report import evaluation_report_html
     html = evaluation_report_html(result, y, s, f'Evaluation of {Path(file).name}')
-    out = reports_dir() / 'evaluate' / f"{Path(file).stem}-{utcnow().strftime('%Y%m%dT%H%M%SZ')}.html"
+    out = Workspace.from_env().reports / 'evaluate' / f"{Path(file).stem}-{utcnow().strftime('%Y%m%dT%H%M%SZ')}.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(html, encoding='utf-8')
     typer.echo(f'report: {out}')

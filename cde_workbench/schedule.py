@@ -86,6 +86,7 @@ def run_notebook(ws: Workspace, # the workspace: its store keeps the run ledger,
                  kind: str, # which one: train, score, labels, report, ...
                  parameters: dict, # values for the notebook's parameters cell
                  progress: bool = False, # papermill's progress bar
+                 kernel_manager_class: type | None = None, # where the run's kernel comes from (e.g. a `WarmKernels` pool's, nbs/75_demo); default: one started for this run
                 ) -> NotebookRun:
     "Execute `deployments/<name>/<kind>.ipynb` with papermill in workspace `ws`; the executed copy lands in `reports/<name>/<run>/`."
     if 'workspace' in parameters: raise ConfigError("run_notebook: the 'workspace' parameter comes from `ws`; do not pass it")
@@ -106,7 +107,7 @@ def run_notebook(ws: Workspace, # the workspace: its store keeps the run ledger,
             with tempfile.TemporaryDirectory(prefix='cde-kernel-') as sockets:
                 pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name='python3', progress_bar=progress,
                                     cwd=str(dep.path), request_save_on_cell_execute=False,
-                                    kernel_manager_class=_ipc_kernel_manager(sockets, kernel_env))
+                                    kernel_manager_class=kernel_manager_class or _ipc_kernel_manager(sockets, kernel_env))
         except pm.PapermillExecutionError as e:
             raise PipelineError(f"{nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} (executed copy: {out})") from None
     return NotebookRun(run_id, out)

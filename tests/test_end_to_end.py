@@ -82,7 +82,7 @@ def test_dashboard_in_chromium_shows_the_store_count(demo):
 
 
 def test_demo_trains_and_evaluates_all_twelve_deployr_tasks(demo):
-    from cde_workbench.cli import DEPLOYR_DEPLOYMENTS
+    from cde_workbench.demo import DEPLOYR_DEPLOYMENTS
     eng = demo['engine']
     html = (demo['base'] / 'reports' / 'hgb_abnormal' / 'report.html').read_text()
     for name in DEPLOYR_DEPLOYMENTS:   # the retrospective rows of DEPLOYR's Table 2, one per lab task

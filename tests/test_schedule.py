@@ -50,10 +50,9 @@ def test_notebooks_without_a_parameters_cell_or_unreadable_are_refused(tmp_path)
 
 
 def test_a_run_is_recorded_with_its_executed_notebook(silent_store):
-    from cde_workbench.config import reports_dir
     engine, dep, rec = silent_store
     run = run_notebook(Workspace.from_env(), dep, 'score', {'as_of': AS_OF.isoformat()})
-    assert run.output == reports_dir() / SMALL_DEPLOYMENT / run.run_id / 'score.ipynb' and run.output.exists()
+    assert run.output == Workspace.from_env().reports / SMALL_DEPLOYMENT / run.run_id / 'score.ipynb' and run.output.exists()
     executed = nbformat.read(run.output, as_version=4)
     injected = [c for c in executed.cells if 'injected-parameters' in c.metadata.get('tags', [])]
     assert len(injected) == 1 and f'as_of = "{AS_OF.isoformat()}"' in injected[0].source and f'run_id = "{run.run_id}"' in injected[0].source
@@ -78,7 +77,6 @@ def test_a_failing_notebook_is_a_pipeline_error_and_a_failed_run(small_store):
 
 
 def test_bad_parameters_start_nothing(small_store):
-    from cde_workbench.config import reports_dir
     from cde_workbench.deployment import load_deployment
     from cde_workbench.store import get_engine
     engine, dep = env_engine(), load_deployment(SMALL_DEPLOYMENT, Workspace.from_env().deployments)
@@ -87,4 +85,4 @@ def test_bad_parameters_start_nothing(small_store):
     with pytest.raises(ConfigError, match=r'missing required parameter\(s\) as_of'):
         run_notebook(Workspace.from_env(), dep, 'score', {})
     assert q(engine, 'select count(*) from runs')[0][0] == q(engine, "select count(*) from runs where kind = 'train'")[0][0]
-    assert not (reports_dir() / SMALL_DEPLOYMENT).exists() or not any((reports_dir() / SMALL_DEPLOYMENT).iterdir())
+    assert not (Workspace.from_env().reports / SMALL_DEPLOYMENT).exists() or not any((Workspace.from_env().reports / SMALL_DEPLOYMENT).iterdir())
