@@ -72,9 +72,10 @@ def test_sigterm_ends_every_run_and_kernel(small_store):
 
 
 def _kernels_of_this_process():
-    "Kernels this process started that are still running (a zombie has ended; its exit status only waits to be read)."
+    """Kernels this process started that are still running (a zombie has ended; its exit status only waits to be read).
+    Direct children only: the end-to-end tests' demo, started in the background by this session, has kernels of its own."""
     found = []
-    for p in psutil.Process().children(recursive=True):
+    for p in psutil.Process().children(recursive=False):
         try:
             if p.status() != psutil.STATUS_ZOMBIE and 'ipykernel' in ' '.join(p.cmdline()): found.append(p)
         except psutil.NoSuchProcess: pass
