@@ -16,7 +16,7 @@ _API = {
     # data in (11_synth, 13_facts, 13a_events, 13b_rebuild, 14_warehouse)
     'HospitalConfig': 'synth', 'generate': 'synth', 'write_warehouse_extract': 'synth', 'write_hl7_feed': 'synth',
     'message_facts': 'facts', 'process_pending': 'events', 'replay': 'rebuild', 'load_warehouse_extract': 'warehouse',
-    # research (20_tasks, 21_features, 21a_featurizer, 21b_feature_store, 22_train, 23_registry, 30_evaluate)
+    # research (20_tasks, 21_features, 21a_featurizer, 21b_feature_store, 23_registry, 30_evaluate, 31_train)
     'task_points': 'tasks', 'check_point_in_time': 'tasks',
     'load_feature_data': 'features', 'CountFeaturizer': 'featurizer', 'online_vector': 'feature_store',
     'train_deployment': 'train',
