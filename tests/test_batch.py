@@ -95,6 +95,14 @@ def engine(tmp_path):
     dispose_engines()
 
 
+@pytest.fixture
+def both(store_url):
+    "The store on SQLite and on PostgreSQL (one statement per group commit there)."
+    eng = get_engine(store_url)
+    yield eng
+    dispose_engines()
+
+
 def run(coro_fn, engine, **kw):
     async def main():
         rx = MLLPReceiver(engine, port=0, **kw)
@@ -118,7 +126,8 @@ def table(engine, name):
     with engine.connect() as c: return c.execute(sa.text(f'select count(*) from {name}')).scalar()
 
 
-def test_a_file_over_mllp_is_answered_by_a_response_batch_with_one_ack_per_message(engine):
+def test_a_file_over_mllp_is_answered_by_a_response_batch_with_one_ack_per_message(both):
+    engine = both
     f = hl7_file([batch(['m1', 'm2']), batch(['m3', 'm4', 'm5'], bid='B2')])
     async def go(port, rx): return await exchange(port, [f, f]), rx.stats
     (first, again), stats = run(go, engine)
@@ -138,7 +147,8 @@ def test_enhanced_mode_messages_in_a_batch_get_the_commit_acks_they_ask_for(engi
     assert table(engine, 'ids_messages') == 5
 
 
-def test_a_wrong_count_over_mllp_is_one_reject_and_one_dead_letter(engine):
+def test_a_wrong_count_over_mllp_is_one_reject_and_one_dead_letter(both):
+    engine = both
     bad = batch(['w1', 'w2', 'w3'], count=2, bid='BAD7')
     enhanced = batch(['w4'], count=5, mode='AL')
     res = run(lambda port, rx: exchange(port, [bad, enhanced, batch(['w5'])]), engine)
