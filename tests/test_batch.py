@@ -59,6 +59,17 @@ def test_a_batch_file_is_split_stored_and_processed_and_plain_files_still_work(t
     assert counts(tmp_path / 'var', 'ids_messages', 'encounters') == [7, 7]
 
 
+def test_a_batch_file_replayed_is_stamped_with_its_messages_own_times(tmp_path):
+    f = tmp_path / 'replay.hl7'
+    f.write_text(batch(['r1', 'r2']).replace('|20240101120000+0000||ADT^A01^ADT_A01|r2|', '|20240101130000+0000||ADT^A01^ADT_A01|r2|'), newline='')
+    r = cde('ingest', 'file', str(f), '--replay', env={'CDE_VAR': str(tmp_path / 'var')})
+    assert r.returncode == 0 and r.stdout.startswith('2 messages in 1 batch, counts match; 2 stored'), r.stdout + r.stderr
+    eng = sa.create_engine(f"sqlite:///{tmp_path / 'var'}/cde.sqlite")
+    with eng.connect() as c: times = c.execute(sa.text('select received_time from ids_messages order by seq')).scalars().all()
+    eng.dispose()
+    assert [str(t)[:19] for t in times] == ['2024-01-01 12:00:30', '2024-01-01 13:00:30'], times   # MSH-7 + 30 s
+
+
 @pytest.mark.parametrize('content,needles', [
     (hl7_file([batch(['c1', 'c2', 'c3'], count=4)]), ["BTS-1 says '4' messages but the batch begun at segment 2 holds 3"]),
     (hl7_file([batch(['c1', 'c2']), batch(['c3'], bid='B2')], count=3), ["FTS-1 says '3' batches but the file holds 2"]),
