@@ -88,28 +88,43 @@ def ingest_fhir(paths: list[Path] = typer.Argument(..., help='FHIR R4 Bundle JSO
     typer.echo('already loaded; nothing to do' if not counts else 'loaded ' + ', '.join(f'{k} {v}' for k, v in counts.items()))
 
 @ingest_app.command('file')
-def ingest_file(path: Path = typer.Argument(..., help='HL7 v2 file: one message per line, segments separated by CR.'),
+def ingest_file(path: Path = typer.Argument(..., help='HL7 v2 file: one message per line, segments separated by CR; or an HL7 batch file (BHS … BTS, or FHS … FTS).'),
                 replay: bool = typer.Option(False, help='Stamp each message as received at its MSH-7 time (+30 s) instead of now: for replaying a recorded feed.')):
     "Store the HL7 v2 messages of a file in the immutable data store, then derive the clinical tables."
     from cde_workbench.events import process_pending, read_feed_file
+    from cde_workbench.hl7 import batch_messages, is_batch
     from cde_workbench.ids import store_messages
+    from cde_workbench.mllp import ReplayClock
     from cde_workbench.pseudonyms import site_key
     from cde_workbench.store import get_engine
-    msgs = feed_with_times(path) if replay else [(m, utcnow()) for m in read_feed_file(path)]
+    raw = Path(path).read_bytes().removeprefix(b'\xef\xbb\xbf') if Path(path).is_file() else b''
+    batch = ''
+    if is_batch(raw):   # an HL7 batch: every count and message checked first, then all its messages stored in one transaction, or none
+        b, parts = batch_messages(raw, str(path))
+        clock, now = ReplayClock(), utcnow()
+        msgs = [(m, clock(m) if replay else now) for m in parts]
+        batch = f'{len(parts)} messages in {len(b.batches)} batch{"es" if len(b.batches) != 1 else ""}, counts match; '
+    else: msgs = feed_with_times(path) if replay else [(m, utcnow()) for m in read_feed_file(path)]
     ws = Workspace.from_env()
     engine = get_engine(ws.database_url)
     out = store_messages(engine, [(m, t, f'file:{Path(path).name}') for m, t in msgs])
     s = process_pending(engine, key=site_key(ws.site_key_file))
     counts = {k: sum(o.status == k for o in out) for k in ('stored', 'duplicate', 'conflict', 'dead_letter')}
-    typer.echo(', '.join(f'{v} {k.replace("_", " ")}' for k, v in counts.items()) + f'; {s.messages} processed, {s.errors} processing errors')
+    typer.echo(batch + ', '.join(f'{v} {k.replace("_", " ")}' for k, v in counts.items()) + f'; {s.messages} processed, {s.errors} processing errors')
 
 @ingest_app.command('mllp')
 def ingest_mllp(port: int = typer.Option(2575, help='TCP port to listen on.'),
                 host: str = typer.Option('127.0.0.1', help='Address to bind; the default keeps the receiver on this machine.'),
                 max_frame: int = typer.Option(1 << 20, min=1024, help='Largest message accepted, in bytes.'),
                 process: bool = typer.Option(True, help='Keep the clinical tables up to date behind the store (else run `cde ingest process`).'),
-                replay_clock: bool = typer.Option(False, help='Stamp messages with their own time (MSH-7) + 30 s: only for replaying a recorded feed.')):
+                replay_clock: bool = typer.Option(False, help='Stamp messages with their own time (MSH-7) + 30 s: only for replaying a recorded feed.'),
+                max_connections: int = typer.Option(64, min=1, help='Connections open at once; one more is closed at once.'),
+                max_buffered: int = typer.Option(32 << 20, min=1 << 17, help='Bytes held across all connections (unfinished frames, messages not yet acknowledged); the connection that would go over it is dropped. At least max-frame + 65536.'),
+                idle_timeout: float = typer.Option(600.0, min=0.01, help='Close a connection that has sent no message and awaits no ACK for this many seconds.'),
+                frame_timeout: float = typer.Option(30.0, min=0.01, help='Close a connection whose frame is not finished this many seconds after it began (slow senders, half-sent frames).')):
     "Receive HL7 v2 over MLLP; acknowledge each message once it is committed to the immutable data store (Ctrl-C stops)."
+    if max_buffered < max_frame + (1 << 16):   # before anything is opened
+        raise ConfigError(f"--max-buffered {max_buffered} is too small: it must hold one largest frame and a read, at least --max-frame + 65536 = {max_frame + (1 << 16)}")
     import functools
     from cde_workbench.events import process_pending
     from cde_workbench.mllp import ReplayClock, serve
@@ -118,7 +133,8 @@ def ingest_mllp(port: int = typer.Option(2575, help='TCP port to listen on.'),
     ws = Workspace.from_env()
     engine = get_engine(ws.database_url)
     after = functools.partial(process_pending, engine, 200, key=site_key(ws.site_key_file)) if process else None   # small batches: commits go on
-    serve(engine, host, port, max_frame, clock=ReplayClock() if replay_clock else None, after_commit=after,
+    serve(engine, host, port, max_frame, clock=ReplayClock() if replay_clock else None, after_commit=after, max_connections=max_connections,
+          max_buffered=max_buffered, idle_timeout=idle_timeout, frame_timeout=frame_timeout,
           ready=lambda p: typer.echo(f'listening on {host}:{p} (MLLP); storing into {engine.url.render_as_string(hide_password=True)}', err=True))
 
 @ingest_app.command('process')

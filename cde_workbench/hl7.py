@@ -17,7 +17,8 @@ from .config import IngestError
 
 # %% auto #0
 __all__ = ['format_ts', 'parse_ts', 'Message', 'parse_message', 'escape', 'segment', 'msh', 'join_segments', 'split_plain',
-           'Batch', 'parse_batch', 'ack_mode', 'accept_ack_wanted', 'build_ack']
+           'Batch', 'parse_batch', 'is_batch', 'batch_messages', 'ack_mode', 'accept_ack_wanted', 'build_ack',
+           'build_batch_ack']
 
 # %% ../nbs/10_hl7.ipynb #4cafe5e5
 _DTM = re.compile(r'(\d{4})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d+))?)?)?)?)?)?(?:([+-])(\d{2})(\d{2}))?', re.ASCII)
@@ -388,6 +389,23 @@ def parse_batch(raw: str | bytes, # a batch (BHS … BTS) or file (FHS … FTS);
     parsed = [[parse_message('\r'.join(lines), inner(b, i)) for i, lines in enumerate(msgs, 1)] for b, msgs in enumerate(batches, 1)]
     return Batch(text, env, fs, cs, rs, ec, ss, tc, parsed)
 
+def is_batch(raw: str | bytes, # what was received: a message, a batch or a file
+            ) -> bool:
+    "Whether `raw` is an HL7 batch or file (starts BHS or FHS, after framing bytes and blank lines): read it with `batch_messages`."
+    head = raw.lstrip(b'\r\n \t\x0b' if isinstance(raw, (bytes, bytearray)) else '\r\n \t\x0b')[:3]
+    return head in (b'BHS', b'FHS', 'BHS', 'FHS')
+
+def batch_messages(raw: str | bytes, # a batch (BHS … BTS) or file (FHS … FTS)
+                   name: str = 'batch', # how errors refer to it
+                  ) -> tuple[Batch, list[bytes]]:
+    "The parsed batch and each of its messages as bytes to store (CR between segments, the batch's own encoding), in order; `IngestError` as `parse_batch`."
+    b = parse_batch(raw, name)   # every count and every message checked before any is handed on: all or none
+    codec = 'utf-8'
+    if isinstance(raw, (bytes, bytearray)):
+        try: bytes(raw).decode('utf-8')
+        except UnicodeDecodeError: codec = 'latin-1'   # as `parse_message` reads it, so the bytes stored are the bytes sent
+    return b, [m.raw.encode(codec) for m in b.messages]
+
 # %% ../nbs/10_hl7.ipynb #54058ad2
 _ACK_CODES = {'original': ('AA', 'AE', 'AR'), 'enhanced': ('CA', 'CE', 'CR', 'AA', 'AE', 'AR')}
 _TABLE_0357 = {'101': 'Required field missing', '102': 'Data type error', '207': 'Application internal error'}
@@ -468,4 +486,42 @@ def build_ack(msg: Message | None, # the parsed message, or None if it could not
     if text and code[1] != 'A':
         ec = error_code or ('101' if 'missing' in text else '102' if msg is None else '207')
         out.append('|'.join(['ERR', '', '', f"{_esc(ec)}^{_esc(_TABLE_0357.get(ec, ''))}^HL70357", 'E', '', '', _esc(text)]))
+    return join_segments(out)
+
+# %% ../nbs/10_hl7.ipynb #b7c1a004
+def _header(text: str, sid: str) -> dict[int, str]:
+    "Best-effort fields 3-6 and 11 (first component, printable, escaped) of the first `sid` (BHS/FHS) segment of `text`."
+    line = next((x for x in text.split('\r') if x.startswith(sid)), '')
+    if len(line) < 4 or line[3].isalnum() or line[3].isspace(): return {}
+    parts = line.split(line[3])
+    cs = parts[1][0] if len(parts) > 1 and parts[1][:1] and not parts[1][0].isalnum() else '^'
+    out = {}
+    for n in (3, 4, 5, 6, 11):
+        if n - 1 < len(parts):
+            v = ''.join(c for c in parts[n - 1].split(cs)[0] if c.isprintable()).strip()[:199]
+            if v: out[n] = escape(v)
+    return out
+
+def build_batch_ack(raw: bytes | str, # the batch or file received (its headers are read best-effort, so a refused one is answered too)
+                    acks: list[str], # the ACK of each of its messages, in order (those the sender asked for)
+                    refused: str = '', # why the batch as a whole is refused; then one AR (CR) ACK says so and `acks` must be empty
+                    at: datetime | None = None, # creation time of the response; now by default
+                   ) -> str:
+    "A response batch for an HL7 batch or file: BHS (parties swapped, BHS-12 its BHS-11), the ACKs, BTS; inside FHS … FTS for a file."
+    if refused and acks: raise ValueError('a refused batch is answered by one reject, not by per-message ACKs')
+    text = _normalise(raw)
+    ts = format_ts(at or datetime.now(timezone.utc))
+    def head(sid: str, h: dict[int, str], comment: str = '') -> str:
+        return '|'.join([sid, '^~\\&', h.get(5, ''), h.get(6, ''), h.get(3, ''), h.get(4, ''), ts, '', '', _esc(comment),
+                         secrets.token_hex(10).upper(), h.get(11, '')]).rstrip('|')
+    b = _header(text, 'BHS')
+    if refused:
+        m = _recover_msh(text)   # the first message's header: its version, processing id and acknowledgement mode
+        code = ('C' if m.get(15) else 'A') + 'R'
+        acks = [join_segments(['|'.join(['MSH', '^~\\&', b.get(5, ''), b.get(6, ''), b.get(3, ''), b.get(4, ''), ts, '', 'ACK',
+                                         secrets.token_hex(10).upper(), m.get(11, '') or 'P', m.get(12, '') or '2.5']),
+                               '|'.join(['MSA', code, b.get(11, ''), _esc(refused)]),
+                               '|'.join(['ERR', '', '', '102^Data type error^HL70357', 'E', '', '', _esc(refused)])])]
+    out = [head('BHS', b), *acks, '|'.join(['BTS', str(len(acks)), _esc(refused)]).rstrip('|')]
+    if text.startswith('FHS'): out = [head('FHS', _header(text, 'FHS')), *out, 'FTS|1']
     return join_segments(out)

@@ -21,13 +21,14 @@ from datetime import datetime, timedelta
 from sqlalchemy.engine import Engine
 
 from .config import ConfigError, IngestError, utcnow
-from .hl7 import accept_ack_wanted, ack_mode, build_ack, parse_message, parse_ts
+from .hl7 import (accept_ack_wanted, ack_mode, batch_messages, build_ack, build_batch_ack, is_batch, parse_batch,
+                               parse_message, parse_ts)
 from .ids import StoreOutcome, store_messages
 from .store import ids_dead_letters
 
 # %% auto #0
-__all__ = ['START', 'END', 'frame', 'OversizedFrame', 'FrameReader', 'ack_bytes', 'ReplayClock', 'ReceiverStats', 'MLLPReceiver',
-           'SendResult', 'send_messages', 'serve']
+__all__ = ['START', 'END', 'frame', 'OversizedFrame', 'FrameReader', 'ack_bytes', 'batch_ack_bytes', 'ReplayClock',
+           'ReceiverStats', 'MLLPReceiver', 'SendResult', 'send_messages', 'serve']
 
 # %% ../nbs/12a_mllp.ipynb #a621a1c3
 START, END = b'\x0b', b'\x1c\r'
@@ -99,6 +100,20 @@ def ack_bytes(raw: bytes, # the message received
         ack = build_ack(msg, code, text)
     return frame(ack)
 
+def batch_ack_bytes(raw: bytes, # the batch (or file) received
+                    outcomes: list[StoreOutcome | None], # what the store did with each of its messages, in order; None where the store failed
+                    failure: str = '', # why the store failed
+                    refused: str = '', # why the batch as a whole was refused (bad count, envelope or message): it is a dead letter
+                    parts: list[bytes] | None = None, # its messages' bytes (for their ACKs when the store failed)
+                   ) -> bytes:
+    "The framed response batch for a batch: one ACK per message (as each asks, see `build_batch_ack`), or one AR/CR when refused."
+    if refused and outcomes and outcomes[0] is not None: return frame(build_batch_ack(raw, [], refused=refused[:400]))
+    acks = []
+    for i, o in enumerate(outcomes):
+        a = ack_bytes(parts[i] if parts and i < len(parts) else raw, o, failure)
+        if a is not None: acks.append(a[1:-2].decode())
+    return frame(build_batch_ack(raw, acks))
+
 # %% ../nbs/12a_mllp.ipynb #25c6a3bb
 class ReplayClock:
     "Receive times for replaying a recorded feed: MSH-7 plus a delay, never earlier than the previous message's."
@@ -121,6 +136,10 @@ class _Conn:
     queued: int = 0                                        # messages put in the inbox (written by the loop)
     committed: int = 0                                     # of those, committed or failed (written by the committer)
     acked_at: float = 0.0                                  # when its last outstanding message was answered
+    partial: int = 0                                       # bytes of its unfinished frame held by its FrameReader (loop)
+    last: float = field(default_factory=time.monotonic)    # when it connected or last completed a frame
+    begun: float | None = None                             # when its unfinished frame began
+    dropped: bool = False                                  # closed for going over a limit: what it sent and is not committed is not stored
     turnaround: float = float('inf')                       # how soon it sends again once answered (moving average, s)
 
 @dataclass
@@ -128,6 +147,7 @@ class _Item:
     raw: bytes | OversizedFrame
     received: datetime
     conn: _Conn
+    size: int = 0   # bytes it holds until answered (counted in the receiver's buffered total)
 
 @dataclass
 class ReceiverStats:
@@ -137,10 +157,19 @@ class ReceiverStats:
     commits: int = 0
     store_failures: int = 0
     acks: dict = field(default_factory=dict)
+    batches: int = 0               # batch or file frames received
+    refused_connections: int = 0   # closed at once: over `max_connections`
+    dropped_connections: int = 0   # closed: would have taken the bytes buffered over `max_buffered`
+    idle_closed: int = 0           # closed: no message and nothing to answer for `idle_timeout`
+    slow_closed: int = 0           # closed: a frame begun and not finished within `frame_timeout`
+    peak_buffered: int = 0         # the most bytes buffered at once, across connections
 
-def _ack_code(ack: bytes) -> str:
-    i = ack.find(b'\rMSA|')
-    return ack[i + 5:i + 7].decode(errors='replace') if i >= 0 else '?'
+def _ack_codes(ack: bytes) -> list[str]:
+    "The MSA-1 of each ACK in a framed ACK or response batch."
+    out, i = [], ack.find(b'\rMSA|')
+    while i >= 0:
+        out.append(ack[i + 5:i + 7].decode(errors='replace')); i = ack.find(b'\rMSA|', i + 5)
+    return out or ([] if ack[1:4] in (b'BHS', b'FHS') else ['?'])   # an empty response batch: nothing was asked for
 
 class MLLPReceiver:
     "An asyncio MLLP server that acknowledges each message after its group commit to the immutable data store."
@@ -148,8 +177,18 @@ class MLLPReceiver:
                  max_batch: int = 1000, clock=None,
                  linger: float = 0.002, # longest a batch waits for connections that answer each ACK at once (s)
                  after_commit: Callable[[], object] | None = None, # run in a worker thread after commits (e.g. the event processor)
-                 after_commit_every: float = 0.5): # at most this often (s): several commits share one run
+                 after_commit_every: float = 0.5, # at most this often (s): several commits share one run
+                 max_connections: int = 64, # connections open at once; one more is closed at once (counted)
+                 max_buffered: int = 32 << 20, # bytes held across connections (unfinished frames, messages not yet answered)
+                 idle_timeout: float = 600.0, # close a connection that sent no message and awaits no ACK for this long (s)
+                 frame_timeout: float = 30.0): # close a connection whose frame is not finished this long after it began (s)
         self.engine, self.host, self.port, self.max_frame, self.max_batch = engine, host, port, max_frame, max_batch
+        if max_connections < 1: raise ConfigError(f"max_connections must be at least 1, not {max_connections}")
+        if max_buffered < max_frame + (1 << 16):
+            raise ConfigError(f"max_buffered ({max_buffered} bytes) must hold at least one largest frame ({max_frame} bytes) and a read (65536)")
+        if not (idle_timeout > 0 and frame_timeout > 0): raise ConfigError("idle_timeout and frame_timeout must be positive seconds")
+        self.max_connections, self.max_buffered, self.idle_timeout, self.frame_timeout = max_connections, max_buffered, idle_timeout, frame_timeout
+        self._buffered = 0   # bytes held across connections (the loop's count)
         self.linger = linger
         self._conns: set[_Conn] = set()
         self.clock = clock   # receive time of a message; None: the wall clock
@@ -171,6 +210,7 @@ class MLLPReceiver:
         self._server = await asyncio.start_server(self._handle, self.host, self.port, limit=1 << 16)
         self.port = self._server.sockets[0].getsockname()[1]
         if self.after_commit is not None: self._tasks.append(asyncio.create_task(self._run_after_commits()))
+        self._tasks.append(asyncio.create_task(self._sweep()))
         return self.port
 
     async def close(self):
@@ -223,18 +263,32 @@ class MLLPReceiver:
     def _commit(self, batch: list[_Item]) -> tuple[list, bool]:
         "Store a batch in one transaction. For each item, what its ACK is made of: (outcome, failure), or the framed reject of an oversized frame."
         results: list = [None] * len(batch)
-        msgs = [(i, it) for i, it in enumerate(batch) if not isinstance(it.raw, OversizedFrame)]
+        msgs: list[tuple[int, _Item, list[bytes] | None, str]] = []   # (index, item, its messages if an HL7 batch, why a batch is refused)
         for i, it in enumerate(batch):
+            if it.conn.dropped: continue   # over a limit: not stored, not answered (the connection is closed)
             if isinstance(it.raw, OversizedFrame): results[i] = self._oversized(it.raw, it.conn.name)
+            elif is_batch(it.raw):
+                try: msgs.append((i, it, batch_messages(it.raw, f'{it.conn.name} message')[1], ''))
+                except IngestError as e:   # refused as a whole: stored below as one dead letter, with this reason
+                    msgs.append((i, it, None, str(e).removeprefix(f'{it.conn.name} message: ')))
+            else: msgs.append((i, it, None, ''))
         if not msgs: return results, False
-        try: outcomes = store_messages(self.engine, [(it.raw, it.received, it.conn.name) for _, it in msgs])
+        items = []   # a batch's messages go in the same transaction as each other (with the rest of this group): all or none
+        for _, it, parts, _ in msgs:
+            items += [(p, it.received, it.conn.name) for p in parts] if parts is not None else [(it.raw, it.received, it.conn.name)]
+        try: outcomes = store_messages(self.engine, items)
         except Exception as e:   # database down, disk full, ...: every message of the batch gets AE/CE
             self.stats.store_failures += 1
             reason = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
-            for i, _ in msgs: results[i] = (None, reason)
+            for i, it, parts, why in msgs:
+                results[i] = (None, reason) if parts is None and not why else ('batch', [None] * (len(parts) if parts is not None else 1), reason, '', parts)
             return results, False
         self.stats.commits += 1
-        for (i, _), o in zip(msgs, outcomes): results[i] = (o, '')
+        k = 0
+        for i, it, parts, why in msgs:
+            n = len(parts) if parts is not None else 1
+            results[i] = (outcomes[k], '') if parts is None and not why else ('batch', outcomes[k:k + n], '', why, parts)
+            k += n
         return results, True
 
     def _oversized(self, f: OversizedFrame, conn_name: str) -> bytes:
@@ -255,13 +309,13 @@ class MLLPReceiver:
         for it, r in zip(batch, results):
             c = it.conn
             c.outstanding -= 1
+            self._buffered -= it.size
             if c.outstanding == 0: c.idle.set(); c.acked_at = now
-            if c in broken: continue
-            try: ack = r if isinstance(r, bytes) else ack_bytes(it.raw, *r)
+            if c in broken or r is None: continue   # r None: its connection was dropped
+            try: ack = r if isinstance(r, bytes) else batch_ack_bytes(it.raw, r[1], *r[2:]) if r[0] == 'batch' else ack_bytes(it.raw, *r)
             except Exception: broken.add(c); continue
             if ack is None: continue
-            code = _ack_code(ack)
-            self.stats.acks[code] = self.stats.acks.get(code, 0) + 1
+            for code in _ack_codes(ack): self.stats.acks[code] = self.stats.acks.get(code, 0) + 1
             out.setdefault(id(c), (c, []))[1].append(ack)
         for c, parts in out.values():
             if not c.writer.is_closing(): c.writer.write(b''.join(parts))
@@ -278,8 +332,25 @@ class MLLPReceiver:
             except Exception: pass   # the next commit runs it again (the event processor's cursor only moves on success)
             await asyncio.sleep(self.after_commit_every)
 
+    async def _sweep(self):
+        "Close connections idle for `idle_timeout` or with a frame unfinished after `frame_timeout`; looks a few times per timeout."
+        every = min(1.0, max(0.01, min(self.idle_timeout, self.frame_timeout) / 4))
+        while True:
+            await asyncio.sleep(every)
+            now = time.monotonic()
+            for c in list(self._conns):
+                if c.writer.is_closing(): continue
+                if c.begun is not None and now - c.begun >= self.frame_timeout:   # slow loris: dropped, its unfinished frame with it
+                    self.stats.slow_closed += 1; c.dropped = True; c.writer.transport.abort()
+                elif c.begun is None and c.outstanding == 0 and now - max(c.last, c.acked_at) >= self.idle_timeout:
+                    self.stats.idle_closed += 1; c.writer.close()
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.stats.connections += 1
+        if len(self._conns) >= self.max_connections:   # over the cap: closed at once, before reading anything
+            self.stats.refused_connections += 1
+            with contextlib.suppress(Exception): writer.close(); await writer.wait_closed()
+            return
         peer = writer.get_extra_info('peername') or ('?', 0)
         conn = _Conn(f'mllp:{peer[0]}:{peer[1]}#{self.stats.connections}', writer)
         frames = FrameReader(self.max_frame)
@@ -288,20 +359,32 @@ class MLLPReceiver:
             while True:
                 data = await reader.read(1 << 16)
                 if not data: break
+                if self._buffered + len(data) > self.max_buffered:   # this read would take the total over the cap: drop this connection
+                    self.stats.dropped_connections += 1; conn.dropped = True; break
                 got = frames.feed(data)
-                if not got: continue
+                self._buffered += len(frames.buf) - conn.partial; conn.partial = len(frames.buf)
+                if got: conn.last, conn.begun = time.monotonic(), None
+                if conn.begun is None and frames.in_frame: conn.begun = time.monotonic()
+                if not got:
+                    self.stats.peak_buffered = max(self.stats.peak_buffered, self._buffered)
+                    continue
                 now = utcnow()   # every frame of one read arrived together
                 if conn.outstanding == 0 and conn.acked_at:   # it was waiting for nothing: how soon did it send again?
                     gap = time.monotonic() - conn.acked_at
                     conn.turnaround = gap if conn.turnaround == float('inf') else 0.7 * conn.turnaround + 0.3 * gap
                 for f in got:
-                    if not isinstance(f, OversizedFrame): self.stats.messages += 1
-                    conn.outstanding += 1; conn.queued += 1; conn.idle.clear()
-                    self._inbox.put(_Item(f, self.clock(f) if self.clock and not isinstance(f, OversizedFrame) else now, conn))
-            if conn.outstanding: await conn.idle.wait()   # the sender closed: answer what it sent, then close
+                    size = len(f.head) if isinstance(f, OversizedFrame) else len(f)
+                    if not isinstance(f, OversizedFrame):
+                        self.stats.messages += 1
+                        if is_batch(f): self.stats.batches += 1
+                    conn.outstanding += 1; conn.queued += 1; conn.idle.clear(); self._buffered += size
+                    self._inbox.put(_Item(f, self.clock(f) if self.clock and not isinstance(f, OversizedFrame) else now, conn, size))
+                self.stats.peak_buffered = max(self.stats.peak_buffered, self._buffered)
+            if conn.outstanding and not conn.dropped: await conn.idle.wait()   # the sender closed: answer what it sent, then close
         except (ConnectionError, asyncio.IncompleteReadError): pass
         finally:
             self._conns.discard(conn)
+            self._buffered -= conn.partial; conn.partial = 0
             with contextlib.suppress(Exception): writer.close(); await writer.wait_closed()
 
 # %% ../nbs/12a_mllp.ipynb #68f74883
@@ -312,7 +395,7 @@ class SendResult:
     latencies: list       # seconds from send to acknowledgement
     texts: dict = field(default_factory=dict)  # message index -> MSA-3 text
 
-async def send_messages(messages: list[bytes | str], # messages to send, in order
+async def send_messages(messages: list[bytes | str], # messages (or HL7 batches, each answered by a response batch) to send, in order
                         host: str = '127.0.0.1', port: int = 2575,
                         window: int = 1, # messages in flight before waiting for an acknowledgement
                         timeout: float = 10.0, # seconds to wait for each acknowledgement
@@ -331,9 +414,14 @@ async def send_messages(messages: list[bytes | str], # messages to send, in orde
             data = await asyncio.wait_for(reader.read(1 << 16), timeout)
             if not data: break
             for f in frames.feed(data):
-                msa = parse_message(f).seg('MSA')
-                res.acks[got] = msa[1] if msa else '?'
-                res.texts[got] = msa[3] if msa and len(msa) > 3 else ''
+                if is_batch(f):   # the response batch to a batch: its ACKs' codes, space-separated, and their texts
+                    msas = [a.seg('MSA') or ['MSA', '?'] for a in parse_batch(f).messages]
+                    res.acks[got] = ' '.join(m[1] for m in msas)
+                    res.texts[got] = '; '.join(m[3] for m in msas if len(m) > 3 and m[3])
+                else:
+                    msa = parse_message(f).seg('MSA')
+                    res.acks[got] = msa[1] if msa else '?'
+                    res.texts[got] = msa[3] if msa and len(msa) > 3 else ''
                 res.latencies.append(time.perf_counter() - sent_at[got]); got += 1
     finally:
         writer.close()
@@ -344,10 +432,15 @@ async def send_messages(messages: list[bytes | str], # messages to send, in orde
 def serve(engine: Engine, host: str = '127.0.0.1', port: int = 2575, max_frame: int = 1 << 20,
           ready=None, clock=None,
           after_commit: Callable[[], object] | None = None, # run behind the commits (`cde ingest mllp`: the event processor)
+          max_connections: int = 64, # connections open at once (see `MLLPReceiver`)
+          max_buffered: int = 32 << 20, # bytes held across connections
+          idle_timeout: float = 600.0, # close a connection with no message and nothing to answer for this long (s)
+          frame_timeout: float = 30.0, # close a connection whose frame is unfinished this long after it began (s)
          ) -> None:
     "Run the receiver until SIGINT or SIGTERM (the `cde ingest mllp` command)."
     async def main():
-        rx = MLLPReceiver(engine, host, port, max_frame, clock=clock, after_commit=after_commit)
+        rx = MLLPReceiver(engine, host, port, max_frame, clock=clock, after_commit=after_commit, max_connections=max_connections,
+                          max_buffered=max_buffered, idle_timeout=idle_timeout, frame_timeout=frame_timeout)
         try: bound = await rx.start()
         except OSError as e: raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}")
         gc.collect(); gc.freeze()   # what is loaded by now lives as long as the process: full collections need not walk it

@@ -245,3 +245,126 @@ def test_sigkill_at_random_moments_loses_and_doubles_nothing(tmp_path, monkeypat
         assert table_checksums(live, ignore=ignore) == table_checksums(calm, ignore=ignore)
     finally:
         dispose_engines()
+
+
+# ---- limits at the door: connections, bytes buffered, idle and slow connections (bounded in count and time, 127.0.0.1)
+
+async def closed_within(reader, seconds):
+    "True when the server closes the connection within `seconds` (EOF or reset), reading and discarding what comes."
+    try:
+        async with asyncio.timeout(seconds):
+            while await reader.read(1 << 16): pass
+        return True
+    except ConnectionError: return True
+    except TimeoutError: return False
+
+
+def test_a_connection_over_the_cap_is_closed_at_once_and_counted(engine):
+    async def go(port, rx):
+        conns = [await asyncio.open_connection('127.0.0.1', port) for _ in range(3)]
+        for i, (r, w) in enumerate(conns):   # each is served: the cap counts them
+            w.write(frame(msg(f'cap{i}'))); await w.drain()
+            assert parse_message((await asyncio.wait_for(r.readuntil(END), 10))[1:-2]).field('MSA', 1) == 'AA'
+        r4, w4 = await asyncio.open_connection('127.0.0.1', port)
+        w4.write(frame(msg('cap-over')))
+        refused = await closed_within(r4, 5)
+        conns[0][1].close(); await conns[0][1].wait_closed()
+        for _ in range(100):   # the server notices the close
+            if len(rx._conns) < 3: break
+            await asyncio.sleep(0.02)
+        after = await send_messages([msg('cap-after')], port=port)
+        for _, w in conns[1:]: w.close()
+        w4.close()
+        return refused, after, rx.stats
+    refused, after, stats = run(go, engine, max_connections=3)
+    assert refused and stats.refused_connections == 1 and after.acks == {0: 'AA'}
+    with engine.connect() as c:   # nothing from the refused connection
+        assert c.execute(sa.text("select count(*) from ids_messages where control_id = 'cap-over'")).scalar() == 0
+    assert count(engine, 'ids_messages') == 4
+
+
+def test_fifty_unfinished_frames_hold_bounded_memory_and_are_closed(engine):
+    "Fifty connections each send 200 KB of a frame and stop: the total held stays under the cap, and every one is closed."
+    cap = 4 << 20
+    async def go(port, rx):
+        conns = []
+        for i in range(50):
+            r, w = await asyncio.open_connection('127.0.0.1', port)
+            w.write(START + msg(f'u{i}').encode() + b'x' * 200_000)
+            conns.append((r, w))
+        t0 = time.monotonic()
+        closed = await asyncio.gather(*(closed_within(r, 10) for r, _ in conns))
+        took = time.monotonic() - t0
+        for _, w in conns: w.close()
+        after = await send_messages([msg('u-after')], port=port)
+        return closed, took, after, rx
+    closed, took, after, rx = run(go, engine, max_buffered=cap, frame_timeout=1.0, idle_timeout=30)
+    assert all(closed) and took < 8, took
+    s = rx.stats
+    assert s.dropped_connections > 0 and s.dropped_connections + s.slow_closed == 50, s
+    assert 0 < s.peak_buffered <= cap and rx._buffered == 0, s
+    assert after.acks == {0: 'AA'} and count(engine, 'ids_messages') == 1 and count(engine, 'ids_dead_letters') == 0
+
+
+def test_the_connection_that_would_go_over_the_buffer_cap_is_dropped_and_nothing_of_it_stored(engine):
+    big = msg('big', extra='\rNTE|1||' + 'y' * 160_000)
+    async def go(port, rx):
+        ra, wa = await asyncio.open_connection('127.0.0.1', port)
+        wa.write(START + b'z' * 150_000); await wa.drain()   # holds 150 KB of an unfinished frame
+        for _ in range(100):
+            if rx.stats.peak_buffered >= 150_000: break
+            await asyncio.sleep(0.02)
+        rb, wb = await asyncio.open_connection('127.0.0.1', port)
+        wb.write(frame(big)); await wb.drain()   # a frame within max_frame, but 150 KB + 160 KB > the 300 KB cap
+        dropped = await closed_within(rb, 5)
+        wa.close(); await wa.wait_closed()
+        for _ in range(100):
+            if rx._buffered == 0: break
+            await asyncio.sleep(0.02)
+        again = await send_messages([big], port=port)   # with room, the same message is stored
+        return dropped, again, rx.stats
+    dropped, again, stats = run(go, engine, max_frame=200_000, max_buffered=300_000)
+    assert dropped and stats.dropped_connections == 1 and again.acks == {0: 'AA'}
+    assert count(engine, 'ids_messages') == 1 and count(engine, 'ids_receipts') == 1   # stored once: from the resend
+
+
+def test_idle_and_slow_loris_connections_are_closed(engine):
+    async def go(port, rx):
+        # idle: a message, its ACK, then nothing
+        r1, w1 = await asyncio.open_connection('127.0.0.1', port)
+        w1.write(frame(msg('i1'))); await w1.drain()
+        await asyncio.wait_for(r1.readuntil(END), 10)
+        idle_closed = await closed_within(r1, 3)
+        # busy: a message every 0.2 s for 1.2 s is never idle for 0.5 s
+        busy = await send_messages([msg('b1')], port=port)
+        r2, w2 = await asyncio.open_connection('127.0.0.1', port)
+        for i in range(6):
+            w2.write(frame(msg(f'busy{i}'))); await w2.drain()
+            await asyncio.wait_for(r2.readuntil(END), 10)
+            await asyncio.sleep(0.2)
+        w2.close()
+        # slow loris: a frame trickling in a byte every 0.1 s, never finished
+        r3, w3 = await asyncio.open_connection('127.0.0.1', port)
+        w3.write(START + b'MSH|'); t0 = time.monotonic()
+        loris_closed = False
+        while time.monotonic() - t0 < 5:
+            try: w3.write(b'x'); await w3.drain()
+            except ConnectionError: loris_closed = True; break
+            if r3.at_eof() or await closed_within(r3, 0.1): loris_closed = True; break
+        took = time.monotonic() - t0
+        w1.close(); w3.close()
+        return idle_closed, busy, loris_closed, took, rx.stats
+    idle_closed, busy, loris_closed, took, stats = run(go, engine, idle_timeout=0.5, frame_timeout=1.0)
+    assert idle_closed and busy.acks == {0: 'AA'} and stats.idle_closed >= 1
+    assert loris_closed and 0.9 < took < 3, took
+    assert stats.slow_closed == 1 and count(engine, 'ids_messages') == 8 and count(engine, 'ids_dead_letters') == 0
+
+
+def test_limits_are_cde_ingest_mllp_options(tmp_path):
+    from conftest import cde, one_line_error
+    env = {'CDE_VAR': str(tmp_path / 'var')}
+    one_line_error(cde('ingest', 'mllp', '--max-connections', '0', env=env), '--max-connections')
+    one_line_error(cde('ingest', 'mllp', '--max-buffered', '1000', '--port', '0', env=env), '--max-buffered')
+    one_line_error(cde('ingest', 'mllp', '--max-buffered', str(1 << 20), '--port', '0', env=env), '--max-buffered 1048576 is too small', '--max-frame + 65536 = 1114112')
+    r = cde('ingest', 'mllp', '--help')
+    for opt in ('--max-connections', '--max-buffered', '--idle-timeout', '--frame-timeout'): assert opt in r.stdout, r.stdout
