@@ -26,14 +26,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cde_workbench.config import Workspace  # noqa: E402
+from cde_workbench.config import Workspace, private_dir, private_file  # noqa: E402
 
 
 def _bench_dir() -> Path:
     "Where `make demo` leaves its stage timings and this script its figures: the command line's var/bench."
-    d = Workspace.from_env().var / 'bench'
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    ws = Workspace.from_env()
+    return private_dir(ws.var / 'bench', under=ws.var)   # var/ is the owner's only
 
 
 def demo_stages():
@@ -63,7 +62,7 @@ def main():
         print(f"{name:34s} {v['value']:>9} {v['unit']}{ratio}   [{v['note']}]")
     out = _bench_dir() / 'latest.json'
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(figures, indent=1))
+    out.write_text(json.dumps(figures, indent=1)); private_file(out)
     print(f'written: {out}')
 
 

@@ -21,8 +21,8 @@ from .deployment import load_deployment
 
 # %% auto #0
 __all__ = ['app', 'ingest_app', 'models_app', 'synth', 'ingest_warehouse', 'feed_with_times', 'ingest_synthea', 'ingest_fhir',
-           'ingest_file', 'ingest_mllp', 'ingest_process', 'ingest_replay', 'train', 'deploy', 'score', 'labels',
-           'report', 'dashboard', 'models_list', 'models_show', 'models_alias', 'demo', 'evaluate', 'main']
+           'ingest_file', 'ingest_mllp', 'ingest_process', 'ingest_replay', 'ingest_status', 'train', 'deploy', 'score',
+           'labels', 'report', 'dashboard', 'models_list', 'models_show', 'models_alias', 'demo', 'evaluate', 'main']
 
 # %% ../nbs/80_cli.ipynb #636e4249
 app = typer.Typer(help='cde-workbench: take a clinical model from the research notebook to a silent trial, a report and a dashboard.',
@@ -43,8 +43,9 @@ def synth(out: Path = typer.Option(None, help='Folder for the extract and feed (
     "Generate the synthetic hospital: a warehouse extract (2019-2023) and an HL7 v2 feed (2024-01 to 2024-03)."
     from cde_workbench.pseudonyms import site_key
     from cde_workbench.synth import HospitalConfig, generate, write_hl7_feed, write_warehouse_extract
+    from cde_workbench.config import private_dir
     ws = Workspace.from_env()
-    out = out or ws.var / 'synth'
+    if out is None: out = private_dir(ws.var / 'synth', under=ws.var)   # var/ is the owner's only
     cfg = HospitalConfig(n_patients=patients, seed=seed, drift_component=None if drift in (None, 'none') else drift)
     h = generate(cfg)
     counts = write_warehouse_extract(h, out / 'warehouse', site_key(ws.site_key_file))
@@ -165,6 +166,38 @@ def ingest_replay(target: str = typer.Argument(..., help='SQLAlchemy URL of an e
         differ = [t for t in a if a[t] != b[t]]
         typer.echo('rebuilt tables equal the live ones' if not differ else f'tables that differ: {", ".join(differ)}')
         if differ: raise typer.Exit(1)
+
+# %% ../nbs/80_cli.ipynb #b8dd90ac
+def _when(t) -> str: return '' if t is None else t.strftime('%Y-%m-%d %H:%M:%S') + ' UTC'
+
+@ingest_app.command('status')
+def ingest_status(as_json: bool = typer.Option(False, '--json', help='Print JSON instead of tables.')):
+    "Per sender (MSH-3/MSH-4) and message type: received, stored, dead-lettered, held (by reason), processed and pending, and the oldest pending message."
+    from cde_workbench.events import processed_up_to
+    from cde_workbench.ingest_status import ingest_reasons, ingest_status as status_of
+    from cde_workbench.store import get_engine
+    with get_engine(Workspace.from_env().database_url).connect() as c: st, why, cursor = status_of(c), ingest_reasons(c), processed_up_to(c)
+    waiting = st.filter(st['oldest_pending'].is_not_null()).sort('oldest_pending').head(1).to_dicts()
+    oldest = {k: waiting[0][k] for k in ('sending_app', 'sending_facility', 'message_type', 'oldest_pending', 'oldest_pending_seq')} if waiting else None
+    if as_json:
+        iso = lambda rows: [{k: v.isoformat() if hasattr(v, 'isoformat') else v for k, v in r.items()} for r in rows]
+        typer.echo(json.dumps({'processed_up_to': cursor, 'oldest_pending': iso([oldest])[0] if oldest else None,
+                               'senders': iso(st.to_dicts()), 'reasons': iso(why.to_dicts())}, indent=1)); return
+    if st.is_empty(): typer.echo('nothing received yet'); return
+    name = lambda r: '/'.join(v or '?' for v in (r['sending_app'], r['sending_facility'])) if r['sending_app'] or r['sending_facility'] else '(unreadable)'
+    head = ('sender', 'type', 'received', 'stored', 'dead letters', 'held', 'processed', 'pending', 'oldest pending')
+    rows = [(name(r), r['message_type'] or '?', *(str(r[k]) for k in ('received', 'stored', 'dead_letters', 'held', 'processed', 'pending')),
+             _when(r['oldest_pending'])) for r in st.iter_rows(named=True)]
+    w = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]: typer.echo('  '.join(v.rjust(w[i]) if 2 <= i <= 7 else v.ljust(w[i]) for i, v in enumerate(r)).rstrip())
+    for state, title in (('held', 'held (processing errors), by reason'), ('dead_letter', 'dead letters, by reason')):
+        part = why.filter(state=state)
+        if part.is_empty(): continue
+        typer.echo(f'\n{title}:')
+        for r in part.iter_rows(named=True):
+            typer.echo(f"  {name(r)} {r['message_type'] or '?'}: {r['count']} × {r['reason']} (last {_when(r['last'])})")
+    typer.echo(f'\nprocessor at sequence {cursor}; ' + (f"oldest pending message: sequence {oldest['oldest_pending_seq']} from {name(oldest)} "
+               f"({oldest['message_type'] or '?'}), received {_when(oldest['oldest_pending'])}" if oldest else 'nothing pending'))
 
 # %% ../nbs/80_cli.ipynb #6f4794c1
 @app.command()

@@ -12,8 +12,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['CDEError', 'ConfigError', 'SchemaError', 'IngestError', 'PipelineError', 'project_root', 'Workspace', 'utcnow',
-           'as_utc']
+__all__ = ['CDEError', 'ConfigError', 'SchemaError', 'IngestError', 'PipelineError', 'project_root', 'Workspace', 'private_dir',
+           'private_file', 'utcnow', 'as_utc']
 
 # %% ../nbs/00_config.ipynb #1a642814
 class CDEError(Exception):
@@ -115,6 +115,42 @@ class Workspace:
         "The store's URL with any password masked: what a run prints to say where it wrote."
         from sqlalchemy.engine import make_url
         return make_url(self.database_url).render_as_string(hide_password=True)
+
+# %% ../nbs/00_config.ipynb #29578a21
+_OWNER_ONLY = os.name == 'posix'   # mode bits mean nothing elsewhere
+
+def _tighten(p: Path, mode: int):
+    "chmod `p` to `mode` if it is ours and differs (another user's folder cannot be changed, and is not ours to change)."
+    st = p.stat()
+    if st.st_uid == os.getuid() and st.st_mode & 0o777 != mode: os.chmod(p, mode)
+
+def private_dir(path: Path, # the folder to make, with any missing parents
+                under: Path | None = None, # also tighten every folder from this one down to `path` (the workspace's `var/`)
+               ) -> Path:
+    "Make a folder readable by its owner only (0700) whatever the umask: the folders created, `path` itself, and those below `under`; returns `path`."
+    path = Path(path).absolute()
+    chain = [path] if under is None else [path, *path.parents]
+    if under is not None:
+        under = Path(under).absolute()
+        if under != path and under not in path.parents: raise ConfigError(f"private folder {path} is not inside {under}")
+        chain = chain[:chain.index(under) + 1]
+    created = []
+    for p in (path, *path.parents):
+        if p.exists(): break
+        created.append(p)
+    if path.exists() and not path.is_dir(): raise ConfigError(f"{path} exists and is not a folder")
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if _OWNER_ONLY:
+        for p in dict.fromkeys([*reversed(created), *reversed(chain)]): _tighten(p, 0o700)
+    return path
+
+def private_file(path: Path, # a file the workbench has just written
+                 mode: int = 0o600, # 0o400 for files that must not change
+                ) -> Path:
+    "Make a file readable by its owner only (0600, or `mode`) whatever the umask; returns `path`."
+    if mode & 0o077: raise ConfigError(f"private_file: mode {mode:o} lets others read or write {path}")
+    if _OWNER_ONLY: _tighten(Path(path), mode)
+    return Path(path)
 
 # %% ../nbs/00_config.ipynb #b40bfbf3
 def utcnow() -> datetime:

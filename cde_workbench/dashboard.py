@@ -18,7 +18,7 @@ from pathlib import Path
 import ipywidgets as widgets
 import polars as pl
 
-from .config import ConfigError, Workspace, project_root
+from .config import ConfigError, Workspace, private_dir, project_root
 from .deployment import load_deployment
 from .deploy import deployment_state
 from .monitor import Health, health, packets, weekly
@@ -121,7 +121,7 @@ def dashboard_token(workspace: Workspace, # whose `var/` keeps the token file
     "The dashboard's access token: `given` if any, else the workspace's `var/dashboard.token` (created, owner-only); never empty."
     if given: return check_token(given, source)
     p = Path(workspace.var) / 'dashboard.token'
-    p.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(p.parent)   # var/ is the owner's only
     if not p.exists():
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, 'w') as f: f.write(secrets.token_urlsafe(24))

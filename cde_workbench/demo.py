@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 from jupyter_client.manager import AsyncKernelManager
 
-from .config import ConfigError, PipelineError, Workspace
+from .config import ConfigError, PipelineError, Workspace, private_dir, private_file
 from .deployment import load_deployment
 
 # %% auto #0
@@ -68,8 +68,9 @@ class StageTimes:
     def write(self, path: Path, **info) -> Path:
         "Write `info` and the timings as JSON to `path` (its folder created)."
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.exists(): private_dir(path.parent)   # var/bench, like all of var/, is the owner's only
         path.write_text(json.dumps({**info, 'seconds': self.seconds, 'cpu_seconds': self.cpu_seconds}, indent=1))
+        private_file(path)
         return path
 
 # %% ../nbs/75_demo.ipynb #6d2c7bbb

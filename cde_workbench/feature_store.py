@@ -18,6 +18,7 @@ import scipy.sparse as sp
 from sklearn.utils.validation import check_is_fitted
 from sqlalchemy.engine import Connection
 
+from .config import private_dir, private_file
 from .features import FeatureData, load_feature_data
 from .featurizer import CountFeaturizer
 from .deployment import Task
@@ -67,9 +68,9 @@ def offline_matrix(featurizer: CountFeaturizer, # fitted
     path = base / featurizer.definition_hash() / f'{feature_data_fingerprint(data)[:24]}-{points_fingerprint(points)[:24]}-{featurizer.fitted_hash()[:12]}{cls}.npz'
     if path.exists(): return OfflineMatrix(sp.load_npz(path).tocsr(), path, True)
     X = featurizer.transform(points, data)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent, under=base)   # matrices are derived from patient data: the owner's only
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix='.npz'); os.close(fd)
-    sp.save_npz(tmp, X); os.replace(tmp, path)   # atomic: a reader never sees half a file
+    sp.save_npz(tmp, X); private_file(tmp); os.replace(tmp, path)   # atomic: a reader never sees half a file
     return OfflineMatrix(X, path, False)
 
 # %% ../nbs/21b_feature_store.ipynb #5846db0d

@@ -8,13 +8,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import secrets
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, private_dir
 
 # %% auto #0
-__all__ = ['site_key', 'patient_key']
+__all__ = ['PATIENT_KEY', 'site_key', 'patient_key', 'is_patient_key']
 
 # %% ../nbs/01a_pseudonyms.ipynb #d5ff78bd
 def site_key(path: Path, # the workspace's `site_key_file`
@@ -22,7 +23,7 @@ def site_key(path: Path, # the workspace's `site_key_file`
     "The site secret for pseudonyms; created (readable by the owner only) on first use."
     p = Path(path)
     if not p.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
+        if not p.parent.exists(): private_dir(p.parent)   # a folder the caller already has is theirs; the key itself is 0600
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, 'w') as f: f.write(secrets.token_hex(32))
     key = p.read_text().strip()
@@ -36,3 +37,9 @@ def patient_key(mrn: str, # the hospital's medical record number
     if not mrn or not str(mrn).strip(): raise ConfigError("empty MRN cannot be pseudonymised")
     if not isinstance(key, bytes) or len(key) < 16: raise ConfigError("patient_key: the site key must be the workspace's secret (bytes, at least 16)")
     return 'P' + hmac.new(key, str(mrn).strip().encode(), hashlib.sha256).hexdigest()[:20]
+
+PATIENT_KEY = re.compile(r'P[0-9a-f]{20}')   # what `patient_key` makes, and nothing else
+
+def is_patient_key(value) -> bool:
+    "True when `value` has the form of a surrogate key `patient_key` makes ('P' + 20 lowercase hex characters)."
+    return isinstance(value, str) and PATIENT_KEY.fullmatch(value) is not None

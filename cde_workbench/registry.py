@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 import cde_workbench
-from .config import ConfigError, PipelineError, project_root, utcnow
+from .config import ConfigError, PipelineError, private_dir, private_file, project_root, utcnow
 from .deployment import Deployment
 from .store import audit, model_aliases, models, read_frame
 
@@ -88,7 +88,7 @@ def register_model(engine: Engine, # the store
     if not (name.isascii() and name.isidentifier()):   # the name is a folder under var/models: '..' or 'a/b' would escape it
         raise ConfigError(f"model name {name!r} must be a plain identifier (ASCII letters, digits and _, not starting with a digit)")
     root = Path(var) / 'models' / name
-    root.mkdir(parents=True, exist_ok=True)
+    private_dir(root, under=var)   # bundles are derived from patient data: var/, models/ and the model's folder are the owner's only
     with engine.begin() as conn:
         version = (conn.execute(sa.select(sa.func.max(models.c.version)).where(models.c.name == name)).scalar() or 0) + 1
         folder = root / f'v{version}'
@@ -97,7 +97,7 @@ def register_model(engine: Engine, # the store
         try:
             sio.dump(bundle, tmp / 'model.skops')
             if test_predictions is not None: test_predictions.write_parquet(tmp / 'test_predictions.parquet')
-            for p in tmp.iterdir(): os.chmod(p, 0o444)
+            for p in tmp.iterdir(): private_file(p, 0o400)   # read-only, and the owner's only
             tmp.rename(folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True); raise

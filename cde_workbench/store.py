@@ -22,7 +22,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Connection, Engine
 
-from .config import CDEError, ConfigError, project_root, utcnow
+from .config import CDEError, ConfigError, private_dir, private_file, project_root, utcnow
 
 # %% auto #0
 __all__ = ['metadata', 'T', 'patients', 'patient_identity', 'adt_events', 'diagnoses', 'medication_orders', 'lab_orders',
@@ -324,6 +324,23 @@ def _redact(text, url) -> str:
     for s in {v for s in found for v in (s, quote(s, safe=''), unquote(s))}: text = text.replace(s, '***')
     return text
 
+def _sqlite_file(url: str) -> Path | None:
+    "The database file of a SQLite URL; None for another database, an in-memory store or a `file:` URI."
+    try: u = sa.engine.make_url(url)
+    except Exception: return None
+    db = u.database
+    if not u.drivername.startswith('sqlite') or not db or db == ':memory:' or db.startswith('file:'): return None
+    return Path(db)
+
+def _private_sqlite(db: Path):
+    "Create the SQLite file owner-only before SQLite does (its -wal, -shm and journal take the database's mode); tighten an existing one."
+    if not db.parent.exists(): private_dir(db.parent)   # a folder the caller named and already has is left as it is
+    try: os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))   # an empty file is an empty SQLite database
+    except FileExistsError: pass
+    for p in (db, *(db.with_name(db.name + s) for s in ('-wal', '-shm', '-journal'))):
+        try: private_file(p)
+        except FileNotFoundError: pass   # no such companion (or it went as we looked)
+
 _engines: dict[str, Engine] = {}
 
 def get_engine(url: str, # SQLAlchemy URL of the store (the workspace's `database_url`)
@@ -332,8 +349,7 @@ def get_engine(url: str, # SQLAlchemy URL of the store (the workspace's `databas
     "An engine for the store (cached per URL), migrated to the newest schema."
     if not isinstance(url, str) or not url: raise ConfigError(f'database URL {url!r}: give the SQLAlchemy URL of the store (the workspace\'s database_url)')
     if url in _engines: return _engines[url]
-    if url.startswith('sqlite:///'):
-        Path(url.removeprefix('sqlite:///')).parent.mkdir(parents=True, exist_ok=True)
+    if (db := _sqlite_file(url)) is not None: _private_sqlite(db)
     try: engine = sa.create_engine(url, future=True)
     except Exception as e: raise ConfigError(_redact(f"database URL {redact_url(url)!r} is not usable: {e}", url)) from None
     if engine.dialect.name == 'sqlite': sa.event.listen(engine, 'connect', _sqlite_pragmas)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from .config import ConfigError
+from .config import ConfigError, private_dir, private_file
 from .hl7 import format_ts, join_segments, msh, segment
 from .pseudonyms import patient_key
 from .terminology import LABS, PANEL_NAMES, PANELS
@@ -285,7 +286,7 @@ def write_warehouse_extract(h: Hospital, # the generated hospital
                             key: bytes, # the workspace's site secret for surrogate keys (`site_key(ws.site_key_file)`)
                            ) -> dict[str, int]:
     "Write the retrospective years as a pseudonymised Parquet extract; returns rows per table."
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    folder = private_dir(folder)   # the extract is the owner's only, whatever the umask
     cut = _utc(h.config.cutover)
     keys = {m: patient_key(m, key) for m in h.patients['mrn']}
     pk = pl.col('mrn').replace_strict(keys).alias('patient_key')
@@ -305,10 +306,11 @@ def write_warehouse_extract(h: Hospital, # the generated hospital
     }
     counts = {}
     for name, df in tables.items():
-        df.write_parquet(folder / f'{name}.parquet')
+        df.write_parquet(folder / f'{name}.parquet'); private_file(folder / f'{name}.parquet')
         counts[name] = df.height
     (folder / 'manifest.json').write_text(json.dumps({'source': 'synthetic hospital warehouse', 'config': asdict(h.config),
                                                       'cutover': h.config.cutover, 'rows': counts}, indent=1))
+    private_file(folder / 'manifest.json')
     return counts
 
 # %% ../nbs/11_synth.ipynb #379e8fca
@@ -413,11 +415,12 @@ def hl7_feed(h: Hospital, # the generated hospital
     return _deliver(out, cfg)
 
 def write_hl7_feed(h: Hospital, path: Path) -> int:
-    "Write the prospective feed to one file, a message per line (segments separated by CR); returns the count."
+    "Write the prospective feed to one file (owner-only: it holds MRNs and names), a message per line (segments separated by CR); returns the count."
     feed = hl7_feed(h)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, 'w', newline='') as f:
+    if not Path(path).parent.exists(): private_dir(Path(path).parent)
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), 'w', newline='') as f:
         for _, m in feed: f.write(m + '\n')
+    private_file(path)   # an existing file keeps its mode when rewritten
     return len(feed)
 
 # %% ../nbs/11_synth.ipynb #f2e3d4c5

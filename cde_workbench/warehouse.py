@@ -16,11 +16,13 @@ from sqlalchemy.engine import Connection, Engine
 
 from .config import IngestError, SchemaError
 from .events import replace_encounters
+from .pseudonyms import PATIENT_KEY
 from .store import (adt_events, audit, audit_log, diagnoses, encounters, insert_frame, insert_ignore, lab_orders,
                                  lab_results, location_visits, medication_orders, patients)
 
 # %% auto #0
-__all__ = ['extract_fingerprint', 'check_tables', 'read_extract', 'derive_encounters', 'load_tables', 'load_warehouse_extract']
+__all__ = ['extract_fingerprint', 'check_tables', 'check_patient_keys', 'read_extract', 'derive_encounters', 'load_tables',
+           'load_warehouse_extract']
 
 # %% ../nbs/14_warehouse.ipynb #9996f574
 _TABLES = {'patients': patients, 'adt_events': adt_events, 'diagnoses': diagnoses,
@@ -68,6 +70,20 @@ def check_tables(tables: dict[str, pl.DataFrame], # one frame per clinical table
         out[tname] = df.select(want).with_columns(pl.col(c).dt.convert_time_zone('UTC') for c in want if c in _TIME_COLS)
     return out
 
+def check_patient_keys(df: pl.DataFrame, # one table of an extract
+                       where: str, # the file it came from, for the error
+                      ) -> None:
+    "Refuse a table whose `patient_key` holds anything but surrogate keys as the pseudonymiser makes them ('P' + 20 lowercase hex)."
+    if 'patient_key' not in df.columns: return   # `check_tables` names a missing column
+    col = df['patient_key']
+    ok = col.str.contains(f'^{PATIENT_KEY.pattern}$') if col.dtype == pl.String else pl.Series([False] * len(col))
+    bad = col.is_not_null() & ~ok
+    if not bad.any(): return   # (an empty key is `check_tables`' to report)
+    i = bad.arg_true()[0]
+    value = repr(col[i]); value = value if len(value) <= 42 else value[:40] + '…'
+    raise SchemaError(f"{where}: row {i + 1}: patient_key {value} is not a surrogate key ('P' and 20 lowercase hex characters, as the "
+                      f"pseudonymiser makes; an MRN must never reach the warehouse); {bad.sum()} such row(s); nothing was loaded")
+
 def read_extract(folder: Path, # folder with one Parquet file per clinical table
                 ) -> dict[str, pl.DataFrame]:
     "Read and check an extract folder (one Parquet file per clinical table)."
@@ -79,6 +95,7 @@ def read_extract(folder: Path, # folder with one Parquet file per clinical table
         if not p.exists(): raise SchemaError(f"warehouse extract {folder}: {p.name} is missing")
         try: tables[tname] = pl.read_parquet(p)
         except Exception as e: raise SchemaError(f"{p}: not a readable Parquet file ({e})")
+        check_patient_keys(tables[tname], str(p))
     return check_tables(tables, str(folder))
 
 def derive_encounters(conn: Connection, # the open transaction of a load
