@@ -64,15 +64,18 @@ def run_ledger(engine: Engine, deployment: str, kind: str, parameters: dict, not
         conn.execute(runs.update().where(runs.c.run_id == run_id).values(status='succeeded', finished_at=utcnow()))
 
 # %% ../nbs/42_schedule.ipynb #2f43ce98
-def _ipc_kernel_manager(folder: str, env: dict | None = None):
-    "A kernel manager whose kernels talk over IPC sockets in `folder` (private to this run) rather than TCP, with `env` added to their environment."
+def _ipc_kernel_manager(folder: str, env: dict | None = None, log: Path | None = None):
+    """A kernel manager whose kernels talk over IPC sockets in `folder` (private to this run) rather than TCP, with `env` added
+    to their environment and their own output (e.g. ipykernel's messages while it is shut down) appended to `log`, not the caller's terminal."""
     class IPCKernelManager(AsyncKernelManager):
         def __init__(self, **kw):
             super().__init__(**kw)
             self.transport, self.ip = 'ipc', str(Path(folder) / 'kernel')
         async def start_kernel(self, **kw):
             if env: kw['env'] = {**(kw.get('env') or os.environ), **env}
-            return await super().start_kernel(**kw)
+            if log is None: return await super().start_kernel(**kw)
+            with open(log, 'ab') as f:   # the kernel keeps its own descriptor; ours closes once it has started
+                return await super().start_kernel(**kw, stdout=f, stderr=f)
     return IPCKernelManager
 
 @dataclass
@@ -107,7 +110,7 @@ def run_notebook(ws: Workspace, # the workspace: its store keeps the run ledger,
             with tempfile.TemporaryDirectory(prefix='cde-kernel-') as sockets:
                 pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name='python3', progress_bar=progress,
                                     cwd=str(dep.path), request_save_on_cell_execute=False,
-                                    kernel_manager_class=kernel_manager_class or _ipc_kernel_manager(sockets, kernel_env))
+                                    kernel_manager_class=kernel_manager_class or _ipc_kernel_manager(sockets, kernel_env, out_dir / 'kernel.log'))
         except pm.PapermillExecutionError as e:
             raise PipelineError(f"{nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} (executed copy: {out})") from None
     return NotebookRun(run_id, out)
