@@ -135,7 +135,12 @@ def patient_mrn(m: Message, # a parsed message with a PID segment
                ) -> str:
     "The MRN in PID-3 under the sender's rule; raises `IngestError` saying why there is none (the message is then held)."
     app, fac = m.field('MSH', 3), m.field('MSH', 4)
-    rule = policy.rule_for(app, fac) if policy is not None else None
+    rule = policy.rule_for(app, fac) if policy is not None and policy.rules else None
+    pid = m.seg('PID')
+    if rule is None and pid is not None and len(pid) > 3 and (raw := pid[3]) and m.repetition_sep not in raw and m.escape_char not in raw:
+        # one identifier, nothing to decode, no rule (the common case, kept fast): bare, or with its authority
+        comps = raw.split(m.component_sep)
+        if comps[0] and (len(comps) == 1 or any(x and x != '""' for x in comps[3:4] + comps[8:10])): return comps[0]
     ids = _identifiers(m, rule)
     if not ids: raise IngestError("PID-3 (patient identifier) is missing")
     sender = f"sender {app or '(no MSH-3)'}^{fac or '(no MSH-4)'}"

@@ -112,7 +112,9 @@ def test_stored_held_with_reasons_then_redriven_equal_to_replay(engine, tmp_path
     assert table_checksums(fresh3) == before
 
 
-def test_redrive_filters(engine):
+def test_redrive_filters(store_url):
+    "The filters choose what is re-driven; on SQLite and PostgreSQL alike."
+    engine = get_engine(store_url)
     store_messages(engine, [(m, T0 + timedelta(minutes=i), 'test') for i, m in enumerate(FEED[:6])])
     process_pending(engine, key=KEY)
     assert redrive(engine, key=KEY, policy=POLICY, sender='RIS').held == 1
@@ -123,6 +125,7 @@ def test_redrive_filters(engine):
     assert redrive(engine, key=KEY, policy=POLICY, error_like='no%authority%LAB').held == 0   # with a %, the pattern is the whole reason (as SQL LIKE)
     assert redrive(engine, key=KEY, policy=POLICY, error_like='%NO ASSIGNING authority%LAB^%').processed == 1   # the ORU
     assert [h[:2] for h in _held(engine)] == [('RIS', 'WEST')]
+    dispose_engines()
 
 
 def test_a_message_without_an_authority_is_acknowledged_aa_over_mllp(engine):
