@@ -196,7 +196,7 @@ DERIVED_TABLES = (patient_facts, patient_identity, patients, mrn_merges, patient
 def table_checksums(engine: Engine, tables=DERIVED_TABLES, source: str | None = 'hl7',
                     ignore: tuple = ('id', 'at'), # columns left out: surrogate ids and processing timestamps by default
                    ) -> dict[str, str]:
-    "sha256 of each table's rows (sorted; the `ignore` columns left out), optionally one source only."
+    "sha256 of each table's rows (sorted; the `ignore` columns left out; of `processing_errors` the messages held now), optionally one source only."
     out = {}
     with engine.connect() as conn:
         for t in tables:
