@@ -27,7 +27,8 @@ from .store import (adt_events, audit, bulk_insert, diagnoses, encounters, ids_m
 
 # %% auto #0
 __all__ = ['PROCESSOR', 'DERIVED_TABLES', 'replace_encounters', 'refresh_state', 'ProcessSummary', 'process_messages',
-           'processed_up_to', 'process_pending', 'table_checksums', 'RedriveSummary', 'redrive', 'read_feed_file']
+           'processed_up_to', 'process_pending', 'table_checksums', 'RedriveSummary', 'redrive', 'held_messages',
+           'read_feed_file']
 
 # %% ../nbs/13a_events.ipynb #2857be54
 def _rows(conn: Connection, table: sa.Table, column, keys, upto: int | None = None) -> list[dict]:
@@ -263,6 +264,23 @@ def redrive(engine: Engine, # the store
         out.processed += len(done); out.still_held += len(s.failed)
         for k, v in s.rows.items(): out.rows[k] = out.rows.get(k, 0) + v
     return out
+
+# %% ../nbs/13a_events.ipynb #7e5076e7
+_QUOTED = re.compile(r"'[^']*'")
+
+def held_messages(conn: Connection, # a connection to the store
+                 ) -> list[dict]:
+    "Open processing errors grouped by sender, message type and reason (quoted values left out): count and oldest sequence."
+    pe, m = processing_errors, ids_messages
+    q = (sa.select(m.c.sending_app, m.c.sending_facility, m.c.message_type, pe.c.reason, pe.c.seq)
+         .join(m, m.c.seq == pe.c.seq).where(pe.c.resolved_at.is_(None)).order_by(pe.c.seq))
+    groups: dict[tuple, dict] = {}
+    for app, fac, mtype, reason, seq in conn.execute(q):
+        k = (app, fac, mtype, _QUOTED.sub("'…'", reason))
+        g = groups.get(k)
+        if g is None: groups[k] = dict(sending_app=app, sending_facility=fac, message_type=mtype, reason=k[3], held=1, oldest_seq=seq)
+        else: g['held'] += 1
+    return list(groups.values())
 
 # %% ../nbs/13a_events.ipynb #7487b47b
 def read_feed_file(path, # a file with one HL7 message per line, segments separated by CR

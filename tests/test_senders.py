@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import sqlalchemy as sa
 
-from cde_workbench.events import process_pending, redrive, table_checksums
+from cde_workbench.events import held_messages, process_pending, redrive, table_checksums
 from cde_workbench.ids import store_messages
 from cde_workbench.mllp import MLLPReceiver, send_messages
 from cde_workbench.rebuild import replay
@@ -70,7 +70,14 @@ def test_stored_held_with_reasons_then_redriven_equal_to_replay(engine, tmp_path
     assert "'N1' has no assigning authority" in held[0][3] and 'sender LAB^NORTH has no policy giving one' in held[0][3]
     assert 'sender RIS^WEST has no policy giving one' in held[2][3]
     assert "holds 2 identifiers ('999' (NH, NHS), 'E1' (PI, MAIN))" in held[3][3] and 'no policy naming the MRN' in held[3][3]
-    with engine.connect() as c: assert c.execute(sa.select(encounters.c.encounter_id).order_by(encounters.c.encounter_id)).scalars().all() == ['EE2', 'EE3', 'EH1']
+    with engine.connect() as c:
+        assert c.execute(sa.select(encounters.c.encounter_id).order_by(encounters.c.encounter_id)).scalars().all() == ['EE2', 'EE3', 'EH1']
+        groups = held_messages(c)   # visible per sender and type; one cause, one row
+    assert [(g['sending_app'], g['sending_facility'], g['message_type'], g['held'], g['oldest_seq']) for g in groups] == [
+        ('LAB', 'NORTH', 'ADT^A01', 1, 1), ('LAB', 'NORTH', 'ORU^R01', 1, 2), ('RIS', 'WEST', 'ADT^A01', 1, 3), ('EPIC', 'MAIN', 'ADT^A01', 1, 4),
+        ('LAB', 'NORTH', 'ADT^A03', 1, 6)]
+    assert groups[0]['reason'] == ("PID-3 identifier '…' has no assigning authority (from v2.5 one of CX.4, CX.9 or CX.10 must be valued) "
+                                   "and sender LAB^NORTH has no policy giving one")
 
     # the policy is added for two of the three senders; EPIC's rule now also decides its single identifiers
     r = redrive(engine, key=KEY, policy=POLICY, actor='tester')
