@@ -67,8 +67,7 @@ def message_facts(m: Message, # a parsed message
     kind, _, event = mt.partition('^')
     if kind == 'ADT' and event in MERGE_EVENTS:
         pk = _patient(m, facts, seq, at, received, key, policy)
-        retired = m.field('MRG', 1)
-        if not retired: raise IngestError("MRG-1 (prior patient identifier) is missing")
+        retired = patient_mrn(m, policy, 'MRG', 1)   # read by the same sender rule as PID-3
         facts.add(mrn_merges, seq=seq, retired_mrn=retired, surviving_mrn=facts.rows[patient_facts][-1]['mrn'], retired_key=patient_key(retired, key),
                   surviving_key=pk, event_time=at, stored_time=received, source='hl7')
         facts.mrns.add(retired); facts.merged = True

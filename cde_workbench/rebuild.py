@@ -153,8 +153,9 @@ class _Rebuild:
         out = [(patient_facts, (seq, mrn, pk, _cn(pid, 5, 1) or None, _cn(pid, 5, 2) or None, self.dob_of(dob) if dob else None,
                                 _c1(pid, 8) or None, _c1(pid, 10) or None, at, rcv, 'hl7'))]
         if kind == 'ADT' and event in MERGE_EVENTS:
-            retired = _c1(first.get('MRG'), 1)
-            if not retired: raise _NotPlain
+            mrg = first.get('MRG')
+            if mrg is None or len(mrg) < 2 or not mrg[1] or '^' in mrg[1]: raise _NotPlain   # structured MRG-1: patient_mrn decides
+            retired = mrg[1]
             out.append((mrn_merges, (seq, retired, mrn, self.key_of(retired), pk, at, rcv, 'hl7')))
             return out
         pv1 = first.get('PV1')

@@ -111,20 +111,20 @@ class _CX:
     authority: str
     lacks_authority: bool   # sent as a CX with components, from v2.5, with none of CX.4, CX.9, CX.10
 
-def _identifiers(m: Message, rule: SenderRule | None) -> list[_CX]:
-    "The identifiers of PID-3 with the rule's defaults applied."
-    pid = m.seg('PID')
-    raw = pid[3] if pid is not None and len(pid) > 3 else ''
+def _identifiers(m: Message, rule: SenderRule | None, segment: str = 'PID', n: int = 3) -> list[_CX]:
+    "The identifiers of PID-3 (or another CX field) with the rule's defaults applied."
+    pid = m.seg(segment)
+    raw = pid[n] if pid is not None and len(pid) > n else ''
     v = _VERSION(m.version)
     strict = bool(v) and (int(v[1]), int(v[2])) >= (2, 5)   # the authority is required from v2.5
     out = []
     for r, rep in enumerate(raw.split(m.repetition_sep) if raw else [], 1):
-        value = m.field(pid, 3, 1, r)
+        value = m.field(pid, n, 1, r)
         if not value: continue
         comps = rep.split(m.component_sep)
         sent = any(x and x != '""' for x in comps[3:4] + comps[8:10])
-        auth = (m.field(pid, 3, 4, r, 1) or m.field(pid, 3, 4, r, 2) or m.field(pid, 3, 9, r) or m.field(pid, 3, 10, r)) if sent else ''
-        typ = m.field(pid, 3, 5, r)
+        auth = (m.field(pid, n, 4, r, 1) or m.field(pid, n, 4, r, 2) or m.field(pid, n, 9, r) or m.field(pid, n, 10, r)) if sent else ''
+        typ = m.field(pid, n, 5, r)
         if not sent and rule is not None and rule.authority:
             auth, typ = rule.authority, typ or rule.identifier_type
         out.append(_CX(value, typ, auth, not sent and not auth and strict and len(comps) > 1))
@@ -132,17 +132,20 @@ def _identifiers(m: Message, rule: SenderRule | None) -> list[_CX]:
 
 def patient_mrn(m: Message, # a parsed message with a PID segment
                 policy: SenderPolicy | None = None, # the sender policy; None: no sender has one
+                segment: str = 'PID', # where the identifiers are: PID-3, or MRG-1 for the MRN a merge retires
+                n: int = 3, # the field
                ) -> str:
-    "The MRN in PID-3 under the sender's rule; raises `IngestError` saying why there is none (the message is then held)."
+    "The MRN in PID-3 (or MRG-1) under the sender's rule; raises `IngestError` saying why there is none (the message is then held)."
     app, fac = m.field('MSH', 3), m.field('MSH', 4)
     rule = policy.rule_for(app, fac) if policy is not None and policy.rules else None
-    pid = m.seg('PID')
-    if rule is None and pid is not None and len(pid) > 3 and (raw := pid[3]) and m.repetition_sep not in raw and m.escape_char not in raw:
+    pid = m.seg(segment)
+    if rule is None and pid is not None and len(pid) > n and (raw := pid[n]) and m.repetition_sep not in raw and m.escape_char not in raw:
         # one identifier, nothing to decode, no rule (the common case, kept fast): bare, or with its authority
         comps = raw.split(m.component_sep)
         if comps[0] and (len(comps) == 1 or any(x and x != '""' for x in comps[3:4] + comps[8:10])): return comps[0]
-    ids = _identifiers(m, rule)
-    if not ids: raise IngestError("PID-3 (patient identifier) is missing")
+    ids = _identifiers(m, rule, segment, n)
+    where = f'{segment}-{n}'
+    if not ids: raise IngestError(f"{where} ({'patient' if segment == 'PID' else 'prior patient'} identifier) is missing")
     sender = f"sender {app or '(no MSH-3)'}^{fac or '(no MSH-4)'}"
     if rule is not None and (rule.mrn_type or rule.mrn_authority):
         want = ' and '.join(([f'type {rule.mrn_type!r}'] if rule.mrn_type else []) + ([f'authority {rule.mrn_authority!r}'] if rule.mrn_authority else []))
@@ -154,10 +157,10 @@ def patient_mrn(m: Message, # a parsed message with a PID segment
         how = f"{sender} has no policy naming the MRN, and not exactly one is of type 'MR'"
     if len({x.value for x in pick}) != 1:
         listed = ', '.join(f"{x.value!r} ({x.type or 'no type'}, {x.authority or 'no authority'})" for x in ids)
-        raise IngestError(f"PID-3 holds {len(ids)} identifiers ({listed}) and {'none' if not pick else len(pick)} "
+        raise IngestError(f"{where} holds {len(ids)} identifiers ({listed}) and {'none' if not pick else len(pick)} "
                           f"{'matches' if not pick else 'match'}: {how}")
     x = pick[0]
     if x.lacks_authority:
-        raise IngestError(f"PID-3 identifier {x.value!r} has no assigning authority (from v2.5 one of CX.4, CX.9 or CX.10 must be "
+        raise IngestError(f"{where} identifier {x.value!r} has no assigning authority (from v2.5 one of CX.4, CX.9 or CX.10 must be "
                           f"valued) and {sender} has no policy giving one")
     return x.value

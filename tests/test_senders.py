@@ -180,3 +180,21 @@ def test_cli_holds_then_redrives_after_the_policy_is_added(tmp_path):
     r = cde('ingest', 'replay', f"sqlite:///{tmp_path / 'rebuilt.sqlite'}", env=env)
     assert r.returncode == 0 and 'rebuilt tables equal the live ones' in r.stdout, r.stdout + r.stderr
     dispose_engines()
+
+
+def test_a_merge_retires_the_identifier_the_policy_names(tmp_path):
+    "MRG-1 is read by the sender's rule, like PID-3: the merge links the two MRNs, not an MRN and a national number."
+    msgs = [_adt('EPIC', 'MAIN', 'M1', '998^^^NHS^NH~E0^^^MAIN^PI', 'EM1'),
+            '\r'.join(['MSH|^~\\&|EPIC|MAIN|CDE|CDE|20240302080000||ADT^A40|M2|P|2.5', 'EVN|A40|20240302080000',
+                       'PID|1||999^^^NHS^NH~E1^^^MAIN^PI||Doe^Jo||19700101|F', 'MRG|998^^^NHS^NH~E0^^^MAIN^PI'])]
+    eng = get_engine(f'sqlite:///{tmp_path}/m.sqlite')
+    store_messages(eng, [(m, T0 + timedelta(minutes=i), 'test') for i, m in enumerate(msgs)])
+    assert process_pending(eng, key=KEY).errors == 2                  # no policy: both held (which of two identifiers?)
+    assert 'PID-3 holds 2 identifiers' in _held(eng)[1][3]
+    assert redrive(eng, key=KEY, policy=POLICY).processed == 2
+    with eng.connect() as c:
+        assert c.execute(sa.text('select retired_mrn, surviving_mrn from mrn_merges')).all() == [('E0', 'E1')]
+    fresh = get_engine(f'sqlite:///{tmp_path}/m2.sqlite')
+    replay(eng, fresh, key=KEY, policy=POLICY)
+    assert table_checksums(fresh) == table_checksums(eng)
+    dispose_engines()
