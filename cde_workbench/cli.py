@@ -21,8 +21,9 @@ from .deployment import load_deployment
 
 # %% auto #0
 __all__ = ['app', 'ingest_app', 'models_app', 'synth', 'ingest_warehouse', 'feed_with_times', 'ingest_synthea', 'ingest_fhir',
-           'ingest_file', 'ingest_mllp', 'ingest_process', 'ingest_replay', 'ingest_status', 'train', 'deploy', 'score',
-           'labels', 'report', 'dashboard', 'models_list', 'models_show', 'models_alias', 'demo', 'evaluate', 'main']
+           'ingest_file', 'ingest_mllp', 'ingest_process', 'ingest_replay', 'ingest_redrive', 'ingest_status', 'train',
+           'deploy', 'score', 'labels', 'report', 'dashboard', 'models_list', 'models_show', 'models_alias', 'demo',
+           'evaluate', 'main']
 
 # %% ../nbs/80_cli.ipynb #636e4249
 app = typer.Typer(help='cde-workbench: take a clinical model from the research notebook to a silent trial, a report and a dashboard.',
@@ -88,6 +89,14 @@ def ingest_fhir(paths: list[Path] = typer.Argument(..., help='FHIR R4 Bundle JSO
     counts = load_fhir(get_engine(ws.database_url), paths, site_key(ws.site_key_file))
     typer.echo('already loaded; nothing to do' if not counts else 'loaded ' + ', '.join(f'{k} {v}' for k, v in counts.items()))
 
+def _sender_policy(ws: Workspace, engine):
+    "The workspace's sender identifier policy (var/settings/senders.toml), checked against the senders the store has received from."
+    import sqlalchemy as sa
+    from cde_workbench.senders import load_policy, policy_file
+    from cde_workbench.store import ids_messages
+    with engine.connect() as c: known = c.execute(sa.select(ids_messages.c.sending_app, ids_messages.c.sending_facility).distinct()).all()
+    return load_policy(policy_file(ws.var), [tuple(k) for k in known])
+
 @ingest_app.command('file')
 def ingest_file(path: Path = typer.Argument(..., help='HL7 v2 file: one message per line, segments separated by CR; or an HL7 batch file (BHS … BTS, or FHS … FTS).'),
                 replay: bool = typer.Option(False, help='Stamp each message as received at its MSH-7 time (+30 s) instead of now: for replaying a recorded feed.')):
@@ -109,7 +118,7 @@ def ingest_file(path: Path = typer.Argument(..., help='HL7 v2 file: one message 
     ws = Workspace.from_env()
     engine = get_engine(ws.database_url)
     out = store_messages(engine, [(m, t, f'file:{Path(path).name}') for m, t in msgs])
-    s = process_pending(engine, key=site_key(ws.site_key_file))
+    s = process_pending(engine, key=site_key(ws.site_key_file), policy=_sender_policy(ws, engine))
     counts = {k: sum(o.status == k for o in out) for k in ('stored', 'duplicate', 'conflict', 'dead_letter')}
     typer.echo(batch + ', '.join(f'{v} {k.replace("_", " ")}' for k, v in counts.items()) + f'; {s.messages} processed, {s.errors} processing errors')
 
@@ -133,7 +142,7 @@ def ingest_mllp(port: int = typer.Option(2575, help='TCP port to listen on.'),
     from cde_workbench.store import get_engine
     ws = Workspace.from_env()
     engine = get_engine(ws.database_url)
-    after = functools.partial(process_pending, engine, 200, key=site_key(ws.site_key_file)) if process else None   # small batches: commits go on
+    after = functools.partial(process_pending, engine, 200, key=site_key(ws.site_key_file), policy=_sender_policy(ws, engine)) if process else None   # small batches: commits go on
     serve(engine, host, port, max_frame, clock=ReplayClock() if replay_clock else None, after_commit=after, max_connections=max_connections,
           max_buffered=max_buffered, idle_timeout=idle_timeout, frame_timeout=frame_timeout,
           ready=lambda p: typer.echo(f'listening on {host}:{p} (MLLP); storing into {engine.url.render_as_string(hide_password=True)}', err=True))
@@ -145,7 +154,8 @@ def ingest_process():
     from cde_workbench.pseudonyms import site_key
     from cde_workbench.store import get_engine
     ws = Workspace.from_env()
-    s = process_pending(get_engine(ws.database_url), key=site_key(ws.site_key_file))
+    engine = get_engine(ws.database_url)
+    s = process_pending(engine, key=site_key(ws.site_key_file), policy=_sender_policy(ws, engine))
     typer.echo(f'{s.messages} messages processed, {s.errors} processing errors, up to sequence {s.last_seq}')
 
 @ingest_app.command('replay')
@@ -159,13 +169,28 @@ def ingest_replay(target: str = typer.Argument(..., help='SQLAlchemy URL of an e
     from cde_workbench.store import get_engine
     ws = Workspace.from_env()
     source, dest = get_engine(ws.database_url), get_engine(target)
-    s = replay(source, dest, from_seq, to_seq, key=site_key(ws.site_key_file))
+    s = replay(source, dest, from_seq, to_seq, key=site_key(ws.site_key_file), policy=_sender_policy(ws, source))
     typer.echo(f'replayed {s.messages} messages ({s.errors} processing errors)')
     if from_seq is None and to_seq is None:
         a, b = table_checksums(source), table_checksums(dest)
         differ = [t for t in a if a[t] != b[t]]
         typer.echo('rebuilt tables equal the live ones' if not differ else f'tables that differ: {", ".join(differ)}')
         if differ: raise typer.Exit(1)
+
+@ingest_app.command('redrive')
+def ingest_redrive(sender: Optional[str] = typer.Option(None, '--sender', help='Only messages from APP or APP^FACILITY (MSH-3, MSH-4; shell-style patterns).'),
+                   message_type: Optional[str] = typer.Option(None, '--type', help='Only messages of this type (MSH-9), e.g. ADT^A01 or "ADT^*".'),
+                   error_like: Optional[str] = typer.Option(None, '--error-like', help="Only errors whose reason matches (SQL LIKE: % and _; case-insensitive; without % anywhere in the reason)."),
+                  ):
+    "Process held messages (those with processing errors) again after a configuration change, in stored order; audited."
+    from cde_workbench.events import redrive
+    from cde_workbench.pseudonyms import site_key
+    from cde_workbench.store import get_engine
+    ws = Workspace.from_env()
+    engine = get_engine(ws.database_url)
+    r = redrive(engine, key=site_key(ws.site_key_file), policy=_sender_policy(ws, engine), sender=sender, message_type=message_type,
+                error_like=error_like)
+    typer.echo(f'{r.held} held messages matched: {r.processed} processed, {r.still_held} still held')
 
 # %% ../nbs/80_cli.ipynb #b8dd90ac
 def _when(t) -> str: return '' if t is None else t.strftime('%Y-%m-%d %H:%M:%S') + ' UTC'

@@ -5,7 +5,9 @@
 # %% ../nbs/13a_events.ipynb #2d94e96f
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import re
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -18,13 +20,14 @@ from sqlalchemy.engine import Connection, Engine
 from .config import IngestError, utcnow
 from .facts import Facts, encounter_rows, message_facts, newest, order_state, resolve_links
 from .hl7 import parse_message
-from .store import (adt_events, bulk_insert, diagnoses, encounters, ids_messages, insert_ignore, lab_order_events, lab_orders,
+from .senders import SenderPolicy
+from .store import (adt_events, audit, bulk_insert, diagnoses, encounters, ids_messages, insert_ignore, lab_order_events, lab_orders,
                                  lab_results, location_visits, medication_orders, mrn_merges, patient_facts, patient_identity,
                                  patient_links, patients, processing_errors, processor_state)
 
 # %% auto #0
 __all__ = ['PROCESSOR', 'DERIVED_TABLES', 'replace_encounters', 'refresh_state', 'ProcessSummary', 'process_messages',
-           'processed_up_to', 'process_pending', 'table_checksums', 'read_feed_file']
+           'processed_up_to', 'process_pending', 'table_checksums', 'RedriveSummary', 'redrive', 'read_feed_file']
 
 # %% ../nbs/13a_events.ipynb #2857be54
 def _rows(conn: Connection, table: sa.Table, column, keys, upto: int | None = None) -> list[dict]:
@@ -126,11 +129,13 @@ class ProcessSummary:
     errors: int = 0
     last_seq: int = 0
     rows: dict = field(default_factory=dict)
+    failed: dict = field(default_factory=dict)   # seq -> reason, for the messages it could not use (process_messages only)
 
 # %% ../nbs/13a_events.ipynb #54de3654
 def process_messages(conn: Connection, # an open transaction
                      messages: Iterable[tuple[int | None, bytes | str, datetime]], # (sequence, raw message, received time)
                      key: bytes, # site key for surrogate patient keys: the workspace's (`site_key(ws.site_key_file)`)
+                     policy: SenderPolicy | None = None, # sender identifier policy (`12b_senders`); None: no sender has one
                     ) -> ProcessSummary:
     "Derive facts and current state from messages inside the caller's transaction; unusable ones go to `processing_errors`."
     facts, summary, errors = Facts(), ProcessSummary(), []
@@ -138,11 +143,11 @@ def process_messages(conn: Connection, # an open transaction
         summary.messages += 1
         if seq is not None: summary.last_seq = max(summary.last_seq, seq)
         mark = {t: len(r) for t, r in facts.rows.items()}
-        try: message_facts(parse_message(raw, f'message {seq}'), seq, received, facts, key)
+        try: message_facts(parse_message(raw, f'message {seq}'), seq, received, facts, key, policy)
         except IngestError as e:
             for t, r in facts.rows.items(): del r[mark.get(t, 0):]   # all or nothing: a refused message states no facts
             if seq is None: raise
-            errors.append(dict(seq=seq, reason=str(e), at=utcnow()))
+            errors.append(dict(seq=seq, reason=str(e), at=utcnow())); summary.failed[seq] = str(e)
     before = _batch_ids(conn, facts)
     for table, rows in facts.rows.items():
         bulk_insert(conn, table, rows, ignore_conflicts=table is lab_results or table is adt_events)
@@ -165,6 +170,7 @@ def process_pending(engine: Engine, # the store
                     until: int | None = None, # stop after this sequence (default: everything stored)
                     *,
                     key: bytes, # site key for surrogate patient keys: the workspace's (`site_key(ws.site_key_file)`)
+                    policy: SenderPolicy | None = None, # sender identifier policy (`12b_senders`); None: no sender has one
                    ) -> ProcessSummary:
     "Process every stored message after the cursor, a batch per transaction together with the cursor: resumable, never twice."
     total = ProcessSummary()
@@ -175,7 +181,7 @@ def process_pending(engine: Engine, # the store
             if until is not None: q = q.where(ids_messages.c.seq <= until)
             rows = conn.execute(q.order_by(ids_messages.c.seq).limit(batch)).all()
             if not rows: return total
-            s = process_messages(conn, rows, key)
+            s = process_messages(conn, rows, key, policy)
             vals = dict(last_seq=s.last_seq, updated_at=utcnow())
             if last == 0 and conn.execute(sa.select(processor_state.c.name).where(processor_state.c.name == PROCESSOR)).first() is None:
                 conn.execute(processor_state.insert().values(name=PROCESSOR, **vals))
@@ -190,17 +196,72 @@ DERIVED_TABLES = (patient_facts, patient_identity, patients, mrn_merges, patient
 def table_checksums(engine: Engine, tables=DERIVED_TABLES, source: str | None = 'hl7',
                     ignore: tuple = ('id', 'at'), # columns left out: surrogate ids and processing timestamps by default
                    ) -> dict[str, str]:
-    "sha256 of each table's rows (sorted; the `ignore` columns left out), optionally one source only."
+    "sha256 of each table's rows (sorted; the `ignore` columns left out; of `processing_errors` the messages held now), optionally one source only."
     out = {}
     with engine.connect() as conn:
         for t in tables:
             cols = [c for c in t.columns if c.name not in ignore]
             q = sa.select(*cols)
             if source is not None and 'source' in t.c: q = q.where(t.c.source == source)
+            if t is processing_errors: q = q.where(t.c.resolved_at.is_(None))   # the messages held now; resolved ones are history
             rows = sorted(tuple('' if v is None else (v.isoformat() if hasattr(v, 'isoformat') else str(v)) for v in r) for r in conn.execute(q))
             h = hashlib.sha256()
             for r in rows: h.update('\x1f'.join(r).encode()); h.update(b'\x1e')
             out[t.name] = f'{len(rows)}:{h.hexdigest()}'
+    return out
+
+# %% ../nbs/13a_events.ipynb #0aaa15dd
+@dataclass
+class RedriveSummary:
+    "What a re-drive did."
+    held: int = 0        # held messages the filters matched
+    processed: int = 0   # of those, now processed (their errors resolved)
+    still_held: int = 0  # of those, still failing
+    rows: dict = field(default_factory=dict)
+
+def _like(pattern: str):
+    "A case-insensitive matcher for a SQL LIKE pattern (`%`, `_`); a pattern without `%` matches anywhere."
+    if '%' not in pattern: pattern = f'%{pattern}%'
+    rx = ''.join('.*' if ch == '%' else '.' if ch == '_' else re.escape(ch) for ch in pattern)
+    return re.compile(rx, re.IGNORECASE | re.DOTALL).fullmatch
+
+def redrive(engine: Engine, # the store
+            *,
+            key: bytes, # site key for surrogate patient keys: the workspace's (`site_key(ws.site_key_file)`)
+            policy: SenderPolicy | None = None, # the sender identifier policy now in force
+            sender: str | None = None, # only messages from `APP` or `APP^FACILITY` (shell-style patterns)
+            message_type: str | None = None, # only messages of this MSH-9 type pattern, e.g. `ADT^A0*`
+            error_like: str | None = None, # only errors whose reason matches (`%`, `_`; case-insensitive)
+            batch: int = 1000, # messages per transaction
+            actor: str | None = None, # who, for the audit log
+           ) -> RedriveSummary:
+    "Process held messages again, in stored order, a batch per transaction with its audit row; resolved errors are marked, never deleted."
+    app_pat, _, fac_pat = (sender or '*').partition('^')
+    like = _like(error_like) if error_like else None
+    pe, m = processing_errors, ids_messages
+    with engine.connect() as conn:
+        held = [r.seq for r in conn.execute(sa.select(pe.c.seq, pe.c.reason, m.c.sending_app, m.c.sending_facility, m.c.message_type)
+                                            .join(m, m.c.seq == pe.c.seq).where(pe.c.resolved_at.is_(None)).order_by(pe.c.seq))
+                if fnmatch.fnmatchcase(r.sending_app, app_pat) and fnmatch.fnmatchcase(r.sending_facility, fac_pat or '*')
+                and (message_type is None or fnmatch.fnmatchcase(r.message_type, message_type)) and (like is None or like(r.reason))]
+    out = RedriveSummary(held=len(held))
+    filters = dict(sender=sender, message_type=message_type, error_like=error_like, policy=policy.source if policy else None)
+    for i in range(0, len(held), batch):
+        part = held[i:i + batch]
+        with engine.begin() as conn:
+            rows = conn.execute(sa.select(m.c.seq, m.c.raw, m.c.received_time).where(m.c.seq.in_(part)).order_by(m.c.seq)).all()
+            reasons = dict(conn.execute(sa.select(pe.c.seq, pe.c.reason).where(pe.c.seq.in_(part))).all())
+            s = process_messages(conn, rows, key, policy)
+            done = [q for q in part if q not in s.failed]
+            if done:
+                conn.execute(pe.update().where(pe.c.seq.in_(done), pe.c.resolved_at.is_(None))
+                             .values(resolved_at=utcnow(), resolution='processed on re-drive'))
+            for q, why in s.failed.items():
+                if why != reasons.get(q): conn.execute(pe.update().where(pe.c.seq == q).values(reason=why, at=utcnow()))
+            audit(conn, 'ingest.redrive', f'held messages {part[0]}-{part[-1]}',
+                  dict(filters, processed=done, still_held=sorted(s.failed)), actor)
+        out.processed += len(done); out.still_held += len(s.failed)
+        for k, v in s.rows.items(): out.rows[k] = out.rows.get(k, 0) + v
     return out
 
 # %% ../nbs/13a_events.ipynb #7487b47b

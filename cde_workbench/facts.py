@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from .config import IngestError
 from .hl7 import Message, parse_ts
 from .pseudonyms import patient_key
+from .senders import SenderPolicy, patient_mrn
 from .store import adt_events, diagnoses, lab_order_events, lab_results, medication_orders, mrn_merges, patient_facts
 from .terminology import LABS
 
@@ -41,9 +42,8 @@ def _time(m: Message, seg, n, what, fallback: datetime | None = None) -> datetim
         return fallback
     return parse_ts(v, what)
 
-def _patient(m: Message, facts: Facts, seq, at: datetime, received: datetime, key: bytes) -> str:
-    mrn = m.field('PID', 3)
-    if not mrn: raise IngestError("PID-3 (patient identifier) is missing")
+def _patient(m: Message, facts: Facts, seq, at: datetime, received: datetime, key: bytes, policy: SenderPolicy | None) -> str:
+    mrn = patient_mrn(m, policy)   # the sender's identifier policy decides which PID-3 identifier is the MRN (12b_senders)
     pk = patient_key(mrn, key)
     dob = m.field('PID', 7)
     facts.add(patient_facts, seq=seq, mrn=mrn, patient_key=pk, family_name=m.field('PID', 5, 1) or None,
@@ -58,6 +58,7 @@ def message_facts(m: Message, # a parsed message
                   received: datetime, # when it was received: the stored time of every fact it states
                   facts: Facts, # where the rows go
                   key: bytes, # site key for surrogate patient keys
+                  policy: SenderPolicy | None = None, # the sender identifier policy (`12b_senders`); None: no sender has one
                  ) -> None:
     "Add the facts one message states; raises `IngestError` saying what is missing or malformed."
     mt = m.message_type
@@ -65,14 +66,13 @@ def message_facts(m: Message, # a parsed message
     at = _time(m, 'EVN', 2, 'EVN-2 (event time)', sent) if m.seg('EVN') else sent
     kind, _, event = mt.partition('^')
     if kind == 'ADT' and event in MERGE_EVENTS:
-        pk = _patient(m, facts, seq, at, received, key)
-        retired = m.field('MRG', 1)
-        if not retired: raise IngestError("MRG-1 (prior patient identifier) is missing")
-        facts.add(mrn_merges, seq=seq, retired_mrn=retired, surviving_mrn=m.field('PID', 3), retired_key=patient_key(retired, key),
+        pk = _patient(m, facts, seq, at, received, key, policy)
+        retired = patient_mrn(m, policy, 'MRG', 1)   # read by the same sender rule as PID-3
+        facts.add(mrn_merges, seq=seq, retired_mrn=retired, surviving_mrn=facts.rows[patient_facts][-1]['mrn'], retired_key=patient_key(retired, key),
                   surviving_key=pk, event_time=at, stored_time=received, source='hl7')
         facts.mrns.add(retired); facts.merged = True
         return
-    pk = _patient(m, facts, seq, at, received, key)
+    pk = _patient(m, facts, seq, at, received, key, policy)
     enc = m.field('PV1', 19) or None
     common = dict(seq=seq, patient_key=pk, stored_time=received, source='hl7')
     if kind == 'ADT' and event in ADT_EVENTS:

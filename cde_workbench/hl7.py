@@ -177,7 +177,6 @@ def _suspect_line(fs: str) -> re.Pattern:
         p = _LINE_CHECKS[fs] = re.compile(rf'\r(?![A-Z][A-Z0-9]{{2}}(?:{f}|\r|\Z)|[ \t]*(?:\r|\Z))|\r(?:MSH|BHS|BTS|FHS|FTS)(?:{f}|\r|\Z)')
     return p
 _ENVELOPE = frozenset(('BHS', 'BTS', 'FHS', 'FTS'))
-_VERSION = re.compile(r'(\d+)\.(\d+)', re.ASCII).match
 
 def _normalise(raw: str | bytes) -> str:
     if isinstance(raw, (bytes, bytearray)):
@@ -218,18 +217,6 @@ def _check_escapes(segs: list[list[str]], name: str, ec: str, seps: str) -> None
                             if tail[1:2] in ('r', 'n') and ec == '\\' else '')
                     raise IngestError(f"{name}: {s[0]}-{i + (1 if first == 2 else 0)} has an unterminated escape sequence {tail!r}{hint}")
 
-def _check_identifiers(msg: Message, name: str) -> None:
-    cs, rs = msg.component_sep, msg.repetition_sep
-    for pid in msg.all('PID'):
-        if len(pid) < 4 or cs not in pid[3]: continue
-        for rep in pid[3].split(rs):
-            c = rep.split(cs)
-            if c[0] and len(c) > 1 and not any(x and x != '""' for x in c[3:4] + c[8:10]):
-                v = _VERSION(msg.version)  # the rule holds from v2.5
-                if v and (int(v[1]), int(v[2])) >= (2, 5):
-                    raise IngestError(f"{name}: PID-3 identifier {msg.unescape(c[0])!r} has no assigning authority "
-                                      f"(from v2.5 one of CX.4, CX.9 or CX.10 must be valued)")
-
 def parse_message(raw: str | bytes, # one message; segments separated by CR (LF and CRLF accepted)
                   name: str = 'message', # how errors refer to it
                  ) -> Message:
@@ -252,7 +239,6 @@ def parse_message(raw: str | bytes, # one message; segments separated by CR (LF 
     if (t := msg.field('MSH', 7)) and not _DTM_SURE(t): parse_ts(t, f"{name}: MSH-7 (message time)")
     if not msg.field('MSH', 9, 1): raise IngestError(f"{name}: MSH-9 (message type) is missing")
     if not msg.control_id: raise IngestError(f"{name}: MSH-10 (message control id) is missing")
-    if 'PID' in msg._index(): _check_identifiers(msg, name)
     return msg
 
 def _segments(text: str, name: str, fs: str) -> list[list[str]]:
@@ -309,7 +295,7 @@ def split_plain(raw: str | bytes, # one message
     h = segs[0]
     if len(h) < 10 or not h[8].split('^', 1)[0] or not h[9].split('^', 1)[0]: return None   # MSH-9 / MSH-10 missing
     if (t := h[6].split('^', 1)[0]) and not _DTM_SURE(t) and isinstance(_parse_dtm(t), str): return None   # MSH-7, as parse_message checks it
-    for s in segs:   # a PID-3 with components but no assigning authority may be refused (v2.5+): the full check decides
+    for s in segs:   # a PID-3 with components but no authority: the sender policy decides (12b_senders), on the full path
         if s[0] == 'PID' and len(s) > 3 and '^' in s[3]:
             c = s[3].split('^')
             if c[0] and not any(x and x != '""' for x in c[3:4] + c[8:10]): return None

@@ -50,7 +50,7 @@ def ingest_status(conn: Connection, # an open connection to the store
                  ) -> pl.DataFrame:
     "Per sender (MSH-3, MSH-4) and message type: messages received, stored, dead-lettered, held, processed and pending, and the oldest pending."
     m, last = ids_messages.c, processed_up_to(conn)
-    held = sa.select(processing_errors.c.seq).group_by(processing_errors.c.seq).subquery()
+    held = sa.select(processing_errors.c.seq).where(processing_errors.c.resolved_at.is_(None)).group_by(processing_errors.c.seq).subquery()   # re-driven errors are resolved, not held
     pending = m.seq > last
     n = lambda cond: sa.func.coalesce(sa.func.sum(sa.case((cond, 1), else_=0)), 0)
     q = (sa.select(m.sending_app, m.sending_facility, m.message_type, sa.func.count().label('stored'), n(m.conflict).label('conflicts'),
@@ -85,7 +85,7 @@ def ingest_reasons(conn: Connection, # an open connection to the store
     "Held messages and dead letters per sender, type and kind of reason: how many, and the first and last time one arrived."
     m, e = ids_messages.c, processing_errors.c
     held = pl.DataFrame([tuple(r) for r in conn.execute(sa.select(m.sending_app, m.sending_facility, m.message_type, e.reason, m.received_time)
-                                                        .select_from(processing_errors.join(ids_messages, e.seq == m.seq)))],
+                                                        .select_from(processing_errors.join(ids_messages, e.seq == m.seq)).where(e.resolved_at.is_(None)))],
                         orient='row', schema={**{k: pl.String for k in _KEYS}, 'reason': pl.String, 'received_time': pl.Datetime('us', 'UTC')})
     both = pl.concat([held.with_columns(state=pl.lit('held')), _dead_letters(conn).with_columns(state=pl.lit('dead_letter'))])
     return (both.with_columns(pl.col('reason').map_elements(reason_kind, return_dtype=pl.String))

@@ -22,6 +22,7 @@ from .events import DERIVED_TABLES, PROCESSOR, ProcessSummary, process_pending
 from .facts import ADT_EVENTS, LOINC_TO_COMPONENT, MERGE_EVENTS, Facts, encounter_rows, message_facts, resolve_links
 from .hl7 import parse_message, parse_ts, split_plain
 from .pseudonyms import patient_key
+from .senders import SenderPolicy
 from .store import (adt_events, bulk_insert, diagnoses, encounters, ids_messages, insert_ignore, lab_order_events, lab_orders,
                                  lab_results, location_visits, medication_orders, mrn_merges, patient_facts, patient_identity,
                                  patient_links, patients, processing_errors, processor_state)
@@ -30,7 +31,8 @@ from .store import (adt_events, bulk_insert, diagnoses, encounters, ids_messages
 __all__ = ['replay']
 
 # %% ../nbs/13b_rebuild.ipynb #61494c4e
-def _copy_and_process(source: Engine, target: Engine, from_seq: int | None, to_seq: int | None, batch: int, key: bytes) -> ProcessSummary:
+def _copy_and_process(source: Engine, target: Engine, from_seq: int | None, to_seq: int | None, batch: int, key: bytes,
+                      policy: SenderPolicy | None = None) -> ProcessSummary:
     "Replay the general way: copy the raw messages, then `process_pending` them batch by batch (any target)."
     q = sa.select(ids_messages).order_by(ids_messages.c.seq)
     if from_seq is not None: q = q.where(ids_messages.c.seq >= from_seq)
@@ -42,7 +44,7 @@ def _copy_and_process(source: Engine, target: Engine, from_seq: int | None, to_s
     if target.dialect.name == 'postgresql':   # keep the sequence ahead of the copied numbers
         with target.begin() as dst:
             dst.execute(sa.text("SELECT setval(pg_get_serial_sequence('ids_messages', 'seq'), COALESCE((SELECT max(seq) FROM ids_messages), 0) + 1, false)"))
-    return process_pending(target, batch, key=key)
+    return process_pending(target, batch, key=key, policy=policy)
 
 def replay(source: Engine, # the store holding the immutable data store
            target: Engine, # an empty store to rebuild into
@@ -51,6 +53,7 @@ def replay(source: Engine, # the store holding the immutable data store
            batch: int = 5000, # messages per read (and, on the general path, per transaction)
            *,
            key: bytes, # site key for surrogate patient keys: the workspace's (`site_key(ws.site_key_file)`)
+           policy: SenderPolicy | None = None, # sender identifier policy (`12b_senders`), as live processing uses it
           ) -> ProcessSummary:
     "Rebuild the clinical tables from raw messages into an empty store."
     with target.connect() as conn:
@@ -59,8 +62,8 @@ def replay(source: Engine, # the store holding the immutable data store
         # the one-pass rebuild needs the derived tables empty too (warehouse rows would take part in the state)
         fresh = target.dialect.name == 'sqlite' and not any(conn.execute(sa.select(sa.literal(1)).select_from(t).limit(1)).first()
                                                            for t in (*DERIVED_TABLES, processor_state))
-    if fresh: return _rebuild_sqlite(source, target, from_seq, to_seq, batch, key)
-    return _copy_and_process(source, target, from_seq, to_seq, batch, key)
+    if fresh: return _rebuild_sqlite(source, target, from_seq, to_seq, batch, key, policy)
+    return _copy_and_process(source, target, from_seq, to_seq, batch, key, policy)
 
 # %% ../nbs/13b_rebuild.ipynb #007aeac9
 _REBUILD_COLUMNS = {
@@ -92,8 +95,9 @@ def _cn(s: list[str] | None, n: int, c: int) -> str:
 
 class _Rebuild:
     "Facts of a one-pass rebuild as driver-value rows, and the running state reductions."
-    def __init__(self, key: bytes):
-        self.key = key
+    def __init__(self, key: bytes, policy: SenderPolicy | None = None):
+        self.key, self.policy = key, policy
+        self.ruled: dict[tuple[str, str], bool] = {}   # (MSH-3, MSH-4) -> whether a sender rule applies: then the full path
         self.rows: dict[sa.Table, list[tuple]] = {t: [] for t in _REBUILD_COLUMNS}
         self.offered: dict[str, int] = defaultdict(int)
         self.errors: list[dict] = []
@@ -149,8 +153,9 @@ class _Rebuild:
         out = [(patient_facts, (seq, mrn, pk, _cn(pid, 5, 1) or None, _cn(pid, 5, 2) or None, self.dob_of(dob) if dob else None,
                                 _c1(pid, 8) or None, _c1(pid, 10) or None, at, rcv, 'hl7'))]
         if kind == 'ADT' and event in MERGE_EVENTS:
-            retired = _c1(first.get('MRG'), 1)
-            if not retired: raise _NotPlain
+            mrg = first.get('MRG')
+            if mrg is None or len(mrg) < 2 or not mrg[1] or '^' in mrg[1]: raise _NotPlain   # structured MRG-1: patient_mrn decides
+            retired = mrg[1]
             out.append((mrn_merges, (seq, retired, mrn, self.key_of(retired), pk, at, rcv, 'hl7')))
             return out
         pv1 = first.get('PV1')
@@ -204,7 +209,7 @@ class _Rebuild:
     def full(self, raw: bytes | str, seq: int, received: datetime) -> list[tuple[sa.Table, tuple]]:
         "The rows of any message, through `parse_message` and `message_facts` (as live processing), as driver values."
         facts = Facts()
-        message_facts(parse_message(raw, f'message {seq}'), seq, received, facts, self.key)
+        message_facts(parse_message(raw, f'message {seq}'), seq, received, facts, self.key, self.policy)
         def conv(v):
             if isinstance(v, datetime): return v.astimezone(timezone.utc).strftime(_SQLITE_TIME)
             if isinstance(v, date): return v.isoformat()
@@ -216,6 +221,12 @@ class _Rebuild:
         segs = split_plain(raw)
         try:
             if segs is None: raise _NotPlain
+            if self.policy is not None and self.policy.rules:   # the sender's rule reads PID-3: patient_mrn, on the full path
+                h = segs[0]
+                who = (_c1(h, 2), _c1(h, 3))
+                ruled = self.ruled.get(who)
+                if ruled is None: ruled = self.ruled[who] = self.policy.rule_for(*who) is not None
+                if ruled: raise _NotPlain
             out = self.plain(segs, seq, rcv)
         except _NotPlain:
             try: out = self.full(raw, seq, datetime.fromisoformat(rcv).replace(tzinfo=timezone.utc))
@@ -336,9 +347,10 @@ def _sqlite_text_time(v) -> str:
     if v.tzinfo is not None: v = v.astimezone(timezone.utc)
     return v.strftime(_SQLITE_TIME)
 
-def _rebuild_sqlite(source: Engine, target: Engine, from_seq: int | None, to_seq: int | None, batch: int, key: bytes) -> ProcessSummary:
+def _rebuild_sqlite(source: Engine, target: Engine, from_seq: int | None, to_seq: int | None, batch: int, key: bytes,
+                   policy: SenderPolicy | None = None) -> ProcessSummary:
     "The one-pass rebuild into a fresh SQLite store (see above)."
-    rb, summary = _Rebuild(key), ProcessSummary()
+    rb, summary = _Rebuild(key, policy), ProcessSummary()
     # millions of small objects stay alive until inserted, and none form cycles: the cyclic collector's repeated passes
     # over them cost more than the parsing (measured: split_plain 19 -> 9 us a message); paused, and resumed after
     collecting = gc.isenabled(); gc.disable()

@@ -206,10 +206,12 @@ processor_state = sa.Table('processor_state', metadata,  # how far the event pro
     sa.Column('last_seq', sa.Integer, nullable=False),
     sa.Column('updated_at', T, nullable=False))
 
-processing_errors = sa.Table('processing_errors', metadata,  # stored messages the processor could not derive rows from
+processing_errors = sa.Table('processing_errors', metadata,  # stored messages the processor could not derive rows from: held
     sa.Column('seq', sa.Integer, sa.ForeignKey('ids_messages.seq'), primary_key=True),
     sa.Column('reason', sa.Text, nullable=False),
-    sa.Column('at', T, nullable=False))
+    sa.Column('at', T, nullable=False),
+    sa.Column('resolved_at', T, nullable=True),     # when a re-drive processed it (None: still held)
+    sa.Column('resolution', sa.Text, nullable=True))  # how it was resolved
 
 APPEND_ONLY = ('ids_messages', 'ids_receipts', 'ids_dead_letters', 'audit_log', 'models', 'model_aliases', 'inference_labels')
 
