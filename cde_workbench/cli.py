@@ -89,11 +89,14 @@ def ingest_fhir(paths: list[Path] = typer.Argument(..., help='FHIR R4 Bundle JSO
     counts = load_fhir(get_engine(ws.database_url), paths, site_key(ws.site_key_file))
     typer.echo('already loaded; nothing to do' if not counts else 'loaded ' + ', '.join(f'{k} {v}' for k, v in counts.items()))
 
-def _sender_policy(ws: Workspace, engine):
-    "The workspace's sender identifier policy (var/settings/senders.toml), checked against the senders the store has received from."
+def _sender_policy(ws: Workspace, engine, against_senders: bool = False):
+    """The workspace's sender identifier policy (var/settings/senders.toml), its keys and values checked. With `against_senders`
+    (re-drive) every rule must also match a sender the store has received from: a rule that matches none can release nothing
+    (a typo). Receiving does not ask it, so that a site can write its rules before a new sender's first message."""
     import sqlalchemy as sa
     from cde_workbench.senders import load_policy, policy_file
     from cde_workbench.store import ids_messages
+    if not against_senders: return load_policy(policy_file(ws.var))
     with engine.connect() as c: known = c.execute(sa.select(ids_messages.c.sending_app, ids_messages.c.sending_facility).distinct()).all()
     return load_policy(policy_file(ws.var), [tuple(k) for k in known])
 
@@ -188,7 +191,7 @@ def ingest_redrive(sender: Optional[str] = typer.Option(None, '--sender', help='
     from cde_workbench.store import get_engine
     ws = Workspace.from_env()
     engine = get_engine(ws.database_url)
-    r = redrive(engine, key=site_key(ws.site_key_file), policy=_sender_policy(ws, engine), sender=sender, message_type=message_type,
+    r = redrive(engine, key=site_key(ws.site_key_file), policy=_sender_policy(ws, engine, against_senders=True), sender=sender, message_type=message_type,
                 error_like=error_like)
     typer.echo(f'{r.held} held messages matched: {r.processed} processed, {r.still_held} still held')
 

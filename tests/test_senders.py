@@ -185,6 +185,19 @@ def test_cli_holds_then_redrives_after_the_policy_is_added(tmp_path):
     dispose_engines()
 
 
+def test_rules_written_before_a_senders_first_message_do_not_stop_receiving(tmp_path):
+    "A site writes its rules before go-live: receiving applies them; only re-drive asks that every rule match a sender heard from."
+    var = tmp_path / 'var'
+    env = {'CDE_VAR': str(var)}
+    (var / 'settings').mkdir(parents=True)
+    (var / 'settings' / 'senders.toml').write_text('[[sender]]\napplication = "LAB"\nfacility = "NORTH"\nauthority = "NORTH_MRN"\n'
+                                                    '[[sender]]\napplication = "NEWLAB"\nauthority = "X"\n')   # NEWLAB: not heard from yet
+    (tmp_path / 'feed.hl7').write_text('\n'.join(FEED[:2]) + '\n', newline='')
+    r = cde('ingest', 'file', str(tmp_path / 'feed.hl7'), env=env)
+    assert r.returncode == 0 and '2 stored' in r.stdout and '2 processed, 0 processing errors' in r.stdout, r.stdout + r.stderr
+    one_line_error(cde('ingest', 'redrive', env=env), "application 'NEWLAB'", 'matches no sender')
+
+
 def test_a_merge_retires_the_identifier_the_policy_names(tmp_path):
     "MRG-1 is read by the sender's rule, like PID-3: the merge links the two MRNs, not an MRN and a national number."
     msgs = [_adt('EPIC', 'MAIN', 'M1', '998^^^NHS^NH~E0^^^MAIN^PI', 'EM1'),
