@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pgserver import postgres_available, throwaway_postgres  # noqa: E402
+from pgserver import postgres_available, stop_all, throwaway_postgres  # noqa: E402
 
 
 SHARED = ROOT.parent / 'shared' / 'data'   # ../shared/data: public test data kept outside the repository
@@ -212,6 +212,18 @@ def _start_demo() -> None:
     _DEMO.update(proc=proc, base=base, env=env, started=time.monotonic(), files=(out, err))
 
 
+def pytest_configure(config):
+    """SIGTERM (a CI time-out, `kill`) stops the session's PostgreSQL servers and background demo at once, then ends the
+    session as Ctrl-C does (fixture teardown after an interrupted test may not get as far): nothing is left holding a port."""
+    import signal
+    def _interrupt(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # once
+        stop_all()
+        _stop_demo()
+        raise KeyboardInterrupt(f'stopped by signal {signum}')
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session, config, items):
     "Tests that use the `demo` fixture run last; the demo starts now, in the background, when any of them was selected."
@@ -222,15 +234,20 @@ def pytest_collection_modifyitems(session, config, items):
     _start_demo()
 
 
-def pytest_sessionfinish(session, exitstatus):
-    "Stop a demo still running (an interrupted or failed session: SIGTERM, which ends its kernels) and tidy up after a pass."
+def _stop_demo() -> None:
+    "Stop the background demo if it is still running (SIGTERM, which ends its kernels and MLLP receiver)."
     import subprocess
+    proc = _DEMO.get('proc')
+    if proc is None or proc.poll() is not None: return
+    proc.terminate()
+    try: proc.wait(60)
+    except subprocess.TimeoutExpired: proc.kill(); proc.wait()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    "Stop a demo still running (an interrupted or failed session) and tidy up after a pass."
     if not _DEMO: return
-    proc = _DEMO['proc']
-    if proc.poll() is None:
-        proc.terminate()
-        try: proc.wait(60)
-        except subprocess.TimeoutExpired: proc.kill(); proc.wait()
+    _stop_demo()
     for f in _DEMO['files']: f.close()
     if exitstatus == 0: shutil.rmtree(_DEMO['base'], ignore_errors=True)
 

@@ -50,7 +50,10 @@ __all__ = [
     "find_pg_bindir",
     "postgres_available",
     "throwaway_postgres",
+    "stop_all",
 ]
+
+_RUNNING: set = set()   # servers started and not yet stopped, for `stop_all`
 
 PREFERRED_MAJOR = "15"
 _REQUIRED = ("initdb", "pg_ctl", "postgres")
@@ -249,6 +252,7 @@ class PgServer:
             else:
                 raise last_err  # type: ignore[misc]
             self._started = True
+            _RUNNING.add(self)
             self._wait_ready()
             self._create_db()
             self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{self.dbname}"
@@ -319,6 +323,7 @@ class PgServer:
                     self._kill_postmaster()
         finally:
             self._started = False
+            _RUNNING.discard(self)
             if self.tmpdir is not None:
                 shutil.rmtree(self.tmpdir, ignore_errors=True)
 
@@ -363,4 +368,11 @@ def throwaway_postgres(dbname: str = "cde_test", *, timeout: float = 30.0,
     try:
         yield server.url  # type: ignore[misc]
     finally:
+        server.stop()
+
+
+def stop_all() -> None:
+    """Stop every server this process started and has not stopped (e.g. from a SIGTERM handler, where fixture teardown
+    may not get that far)."""
+    for server in list(_RUNNING):
         server.stop()
