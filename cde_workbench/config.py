@@ -104,6 +104,10 @@ class Workspace:
         if missing: raise ConfigError(f"workspace parameter: missing key(s) {', '.join(missing)}")
         return cls(**params)
 
+    def as_env(self) -> dict[str, str]:
+        "The workspace as the `CDE_*` variables `from_env` reads: for a `cde` command run as a child process."
+        return {var: str(getattr(self, k)) for k, var in _WORKSPACE_ENV.items()}
+
     @property
     def password(self) -> str | None:
         "The store's password, if its URL has one (handed to a notebook's kernel out of band)."

@@ -31,7 +31,7 @@ from .deployment import load_deployment
 
 # %% auto #0
 __all__ = ['DEMO_DEPLOYMENT', 'DEPLOYR_DEPLOYMENTS', 'StageTimes', 'reset_demo_store', 'worker_threads', 'train_demo_tasks',
-           'WarmKernels', 'trial_weeks', 'label_run_due', 'workspace_env', 'mllp_receiver', 'DemoResult', 'run_demo']
+           'WarmKernels', 'trial_weeks', 'label_run_due', 'mllp_receiver', 'DemoResult', 'run_demo']
 
 # %% ../nbs/75_demo.ipynb #07c6b155
 DEMO_DEPLOYMENT = 'hgb_abnormal'   # the one that runs a silent trial
@@ -319,19 +319,10 @@ def label_run_due(k: int, # 0-based index of the week just scored
     return (k + 1) % every == 0 or k == len(weeks) - 1
 
 # %% ../nbs/75_demo.ipynb #894e4e4e
-def workspace_env(ws: Workspace, # the workspace a child process should use
-                  base: dict | None = None, # other variables (default `os.environ`)
-                 ) -> dict:
-    "An environment whose `CDE_*` variables name workspace `ws` (for `cde` run as a child process)."
-    env = dict(os.environ if base is None else base)
-    env.update(CDE_DATABASE_URL=ws.database_url, CDE_VAR=str(ws.var), CDE_REPORTS=str(ws.reports),
-               CDE_DEPLOYMENTS=str(ws.deployments), CDE_SITE_KEY_FILE=str(ws.site_key_file))
-    return env
-
 @contextmanager
 def mllp_receiver(replay_clock: bool = False, # stamp messages with MSH-7 + 30 s (replaying a recorded feed)
                   timeout: float = 60.0, # seconds to wait for it to listen
-                  env: dict | None = None, # its environment (default this process's): `workspace_env(ws)` for a workspace
+                  env: dict | None = None, # its environment (default this process's): `{**os.environ, **ws.as_env()}` for a workspace
                  ):
     "Run `cde ingest mllp --no-process` as its own process on a free loopback port for the duration; yields the port."
     with socket.socket() as sock:
@@ -384,7 +375,7 @@ def _silent_trial(ws: Workspace, dep, engine, cfg, feed_path: Path, key: bytes, 
     # one kernel for the deployment's weekly runs, started (the serving and labelling code imported) while the receiver starts;
     # each run finds it reset as for a new session
     with WarmKernels(preload=('cde_workbench.serve', 'cde_workbench.labels'), total=1, reuse=True) as kernels, \
-         mllp_receiver(replay_clock=True, env=workspace_env(ws)) as port:
+         mllp_receiver(replay_clock=True, env={**os.environ, **ws.as_env()}) as port:
         def run(kind, when):
             t = time.perf_counter(); run_notebook(ws, dep, kind, {'as_of': when.isoformat()}, kernel_manager_class=kernels.manager_class)
             return time.perf_counter() - t

@@ -166,7 +166,6 @@ def deliver_feed(engine, until=None) -> int:
     as the receiver's replay clock does; returns how many messages were delivered."""
     from cde_workbench.events import process_pending
     from cde_workbench.ids import store_messages
-    from cde_workbench.pseudonyms import site_key
     from cde_workbench.synth import HospitalConfig, generate, hl7_feed
     feed = [(m, t, 'test') for t, m in hl7_feed(generate(HospitalConfig(n_patients=200, seed=5))) if until is None or t <= until]
     store_messages(engine, feed)
@@ -177,10 +176,8 @@ def deliver_feed(engine, until=None) -> int:
 @pytest.fixture
 def silent_store(small_store):
     "The small store with its prospective feed delivered and `hgb_abnormal` in a silent trial of its trained model: (engine, deployment, model)."
-    from cde_workbench.deployment import load_deployment
     from cde_workbench.deploy import set_status
     from cde_workbench.registry import get_model
-    from cde_workbench.store import get_engine
     engine = env_engine()
     assert deliver_feed(engine) > 200
     dep = env_deployment()

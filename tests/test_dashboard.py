@@ -21,7 +21,7 @@ def store_with_a_hostile_key(tmp_path, monkeypatch):
     "A store with three inference packets for hgb_abnormal, one of them for a patient whose key is markup."
     from sklearn.linear_model import LogisticRegression
     from cde_workbench.registry import register_model
-    from cde_workbench.store import dispose_engines, get_engine, inferences, runs
+    from cde_workbench.store import dispose_engines, inferences, runs
     monkeypatch.setenv('CDE_VAR', str(tmp_path / 'var'))
     monkeypatch.delenv('CDE_DATABASE_URL', raising=False)
     eng = env_engine()

@@ -62,7 +62,7 @@ def test_score_and_labels_runs_say_how_many_orders_they_did(tmp_path, monkeypatc
     from sklearn.linear_model import LogisticRegression
     from cde_workbench.cli import _run_counts
     from cde_workbench.registry import register_model
-    from cde_workbench.store import dispose_engines, get_engine, inference_labels, inferences, runs
+    from cde_workbench.store import dispose_engines, inference_labels, inferences, runs
     monkeypatch.setenv('CDE_VAR', str(tmp_path / 'var')); monkeypatch.delenv('CDE_DATABASE_URL', raising=False)
     eng = env_engine()
     rec = register_model(eng, 'hgb_abnormal', {'estimator': LogisticRegression().fit(np.array([[0.], [1.]]), [0, 1])},

@@ -35,7 +35,7 @@ def trial(small_trained_store, tmp_path_factory):
     from cde_workbench.labels import extract_labels
     from cde_workbench.registry import get_model
     from cde_workbench.serve import score_pending
-    from cde_workbench.store import dispose_engines, get_engine
+    from cde_workbench.store import dispose_engines
     store = small_trained_store.copy(tmp_path_factory.mktemp('monitor') / 'store')
     with pytest.MonkeyPatch.context() as mp:
         store.apply(mp)

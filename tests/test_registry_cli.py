@@ -19,7 +19,7 @@ def cde(*args, env):
 def test_models_list_show_and_alias(tmp_path, monkeypatch):
     from sklearn.linear_model import LogisticRegression
     from cde_workbench.registry import register_model
-    from cde_workbench.store import dispose_engines, get_engine
+    from cde_workbench.store import dispose_engines
     env = {'CDE_VAR': str(tmp_path / 'var')}
     monkeypatch.setenv('CDE_VAR', env['CDE_VAR'])
     eng = env_engine()

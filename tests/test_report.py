@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 import sqlalchemy as sa
 from scipy.special import expit
-from conftest import env_engine  # noqa: E402
+from conftest import env_deployment, env_engine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = '/usr/bin/chromium'
@@ -129,16 +129,15 @@ def test_undefined_metrics_say_why(tmp_path, browser):
 def card(small_trained_store, tmp_path_factory):
     "The report of the small trained store (conftest: 200 patients, a small forest), rendered on a copy of it."
     from cde_workbench.config import Workspace
-    from cde_workbench.deployment import load_deployment
     from cde_workbench.registry import get_model
     from cde_workbench.report import render_report
-    from cde_workbench.store import dispose_engines, get_engine
+    from cde_workbench.store import dispose_engines
     store = small_trained_store.copy(tmp_path_factory.mktemp('card') / 'store')
     with pytest.MonkeyPatch.context() as mp:
         store.apply(mp)
         try:
             engine = env_engine()
-            dep = load_deployment('hgb_abnormal', Workspace.from_env().deployments)
+            dep = env_deployment()
             with engine.connect() as c: rec = get_model(c, dep.name)
             path = render_report(Workspace.from_env(), dep)
             yield {'engine': engine, 'dep': dep, 'rec': rec, 'path': path, 'doc': path.read_text()}

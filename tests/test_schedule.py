@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from cde_workbench.config import ConfigError, PipelineError, Workspace
 from cde_workbench.schedule import check_parameters, notebook_parameters, run_notebook
 
-from conftest import ROOT, SMALL_DEPLOYMENT, env_engine
+from conftest import ROOT, SMALL_DEPLOYMENT, env_deployment, env_engine
 
 PIPELINES = ROOT / 'deployments' / '_pipelines'
 AS_OF = datetime(2024, 2, 1, tzinfo=timezone.utc)
@@ -66,9 +66,7 @@ def test_a_run_is_recorded_with_its_executed_notebook(silent_store):
 
 
 def test_a_failing_notebook_is_a_pipeline_error_and_a_failed_run(small_store):
-    from cde_workbench.deployment import load_deployment
-    from cde_workbench.store import get_engine
-    engine, dep = env_engine(), load_deployment(SMALL_DEPLOYMENT, Workspace.from_env().deployments)   # trained, but never put in a silent trial
+    engine, dep = env_engine(), env_deployment()   # trained, but never put in a silent trial
     with pytest.raises(PipelineError, match=r"score\.ipynb failed in cell \d+: ConfigError: deployment 'hgb_abnormal' is not registered") as e:
         run_notebook(Workspace.from_env(), dep, 'score', {'as_of': AS_OF.isoformat()})
     (run_id, status, error, notebook), = q(engine, "select run_id, status, error, notebook from runs where kind = 'score'")
@@ -77,9 +75,7 @@ def test_a_failing_notebook_is_a_pipeline_error_and_a_failed_run(small_store):
 
 
 def test_bad_parameters_start_nothing(small_store):
-    from cde_workbench.deployment import load_deployment
-    from cde_workbench.store import get_engine
-    engine, dep = env_engine(), load_deployment(SMALL_DEPLOYMENT, Workspace.from_env().deployments)
+    engine, dep = env_engine(), env_deployment()
     with pytest.raises(ConfigError, match=r'unknown parameter\(s\) asof'):
         run_notebook(Workspace.from_env(), dep, 'score', {'asof': AS_OF.isoformat()})
     with pytest.raises(ConfigError, match=r'missing required parameter\(s\) as_of'):

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope='module')
 def store(tmp_path_factory):
-    from cde_workbench.store import dispose_engines, get_engine
+    from cde_workbench.store import dispose_engines
     from cde_workbench.synth import HospitalConfig, generate, write_warehouse_extract
     from cde_workbench.warehouse import load_warehouse_extract
     base = tmp_path_factory.mktemp('training')
