@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 
 from .config import ConfigError, PipelineError, utcnow
 from .deployment import Deployment
-from .deploy import SCORING_STATES, deployment_state
+from .deploy import SCORING_STATES, deployment_state, effective_mode
 from .feature_store import point_in_time_check
 from .features import load_feature_data
 from .registry import display_threshold, get_model, load_bundle
@@ -68,8 +68,10 @@ def score_pending(engine: Engine, # the store
         checked = point_in_time_check(conn, bundle['featurizer'], pts, X, task, dep.checks.point_in_time_sample, dep.checks.point_in_time_seed)
     score = bundle['estimator'].predict_proba(X)[:, 1]
     now = utcnow()
+    mode = effective_mode(state.status, dep)   # silent until the deployment is live
     rows = [dict(deployment=dep.name, model_id=rec.model_id, order_id=o, patient_key=p, prediction_time=t, score=float(s),
-                 threshold=thr, output_mode=dep.output.mode, n_features=int(n), run_id=run_id, scored_at=now)
+                 threshold=thr, output_mode=mode, n_features=int(n), run_id=run_id, scored_at=now,
+                 trigger='batch', decision=bool(s >= thr), shown=False if mode == 'silent' else None, probability=0.0 if mode == 'silent' else None, model_sha256=rec.sha256)
             for o, p, t, s, n in zip(pts['order_id'], pts['patient_key'], pts['prediction_time'], score, np.diff(X.indptr))]
     with engine.begin() as conn: insert_ignore(conn, inferences, rows)
     return ScoringSummary(len(pts), len(rows), rec.model_id, checked)
