@@ -20,10 +20,10 @@ from .deployment import load_deployment
 # `cde --help` and argument errors answer at once.
 
 # %% auto #0
-__all__ = ['app', 'ingest_app', 'models_app', 'synth', 'ingest_warehouse', 'feed_with_times', 'ingest_synthea', 'ingest_fhir',
-           'ingest_file', 'ingest_mllp', 'ingest_process', 'ingest_replay', 'ingest_redrive', 'ingest_status', 'train',
-           'deploy', 'score', 'labels', 'report', 'dashboard', 'models_list', 'models_show', 'models_alias', 'demo',
-           'evaluate', 'main']
+__all__ = ['app', 'ingest_app', 'models_app', 'schedule_app', 'synth', 'ingest_warehouse', 'feed_with_times', 'ingest_synthea',
+           'ingest_fhir', 'ingest_file', 'ingest_mllp', 'ingest_process', 'ingest_replay', 'ingest_redrive',
+           'ingest_status', 'train', 'deploy', 'score', 'labels', 'report', 'dashboard', 'models_list', 'models_show',
+           'models_alias', 'demo', 'evaluate', 'schedule_run', 'schedule_list', 'schedule_once', 'main']
 
 # %% ../nbs/80_cli.ipynb #636e4249
 app = typer.Typer(help='cde-workbench: take a clinical model from the research notebook to a silent trial, a report and a dashboard.',
@@ -423,6 +423,65 @@ def evaluate(file: Path = typer.Argument(..., help='Predictions file (.csv or .p
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(html, encoding='utf-8')
     typer.echo(f'report: {out}')
+
+# %% ../nbs/80_cli.ipynb #5c3d0002
+schedule_app = typer.Typer(help="The scheduler: each deployment's scheduled notebooks run at their cron times (UTC).", no_args_is_help=True)
+app.add_typer(schedule_app, name='schedule')
+
+def _clock(start: Optional[str]):
+    "The scheduler's clock: the real one, or one that starts at `start` and runs at the real rate (replays, tests)."
+    import time
+    from datetime import timedelta
+    if start in (None, 'now'): return utcnow
+    t0, m0 = as_utc(start, '--clock-start'), time.monotonic()
+    return lambda: t0 + timedelta(seconds=time.monotonic() - m0)
+
+def _scheduler(deployment: list[str], clock, max_parallel: int = 2):
+    "The workspace's scheduler, over the named deployments (default every one with scheduled runs)."
+    ws = Workspace.from_env()
+    deps = [load_deployment(d, ws.deployments) for d in deployment] or None
+    for d in deps or ():
+        if not d.scheduled_runs(): raise ConfigError(f"deployment {d.name!r} has no scheduled runs ([schedule], or [trigger] kind = \"schedule\")")
+    from cde_workbench.schedule import Scheduler
+    return Scheduler(ws, deps, clock=clock, max_parallel=max_parallel, echo=typer.echo)
+
+_DEPLOYMENT_OPT = typer.Option([], '--deployment', help='Only this deployment (repeat for several); default every deployment with scheduled runs.')
+
+@schedule_app.command('run')
+def schedule_run(deployment: list[str] = _DEPLOYMENT_OPT,
+                 poll: float = typer.Option(5.0, min=0.1, help='Seconds between looks at the clock.'),
+                 max_parallel: int = typer.Option(2, min=1, help='Runs at once (of different deployments).'),
+                 clock_start: Optional[str] = typer.Option(None, '--clock-start', help='Simulate the clock from this time (ISO-8601 with offset), running at the real rate.'),
+                 until: Optional[str] = typer.Option(None, '--until', help='Stop once the clock has passed this time and the runs have ended (default: run until stopped).')):
+    "Run the scheduled notebooks at their cron times until stopped; SIGTERM or Ctrl-C end every run and kernel first (each run marked failed)."
+    s = _scheduler(deployment, _clock(clock_start), max_parallel)
+    end = None if until is None else as_utc(until, '--until')
+    typer.echo(f"scheduler: {sum(len(d.scheduled_runs()) for d in s.deployments.values())} scheduled notebook(s) of {len(s.deployments)} deployment(s); clock {s.clock():%Y-%m-%d %H:%M:%S} UTC")
+    out = s.run(poll=poll, until=end)
+    typer.echo(f"scheduler: stopped at {until}; {len(out)} run(s), {sum(o.status == 'failed' for o in out)} failed")
+
+@schedule_app.command('list')
+def schedule_list(deployment: list[str] = _DEPLOYMENT_OPT,
+                  at: Optional[str] = typer.Option(None, '--at', help='The clock (ISO-8601 with offset); default now.')):
+    "Each scheduled notebook: its cron, the last cron time handled and the next one."
+    s = _scheduler(deployment, _clock(None))
+    w = lambda t: '-' if t is None else f'{t:%Y-%m-%d %H:%M} UTC'
+    rows = s.upcoming(_as_of(at))
+    if not rows: typer.echo('no scheduled runs'); return
+    for r in rows: typer.echo(f"{r['deployment']:<22} {r['kind']:<9} {r['cron']:<16} last {w(r['last_due']):<22} next {w(r['next_due'])}")
+
+@schedule_app.command('once')
+def schedule_once(deployment: list[str] = _DEPLOYMENT_OPT,
+                  at: Optional[str] = typer.Option(None, '--at', help='The clock (ISO-8601 with offset): run what is due at this time; default now.')):
+    "Run what is due at one clock (missed times per [schedule] catch_up), wait for the runs to end, and say how each ended."
+    when = _as_of(at)
+    s = _scheduler(deployment, lambda: when)
+    out = s.tick(when, wait=True)
+    if not out: typer.echo(f'nothing due at {when:%Y-%m-%d %H:%M:%S} UTC')
+    failed = [o for o in out if o.status != 'succeeded']
+    if failed:
+        from cde_workbench.config import PipelineError
+        raise PipelineError(f"{len(failed)} of {len(out)} scheduled run(s) failed: " + '; '.join(f'{o.run.deployment} {o.run.kind} {o.run_id}: {o.error}' for o in failed))
 
 # %% ../nbs/80_cli.ipynb #0eead321
 def _usage_errors() -> tuple:

@@ -6,25 +6,39 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import signal
+import socket
+import threading
+import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Callable
 
 import tempfile
 
 import papermill as pm
+import psutil
+from croniter import croniter
 from jupyter_client.manager import AsyncKernelManager
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
-from .config import ConfigError, PipelineError, Workspace, utcnow
-from .deployment import Deployment
-from .store import get_engine, runs
+from .config import CDEError, ConfigError, PipelineError, Workspace, as_utc, utcnow
+from .deployment import Deployment, load_deployment
+from .deploy import SCORING_STATES, deployment_state
+from .store import get_engine, run_locks, runs, schedule_state
 
 # %% auto #0
-__all__ = ['notebook_parameters', 'check_parameters', 'new_run_id', 'run_ledger', 'NotebookRun', 'run_notebook']
+__all__ = ['HEARTBEAT_SECONDS', 'STALE_SECONDS', 'notebook_parameters', 'check_parameters', 'new_run_id', 'this_host',
+           'error_fields', 'finish_run', 'run_ledger', 'NotebookError', 'NotebookRun', 'run_notebook', 'RunLockedError',
+           'LockHolder', 'lock_holder', 'process_gone', 'stale_reason', 'acquire_lock', 'set_lock_pid', 'release_lock',
+           'recover_abandoned_runs', 'due_times', 'latest_due', 'DueRun', 'Plan', 'RunOutcome', 'plan_runs',
+           'Scheduler']
 
 # %% ../nbs/42_schedule.ipynb #e75d4d73
 def notebook_parameters(path: Path) -> dict:
@@ -43,25 +57,84 @@ def check_parameters(path: Path, given: dict) -> None:
     if missing: raise ConfigError(f"{path.name}: missing required parameter(s) {', '.join(missing)}")
 
 # %% ../nbs/42_schedule.ipynb #6527388c
+HEARTBEAT_SECONDS = 10.0   # how often a running run writes its heartbeat
+STALE_SECONDS = 120.0      # a run (and its lock) with no heartbeat for this long is taken to be dead
+
 def new_run_id(kind: str) -> str:
     "A sortable, unique run id: UTC time, kind and a random suffix."
     return f"{utcnow().strftime('%Y%m%dT%H%M%S')}-{kind}-{uuid.uuid4().hex[:8]}"
 
+def this_host() -> str:
+    "The machine's name, as the ledger and the run locks record it."
+    return socket.gethostname()[:255]
+
+def error_fields(e: BaseException) -> dict:
+    "The ledger's error columns for an exception: papermill's (exception name, value, cell number) when a cell failed, else the exception's own."
+    name = getattr(e, 'ename', None) or type(e).__name__
+    value = getattr(e, 'evalue', None)
+    return dict(error=(str(e) or type(e).__name__)[:4000], error_name=str(name)[:128],
+                error_value=str(str(e) if value is None else value)[:4000], error_cell=getattr(e, 'exec_count', None))
+
+def finish_run(conn: Connection, # an open transaction
+               run_id: str, # the run
+               status: str, # succeeded or failed
+               **values, # other columns: error, error_name, error_value, error_cell
+              ) -> bool:
+    "End a run that is still running (the first ending wins: a run the watchdog failed stays failed); True when this call ended it."
+    res = conn.execute(runs.update().where(runs.c.run_id == run_id, runs.c.status == 'running')
+                       .values(status=status, finished_at=utcnow(), **values))
+    return res.rowcount == 1
+
+class _Heartbeat:
+    "A thread writing a running run's heartbeat (its ledger row and its deployment's run lock) every few seconds."
+    def __init__(self, engine: Engine, deployment: str, run_id: str, every: float):
+        self.engine, self.deployment, self.run_id, self.every = engine, deployment, run_id, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f'cde-heartbeat-{run_id}', daemon=True)
+        self._thread.start()
+
+    def _beat(self):
+        while not self._stop.wait(self.every):
+            try:
+                with self.engine.begin() as conn:
+                    now = utcnow()
+                    conn.execute(runs.update().where(runs.c.run_id == self.run_id, runs.c.status == 'running').values(heartbeat_at=now))
+                    conn.execute(run_locks.update().where(run_locks.c.deployment == self.deployment, run_locks.c.run_id == self.run_id)
+                                 .values(heartbeat_at=now))
+            except Exception: pass   # the store away for a moment: the next beat tries again (a long silence makes the run stale)
+
+    def stop(self):
+        self._stop.set(); self._thread.join()
+
 @contextmanager
-def run_ledger(engine: Engine, deployment: str, kind: str, parameters: dict, notebook: Path | None = None, run_id: str | None = None):
-    "Record a run: 'running' on entry, then 'succeeded', or 'failed' with the error."
+def run_ledger(engine: Engine, # the store
+               deployment: str, # whose run
+               kind: str, # which notebook
+               parameters: dict, # what it was given
+               notebook: Path | None = None, # the executed copy
+               run_id: str | None = None, # default: a new one
+               scheduled_for: datetime | None = None, # the cron time a scheduled run is for
+               started_by: str = 'manual', # manual, schedule or catch-up
+               timeout_seconds: float | None = None, # the watchdog's limit, when one watches
+               heartbeat_seconds: float | None = HEARTBEAT_SECONDS, # heartbeat interval (None: none)
+              ):
+    "Record a run: 'running' on entry (with this process, host and heartbeat), then 'succeeded', or 'failed' with the error's fields."
     run_id = run_id or new_run_id(kind)
+    now = utcnow()
     with engine.begin() as conn:
-        conn.execute(runs.insert().values(run_id=run_id, deployment=deployment, kind=kind, status='running', started_at=utcnow(),
+        conn.execute(runs.insert().values(run_id=run_id, deployment=deployment, kind=kind, status='running', started_at=now,
                                           parameters=json.dumps(parameters, default=str, sort_keys=True),
-                                          notebook=str(notebook) if notebook else None))
+                                          notebook=str(notebook) if notebook else None, scheduled_for=scheduled_for,
+                                          started_by=started_by, heartbeat_at=now, pid=os.getpid(), host=this_host(),
+                                          timeout_seconds=timeout_seconds))
+    beat = _Heartbeat(engine, deployment, run_id, heartbeat_seconds) if heartbeat_seconds else None
     try: yield run_id
     except BaseException as e:
-        with engine.begin() as conn:
-            conn.execute(runs.update().where(runs.c.run_id == run_id).values(status='failed', finished_at=utcnow(), error=str(e)[:4000]))
+        if beat: beat.stop()
+        with engine.begin() as conn: finish_run(conn, run_id, 'failed', **error_fields(e))
         raise
-    with engine.begin() as conn:
-        conn.execute(runs.update().where(runs.c.run_id == run_id).values(status='succeeded', finished_at=utcnow()))
+    if beat: beat.stop()
+    with engine.begin() as conn: finish_run(conn, run_id, 'succeeded')
 
 # %% ../nbs/42_schedule.ipynb #2f43ce98
 def _ipc_kernel_manager(folder: str, env: dict | None = None, log: Path | None = None):
@@ -78,6 +151,12 @@ def _ipc_kernel_manager(folder: str, env: dict | None = None, log: Path | None =
                 return await super().start_kernel(**kw, stdout=f, stderr=f)
     return IPCKernelManager
 
+class NotebookError(PipelineError):
+    "A pipeline notebook failed in a cell: papermill's exception name, value and cell number."
+    def __init__(self, message: str, ename: str, evalue: str, exec_count: int | None):
+        super().__init__(message)
+        self.ename, self.evalue, self.exec_count = ename, evalue, exec_count
+
 @dataclass
 class NotebookRun:
     "A finished notebook run."
@@ -90,27 +169,394 @@ def run_notebook(ws: Workspace, # the workspace: its store keeps the run ledger,
                  parameters: dict, # values for the notebook's parameters cell
                  progress: bool = False, # papermill's progress bar
                  kernel_manager_class: type | None = None, # where the run's kernel comes from (e.g. a `WarmKernels` pool's, nbs/75_demo); default: one started for this run
+                 *,
+                 run_id: str | None = None, # the run's id (default a new one)
+                 lock: bool = True, # take the deployment's run lock for the run (False: the caller holds it for `run_id`, as the scheduler does)
+                 scheduled_for: datetime | None = None, # the cron time a scheduled run is for
+                 started_by: str = 'manual', # manual, schedule or catch-up
+                 timeout_seconds: float | None = None, # the watchdog's limit, recorded in the ledger (the scheduler enforces it)
                 ) -> NotebookRun:
     "Execute `deployments/<name>/<kind>.ipynb` with papermill in workspace `ws`; the executed copy lands in `reports/<name>/<run>/`."
     if 'workspace' in parameters: raise ConfigError("run_notebook: the 'workspace' parameter comes from `ws`; do not pass it")
     if dep.path.parent.resolve() != Path(ws.deployments).resolve():
         raise ConfigError(f"deployment {dep.name!r} is in {dep.path.parent}, not in the workspace's deployments folder {ws.deployments}")
     nb = dep.notebook(kind)
-    run_id = new_run_id(kind)
+    run_id = run_id or new_run_id(kind)
     params = {'deployment': dep.name, 'run_id': run_id, **parameters, 'workspace': ws.as_params()}
     check_parameters(nb, params)
     engine = get_engine(ws.database_url)
-    # the password stays out of the parameters (kept in the executed notebook and the ledger); the kernel gets it as libpq's PGPASSWORD
-    kernel_env = {'PGPASSWORD': ws.password} if ws.password else None
-    out_dir = ws.reports / dep.name / run_id
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f'{kind}.ipynb'
-    with run_ledger(engine, dep.name, kind, params, out, run_id):
-        try:
-            with tempfile.TemporaryDirectory(prefix='cde-kernel-') as sockets:
-                pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name='python3', progress_bar=progress,
-                                    cwd=str(dep.path), request_save_on_cell_execute=False,
-                                    kernel_manager_class=kernel_manager_class or _ipc_kernel_manager(sockets, kernel_env, out_dir / 'kernel.log'))
-        except pm.PapermillExecutionError as e:
-            raise PipelineError(f"{nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} (executed copy: {out})") from None
+    if lock and (h := acquire_lock(engine, dep.name, run_id)) is not None:
+        raise RunLockedError(f"deployment {dep.name!r} has a run in progress: {h.run_id} (process {h.pid} on {h.host}, "
+                             f"heartbeat {h.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC); runs of one deployment never overlap")
+    try:
+        # the password stays out of the parameters (kept in the executed notebook and the ledger); the kernel gets it as libpq's PGPASSWORD
+        kernel_env = {'PGPASSWORD': ws.password} if ws.password else None
+        out_dir = ws.reports / dep.name / run_id
+        out_dir.mkdir(parents=True, exist_ok=True)
+        out = out_dir / f'{kind}.ipynb'
+        with run_ledger(engine, dep.name, kind, params, out, run_id, scheduled_for, started_by, timeout_seconds):
+            try:
+                with tempfile.TemporaryDirectory(prefix='cde-kernel-') as sockets:
+                    pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name='python3', progress_bar=progress,
+                                        cwd=str(dep.path), request_save_on_cell_execute=False,
+                                        kernel_manager_class=kernel_manager_class or _ipc_kernel_manager(sockets, kernel_env, out_dir / 'kernel.log'))
+            except pm.PapermillExecutionError as e:
+                raise NotebookError(f"{nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} (executed copy: {out})",
+                                    e.ename, e.evalue, e.exec_count) from None
+    finally:
+        if lock: release_lock(engine, dep.name, run_id)
     return NotebookRun(run_id, out)
+
+# %% ../nbs/42_schedule.ipynb #a1c0e002
+class RunLockedError(PipelineError):
+    "Another run of the deployment is in progress: no two runs of one deployment overlap."
+
+@dataclass
+class LockHolder:
+    "The run holding a deployment's run lock."
+    deployment: str
+    run_id: str
+    acquired_at: datetime
+    heartbeat_at: datetime
+    pid: int
+    host: str
+
+def lock_holder(conn: Connection, deployment: str) -> LockHolder | None:
+    "Who holds deployment's run lock (None: nobody)."
+    r = conn.execute(sa.select(run_locks).where(run_locks.c.deployment == deployment)).first()
+    return None if r is None else LockHolder(r.deployment, r.run_id, r.acquired_at, r.heartbeat_at, r.pid, r.host)
+
+def process_gone(pid: int, host: str) -> bool:
+    "Whether process `pid` on `host` has certainly ended: only known for this host (a zombie has ended too)."
+    if host != this_host(): return False
+    try: return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess: return True
+
+def stale_reason(pid: int, host: str, heartbeat_at: datetime | None, # the run's (or lock's) process and last heartbeat
+                 now: datetime | None = None, # wall-clock time (default now)
+                 stale_seconds: float = STALE_SECONDS, # the longest silence of a live run
+                ) -> str | None:
+    "Why a run or lock is dead (its process gone on this host, or no heartbeat for too long), None while it looks alive."
+    if pid is not None and host is not None and process_gone(pid, host): return f'its process {pid} on {host} has ended'
+    if heartbeat_at is not None:
+        age = ((now or utcnow()) - heartbeat_at).total_seconds()
+        if age > stale_seconds: return f'no heartbeat from process {pid} on {host} for {age:.0f} s'
+    return None
+
+def _insert_lock(conn: Connection, values: dict) -> bool:
+    "Insert a lock row unless the deployment has one; True when inserted."
+    if conn.dialect.name == 'postgresql': from sqlalchemy.dialects.postgresql import insert
+    else: from sqlalchemy.dialects.sqlite import insert
+    return conn.execute(insert(run_locks).values(**values).on_conflict_do_nothing()).rowcount == 1
+
+def acquire_lock(engine: Engine, # the store
+                 deployment: str, # whose lock
+                 run_id: str, # the run that will hold it
+                 pid: int | None = None, # the process running it (default this one)
+                 stale_seconds: float = STALE_SECONDS, # a holder silent for longer is dead
+                ) -> LockHolder | None:
+    """Take deployment's run lock for `run_id`: None when taken, else the live run holding it. A dead holder's lock is taken
+    over, and its run, if still marked running, is marked failed saying why."""
+    for _ in range(5):
+        now = utcnow()
+        with engine.begin() as conn:
+            if _insert_lock(conn, dict(deployment=deployment, run_id=run_id, acquired_at=now, heartbeat_at=now,
+                                       pid=pid or os.getpid(), host=this_host())): return None
+            h = lock_holder(conn, deployment)
+            if h is None: continue   # released as we looked: try again
+            why = stale_reason(h.pid, h.host, h.heartbeat_at, now, stale_seconds)
+            if why is None: return h
+            # the holder is dead: its run failed, whatever its row says; the lock is ours if nobody took it over first
+            gone = conn.execute(run_locks.delete().where(run_locks.c.deployment == deployment, run_locks.c.run_id == h.run_id)).rowcount
+            if gone: finish_run(conn, h.run_id, 'failed', error=f'abandoned: {why}; its lock was taken over by run {run_id}',
+                                error_name='RunAbandoned', error_value=why)
+    raise PipelineError(f'could not take the run lock of deployment {deployment!r}: it changed hands five times in a row')
+
+def set_lock_pid(engine: Engine, deployment: str, run_id: str, pid: int) -> None:
+    "Name the process that runs the lock's run (a scheduler takes the lock, then starts the run's process)."
+    with engine.begin() as conn:
+        conn.execute(run_locks.update().where(run_locks.c.deployment == deployment, run_locks.c.run_id == run_id)
+                     .values(pid=pid, heartbeat_at=utcnow()))
+
+def release_lock(engine: Engine, deployment: str, run_id: str) -> None:
+    "Give deployment's run lock back (only if `run_id` still holds it)."
+    with engine.begin() as conn:
+        conn.execute(run_locks.delete().where(run_locks.c.deployment == deployment, run_locks.c.run_id == run_id))
+
+def recover_abandoned_runs(engine: Engine, # the store
+                           stale_seconds: float = STALE_SECONDS, # a running run silent for longer is dead
+                          ) -> list[str]:
+    "Mark failed every run still 'running' whose process has ended (on this host) or whose heartbeat stopped; free their locks; returns their ids."
+    now, out = utcnow(), []
+    with engine.begin() as conn:
+        for r in conn.execute(sa.select(runs.c.run_id, runs.c.deployment, runs.c.pid, runs.c.host, runs.c.heartbeat_at)
+                              .where(runs.c.status == 'running')).all():
+            why = stale_reason(r.pid, r.host, r.heartbeat_at, now, stale_seconds)
+            if why is None: continue
+            if finish_run(conn, r.run_id, 'failed', error=f'abandoned: {why} before the run ended', error_name='RunAbandoned', error_value=why):
+                out.append(r.run_id)
+            conn.execute(run_locks.delete().where(run_locks.c.deployment == r.deployment, run_locks.c.run_id == r.run_id))
+    return out
+
+# %% ../nbs/42_schedule.ipynb #a1c0e005
+def due_times(cron: str, # five-field cron expression (UTC)
+              after: datetime, # exclusive lower bound
+              until: datetime, # inclusive upper bound
+              limit: int = 100_000, # refuse to list more (a per-minute cron over months of downtime)
+             ) -> list[datetime]:
+    "The cron times t with `after` < t ≤ `until`, ascending, in UTC."
+    it, out, until = croniter(cron, as_utc(after, 'after')), [], as_utc(until, 'until')
+    while (t := it.get_next(datetime)) <= until:
+        out.append(t)
+        if len(out) > limit: raise PipelineError(f"cron {cron!r}: more than {limit} times between {after.isoformat()} and {until.isoformat()}")
+    return out
+
+def latest_due(cron: str, # five-field cron expression (UTC)
+               until: datetime, # the clock
+              ) -> datetime:
+    "The latest cron time at or before `until`."
+    until = as_utc(until, 'until')
+    p = croniter(cron, until).get_prev(datetime)
+    n = croniter(cron, p).get_next(datetime)
+    return n if n <= until else p
+
+# %% ../nbs/42_schedule.ipynb #a1c0e008
+@dataclass(frozen=True)
+class DueRun:
+    "A scheduled notebook run that is due."
+    deployment: str
+    kind: str
+    due: datetime       # the cron time it is for: the notebook's `as_of`
+    started_by: str     # schedule (on time) or catch-up (missed while the scheduler was down)
+
+@dataclass
+class Plan:
+    "What is due for one scheduled notebook at a clock: runs to start in order, and cron times passed over."
+    runs: list = field(default_factory=list)      # DueRun, oldest first
+    skipped: list = field(default_factory=list)   # cron times not run (missed with catch_up skip or latest, or the deployment not scoring)
+
+@dataclass
+class RunOutcome:
+    "How a scheduled run ended."
+    run: DueRun
+    run_id: str
+    status: str          # succeeded, failed
+    error: str | None = None
+
+def plan_runs(dep: Deployment, # the deployment
+              kind: str, # the scheduled notebook
+              cron: str, # its cron expression
+              last_due: datetime | None, # the latest cron time already handled (schedule_state), None if never
+              now: datetime, # the scheduler's clock
+              grace: timedelta, # a cron time at most this old is on time; older ones were missed
+             ) -> Plan:
+    """The runs due at `now`: every cron time after `last_due` up to `now`. On time ones run; missed ones (downtime) are
+    skipped, or only the latest runs, or all run, as [schedule] catch_up says. Never handled before: the latest cron time runs if on time."""
+    if last_due is None:
+        t = latest_due(cron, now)
+        return Plan([DueRun(dep.name, kind, t, 'schedule')] if now - t <= grace else [])
+    times = due_times(cron, last_due, now)
+    late = [t for t in times if now - t > grace]
+    on_time = [DueRun(dep.name, kind, t, 'schedule') for t in times if now - t <= grace]
+    policy = dep.schedule.catch_up
+    if policy == 'all': return Plan([DueRun(dep.name, kind, t, 'catch-up') for t in late] + on_time)
+    if policy == 'latest' and late and not on_time: return Plan([DueRun(dep.name, kind, late[-1], 'catch-up')], late[:-1])
+    return Plan(on_time, late)
+
+def _due_parameters(nb: Path, due: datetime) -> dict:
+    "The parameters a scheduled run gives its notebook: `as_of` = the cron time, when the notebook declares it."
+    return {'as_of': due.isoformat()} if 'as_of' in notebook_parameters(nb) else {}
+
+def _stopping(signum, frame):
+    raise KeyboardInterrupt(f'stopped by signal {signum}')
+
+def _die_with_parent(parent: int) -> None:
+    "Linux: this process gets SIGTERM when its parent (the scheduler) ends, even by SIGKILL."
+    try:
+        import ctypes
+        ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError): pass
+    if os.getppid() != parent: raise KeyboardInterrupt('the scheduler ended before its run started')
+
+def _run_child(ws: Workspace, name: str, kind: str, parameters: dict, run_id: str, due: datetime, started_by: str,
+               timeout_seconds: float, parent: int) -> None:
+    "A scheduled run's own process: its own session (Ctrl-C at the terminal is the scheduler's to handle), ended by SIGTERM like Ctrl-C."
+    os.setsid()
+    signal.signal(signal.SIGTERM, _stopping)
+    signal.signal(signal.SIGINT, _stopping)
+    try:
+        _die_with_parent(parent)
+        dep = load_deployment(name, ws.deployments)
+        run_notebook(ws, dep, kind, parameters, run_id=run_id, lock=False, scheduled_for=due, started_by=started_by,
+                     timeout_seconds=timeout_seconds)
+    except BaseException: os._exit(1)   # the ledger has the error
+    os._exit(0)
+
+@dataclass
+class _Child:
+    run: DueRun
+    run_id: str
+    process: multiprocessing.Process
+    deadline: float   # time.monotonic() after which the watchdog stops it
+    timeout_seconds: float
+
+def _end_process_tree(pid: int, grace: float = 15.0) -> None:
+    "SIGTERM to a run's process (it shuts its kernel down and records the run), then SIGKILL to it and every descendant left after `grace` seconds."
+    try: top = psutil.Process(pid)
+    except psutil.NoSuchProcess: return
+    try: family = [top, *top.children(recursive=True)]
+    except psutil.NoSuchProcess: family = [top]
+    try: top.send_signal(signal.SIGTERM)
+    except psutil.NoSuchProcess: pass
+    _, alive = psutil.wait_procs([top], timeout=grace)
+    try: family += [c for c in top.children(recursive=True) if c not in family] if alive else []
+    except psutil.NoSuchProcess: pass
+    for p in family:
+        try: p.kill()
+        except psutil.NoSuchProcess: pass
+    psutil.wait_procs(family, timeout=10)
+
+class Scheduler:
+    """Runs each deployment's scheduled notebooks (`dep.scheduled_runs()`) at their cron times with `as_of` = the cron time,
+    each in a process of its own under a watchdog; one run per deployment at a time (its run lock); missed times handled
+    per [schedule] catch_up. The clock is injectable: `tick(now)` starts what is due at `now`."""
+    def __init__(self, ws: Workspace, # the workspace: store, deployments, reports
+                 deployments: list[Deployment] | None = None, # default every deployment in `ws.deployments`
+                 clock: Callable[[], datetime] = utcnow, # the scheduler's clock (UTC)
+                 grace: timedelta = timedelta(minutes=5), # a cron time at most this old when seen is on time, older ones were missed
+                 max_parallel: int = 2, # runs at once (of different deployments)
+                 stale_seconds: float = STALE_SECONDS, # a run silent this long is dead: its lock is taken over
+                 echo: Callable[[str], None] | None = None, # told what starts and ends
+                ):
+        self.ws, self.clock, self.grace, self.max_parallel, self.stale_seconds = ws, clock, grace, max_parallel, stale_seconds
+        self.echo = echo or (lambda s: None)
+        if deployments is None:
+            folders = sorted(p.parent for p in Path(ws.deployments).glob('*/deployment.toml'))
+            deployments = [load_deployment(p.name, ws.deployments) for p in folders]
+        self.deployments = {d.name: d for d in deployments if d.scheduled_runs()}
+        self.engine = get_engine(ws.database_url)
+        self.running: dict[str, _Child] = {}   # deployment -> its run in progress
+        self.outcomes: list[RunOutcome] = []
+        self._ctx = multiprocessing.get_context('spawn')
+
+    # --- what is due
+    def _state(self, conn: Connection) -> dict:
+        return {(r.deployment, r.kind): r.last_due for r in conn.execute(sa.select(schedule_state))}
+
+    def _handled(self, conn: Connection, name: str, kind: str, due: datetime) -> None:
+        "Record `due` as the latest cron time handled for (name, kind)."
+        now = utcnow()
+        if conn.execute(schedule_state.update().where(schedule_state.c.deployment == name, schedule_state.c.kind == kind)
+                        .values(last_due=due, updated_at=now)).rowcount == 0:
+            conn.execute(schedule_state.insert().values(deployment=name, kind=kind, last_due=due, updated_at=now))
+
+    def plan(self, now: datetime | None = None) -> dict[tuple[str, str], Plan]:
+        "What is due at `now` (default the clock) for each (deployment, notebook); nothing is started or recorded."
+        now = as_utc(now or self.clock(), 'now')
+        with self.engine.connect() as conn:
+            state = self._state(conn)
+            status = {n: deployment_state(conn, n).status for n in self.deployments}
+        out = {}
+        for name, dep in self.deployments.items():
+            for kind, cron in dep.scheduled_runs().items():
+                p = plan_runs(dep, kind, cron, state.get((name, kind)), now, self.grace)
+                if status[name] not in SCORING_STATES:   # only silent or live deployments run; their cron times pass
+                    p = Plan([], sorted({*p.skipped, *(r.due for r in p.runs)}))
+                out[(name, kind)] = p
+        return out
+
+    def upcoming(self, now: datetime | None = None) -> list[dict]:
+        "Each scheduled notebook with its cron, the last cron time handled and the next one after `now`."
+        now = as_utc(now or self.clock(), 'now')
+        with self.engine.connect() as conn: state = self._state(conn)
+        return [{'deployment': n, 'kind': k, 'cron': c, 'last_due': state.get((n, k)), 'next_due': croniter(c, now).get_next(datetime)}
+                for n, d in self.deployments.items() for k, c in d.scheduled_runs().items()]
+
+    # --- running
+    def _start(self, r: DueRun) -> bool:
+        "Start a due run in its own process, holding its deployment's lock; False when another live run holds the lock."
+        dep = self.deployments[r.deployment]
+        run_id = new_run_id(r.kind)
+        params = _due_parameters(dep.notebook(r.kind), r.due)
+        if acquire_lock(self.engine, dep.name, run_id, stale_seconds=self.stale_seconds) is not None: return False
+        timeout = dep.schedule.timeout_minutes * 60
+        try:
+            p = self._ctx.Process(target=_run_child, args=(self.ws, dep.name, r.kind, params, run_id, r.due, r.started_by, timeout, os.getpid()),
+                                  name=f'cde-run-{run_id}', daemon=False)
+            p.start()
+            set_lock_pid(self.engine, dep.name, run_id, p.pid)
+        except BaseException:
+            release_lock(self.engine, dep.name, run_id); raise
+        with self.engine.begin() as conn: self._handled(conn, dep.name, r.kind, r.due)
+        self.running[dep.name] = _Child(r, run_id, p, time.monotonic() + timeout, timeout)
+        self.echo(f'{dep.name} {r.kind} for {r.due:%Y-%m-%d %H:%M} UTC ({r.started_by}): run {run_id} started')
+        return True
+
+    def _fail(self, c: _Child, error: str, name: str) -> None:
+        with self.engine.begin() as conn: finish_run(conn, c.run_id, 'failed', error=error, error_name=name, error_value=error)
+
+    def _reap(self) -> None:
+        "End what has ended: record finished runs, stop those past their timeout (the watchdog), free their locks."
+        for name, c in list(self.running.items()):
+            if c.process.is_alive() and time.monotonic() > c.deadline:
+                self._fail(c, f'timed out: still running after {c.timeout_seconds / 60:g} min ([schedule] timeout_minutes); the watchdog stopped it', 'RunTimeout')
+                _end_process_tree(c.process.pid)
+            if c.process.is_alive(): continue
+            c.process.join()
+            code = c.process.exitcode
+            self._fail(c, f'the run process ended with exit code {code} before recording an end', 'RunProcessDied')   # no-op when it recorded one
+            release_lock(self.engine, name, c.run_id)
+            del self.running[name]
+            with self.engine.connect() as conn:
+                row = conn.execute(sa.select(runs.c.status, runs.c.error).where(runs.c.run_id == c.run_id)).first()
+            out = RunOutcome(c.run, c.run_id, row.status if row else 'failed', row.error if row else f'exit code {code}')
+            self.outcomes.append(out)
+            self.echo(f'{name} {c.run.kind} for {c.run.due:%Y-%m-%d %H:%M} UTC: run {c.run_id} {out.status}' + (f': {out.error}' if out.error else ''))
+
+    def tick(self, now: datetime | None = None, # the clock (default `self.clock()`)
+             wait: bool = False, # wait for the runs started (and any queued behind them) to end
+             poll: float = 0.5, # seconds between looks while waiting
+            ) -> list[RunOutcome]:
+        "Start every run due at `now` that can start (one per deployment at a time, at most `max_parallel`); returns the runs that ended meanwhile."
+        n0 = len(self.outcomes)
+        while True:
+            self._reap()
+            plans = self.plan(now)
+            with self.engine.begin() as conn:   # cron times passed over (all older than any run still due): handled, never run
+                for (name, kind), p in plans.items():
+                    if not p.skipped: continue
+                    self._handled(conn, name, kind, p.skipped[-1])
+                    self.echo(f'{name} {kind}: {len(p.skipped)} cron time(s) up to {p.skipped[-1]:%Y-%m-%d %H:%M} UTC passed over, not run')
+            due = sorted((p.runs[0] for p in plans.values() if p.runs), key=lambda r: (r.due, r.deployment, r.kind))
+            for r in due:
+                if r.deployment not in self.running and len(self.running) < self.max_parallel: self._start(r)
+            if not wait or (not self.running and not due): return self.outcomes[n0:]
+            time.sleep(poll)
+
+    def stop(self, reason: str = 'the scheduler was stopped') -> None:
+        "End every run in progress: each marked failed with `reason`, its process and kernel ended, its lock freed."
+        for name, c in list(self.running.items()):
+            self._fail(c, f'{reason} while the run was in progress', 'SchedulerStopped')
+            _end_process_tree(c.process.pid)
+        self._reap()
+
+    def run(self, poll: float = 5.0, # seconds between looks at the clock
+            until: datetime | None = None, # stop once the clock has passed this and the runs have ended (None: run until stopped)
+           ) -> list[RunOutcome]:
+        "Run until stopped (SIGTERM or Ctrl-C end every run and kernel first), or until `until`; runs abandoned by an earlier scheduler are marked failed first."
+        for rid in recover_abandoned_runs(self.engine, self.stale_seconds): self.echo(f'run {rid} was abandoned (its process ended): marked failed')
+        main = threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGTERM, _stopping) if main else None
+        reason = 'the scheduler was stopped'
+        try:
+            while True:
+                now = as_utc(self.clock(), 'now')
+                self.tick(now)
+                if until is not None and now >= until and not self.running: return self.outcomes
+                time.sleep(poll)
+        except KeyboardInterrupt as e:
+            reason = f'the scheduler was stopped ({e or "interrupted"})'
+            raise
+        finally:
+            self.stop(reason)
+            if main: signal.signal(signal.SIGTERM, old)
