@@ -38,7 +38,7 @@ __all__ = ['HEARTBEAT_SECONDS', 'STALE_SECONDS', 'notebook_parameters', 'check_p
            'error_fields', 'finish_run', 'run_ledger', 'NotebookError', 'NotebookRun', 'run_notebook', 'RunLockedError',
            'LockHolder', 'lock_holder', 'process_gone', 'stale_reason', 'acquire_lock', 'set_lock_pid', 'release_lock',
            'recover_abandoned_runs', 'due_times', 'latest_due', 'DueRun', 'Plan', 'RunOutcome', 'plan_runs',
-           'Scheduler']
+           'RunStopped', 'Scheduler']
 
 # %% ../nbs/42_schedule.ipynb #e75d4d73
 def notebook_parameters(path: Path) -> dict:
@@ -367,8 +367,11 @@ def _due_parameters(nb: Path, due: datetime) -> dict:
     "The parameters a scheduled run gives its notebook: `as_of` = the cron time, when the notebook declares it."
     return {'as_of': due.isoformat()} if 'as_of' in notebook_parameters(nb) else {}
 
+class RunStopped(KeyboardInterrupt):
+    "A run or the scheduler told to stop (SIGTERM), or a run whose scheduler has ended: ends like Ctrl-C, kernels shut down on the way out."
+
 def _stopping(signum, frame):
-    raise KeyboardInterrupt(f'stopped by signal {signum}')
+    raise RunStopped(f'stopped by signal {signum}')
 
 def _die_with_parent(parent: int) -> None:
     "Linux: this process gets SIGTERM when its parent (the scheduler) ends, even by SIGKILL."
@@ -376,14 +379,16 @@ def _die_with_parent(parent: int) -> None:
         import ctypes
         ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
     except (OSError, AttributeError): pass
-    if os.getppid() != parent: raise KeyboardInterrupt('the scheduler ended before its run started')
+    if os.getppid() != parent: raise RunStopped(f'the scheduler (process {parent}) ended before its run started')
 
 def _run_child(ws: Workspace, name: str, kind: str, parameters: dict, run_id: str, due: datetime, started_by: str,
                timeout_seconds: float, parent: int) -> None:
     "A scheduled run's own process: its own session (Ctrl-C at the terminal is the scheduler's to handle), ended by SIGTERM like Ctrl-C."
     os.setsid()
-    signal.signal(signal.SIGTERM, _stopping)
-    signal.signal(signal.SIGINT, _stopping)
+    def stop(signum, frame):
+        raise RunStopped(f'the scheduler (process {parent}) ended' if os.getppid() != parent else f'stopped by signal {signum}')
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
         _die_with_parent(parent)
         dep = load_deployment(name, ws.deployments)
@@ -400,17 +405,19 @@ class _Child:
     deadline: float   # time.monotonic() after which the watchdog stops it
     timeout_seconds: float
 
-def _end_process_tree(pid: int, grace: float = 15.0) -> None:
+def _end_process_tree(process: multiprocessing.process.BaseProcess, # a run's process (the scheduler's child)
+                      grace: float = 15.0, # seconds it has to end by itself
+                     ) -> None:
     "SIGTERM to a run's process (it shuts its kernel down and records the run), then SIGKILL to it and every descendant left after `grace` seconds."
-    try: top = psutil.Process(pid)
-    except psutil.NoSuchProcess: return
-    try: family = [top, *top.children(recursive=True)]
-    except psutil.NoSuchProcess: family = [top]
-    try: top.send_signal(signal.SIGTERM)
-    except psutil.NoSuchProcess: pass
-    _, alive = psutil.wait_procs([top], timeout=grace)
-    try: family += [c for c in top.children(recursive=True) if c not in family] if alive else []
-    except psutil.NoSuchProcess: pass
+    def descendants():
+        try: return psutil.Process(process.pid).children(recursive=True)
+        except psutil.NoSuchProcess: return []
+    family = descendants()
+    process.terminate()
+    process.join(grace)   # multiprocessing reaps its own child: psutil must not wait for it, or `is_alive` never learns it ended
+    if process.is_alive():
+        family += [p for p in descendants() if p not in family]
+        process.kill(); process.join(10)
     for p in family:
         try: p.kill()
         except psutil.NoSuchProcess: pass
@@ -492,6 +499,17 @@ class Scheduler:
         self.echo(f'{dep.name} {r.kind} for {r.due:%Y-%m-%d %H:%M} UTC ({r.started_by}): run {run_id} started')
         return True
 
+    def _refused(self, r: DueRun, e: CDEError) -> None:
+        "A due run that could not start (its notebook unreadable, its parameters wrong): a failed run in the ledger, its cron time handled."
+        run_id, now = new_run_id(r.kind), utcnow()
+        with self.engine.begin() as conn:
+            conn.execute(runs.insert().values(run_id=run_id, deployment=r.deployment, kind=r.kind, status='failed', started_at=now, finished_at=now,
+                                              parameters='{}', scheduled_for=r.due, started_by=r.started_by, pid=os.getpid(), host=this_host(),
+                                              **error_fields(e)))
+            self._handled(conn, r.deployment, r.kind, r.due)
+        self.outcomes.append(RunOutcome(r, run_id, 'failed', str(e)))
+        self.echo(f'{r.deployment} {r.kind} for {r.due:%Y-%m-%d %H:%M} UTC could not start: {e}')
+
     def _fail(self, c: _Child, error: str, name: str) -> None:
         with self.engine.begin() as conn: finish_run(conn, c.run_id, 'failed', error=error, error_name=name, error_value=error)
 
@@ -500,7 +518,7 @@ class Scheduler:
         for name, c in list(self.running.items()):
             if c.process.is_alive() and time.monotonic() > c.deadline:
                 self._fail(c, f'timed out: still running after {c.timeout_seconds / 60:g} min ([schedule] timeout_minutes); the watchdog stopped it', 'RunTimeout')
-                _end_process_tree(c.process.pid)
+                _end_process_tree(c.process)
             if c.process.is_alive(): continue
             c.process.join()
             code = c.process.exitcode
@@ -529,7 +547,9 @@ class Scheduler:
                     self.echo(f'{name} {kind}: {len(p.skipped)} cron time(s) up to {p.skipped[-1]:%Y-%m-%d %H:%M} UTC passed over, not run')
             due = sorted((p.runs[0] for p in plans.values() if p.runs), key=lambda r: (r.due, r.deployment, r.kind))
             for r in due:
-                if r.deployment not in self.running and len(self.running) < self.max_parallel: self._start(r)
+                if r.deployment in self.running or len(self.running) >= self.max_parallel: continue
+                try: self._start(r)
+                except CDEError as e: self._refused(r, e)
             if not wait or (not self.running and not due): return self.outcomes[n0:]
             time.sleep(poll)
 
@@ -537,7 +557,7 @@ class Scheduler:
         "End every run in progress: each marked failed with `reason`, its process and kernel ended, its lock freed."
         for name, c in list(self.running.items()):
             self._fail(c, f'{reason} while the run was in progress', 'SchedulerStopped')
-            _end_process_tree(c.process.pid)
+            _end_process_tree(c.process)
         self._reap()
 
     def run(self, poll: float = 5.0, # seconds between looks at the clock
