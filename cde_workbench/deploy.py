@@ -16,7 +16,7 @@ from .deployment import Deployment
 from .store import audit, deployments, models
 
 # %% auto #0
-__all__ = ['TRANSITIONS', 'SCORING_STATES', 'DeploymentState', 'deployment_state', 'set_status']
+__all__ = ['TRANSITIONS', 'SCORING_STATES', 'effective_mode', 'DeploymentState', 'deployment_state', 'set_status']
 
 # %% ../nbs/40_deploy.ipynb #5015e081
 TRANSITIONS = {  # from -> allowed targets
@@ -28,6 +28,12 @@ TRANSITIONS = {  # from -> allowed targets
     'retired': set(),
 }
 SCORING_STATES = {'silent', 'live'}
+
+def effective_mode(status: str | None, # the deployment's lifecycle state
+                   dep: Deployment, # its definition: [output] mode says how a live deployment shows scores
+                  ) -> str:
+    "How scores reach clinicians now: the deployment's mode once it is live, silent in every other state."
+    return dep.output.mode if status == 'live' else 'silent'
 
 # %% ../nbs/40_deploy.ipynb #3f8f8ce6
 @dataclass

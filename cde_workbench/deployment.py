@@ -17,8 +17,10 @@ from .terminology import LABS
 
 # %% auto #0
 __all__ = ['TASK_KINDS', 'EVENT_TABLE_NAMES', 'FEATURE_CODE_VERSION', 'KIND_TABLES', 'MODEL_KINDS', 'DEFAULT_GRIDS',
-           'MODEL_HYPERPARAMETERS', 'MODES', 'THRESHOLD_RULES', 'PIPELINES_FOLDER', 'Task', 'FeatureSet', 'ModelSpec',
-           'SplitSpec', 'OutputSpec', 'ScheduleSpec', 'EvaluationSpec', 'LabelsSpec', 'ChecksSpec', 'Deployment',
+           'MODEL_HYPERPARAMETERS', 'MODES', 'THRESHOLD_RULES', 'TRIGGER_KINDS', 'CDS_HOOKS', 'CATCH_UP',
+           'PIPELINE_KINDS', 'RANDOMISATION_UNITS', 'ALERT_METRICS', 'PIPELINES_FOLDER', 'Task', 'FeatureSet',
+           'ModelSpec', 'SplitSpec', 'OutputSpec', 'ScheduleSpec', 'EvaluationSpec', 'LabelsSpec', 'ChecksSpec',
+           'TriggerSpec', 'RandomisationSpec', 'GatesSpec', 'AlertRule', 'WritebackSpec', 'Deployment',
            'load_deployment']
 
 # %% ../nbs/03_deployment.ipynb #a03ca148
@@ -193,7 +195,7 @@ class ModelSpec:
         return out
 
 # %% ../nbs/03_deployment.ipynb #b77a895e
-MODES = ('silent', 'shown', 'randomised')
+MODES = ('silent', 'live', 'threshold', 'randomised')   # how scores reach clinicians once the deployment is live
 # how a display threshold is chosen on training data (computed by `train.threshold_from_rule`)
 THRESHOLD_RULES = ('sensitivity', 'specificity', 'ppv', 'flag_rate')
 
@@ -211,7 +213,7 @@ class SplitSpec:
 @dataclass(frozen=True)
 class OutputSpec:
     "How scores reach clinicians (mode) and the display threshold: a rule computed at training, or hand-set with a reason."
-    mode: str                              # silent, shown or randomised
+    mode: str                              # silent, live, threshold or randomised
     threshold_rule: str | None = None      # one of THRESHOLD_RULES
     target: float | None = None            # the rule's target
     threshold: float | None = None         # hand-set (or, once resolved for a model version, the rule's value)
@@ -224,8 +226,14 @@ class OutputSpec:
 
 @dataclass(frozen=True)
 class ScheduleSpec:
-    "How often the scheduler scores."
-    score_every_minutes: int = 15
+    "The pipeline notebooks the scheduler runs at their cron times, what happens to times missed while it was down, and the watchdog's timeout."
+    runs: tuple = ()                # ((notebook kind, cron), ...): e.g. (('score', '0 2 * * 1'), ('labels', '30 2 * * *'))
+    catch_up: str = 'skip'           # skip, latest or all (see CATCH_UP)
+    timeout_minutes: float = 60.0   # a run still going after this is stopped and marked failed
+
+    def cron(self, kind: str) -> str | None:
+        "The cron expression of notebook `kind`, None when it is not scheduled."
+        return dict(self.runs).get(kind)
 
 @dataclass(frozen=True)
 class EvaluationSpec:
@@ -247,6 +255,113 @@ class ChecksSpec:
     point_in_time_sample: int = 50
     point_in_time_seed: int = 0
 
+# %% ../nbs/03_deployment.ipynb #a1f0e002
+TRIGGER_KINDS = ('order', 'hook', 'schedule')
+CDS_HOOKS = ('order-sign', 'patient-view')   # the CDS Hooks the scoring service answers
+CATCH_UP = ('skip', 'latest', 'all')         # missed scheduled times after downtime
+PIPELINE_KINDS = ('score', 'labels', 'monitor', 'report', 'train', 'evaluate')   # notebooks the scheduler may run
+RANDOMISATION_UNITS = ('patient', 'encounter')
+ALERT_METRICS = ('auroc', 'calibration_slope', 'calibration_in_the_large', 'prevalence', 'flag_rate', 'psi_score',
+                 'missing_rate', 'volume', 'scoring_errors', 'failed_runs', 'label_delay_hours')
+
+def _cron_ok(expr) -> bool:
+    "A valid five-field cron expression (croniter: small, pure Python)."
+    from croniter import croniter
+    return isinstance(expr, str) and len(expr.split()) == 5 and croniter.is_valid(expr)
+
+@dataclass(frozen=True)
+class TriggerSpec:
+    "What makes a score: an order from the live feed, a CDS Hooks call, or a clock over a ward population."
+    kind: str = 'order'                # order, hook or schedule
+    hooks: tuple[str, ...] = ()        # hook: the CDS Hooks ids answered (order-sign, patient-view)
+    cron: str | None = None            # schedule: when (UTC, five cron fields)
+    wards: tuple[str, ...] = ()        # schedule: the population, current inpatients of these wards (empty: all wards)
+
+    def check(self, task: Task, where: str = '[trigger]') -> TriggerSpec:
+        "Validate the trigger against the task; a `ConfigError` names the key."
+        if self.kind not in TRIGGER_KINDS: raise ConfigError(f"{where} kind {self.kind!r} unknown (known: {', '.join(TRIGGER_KINDS)})")
+        if self.kind == 'hook':
+            if not self.hooks: raise ConfigError(f"{where} kind = \"hook\" needs hooks (known: {', '.join(CDS_HOOKS)})")
+            bad = [h for h in self.hooks if h not in CDS_HOOKS]
+            if bad: raise ConfigError(f"{where} hooks: unknown CDS Hook {bad[0]!r} (known: {', '.join(CDS_HOOKS)})")
+        elif self.hooks: raise ConfigError(f"{where} hooks belong to kind = \"hook\"")
+        if self.kind == 'schedule':
+            if not _cron_ok(self.cron): raise ConfigError(f"{where} cron {self.cron!r} is not a valid five-field cron expression (e.g. \"0 */6 * * *\")")
+            if task.kind != 'event_within': raise ConfigError(f"{where} kind = \"schedule\" scores time-driven (event_within) tasks; a {task.kind} task is triggered by its order (kind = \"order\" or \"hook\")")
+        else:
+            if self.cron is not None or self.wards: raise ConfigError(f"{where} cron and wards belong to kind = \"schedule\"")
+            if task.kind != 'lab_abnormal': raise ConfigError(f"{where} kind = {self.kind!r} scores at an order; a {task.kind} task needs kind = \"schedule\" with a cron")
+        return self
+
+@dataclass(frozen=True)
+class RandomisationSpec:
+    "Concealed allocation to the shown arm: its probability, the seed, the strata and the unit whose arm stays stable."
+    probability: float = 0.5            # of the shown arm
+    seed: int = 0                       # with the deployment's name: the allocation sequence
+    strata: tuple[str, ...] = ('ward',) # allocation is balanced within each stratum (ward, sex, ...)
+    unit: str = 'patient'               # patient or encounter: the arm is kept for every later score of the unit
+
+    def check(self, where: str = '[randomisation]') -> RandomisationSpec:
+        "Validate; a `ConfigError` names the key."
+        if not 0 < self.probability < 1: raise ConfigError(f"{where} probability must be between 0 and 1 (exclusive), got {self.probability:g}")
+        if self.unit not in RANDOMISATION_UNITS: raise ConfigError(f"{where} unit {self.unit!r} unknown (known: {', '.join(RANDOMISATION_UNITS)})")
+        bad = [s for s in self.strata if s not in ('ward', 'sex')]
+        if bad: raise ConfigError(f"{where} strata: unknown stratum {bad[0]!r} (known: ward, sex)")
+        return self
+
+@dataclass(frozen=True)
+class GatesSpec:
+    "What a silent trial must show before going live: labelled packets, prospective AUROC and calibration, data-pipe checks."
+    min_labelled: int = 200                        # labelled silent packets at least
+    auroc_lower: float = 0.70                      # the prospective AUROC's lower 95% bound at least this
+    calibration_slope: tuple[float, float] = (0.7, 1.3)  # prospective calibration slope within these bounds
+    max_sparsity_change: float = 0.25              # relative change of the mean non-zero features per packet vs retrospective
+    max_missing_change: float = 0.10               # absolute change of the share of packets with no lab features vs retrospective
+
+    def check(self, where: str = '[gates]') -> GatesSpec:
+        "Validate; a `ConfigError` names the key."
+        if self.min_labelled < 1: raise ConfigError(f"{where} min_labelled must be a whole number ≥ 1, got {self.min_labelled}")
+        if not 0 < self.auroc_lower < 1: raise ConfigError(f"{where} auroc_lower must be between 0 and 1, got {self.auroc_lower:g}")
+        lo, hi = self.calibration_slope
+        if not 0 <= lo < hi: raise ConfigError(f"{where} calibration_slope must be [low, high] with 0 ≤ low < high, got {list(self.calibration_slope)}")
+        for k in ('max_sparsity_change', 'max_missing_change'):
+            if not 0 < getattr(self, k) <= 1: raise ConfigError(f"{where} {k} must be in (0, 1], got {getattr(self, k):g}")
+        return self
+
+@dataclass(frozen=True)
+class AlertRule:
+    "A monitoring rule: raise an alert when `metric` over the last `window_days` is below (or above) `threshold`, given `min_n` cases."
+    metric: str
+    threshold: float
+    direction: str = 'below'   # below or above
+    window_days: int = 28
+    min_n: int = 50
+
+    def check(self, where: str = '[[alerts]]') -> AlertRule:
+        "Validate; a `ConfigError` names the key."
+        if self.metric not in ALERT_METRICS: raise ConfigError(f"{where} metric {self.metric!r} unknown (known: {', '.join(ALERT_METRICS)})")
+        if self.direction not in ('below', 'above'): raise ConfigError(f"{where} direction must be 'below' or 'above', got {self.direction!r}")
+        if self.window_days < 1 or self.min_n < 1: raise ConfigError(f"{where} window_days and min_n must be whole numbers ≥ 1")
+        return self
+
+@dataclass(frozen=True)
+class WritebackSpec:
+    "Where a live deployment's scores go: HL7 ORU^R01 over MLLP to the integration engine, retried."
+    host: str = '127.0.0.1'
+    port: int = 2576
+    receiving_application: str = 'EHR'
+    receiving_facility: str = 'HOSPITAL'
+    retries: int = 5              # attempts before a message is left failed in the ledger
+    retry_seconds: float = 2.0    # wait between attempts (doubling)
+    timeout_seconds: float = 10.0 # for the connection and the ACK
+
+    def check(self, where: str = '[writeback]') -> WritebackSpec:
+        "Validate; a `ConfigError` names the key."
+        if not self.host.strip(): raise ConfigError(f"{where} host is empty")
+        if not 0 < self.port < 65536: raise ConfigError(f"{where} port must be 1–65535, got {self.port}")
+        if self.retries < 1 or self.retry_seconds <= 0 or self.timeout_seconds <= 0: raise ConfigError(f"{where} retries must be ≥ 1, retry_seconds and timeout_seconds > 0")
+        return self
+
 # %% ../nbs/03_deployment.ipynb #2376756c
 # pipeline notebooks every deployment shares unless its folder has its own copy
 PIPELINES_FOLDER = '_pipelines'
@@ -266,6 +381,17 @@ class Deployment:
     evaluation: EvaluationSpec = EvaluationSpec()
     labels: LabelsSpec = LabelsSpec()
     checks: ChecksSpec = ChecksSpec()
+    trigger: TriggerSpec = TriggerSpec()
+    randomisation: RandomisationSpec | None = None   # set when output.mode is randomised
+    gates: GatesSpec = GatesSpec()
+    alerts: tuple[AlertRule, ...] = ()
+    writeback: WritebackSpec | None = None           # None: scores are not written back
+
+    def scheduled_runs(self) -> dict[str, str]:
+        "Notebook kind -> cron for the scheduler: the [schedule] runs, and for a clock trigger its score run."
+        runs = dict(self.schedule.runs)
+        if self.trigger.kind == 'schedule': runs['score'] = self.trigger.cron
+        return runs
 
     def notebook(self, kind: str) -> Path:
         "Path of pipeline notebook `kind` (train, evaluate, score, labels, report): the deployment's own, else the shared one."
@@ -285,7 +411,11 @@ _SECTIONS = {  # section -> (spec class, {key: type}); types of keys the spec's 
     'split': (SplitSpec, {'train_years': list, 'validation_years': list, 'test_years': list}),
     'model': (ModelSpec, {'candidates': list, 'seed': int, 'grid': dict}),
     'output': (OutputSpec, {'mode': str, 'threshold': float, 'threshold_reason': str, 'threshold_rule': str, 'target': float}),
-    'schedule': (ScheduleSpec, {'score_every_minutes': int}),
+    'schedule': (ScheduleSpec, {**{k: str for k in PIPELINE_KINDS}, 'catch_up': str, 'timeout_minutes': float}),
+    'trigger': (TriggerSpec, {'kind': str, 'hooks': list, 'cron': str, 'wards': list}),
+    'randomisation': (RandomisationSpec, {'probability': float, 'seed': int, 'strata': list, 'unit': str}),
+    'gates': (GatesSpec, {'min_labelled': int, 'auroc_lower': float, 'calibration_slope': list, 'max_sparsity_change': float, 'max_missing_change': float}),
+    'writeback': (WritebackSpec, {'host': str, 'port': int, 'receiving_application': str, 'receiving_facility': str, 'retries': int, 'retry_seconds': float, 'timeout_seconds': float}),
     'evaluation': (EvaluationSpec, {'bootstrap': int, 'seed': int, 'ci': float, 'unit': str, 'min_events': int}),
     'labels': (LabelsSpec, {'horizon_hours': float}),
     'checks': (ChecksSpec, {'point_in_time_sample': int, 'point_in_time_seed': int}),
@@ -330,6 +460,33 @@ def _named(fname: Path, section: str, build):
         msg = str(e)
         raise ConfigError(msg if msg.startswith(str(fname)) else f"{fname}: [{section}] {msg}") from None
 
+def _schedule(fname: Path, s: dict, trigger: TriggerSpec) -> ScheduleSpec:
+    "The [schedule] section: cron times per pipeline notebook, catch-up policy and timeout."
+    runs = tuple((k, s[k]) for k in PIPELINE_KINDS if k in s)
+    for k, expr in runs:
+        if not _cron_ok(expr): raise ConfigError(f"{fname}: [schedule] {k} = {expr!r} is not a valid five-field cron expression (e.g. \"0 2 * * 1\")")
+    if trigger.kind == 'schedule' and 'score' in s: raise ConfigError(f"{fname}: [schedule] score: a clock-triggered deployment is scored at [trigger] cron; give it there only")
+    if s.get('catch_up', 'skip') not in CATCH_UP: raise ConfigError(f"{fname}: [schedule] catch_up {s['catch_up']!r} unknown (known: {', '.join(CATCH_UP)})")
+    if s.get('timeout_minutes', 60.0) <= 0: raise ConfigError(f"{fname}: [schedule] timeout_minutes must be > 0")
+    return ScheduleSpec(runs, s.get('catch_up', 'skip'), s.get('timeout_minutes', 60.0))
+
+def _alerts(fname: Path, items) -> tuple[AlertRule, ...]:
+    "The [[alerts]] rules, each checked."
+    if not isinstance(items, list): raise ConfigError(f"{fname}: alerts must be an array of tables ([[alerts]])")
+    types = {'metric': str, 'threshold': float, 'direction': str, 'window_days': int, 'min_n': int}
+    out = []
+    for i, a in enumerate(items, 1):
+        where = f"{fname}: [[alerts]] #{i}"
+        if not isinstance(a, dict): raise ConfigError(f"{where} must be a table")
+        for k, v in a.items():
+            if k not in types: raise ConfigError(f"{where}: unknown key {k!r} (known: {', '.join(types)})")
+            if types[k] is float and isinstance(v, int) and not isinstance(v, bool): a[k] = v = float(v)
+            if not isinstance(v, types[k]) or isinstance(v, bool): raise ConfigError(f"{where}: {k} must be {types[k].__name__}, got {v!r}")
+        for k in ('metric', 'threshold'):
+            if k not in a: raise ConfigError(f"{where}: missing required key {k!r}")
+        out.append(AlertRule(**a).check(where))
+    return tuple(out)
+
 def load_deployment(name_or_path: str | Path, # deployment name (a folder under `deployments`) or a folder path
                     deployments: Path | None = None, # the workspace's deployments folder (needed for a name)
                    ) -> Deployment:
@@ -348,7 +505,7 @@ def load_deployment(name_or_path: str | Path, # deployment name (a folder under 
         raise ConfigError(f"unknown deployment {str(name_or_path)!r}: no {fname} (known: {', '.join(known) or 'none'})")
     try: raw = tomllib.loads(fname.read_text())
     except tomllib.TOMLDecodeError as e: raise ConfigError(f"{fname}: not valid TOML ({e})")
-    top = {'name', 'description', 'task', 'features'} | set(_SECTIONS)
+    top = {'name', 'description', 'task', 'features', 'alerts'} | set(_SECTIONS)
     for k in raw:
         if k not in top: raise ConfigError(f"{fname}: unknown key or section {k!r} (known: {', '.join(sorted(top))})")
     for k in ('name', 'task', 'split', 'output'):
@@ -374,7 +531,22 @@ def load_deployment(name_or_path: str | Path, # deployment name (a folder under 
     labels = LabelsSpec(**sec['labels'])
     if not 0 < labels.horizon_hours < float('inf') or labels.horizon_hours < (task.window_hours or 0):
         raise ConfigError(f"{fname}: [labels] horizon_hours must be a positive number of hours, at least the task's window_hours ({task.window_hours or 0:g}), got {labels.horizon_hours:g}")
+    trigger = _named(fname, 'trigger', lambda where: TriggerSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in sec['trigger'].items()}).check(task, where))
+    schedule = _schedule(fname, sec['schedule'], trigger)
+    rnd = sec['randomisation']
+    if (out['mode'] == 'randomised') != bool(raw.get('randomisation')):
+        raise ConfigError(f"{fname}: [randomisation] " + ('is needed by mode = "randomised" (probability, seed, strata, unit)' if out['mode'] == 'randomised'
+                                                       else f'belongs to mode = "randomised", not {out["mode"]!r}'))
+    rnd = _named(fname, 'randomisation', lambda where: RandomisationSpec(**{k: tuple(v) if k == 'strata' else v for k, v in rnd.items()}).check(where)) if rnd else None
+    g = sec['gates']
+    if 'calibration_slope' in g:
+        cs = g['calibration_slope']
+        if len(cs) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in cs): raise ConfigError(f"{fname}: [gates] calibration_slope must be [low, high], got {cs!r}")
+        g['calibration_slope'] = tuple(float(v) for v in cs)
+    gates = _named(fname, 'gates', lambda where: GatesSpec(**g).check(where))
+    alerts = _alerts(fname, raw.get('alerts', []))
+    wb = _named(fname, 'writeback', lambda where: WritebackSpec(**sec['writeback']).check(where)) if raw.get('writeback') else None
     return Deployment(name=raw['name'], path=folder, description=raw.get('description', ''), task=task, features=features,
                       split=SplitSpec(*(tuple(sec['split'][k]) for k in ('train_years', 'validation_years', 'test_years'))),
-                      model=model, output=OutputSpec(**out), schedule=ScheduleSpec(**sec['schedule']),
+                      model=model, output=OutputSpec(**out), schedule=schedule, trigger=trigger, randomisation=rnd, gates=gates, alerts=alerts, writeback=wb,
                       evaluation=EvaluationSpec(**ev), labels=labels, checks=ChecksSpec(**chk))

@@ -102,8 +102,8 @@ def _range(ts: pl.Series) -> str:
     return '—' if ts.is_empty() else f'{ts.min():%Y-%m-%d} to {ts.max():%Y-%m-%d}'
 
 _OUTPUT_MODES = {'silent': 'silent: scores are stored, never shown to clinicians',
-                 'shown': 'shown: scores are displayed to the clinical team',
-                 'threshold': 'threshold: an alert is raised when the score is at or above the threshold',
+                 'live': 'live: every score is displayed to the clinical team',
+                 'threshold': 'threshold: once live, a score at or above the threshold is shown to the clinical team (silent until its go-live gates pass)',
                  'randomised': 'randomised: the score is shown to a random arm only'}
 
 def _shown_threshold(dep: Deployment, rec: ModelRecord) -> Deployment:

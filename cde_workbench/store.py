@@ -6,10 +6,12 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import re
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote, unquote
@@ -22,15 +24,18 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Connection, Engine
 
-from .config import CDEError, ConfigError, private_dir, private_file, project_root, utcnow
+from .config import CDEError, ConfigError, as_utc, private_dir, private_file, project_root, utcnow
 
 # %% auto #0
 __all__ = ['metadata', 'T', 'patients', 'patient_identity', 'adt_events', 'diagnoses', 'medication_orders', 'lab_orders',
            'lab_order_events', 'lab_results', 'patient_facts', 'mrn_merges', 'patient_links', 'encounters',
            'location_visits', 'ids_messages', 'ids_receipts', 'ids_dead_letters', 'processor_state',
            'processing_errors', 'APPEND_ONLY', 'models', 'model_aliases', 'deployments', 'runs', 'inferences',
-           'inference_labels', 'audit_log', 'UTCDateTime', 'migrations_dir', 'redact_url', 'get_engine', 'upgrade',
-           'engine_variant', 'dispose_engines', 'audit', 'read_frame', 'insert_ignore', 'bulk_insert', 'insert_frame']
+           'score_queue', 'outbound_messages', 'token_uses', 'allocations', 'run_locks', 'schedule_state',
+           'deployment_history', 'inference_labels', 'audit_log', 'audit_head', 'AUDIT_GENESIS', 'UTCDateTime',
+           'migrations_dir', 'redact_url', 'get_engine', 'upgrade', 'engine_variant', 'dispose_engines',
+           'audit_row_hash', 'audit', 'AuditVerification', 'verify_audit_chain', 'read_frame', 'insert_ignoring',
+           'insert_ignore', 'bulk_insert', 'insert_frame']
 
 # %% ../nbs/01_store.ipynb #60a7e206
 class UTCDateTime(sa.types.TypeDecorator):
@@ -213,7 +218,7 @@ processing_errors = sa.Table('processing_errors', metadata,  # stored messages t
     sa.Column('resolved_at', T, nullable=True),     # when a re-drive processed it (None: still held)
     sa.Column('resolution', sa.Text, nullable=True))  # how it was resolved
 
-APPEND_ONLY = ('ids_messages', 'ids_receipts', 'ids_dead_letters', 'audit_log', 'models', 'model_aliases', 'inference_labels')
+APPEND_ONLY = ('ids_messages', 'ids_receipts', 'ids_dead_letters', 'audit_log', 'models', 'model_aliases', 'inference_labels', 'deployment_history')
 
 models = sa.Table('models', metadata,
     sa.Column('model_id', sa.Integer, primary_key=True, autoincrement=True),
@@ -255,7 +260,17 @@ runs = sa.Table('runs', metadata,
     sa.Column('finished_at', T),
     sa.Column('parameters', sa.Text, nullable=False),
     sa.Column('notebook', sa.Text),
-    sa.Column('error', sa.Text))
+    sa.Column('error', sa.Text),
+    # the scheduler (0006): when it was due, how it was started, the watchdog's view, papermill's error fields
+    sa.Column('scheduled_for', T),
+    sa.Column('started_by', sa.String(16)),   # manual, schedule, catch-up
+    sa.Column('heartbeat_at', T),
+    sa.Column('pid', sa.Integer),
+    sa.Column('host', sa.String(255)),
+    sa.Column('timeout_seconds', sa.Float),
+    sa.Column('error_name', sa.String(128)),
+    sa.Column('error_value', sa.Text),
+    sa.Column('error_cell', sa.Integer))
 
 inferences = sa.Table('inferences', metadata,  # one packet per scoring
     sa.Column('inference_id', sa.Integer, primary_key=True, autoincrement=True),
@@ -270,7 +285,97 @@ inferences = sa.Table('inferences', metadata,  # one packet per scoring
     sa.Column('n_features', sa.Integer, nullable=False),
     sa.Column('run_id', sa.String(40), sa.ForeignKey('runs.run_id'), nullable=False),
     sa.Column('scored_at', T, nullable=False),
+    # going live (0006): what was decided and shown, for impact studies; how and how fast; the features used
+    sa.Column('trigger', sa.String(16), nullable=False, server_default='batch'),  # batch (a scoring run), order (the live feed), hook, api, schedule
+    sa.Column('request_id', sa.String(128)),     # the caller's request id or CDS Hooks hookInstance: a retry returns this packet
+    sa.Column('encounter_id', sa.String(32)),
+    sa.Column('decision', sa.Boolean),           # score at or above the threshold
+    sa.Column('shown', sa.Boolean),              # whether a clinician was shown it
+    sa.Column('arm', sa.String(16)),             # randomised mode: shown or hidden
+    sa.Column('probability', sa.Float),          # the probability the score was shown, given what was known (1 or 0 unless randomised)
+    sa.Column('latency_ms', sa.Float),           # request received to packet written
+    sa.Column('model_sha256', sa.String(64)),
+    sa.Column('features', sa.Text),              # the feature row used, sparse: JSON {column index: value}
     sa.UniqueConstraint('deployment', 'order_id', name='uq_inference_order'))
+sa.Index('uq_inference_request', inferences.c.deployment, inferences.c.request_id, unique=True)
+
+# the order trigger's queue: new orders for order-triggered deployments, each scored once by a worker
+score_queue = sa.Table('score_queue', metadata,
+    sa.Column('id', sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column('deployment', sa.String(64), nullable=False),
+    sa.Column('order_id', sa.String(32), nullable=False),
+    sa.Column('patient_key', sa.String(32), nullable=False),
+    sa.Column('encounter_id', sa.String(32)),
+    sa.Column('order_time', T, nullable=False),
+    sa.Column('enqueued_at', T, nullable=False),
+    sa.Column('status', sa.String(16), nullable=False),   # pending, claimed, scored, skipped, failed
+    sa.Column('attempts', sa.Integer, nullable=False, server_default='0'),
+    sa.Column('claimed_at', T),
+    sa.Column('finished_at', T),
+    sa.Column('inference_id', sa.Integer, sa.ForeignKey('inferences.inference_id')),
+    sa.Column('error', sa.Text),
+    sa.UniqueConstraint('deployment', 'order_id', name='uq_score_queue_order'))
+sa.Index('ix_score_queue_status', score_queue.c.status, score_queue.c.id)
+
+# write-back: each live score sent as HL7 ORU^R01 over MLLP, with its own ledger of attempts
+outbound_messages = sa.Table('outbound_messages', metadata,
+    sa.Column('id', sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column('deployment', sa.String(64), nullable=False),
+    sa.Column('inference_id', sa.Integer, sa.ForeignKey('inferences.inference_id'), nullable=False),
+    sa.Column('destination', sa.String(128), nullable=False),   # host:port
+    sa.Column('control_id', sa.String(64), nullable=False, unique=True),
+    sa.Column('message', sa.Text, nullable=False),
+    sa.Column('status', sa.String(16), nullable=False),         # pending, sent, failed
+    sa.Column('attempts', sa.Integer, nullable=False, server_default='0'),
+    sa.Column('created_at', T, nullable=False),
+    sa.Column('last_attempt_at', T),
+    sa.Column('sent_at', T),
+    sa.Column('ack_code', sa.String(4)),
+    sa.Column('last_error', sa.Text),
+    sa.UniqueConstraint('inference_id', 'destination', name='uq_outbound_inference'))
+
+# CDS Hooks JWTs seen: a jti reused within its lifetime is refused
+token_uses = sa.Table('token_uses', metadata,
+    sa.Column('issuer', sa.String(255), primary_key=True),
+    sa.Column('jti', sa.String(255), primary_key=True),
+    sa.Column('expires_at', T, nullable=False, index=True),
+    sa.Column('seen_at', T, nullable=False))
+
+# randomised mode: each unit's (patient's or encounter's) concealed arm, kept for its later scores
+allocations = sa.Table('allocations', metadata,
+    sa.Column('deployment', sa.String(64), primary_key=True),
+    sa.Column('unit_id', sa.String(64), primary_key=True),
+    sa.Column('stratum', sa.String(64), nullable=False),
+    sa.Column('arm', sa.String(16), nullable=False),
+    sa.Column('probability', sa.Float, nullable=False),
+    sa.Column('sequence', sa.Integer, nullable=False),   # position in the stratum's allocation sequence
+    sa.Column('allocated_at', T, nullable=False))
+
+# the scheduler: one lock per deployment (no two runs overlap), and the last due time handled per scheduled notebook
+run_locks = sa.Table('run_locks', metadata,
+    sa.Column('deployment', sa.String(64), primary_key=True),
+    sa.Column('run_id', sa.String(40), nullable=False),
+    sa.Column('acquired_at', T, nullable=False),
+    sa.Column('heartbeat_at', T, nullable=False),
+    sa.Column('pid', sa.Integer, nullable=False),
+    sa.Column('host', sa.String(255), nullable=False))
+
+schedule_state = sa.Table('schedule_state', metadata,
+    sa.Column('deployment', sa.String(64), primary_key=True),
+    sa.Column('kind', sa.String(16), primary_key=True),
+    sa.Column('last_due', T, nullable=False),    # the latest cron time handled (run, skipped or failed)
+    sa.Column('updated_at', T, nullable=False))
+
+# every lifecycle transition and model change of a deployment, with the gates it passed and who signed it off
+deployment_history = sa.Table('deployment_history', metadata,
+    sa.Column('id', sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column('name', sa.String(64), nullable=False, index=True),
+    sa.Column('status', sa.String(16), nullable=False),
+    sa.Column('model_id', sa.Integer, sa.ForeignKey('models.model_id')),
+    sa.Column('at', T, nullable=False),
+    sa.Column('actor', sa.String(64), nullable=False),
+    sa.Column('reason', sa.Text, nullable=False),
+    sa.Column('gates', sa.Text))   # JSON: each gate, its figure and whether it passed (going live)
 
 # every version of every packet's label, appended when its result is first stored or later corrected: the newest version with
 # stored_time ≤ T is the label as known at T
@@ -291,7 +396,14 @@ audit_log = sa.Table('audit_log', metadata,
     sa.Column('actor', sa.String(64), nullable=False),
     sa.Column('action', sa.String(64), nullable=False),
     sa.Column('target', sa.String(128), nullable=False),
-    sa.Column('detail', sa.Text, nullable=False))
+    sa.Column('detail', sa.Text, nullable=False),
+    sa.Column('prev_hash', sa.String(64)),   # the hash chain (0006): each row carries the previous row's hash
+    sa.Column('hash', sa.String(64)))        # sha256 over prev_hash and this row's fields
+
+audit_head = sa.Table('audit_head', metadata,   # one row: the chain's end, updated first so appends serialise
+    sa.Column('id', sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column('last_id', sa.Integer, nullable=False),
+    sa.Column('last_hash', sa.String(64), nullable=False))
 
 # %% ../nbs/01_store.ipynb #e377adfd
 def migrations_dir() -> Path:
@@ -387,16 +499,60 @@ def dispose_engines():
     _engines.clear()
 
 # %% ../nbs/01_store.ipynb #8b18085b
+AUDIT_GENESIS = '0' * 64   # the prev_hash of the first row
+
+def audit_row_hash(prev_hash: str, # the previous row's hash (AUDIT_GENESIS for the first)
+                   at: datetime, actor: str, action: str, target: str, detail: str, # the row's fields as stored
+                  ) -> str:
+    "sha256 over the previous hash and the row's fields: editing any row, or removing one, breaks every later link."
+    payload = json.dumps([prev_hash, as_utc(at).isoformat(timespec='microseconds'), actor, action, target, detail],
+                         separators=(',', ':'), ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
 def audit(conn: Connection, # an open transaction: the audit row commits or rolls back with the change
           action: str, # what happened, e.g. `model.register`
           target: str, # what it happened to
           detail: dict | None = None, # anything else worth keeping, as JSON
           actor: str | None = None, # who; default the OS user
          ) -> None:
-    "Append a row to the audit log inside the caller's transaction."
+    "Append a row to the hash-chained audit log inside the caller's transaction."
     actor = actor or os.environ.get('CDE_ACTOR') or os.environ.get('USER') or 'unknown'
-    conn.execute(audit_log.insert().values(at=utcnow(), actor=actor, action=action, target=target,
-                                           detail=json.dumps(detail or {}, default=str, sort_keys=True)))
+    # touch the chain's end first: on SQLite this takes the write lock, on PostgreSQL the row lock, so appends serialise
+    conn.execute(audit_head.update().where(audit_head.c.id == 1).values(last_id=audit_head.c.last_id))
+    head = conn.execute(sa.select(audit_head.c.last_id, audit_head.c.last_hash).where(audit_head.c.id == 1)).one()
+    at = utcnow()   # both backends keep microseconds: the hash is recomputed from the stored value
+    text = json.dumps(detail or {}, default=str, sort_keys=True)
+    h = audit_row_hash(head.last_hash, at, actor, action, target, text)
+    rid = conn.execute(audit_log.insert().values(at=at, actor=actor, action=action, target=target, detail=text,
+                                                 prev_hash=head.last_hash, hash=h)).inserted_primary_key[0]
+    conn.execute(audit_head.update().where(audit_head.c.id == 1).values(last_id=rid, last_hash=h))
+
+@dataclass
+class AuditVerification:
+    "The result of walking the audit chain."
+    rows: int             # rows checked
+    problems: list[str]   # each break: which row and what is wrong (empty: intact)
+
+    @property
+    def ok(self) -> bool: return not self.problems
+
+def verify_audit_chain(conn: Connection, # open connection to the store
+                       limit: int = 20, # stop listing problems after this many
+                      ) -> AuditVerification:
+    "Recompute every row's hash in order and check each link and the chain's end; any edit, insertion or deletion is reported."
+    problems, prev, n, last_id = [], AUDIT_GENESIS, 0, 0
+    cols = audit_log.c
+    for r in conn.execute(sa.select(cols.id, cols.at, cols.actor, cols.action, cols.target, cols.detail, cols.prev_hash, cols.hash).order_by(cols.id)):
+        n += 1
+        if r.prev_hash != prev: problems.append(f"row {r.id}: its prev_hash does not match the row before it (a row was removed or inserted)")
+        if r.hash != audit_row_hash(r.prev_hash or '', r.at, r.actor, r.action, r.target, r.detail):
+            problems.append(f"row {r.id} ({r.action} {r.target}): its contents do not match its hash (edited)")
+        prev, last_id = r.hash, r.id
+        if len(problems) >= limit: break
+    head = conn.execute(sa.select(audit_head.c.last_id, audit_head.c.last_hash).where(audit_head.c.id == 1)).first()
+    if len(problems) < limit and (head is None or (head.last_id, head.last_hash) != (last_id, prev)):
+        problems.append(f"the chain ends at row {last_id}, but its recorded end is row {head.last_id if head else 'missing'} (rows were removed from the end)")
+    return AuditVerification(n, problems)
 
 # %% ../nbs/01_store.ipynb #35679cae
 def read_frame(conn: Connection, stmt, # a SQLAlchemy selectable
@@ -411,12 +567,15 @@ def read_frame(conn: Connection, stmt, # a SQLAlchemy selectable
     data = {c: [r[i] for r in rows] for i, c in enumerate(cols)}
     return pl.DataFrame(data, schema_overrides=schema, strict=False)
 
+def insert_ignoring(conn: Connection, table: sa.Table):
+    "An INSERT statement that skips a row breaking a unique key, on SQLite and PostgreSQL (add `.returning(...)` to learn which went in)."
+    ins = sa.dialects.postgresql.insert if conn.dialect.name == 'postgresql' else sa.dialects.sqlite.insert
+    return ins(table).on_conflict_do_nothing()
+
 def insert_ignore(conn: Connection, table: sa.Table, rows: list[dict]) -> int:
     "Insert rows, skipping any that would violate a unique key (SQLite and PostgreSQL); returns rows offered."
     if not rows: return 0
-    if conn.dialect.name == 'postgresql': from sqlalchemy.dialects.postgresql import insert
-    else: from sqlalchemy.dialects.sqlite import insert
-    conn.execute(insert(table).on_conflict_do_nothing(), rows)
+    conn.execute(insert_ignoring(conn, table), rows)
     return len(rows)
 
 def _driver_value(dialect: str, col: sa.Column):

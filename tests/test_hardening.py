@@ -91,9 +91,11 @@ def test_score_help_names_the_notebook_that_runs():
         assert r.returncode == 0 and f'deployments/_pipelines/{kind}.ipynb' in text, r.stdout
 
 
-@pytest.mark.parametrize('typo', [('mode = "silent"', 'mod = "silent"', "unknown key 'mod' in [output]"),
+@pytest.mark.parametrize('typo', [('mode = "threshold"', 'mod = "threshold"', "unknown key 'mod' in [output]"),
                                   ('test_years = [2023]', 'test_years = [2021]', 'more than one part of the split'),
-                                  ('mode = "silent"', 'mode = "silent', 'not valid TOML'),
+                                  ('mode = "threshold"', 'mode = "threshold', 'not valid TOML'),
+                                  ('kind = "order"', 'kind = "orders"', "[trigger] kind 'orders' unknown"),
+                                  ('score = "0 2 * * 1"', 'score = "0 2 * * 8"', 'is not a valid five-field cron'),
                                   # the task, feature set and model search are typed specifications checked without their libraries
                                   ('component = "HGB"', 'component = "HBG"', "[task]: unknown lab component 'HBG'"),
                                   ('lab_bins = 5', 'lab_bin = 5', "[features]: unknown feature key(s) 'lab_bin'"),

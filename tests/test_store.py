@@ -147,3 +147,39 @@ def test_registered_models_and_alias_history_are_append_only_in_the_database(eng
         with pytest.raises(sa.exc.DatabaseError, match='append-only'):
             with engine.begin() as c: c.execute(sa.text(stmt))
     with engine.connect() as c: assert c.execute(sa.select(sa.func.count()).select_from(sa.table(table))).scalar() == 1
+
+
+def test_audit_log_is_a_hash_chain_that_finds_edits_and_deletions(engine):
+    from cde_workbench.store import verify_audit_chain
+    with engine.begin() as c:
+        for i in range(4): audit(c, 'test.step', f't{i}', {'i': i}, actor='tester')
+    with engine.connect() as c:
+        v = verify_audit_chain(c)
+    assert v.ok and v.rows == 4
+    pg = engine.dialect.name == 'postgresql'
+    with engine.begin() as c:   # someone with the database's owner rights lifts the append-only triggers
+        if pg: c.exec_driver_sql('DROP TRIGGER audit_log_append_only ON audit_log')
+        else: c.exec_driver_sql('DROP TRIGGER audit_log_no_update'); c.exec_driver_sql('DROP TRIGGER audit_log_no_delete')
+        c.exec_driver_sql("UPDATE audit_log SET detail = '{\"i\": 9}' WHERE target = 't1'")
+        c.exec_driver_sql("DELETE FROM audit_log WHERE target = 't2'")
+    with engine.connect() as c:
+        problems = verify_audit_chain(c).problems
+    assert any('t1' in p and 'edited' in p for p in problems), problems
+    assert any('was removed or inserted' in p for p in problems), problems
+
+
+def test_the_migration_chains_audit_rows_written_before_it(store_url):
+    from cde_workbench.store import verify_audit_chain
+    eng = get_engine(store_url, migrate=False)
+    upgrade(eng, '0005')
+    with eng.begin() as c:
+        for i in range(3):
+            c.execute(sa.text("INSERT INTO audit_log (at, actor, action, target, detail) VALUES (:at, 'old', 'x.y', :t, '{}')"),
+                      {'at': datetime(2024, 1, 1, 12, i, tzinfo=timezone.utc) if eng.dialect.name == 'postgresql' else f'2024-01-01 12:0{i}:00.000000', 't': f'r{i}'})
+    upgrade(eng)
+    with eng.begin() as c:
+        audit(c, 'x.after', 'r3', actor='new')
+    with eng.connect() as c:
+        v = verify_audit_chain(c)
+    assert v.ok and v.rows == 4, v.problems
+    dispose_engines()
