@@ -56,6 +56,7 @@ def test_a_trained_version_scores_orders_through_its_graph(tmp_path):
     from cde_workbench.deployment import load_deployment
     from cde_workbench.features import load_feature_data
     from cde_workbench.registry import load_bundle
+    from cde_workbench.serve import serving_model
     from cde_workbench.store import dispose_engines, get_engine
     from cde_workbench.synth import HospitalConfig, generate, write_warehouse_extract
     from cde_workbench.tasks import task_points
@@ -76,7 +77,9 @@ def test_a_trained_version_scores_orders_through_its_graph(tmp_path):
         assert rec.params['model']['kind'] == 'hist_gradient_boosting' and rec.params['compiled']['max_abs_diff'] <= 1e-6
         bundle = load_bundle(rec)
         sc = load_scorer(rec, bundle)
-        assert sc.kind == 'onnx'
+        assert sc.kind == 'onnx' and sc.sha256 == rec.params['compiled']['sha256']
+        # the scoring path's loader takes it as its scorer factory
+        assert serving_model(eng, dep, rec.model_id, scorer_factory=load_scorer).scorer.kind == 'onnx'
         with eng.connect() as conn:
             pts = task_points(conn, dep.task).filter(pl.col('prediction_time').dt.year() == 2023).head(30)
             data = load_feature_data(conn, pts['patient_key'].unique().to_list())
