@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from conftest import ROOT, SMALL_DEPLOYMENT, env_deployment, env_engine
 
 CLOCKED = 'clocked'
-T = lambda h, d=1: datetime(2024, 2, d, h, tzinfo=timezone.utc)
+T = lambda h, d=1, m=2: datetime(2024, m, d, h, tzinfo=timezone.utc)
 
 # a scheduled notebook whose behaviour depends on its clock: it hangs at 06:00, fails at 18:00, and succeeds otherwise
 NOTEBOOK = """import time
@@ -207,3 +207,58 @@ def test_a_scheduler_killed_mid_run_leaves_a_failed_run_and_the_next_cron_time_r
     else: assert name == 'RunAbandoned' and f'its process {pid} on ' in error and 'has ended' in error
     assert q(engine, 'select count(*) from run_locks')[0][0] == 0
     assert q(engine, "select last_due from schedule_state where deployment = 'clocked'")[0][0].startswith('2024-02-01 12:00')
+
+
+@pytest.fixture
+def icu_store(small_store):
+    "The small store with icu_transfer_24h trained (one quick candidate) and in a silent trial, its prospective feed delivered."
+    from conftest import deliver_feed
+    from cde_workbench.deploy import set_status
+    from cde_workbench.train import train_deployment
+    folder = small_store.base / 'deployments' / 'icu_transfer_24h'; folder.mkdir()
+    toml = (ROOT / 'deployments' / 'icu_transfer_24h' / 'deployment.toml').read_text().replace('bootstrap = 1000', 'bootstrap = 50')
+    (folder / 'deployment.toml').write_text(toml + '\n[model]\ncandidates = ["logistic_regression"]\nseed = 0\n')
+    engine, dep = env_engine(), env_deployment('icu_transfer_24h')
+    rec = train_deployment(engine, dep, small_store.base / 'var', progress=False)
+    set_status(engine, dep.name, 'silent', rec.model_id, 'test: clock trigger')
+    deliver_feed(engine)
+    return engine, dep, rec
+
+
+def test_the_clock_trigger_scores_the_wards_inpatients_once_per_cron_time(icu_store):
+    "The scheduler runs the shared score notebook at the ICU model's cron time; it scores the population of its wards as known then."
+    import numpy as np
+    import polars as pl
+    from cde_workbench.clock import ward_population
+    from cde_workbench.config import Workspace
+    from cde_workbench.feature_store import online_vector
+    from cde_workbench.registry import load_bundle
+    from cde_workbench.schedule import Scheduler, run_notebook
+    from cde_workbench.tasks import exclusion_mask
+    engine, dep, rec = icu_store
+    from datetime import timedelta
+    with engine.connect() as c:   # the six-hourly cron time of the feed's months with the most patients to score, and that population
+        def population(when):
+            pop = ward_population(c, when, dep.trigger.wards)
+            return pop.filter(~pl.Series(exclusion_mask(c, dep.task, pop, as_of=when))) if pop.height else pop
+        when = max((T(0, 1, m=1) + timedelta(hours=6 * i) for i in range(4 * 75)), key=lambda t: population(t).height)
+        pop = population(when)
+    assert pop.height >= 2 and set(pop['ward']) <= set(dep.trigger.wards), pop
+    out = Scheduler(Workspace.from_env(), [dep], clock=lambda: when).tick(wait=True)
+    assert [(o.run.kind, o.run.due, o.status) for o in out] == [('score', when, 'succeeded')], out
+    rows = q(engine, 'select order_id, patient_key, encounter_id, prediction_time, trigger, output_mode, shown, decision, score, features, run_id '
+                     'from inferences where deployment = :d order by order_id', d=dep.name)
+    assert [r[0] for r in rows] == sorted(f'{e}@{when:%Y%m%dT%H%M}' for e in pop['encounter_id'])   # one packet per point
+    assert {(r[4], r[5], r[6], r[10]) for r in rows} == {('schedule', 'silent', 0, out[0].run_id)}
+    assert all(r[3].startswith(f'{when:%Y-%m-%d %H:%M}') and json.loads(r[9]) for r in rows)
+    # the batch transform gives each point what the online path gives it alone, as known at the cron time: the same score
+    bundle = load_bundle(rec)
+    with engine.connect() as c:
+        for r in rows:
+            x = online_vector(c, bundle['featurizer'], r[1], when)
+            assert np.isclose(bundle['estimator'].predict_proba(x)[0, 1], r[8], rtol=0, atol=1e-9)
+            assert json.loads(r[9]) == {bundle['featurizer'].feature_names_[j]: v for j, v in zip(x.indices, x.data)}
+    # the same cron time again (by hand): nothing is stored twice
+    again = run_notebook(Workspace.from_env(), dep, 'score', {'as_of': when.isoformat()})
+    assert q(engine, 'select count(*) from inferences where deployment = :d', d=dep.name)[0][0] == len(rows)
+    assert q(engine, 'select count(*) from inferences where run_id = :r', r=again.run_id)[0][0] == 0
