@@ -156,6 +156,7 @@ class NotebookError(PipelineError):
     def __init__(self, message: str, ename: str, evalue: str, exec_count: int | None):
         super().__init__(message)
         self.ename, self.evalue, self.exec_count = ename, evalue, exec_count
+    def __reduce__(self): return type(self), (str(self), self.ename, self.evalue, self.exec_count)   # crosses process pools whole
 
 @dataclass
 class NotebookRun:
@@ -226,18 +227,23 @@ def lock_holder(conn: Connection, deployment: str) -> LockHolder | None:
     r = conn.execute(sa.select(run_locks).where(run_locks.c.deployment == deployment)).first()
     return None if r is None else LockHolder(r.deployment, r.run_id, r.acquired_at, r.heartbeat_at, r.pid, r.host)
 
-def process_gone(pid: int, host: str) -> bool:
-    "Whether process `pid` on `host` has certainly ended: only known for this host (a zombie has ended too)."
+def process_gone(pid: int, host: str, since: datetime | None = None) -> bool:
+    """Whether process `pid` on `host` has certainly ended: only known for this host (a zombie has ended too, and so has one
+    whose pid a process started after `since`, the run's last heartbeat, has taken)."""
     if host != this_host(): return False
-    try: return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    try:
+        p = psutil.Process(pid)
+        return p.status() == psutil.STATUS_ZOMBIE or (since is not None and p.create_time() > since.timestamp() + 1)
     except psutil.NoSuchProcess: return True
 
 def stale_reason(pid: int, host: str, heartbeat_at: datetime | None, # the run's (or lock's) process and last heartbeat
                  now: datetime | None = None, # wall-clock time (default now)
                  stale_seconds: float = STALE_SECONDS, # the longest silence of a live run
                 ) -> str | None:
-    "Why a run or lock is dead (its process gone on this host, or no heartbeat for too long), None while it looks alive."
-    if pid is not None and host is not None and process_gone(pid, host): return f'its process {pid} on {host} has ended'
+    """Why a run or lock is dead, None while it looks alive. On this host the process itself says (ended or not); on
+    another, only the heartbeat can: silent for longer than `stale_seconds` is dead."""
+    if pid is not None and host is not None and host == this_host():
+        return f'its process {pid} on {host} has ended' if process_gone(pid, host, heartbeat_at) else None
     if heartbeat_at is not None:
         age = ((now or utcnow()) - heartbeat_at).total_seconds()
         if age > stale_seconds: return f'no heartbeat from process {pid} on {host} for {age:.0f} s'

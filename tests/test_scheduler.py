@@ -21,11 +21,13 @@ from conftest import ROOT, SMALL_DEPLOYMENT, env_deployment, env_engine
 CLOCKED = 'clocked'
 T = lambda h, d=1, m=2: datetime(2024, m, d, h, tzinfo=timezone.utc)
 
-# a scheduled notebook whose behaviour depends on its clock: it hangs at 06:00, fails at 18:00, and succeeds otherwise
-NOTEBOOK = """import time
+# a scheduled notebook whose behaviour depends on its clock: it hangs at 06:00, fails at 18:00, its kernel dies at noon on
+# the 2nd, and it succeeds otherwise
+NOTEBOOK = """import os, signal, time
 hour = as_of[11:13]
 if hour == '06': time.sleep(600)
 if hour == '18': raise ValueError(f'bad input at {as_of}')
+if as_of.startswith('2024-02-02T12'): os.kill(os.getpid(), signal.SIGKILL)
 print('done', deployment, as_of)"""
 
 
@@ -114,11 +116,15 @@ def test_the_watchdog_ends_a_hung_run_and_the_next_cron_times_still_run(small_st
     assert time.monotonic() - t0 < 60
     gone, alive = psutil.wait_procs(family, timeout=20)
     assert not alive, f'left running after the timeout: {[p.cmdline() for p in alive]}'
-    for clock['now'] in (T(12), T(18), T(0, d=2)):   # the next cron times: one succeeds, one fails in a cell, the next succeeds
+    # the next cron times: one succeeds, one fails in a cell, one succeeds; then (06:00 on the 2nd missed: skipped) the kernel
+    # dies at noon, and (18:00 missed) the next one succeeds
+    for clock['now'] in (T(12), T(18), T(0, d=2), T(12, d=2), T(0, d=3)):
         s.tick(wait=True)
     rows = ledger(engine)
     assert [(r[0][:16], r[1], r[2]) for r in rows] == [('2024-02-01 06:00', 'failed', 'schedule'), ('2024-02-01 12:00', 'succeeded', 'schedule'),
-                                                       ('2024-02-01 18:00', 'failed', 'schedule'), ('2024-02-02 00:00', 'succeeded', 'schedule')]
+                                                       ('2024-02-01 18:00', 'failed', 'schedule'), ('2024-02-02 00:00', 'succeeded', 'schedule'),
+                                                       ('2024-02-02 12:00', 'failed', 'schedule'), ('2024-02-03 00:00', 'succeeded', 'schedule')]
+    assert rows[4][3] == 'DeadKernelError', rows[4]
     assert rows[0][3] == 'RunTimeout' and 'timed out: still running after 0.25 min' in rows[0][6]
     # papermill's error, in the ledger's own columns: exception name, value and the cell's execution count
     assert rows[2][3:6] == ('ValueError', 'bad input at 2024-02-01T18:00:00+00:00', 3) and 'score.ipynb failed in cell 3' in rows[2][6]   # the parameters, papermill's injected ones, then this cell
