@@ -30,11 +30,12 @@ from .config import ConfigError, PipelineError, Workspace, private_dir, private_
 from .deployment import load_deployment
 
 # %% auto #0
-__all__ = ['DEMO_DEPLOYMENT', 'DEPLOYR_DEPLOYMENTS', 'StageTimes', 'reset_demo_store', 'worker_threads', 'train_demo_tasks',
-           'WarmKernels', 'trial_weeks', 'label_run_due', 'mllp_receiver', 'DemoResult', 'run_demo']
+__all__ = ['DEMO_DEPLOYMENT', 'CLOCK_DEPLOYMENT', 'DEPLOYR_DEPLOYMENTS', 'StageTimes', 'reset_demo_store', 'worker_threads',
+           'train_demo_tasks', 'WarmKernels', 'trial_weeks', 'label_run_due', 'mllp_receiver', 'DemoResult', 'run_demo']
 
 # %% ../nbs/75_demo.ipynb #07c6b155
 DEMO_DEPLOYMENT = 'hgb_abnormal'   # the one that runs a silent trial
+CLOCK_DEPLOYMENT = 'icu_transfer_24h'   # the time-driven task, scored once on its clock during the silent trial
 # DEPLOYR's twelve lab-abnormal tasks, trained and evaluated retrospectively by the demo
 DEPLOYR_DEPLOYMENTS = ('hct_abnormal', 'hgb_abnormal', 'plt_abnormal', 'wbc_abnormal', 'alb_abnormal', 'bun_abnormal', 'ca_abnormal',
                        'co2_abnormal', 'creat_abnormal', 'k_abnormal', 'na_abnormal', 'mg_abnormal')
@@ -90,7 +91,7 @@ def reset_demo_store(ws: Workspace, # the demo's workspace: its SQLite store and
         dispose_engines()
         if not ours and anything: raise ConfigError(f'{db} holds data the demo did not create; move it away or set CDE_VAR to another folder')
         for p in (db, db.with_name(db.name + '-wal'), db.with_name(db.name + '-shm')): p.unlink(missing_ok=True)
-    for d in ('synth', *(f'models/{n}' for n in DEPLOYR_DEPLOYMENTS)):
+    for d in ('synth', *(f'models/{n}' for n in (*DEPLOYR_DEPLOYMENTS, CLOCK_DEPLOYMENT))):
         p = ws.var / d
         if p.exists():
             for f in p.rglob('*'):
@@ -133,7 +134,7 @@ def _demo_worker_init(threads: int = 1) -> None:
 
 # %% ../nbs/75_demo.ipynb #efa43d43
 def _demo_task(name: str, ws: Workspace) -> str:
-    "Train one task (train.ipynb), make the model its champion, evaluate it (evaluate.ipynb); runs in a demo worker process."
+    "Train one task (train.ipynb), make the model its champion, evaluate a lab task's (evaluate.ipynb); runs in a demo worker process."
     from cde_workbench.registry import get_model, set_alias
     from cde_workbench.schedule import run_notebook
     from cde_workbench.store import get_engine
@@ -143,7 +144,8 @@ def _demo_task(name: str, ws: Workspace) -> str:
         run_notebook(ws, d, 'train', {}, kernel_manager_class=kernels.manager_class)
         with engine.connect() as c: rec = get_model(c, d.name)
         set_alias(engine, d.name, 'champion', rec.version, 'demo: the only version, reviewed in the demo report')
-        run_notebook(ws, d, 'evaluate', {}, kernel_manager_class=kernels.manager_class)
+        if d.task.kind == 'lab_abnormal':   # the reviewer's evaluation (74_report) covers DEPLOYR's lab tasks
+            run_notebook(ws, d, 'evaluate', {}, kernel_manager_class=kernels.manager_class)
     return name
 
 def train_demo_tasks(ws: Workspace, # the workspace every run uses
@@ -362,13 +364,14 @@ def _silent_trial(ws: Workspace, dep, engine, cfg, feed_path: Path, key: bytes, 
     "Send the feed week by week to the MLLP receiver; a scoring run after each week, a label run every four weeks and after the end."
     from cde_workbench.events import process_pending, read_feed_file
     from cde_workbench.mllp import ReplayClock, send_messages
-    from cde_workbench.schedule import run_notebook
+    from cde_workbench.schedule import Scheduler, latest_due, run_notebook
     from tqdm.auto import tqdm
     clock = ReplayClock()   # the receive time each message will get: the receiver's replay clock
     feed = [(m, clock(m)) for m in read_feed_file(feed_path)]
     start, end = (datetime.fromisoformat(t).replace(tzinfo=timezone.utc) for t in (cfg.cutover, cfg.end))
     weeks = trial_weeks(start, end)
     sent, t_ingest, t_score, t_labels, acks = 0, 0.0, 0.0, 0.0, {}
+    icu, clock = load_deployment(CLOCK_DEPLOYMENT, ws.deployments), {}
     def send(batch):
         for code in asyncio.run(send_messages(batch, port=port, window=32, timeout=60)).acks.values(): acks[code] = acks.get(code, 0) + 1
         process_pending(engine, key=key)
@@ -385,14 +388,22 @@ def _silent_trial(ws: Workspace, dep, engine, cfg, feed_path: Path, key: bytes, 
             ti = time.perf_counter(); send(batch); t_ingest += time.perf_counter() - ti
             t_score += run('score', wk)
             if label_run_due(k, weeks): t_labels += run('labels', wk)
+            if k == 0:   # the ICU model on its clock: the scheduler's run at the first week's last cron time, as a scheduler would start it
+                t, due = time.perf_counter(), latest_due(icu.trigger.cron, wk)
+                out = Scheduler(ws, [icu], clock=lambda: due).tick(due, wait=True)
+                if [o.status for o in out] != ['succeeded']:
+                    raise PipelineError(f"{icu.name}'s clock run at {due:%Y-%m-%d %H:%M} UTC: " + ('; '.join(f'{o.status}: {o.error}' for o in out) or 'nothing was due'))
+                clock = {'due': due, 'run_id': out[0].run_id, 'seconds': time.perf_counter() - t}
         if sent < len(feed): send([m for m, _ in feed[sent:]])   # stamped after the end: arrive after the trial's clock
         t_labels += run('labels', end + timedelta(days=2))
     import sqlalchemy as sa
     with engine.connect() as c:
         n = {t: c.execute(sa.text(f'select count(*) from {t}')).scalar() for t in ('ids_messages', 'ids_receipts', 'ids_dead_letters', 'mrn_merges', 'processing_errors')}
+        clock['scored'] = c.execute(sa.text('select count(*) from inferences where run_id = :r'), {'r': clock['run_id']}).scalar()
     return {'sent': len(feed), 'acks': dict(sorted(acks.items())), 'stored': n['ids_messages'], 'duplicates': n['ids_receipts'] - n['ids_messages'],
             'dead_letters': n['ids_dead_letters'], 'mrn_merges': n['mrn_merges'], 'processing_errors': n['processing_errors'],
-            'seconds': {'ingest_feed': t_ingest, 'scoring_runs': t_score, 'label_runs': t_labels}}
+            'clock': {'deployment': icu.name, 'due': clock['due'].isoformat(), 'scored': clock['scored']},
+            'seconds': {'ingest_feed': t_ingest, 'scoring_runs': t_score, 'label_runs': t_labels, 'clock_run': clock['seconds']}}
 
 def run_demo(ws: Workspace, # the demo's workspace: the embedded SQLite store in `ws.var` (emptied first)
              patients: int = 3000, # patients in the synthetic hospital
@@ -427,17 +438,19 @@ def run_demo(ws: Workspace, # the demo's workspace: the embedded SQLite store in
             write_warehouse_extract(h, out / 'warehouse', key); write_hl7_feed(h, out / 'feed.hl7')
         echo('2/6 warehouse extract into the store')
         with times.stage('warehouse_load'): load_warehouse_extract(engine, out / 'warehouse')
-        echo(f"3/6 training and evaluating DEPLOYR's {len(DEPLOYR_DEPLOYMENTS)} lab tasks, {workers} at a time (train.ipynb, evaluate.ipynb by papermill)")
+        echo(f"3/6 training and evaluating DEPLOYR's {len(DEPLOYR_DEPLOYMENTS)} lab tasks and {CLOCK_DEPLOYMENT}, {workers} at a time (train.ipynb, evaluate.ipynb by papermill)")
         with times.stage('train'):
-            train_demo_tasks(ws, list(DEPLOYR_DEPLOYMENTS), workers=workers, progress=progress)
-            with engine.connect() as c: rec = get_model(c, dep.name)
+            train_demo_tasks(ws, [CLOCK_DEPLOYMENT, *DEPLOYR_DEPLOYMENTS], workers=workers, progress=progress)   # the largest first
+            with engine.connect() as c: rec, icu = get_model(c, dep.name), get_model(c, CLOCK_DEPLOYMENT)
             set_status(engine, dep.name, 'silent', rec.model_id, 'demo: silent trial')
+            set_status(engine, CLOCK_DEPLOYMENT, 'silent', icu.model_id, 'demo: silent trial on its clock')
         echo('4/6 silent trial: the feed sent week by week over MLLP to `cde ingest mllp`, score.ipynb after each week')
         t0, c0 = time.perf_counter(), _cpu_seconds()
         feed = _silent_trial(ws, dep, engine, cfg, out / 'feed.hl7', key, echo, progress)
         echo(f"  {feed['sent']} messages sent ({', '.join(f'{v} {k}' for k, v in feed['acks'].items())}): {feed['stored']} stored, "
              f"{feed['duplicates']} duplicates acknowledged again, {feed['dead_letters']} dead letters, "
              f"{feed['mrn_merges']} MRN merges, {feed['processing_errors']} processing errors")
+        echo(f"  {feed['clock']['deployment']} on its clock: {feed['clock']['scored']} inpatients scored at {feed['clock']['due']}")
         for k, v in feed.pop('seconds').items(): times.seconds[k] = round(v, 2)
         times.add('silent_trial', time.perf_counter() - t0, _cpu_seconds() - c0)
         echo('5/6 report (report.ipynb by papermill, nbconvert)')
