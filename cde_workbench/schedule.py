@@ -253,7 +253,7 @@ def _insert_lock(conn: Connection, values: dict) -> bool:
     "Insert a lock row unless the deployment has one; True when inserted."
     if conn.dialect.name == 'postgresql': from sqlalchemy.dialects.postgresql import insert
     else: from sqlalchemy.dialects.sqlite import insert
-    return conn.execute(insert(run_locks).values(**values).on_conflict_do_nothing()).rowcount == 1
+    return conn.execute(insert(run_locks).values(**values).on_conflict_do_nothing().returning(run_locks.c.deployment)).first() is not None
 
 def acquire_lock(engine: Engine, # the store
                  deployment: str, # whose lock

@@ -4,6 +4,7 @@ still runs; a failing cell's error lands in the ledger's own columns; no two run
 every run and kernel; and a scheduler killed with SIGKILL mid-run is followed, on restart, by the run marked failed and
 the next cron time run exactly once."""
 import json
+import re
 import os
 import signal
 import subprocess
@@ -268,3 +269,39 @@ def test_the_clock_trigger_scores_the_wards_inpatients_once_per_cron_time(icu_st
     again = run_notebook(Workspace.from_env(), dep, 'score', {'as_of': when.isoformat()})
     assert q(engine, 'select count(*) from inferences where deployment = :d', d=dep.name)[0][0] == len(rows)
     assert q(engine, 'select count(*) from inferences where run_id = :r', r=again.run_id)[0][0] == 0
+
+
+def test_run_locks_and_abandoned_runs_on_both_backends(store_url):
+    "The lock is a row insert on SQLite and PostgreSQL alike: taken once, refused while its holder lives, taken over from a dead one."
+    from cde_workbench.schedule import acquire_lock, lock_holder, recover_abandoned_runs, release_lock, run_ledger, this_host
+    from cde_workbench.store import get_engine, run_locks, runs
+    engine = get_engine(store_url)
+    dead = subprocess.Popen([sys.executable, '-c', 'pass']); dead.wait()
+    assert acquire_lock(engine, 'a', 'r1') is None and acquire_lock(engine, 'a', 'r2').run_id == 'r1'
+    with run_ledger(engine, 'b', 'score', {}, run_id='r3', heartbeat_seconds=None): pass
+    with engine.begin() as c:   # r3 "still running" in a process that has ended, holding b's lock
+        c.execute(runs.update().where(runs.c.run_id == 'r3').values(status='running', pid=dead.pid))
+        c.execute(run_locks.insert().values(deployment='b', run_id='r3', acquired_at=T(0), heartbeat_at=T(0), pid=dead.pid, host=this_host()))
+    assert recover_abandoned_runs(engine) == ['r3']
+    with engine.connect() as c:
+        assert c.execute(sa.select(runs.c.status, runs.c.error_name).where(runs.c.run_id == 'r3')).one() == ('failed', 'RunAbandoned')
+        assert lock_holder(c, 'b') is None and lock_holder(c, 'a').run_id == 'r1'
+    release_lock(engine, 'a', 'r1')
+    assert acquire_lock(engine, 'a', 'r4') is None
+
+
+def test_schedule_list_and_once_from_the_command_line(small_store):
+    add_clocked(small_store, timeout_minutes=5)
+    env = {**os.environ, **small_store.env}
+    cde = lambda *a: subprocess.run([sys.executable, '-c', 'from cde_workbench.cli import main; main()', 'schedule', *a, '--deployment', CLOCKED],
+                                    env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    r = cde('list', '--at', '2024-02-01T10:00:00+00:00')
+    assert r.returncode == 0 and re.fullmatch(r'clocked +score +0 \*/6 \* \* \* +last - +next 2024-02-01 12:00 UTC\n', r.stdout), r.stdout + r.stderr
+    r = cde('once', '--at', '2024-02-01T12:01:00+00:00')
+    assert r.returncode == 0 and re.search(r'clocked score for 2024-02-01 12:00 UTC: run \S+ succeeded', r.stdout), r.stdout + r.stderr
+    assert 'last 2024-02-01 12:00 UTC' in cde('list', '--at', '2024-02-01T12:30:00+00:00').stdout
+    r = cde('once', '--at', '2024-02-01T12:30:00+00:00')
+    assert r.returncode == 0 and 'nothing due at 2024-02-01 12:30:00 UTC' in r.stdout
+    r = cde('once', '--at', '2024-02-01T18:00:00+00:00')   # its notebook fails at 18:00: one line, exit status 2
+    assert r.returncode == 2 and r.stderr.startswith('cde: error: 1 of 1 scheduled run(s) failed: clocked score ') and r.stderr.count('\n') == 1, r.stderr
+    assert 'ValueError: bad input at 2024-02-01T18:00:00+00:00' in r.stderr
