@@ -20,10 +20,10 @@ from .deployment import load_deployment
 # `cde --help` and argument errors answer at once.
 
 # %% auto #0
-__all__ = ['app', 'ingest_app', 'models_app', 'synth', 'ingest_warehouse', 'feed_with_times', 'ingest_synthea', 'ingest_fhir',
-           'ingest_file', 'ingest_mllp', 'ingest_process', 'ingest_replay', 'ingest_redrive', 'ingest_status', 'train',
-           'deploy', 'score', 'labels', 'report', 'dashboard', 'models_list', 'models_show', 'models_alias', 'demo',
-           'evaluate', 'main']
+__all__ = ['app', 'ingest_app', 'models_app', 'audit_app', 'synth', 'ingest_warehouse', 'feed_with_times', 'ingest_synthea',
+           'ingest_fhir', 'ingest_file', 'ingest_mllp', 'ingest_process', 'ingest_replay', 'ingest_redrive',
+           'ingest_status', 'train', 'deploy', 'score', 'labels', 'report', 'dashboard', 'models_list', 'models_show',
+           'models_alias', 'demo', 'evaluate', 'audit_verify', 'audit_show', 'main']
 
 # %% ../nbs/80_cli.ipynb #636e4249
 app = typer.Typer(help='cde-workbench: take a clinical model from the research notebook to a silent trial, a report and a dashboard.',
@@ -247,20 +247,22 @@ def train(deployment: str = typer.Argument(..., help='Deployment name (a folder 
 
 @app.command()
 def deploy(deployment: str = typer.Argument(..., help='Deployment name.'),
-           status: str = typer.Argument(..., help='New lifecycle state: draft, silent, live, paused or retired.'),
-           model: Optional[str] = typer.Option(None, '--model', help='Model version number or alias to serve (default: the champion, else the newest).'),
-           reason: str = typer.Option('', help='Why, for the audit log.')):
-    "Move a deployment through its lifecycle (draft → silent → live → retired, with pause); audited."
+           status: str = typer.Argument(..., help='New lifecycle state: draft, silent, live, paused or retired; or rollback (to the model it served before).'),
+           model: Optional[str] = typer.Option(None, '--model', help='Model version number or alias to serve (default: the champion, else the newest; going live: the model it serves).'),
+           reason: str = typer.Option('', help='Why, for the history and the audit log (required going live and rolling back).'),
+           reviewer: Optional[str] = typer.Option(None, '--reviewer', help='Who signs the change off (required going live); default CDE_ACTOR or the OS user.')):
+    "Move a deployment through its lifecycle (draft → silent → live → retired, with pause); going live passes its gates first; audited."
     ws = Workspace.from_env()
     dep = load_deployment(deployment, ws.deployments)
+    if status in ('live', 'rollback'): return _deploy_gated(ws, dep, status, model, reason, reviewer)   # the gates and rollback (below)
     from cde_workbench.deploy import set_status
     from cde_workbench.registry import resolve_model
     from cde_workbench.store import get_engine
     engine = get_engine(ws.database_url)
     mid = None
-    if status in ('silent', 'live'):
+    if status == 'silent':
         with engine.connect() as c: mid = resolve_model(c, dep.name, model).model_id
-    st = set_status(engine, dep.name, status, mid, reason)
+    st = set_status(engine, dep.name, status, mid, reason, actor=reviewer)
     typer.echo(f'{dep.name}: {st.status} (model id {st.model_id})')
 
 def _timed_run(deployment: str, kind: str, as_of: Optional[str]):
@@ -423,6 +425,60 @@ def evaluate(file: Path = typer.Argument(..., help='Predictions file (.csv or .p
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(html, encoding='utf-8')
     typer.echo(f'report: {out}')
+
+# %% ../nbs/80_cli.ipynb #9a7e0101
+def _deploy_gated(ws: Workspace, dep, action: str, model: Optional[str], reason: str, reviewer: Optional[str]) -> None:
+    "`cde deploy NAME live` through the gates, or `cde deploy NAME rollback`."
+    from cde_workbench.registry import get_model, resolve_model
+    from cde_workbench.store import get_engine
+    if action == 'rollback':   # bad input is refused before the store is opened
+        if model is not None: raise ConfigError('cde deploy NAME rollback returns to the model served before: --model does not apply')
+        if not reason.strip(): raise ConfigError('cde deploy NAME rollback needs --reason')
+    engine = get_engine(ws.database_url)
+    if action == 'rollback':
+        from cde_workbench.deploy import rollback
+        st = rollback(engine, dep.name, reason, actor=reviewer)
+        with engine.connect() as c: rec = get_model(c, model_id=st.model_id)
+        typer.echo(f'{dep.name}: {st.status}, rolled back to {rec.name} v{rec.version} (model id {st.model_id})')
+        return
+    from cde_workbench.gates import go_live
+    mid = None
+    if model is not None:
+        with engine.connect() as c: mid = resolve_model(c, dep.name, model).model_id
+    report, st = go_live(engine, dep, reviewer, reason, mid)
+    for line in report.lines(): typer.echo(line)
+    if st is None:
+        for g in report.failing: typer.echo(f'cde: refused: {g.name}: {g.figure} (needs {g.threshold})', err=True)
+        raise typer.Exit(1)
+    typer.echo(f'{dep.name}: live on {report.model} (model id {st.model_id}), signed off by {" ".join(reviewer.split())}')
+
+audit_app = typer.Typer(help='The hash-chained audit log.', no_args_is_help=True)
+app.add_typer(audit_app, name='audit')
+
+@audit_app.command('verify')
+def audit_verify():
+    "Recompute the audit log's hash chain: rows checked and intact, or each edited, inserted or removed row (exit status 1)."
+    from cde_workbench.store import get_engine, verify_audit_chain
+    with get_engine(Workspace.from_env().database_url).connect() as c: v = verify_audit_chain(c)
+    if v.ok:
+        typer.echo(f'audit log: {v.rows} rows checked, hash chain intact'); return
+    typer.echo(f'audit log: {v.rows} rows checked, {len(v.problems)} problem{"s" * (len(v.problems) != 1)}:')
+    for p in v.problems: typer.echo(f'  {p}')
+    raise typer.Exit(1)
+
+@audit_app.command('show')
+def audit_show(limit: int = typer.Option(20, '--limit', min=1, help='Rows to show, newest first.'),
+               target: Optional[str] = typer.Option(None, '--target', help='Only rows about this target (e.g. a deployment name).')):
+    "The newest audit rows: when, who, what, to what, and the detail."
+    import sqlalchemy as sa
+    from cde_workbench.store import audit_log, get_engine
+    a = audit_log.c
+    q = sa.select(a.id, a.at, a.actor, a.action, a.target, a.detail).order_by(a.id.desc()).limit(limit)
+    if target is not None: q = q.where(a.target == target)
+    with get_engine(Workspace.from_env().database_url).connect() as c: rows = c.execute(q).all()
+    for r in rows:
+        detail = r.detail if len(r.detail) <= 160 else r.detail[:157] + '...'
+        typer.echo(f'{r.id:>6}  {_when(r.at)}  {r.actor}  {r.action}  {r.target}  {detail}')
 
 # %% ../nbs/80_cli.ipynb #0eead321
 def _usage_errors() -> tuple:
