@@ -30,11 +30,12 @@ from .config import ConfigError, PipelineError, Workspace, private_dir, private_
 from .deployment import load_deployment
 
 # %% auto #0
-__all__ = ['DEMO_DEPLOYMENT', 'DEPLOYR_DEPLOYMENTS', 'StageTimes', 'reset_demo_store', 'worker_threads', 'train_demo_tasks',
-           'WarmKernels', 'trial_weeks', 'label_run_due', 'mllp_receiver', 'DemoResult', 'run_demo']
+__all__ = ['DEMO_DEPLOYMENT', 'DEMO_REVIEWER', 'DEPLOYR_DEPLOYMENTS', 'StageTimes', 'reset_demo_store', 'worker_threads',
+           'train_demo_tasks', 'WarmKernels', 'trial_weeks', 'label_run_due', 'mllp_receiver', 'DemoResult', 'run_demo']
 
 # %% ../nbs/75_demo.ipynb #07c6b155
 DEMO_DEPLOYMENT = 'hgb_abnormal'   # the one that runs a silent trial
+DEMO_REVIEWER = 'Dr A. Reviewer (demo)'   # who signs its go-live off
 # DEPLOYR's twelve lab-abnormal tasks, trained and evaluated retrospectively by the demo
 DEPLOYR_DEPLOYMENTS = ('hct_abnormal', 'hgb_abnormal', 'plt_abnormal', 'wbc_abnormal', 'alb_abnormal', 'bun_abnormal', 'ca_abnormal',
                        'co2_abnormal', 'creat_abnormal', 'k_abnormal', 'na_abnormal', 'mg_abnormal')
@@ -353,6 +354,8 @@ class DemoResult:
     rows: list # retrospective and prospective `PerformanceRow`s of the silent deployment
     feed: dict # messages sent, acknowledgements by code, stored, duplicates, dead letters, MRN merges, processing errors
     stages: StageTimes # wall-clock and CPU seconds per stage, `total` last
+    gates: dict | None = None # the go-live gates of the silent deployment (`GateReport.as_dict()`) and whether it went live
+    audit: dict | None = None # the audit log's hash chain checked at the end: rows, problems, ok
 
     @property
     def seconds(self) -> float: return self.stages.seconds['total']
@@ -442,9 +445,20 @@ def run_demo(ws: Workspace, # the demo's workspace: the embedded SQLite store in
         times.add('silent_trial', time.perf_counter() - t0, _cpu_seconds() - c0)
         echo('5/6 report (report.ipynb by papermill, nbconvert)')
         with times.stage('report'): path = render_report(ws, dep)
+        # the board has read the report: a named reviewer takes the deployment through its go-live gates, or the gates say why not
+        from cde_workbench.gates import go_live
+        from cde_workbench.store import verify_audit_chain
+        echo(f'  going live: {dep.name} through its gates, signed off by {DEMO_REVIEWER}')
+        with times.stage('gates'): report, live = go_live(engine, dep, DEMO_REVIEWER, 'demo: silent trial reviewed in the demo report')
+        for line in report.lines()[1:]: echo(f'    {line}')
+        echo(f'  {dep.name}: live on {report.model}' if live else
+             f"  {dep.name} stays silent: refused by {', '.join(f'{g.name} ({g.figure}; needs {g.threshold})' for g in report.failing)}")
+        with engine.connect() as c: chain = verify_audit_chain(c)
+        echo(f'  audit log: {chain.rows} rows checked, ' + ('hash chain intact' if chain.ok else f"{len(chain.problems)} problems: {'; '.join(chain.problems)}"))
         echo('6/6 summary')
         with engine.connect() as c: rows = performance_rows(c, dep)
     times.seconds['total'] = round(time.perf_counter() - t_all, 2)
     times.cpu_seconds['total'] = round(_cpu_seconds() - c_all, 2)
     times.write(ws.var / 'bench' / 'demo_stages.json', patients=patients)
-    return DemoResult(path, rows, feed, times)
+    return DemoResult(path, rows, feed, times, {**report.as_dict(), 'live': live is not None},
+                      {'rows': chain.rows, 'problems': chain.problems, 'ok': chain.ok})

@@ -5,6 +5,7 @@ dropped, is found on SQLite and PostgreSQL."""
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
@@ -26,6 +27,20 @@ NAME = 'hgb_gates'
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
 VOCAB = ['dx:A', 'dx:B', 'age:60-69', 'lab:HGB:q1', 'lab:HGB:q2', 'num:K:last', 'num:K:hours_since', 'num:K:missing']
 REVIEWER = 'Dr A. Reviewer (test)'
+
+
+def run_cde(env: dict, *args: str, process: bool = False) -> subprocess.CompletedProcess:
+    "Run `cde args` with `env`'s CDE_* variables: `main()` in this process (as the installed command runs it), or the `cde` program itself."
+    if process: return subprocess.run([CDE, *args], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    from cde_workbench.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, redirect_stdout(out), redirect_stderr(err):
+        for k, v in env.items():
+            if k.startswith('CDE_'): mp.setenv(k, v)
+        mp.setattr(sys, 'argv', ['cde', *args])
+        try: main(); code = 0
+        except SystemExit as e: code = e.code
+    return subprocess.CompletedProcess(['cde', *args], code, out.getvalue(), err.getvalue())
 
 
 class Store:
@@ -70,18 +85,7 @@ class Store:
                                                                stored_time=t + timedelta(hours=2), run_id=rid, extracted_at=t))
         return rec.model_id
 
-    def cde(self, *args: str, process: bool = False) -> subprocess.CompletedProcess:
-        "Run `cde args` against this store: `main()` in this process (as the installed command runs it), or the `cde` program itself."
-        if process: return subprocess.run([CDE, *args], capture_output=True, text=True, env=self.env, timeout=300, cwd=ROOT)
-        from cde_workbench.cli import main
-        out, err = io.StringIO(), io.StringIO()
-        with pytest.MonkeyPatch.context() as mp, redirect_stdout(out), redirect_stderr(err):
-            for k, v in self.env.items():
-                if k.startswith('CDE_'): mp.setenv(k, v)
-            mp.setattr(sys, 'argv', ['cde', *args])
-            try: main(); code = 0
-            except SystemExit as e: code = e.code
-        return subprocess.CompletedProcess(['cde', *args], code, out.getvalue(), err.getvalue())
+    def cde(self, *args: str, process: bool = False) -> subprocess.CompletedProcess: return run_cde(self.env, *args, process=process)
 
     def state(self):
         with self.engine.connect() as c: return deployment_state(c, NAME)
@@ -244,3 +248,53 @@ def test_audit_verify_finds_an_edit_and_a_deletion(store_url, tmp_path):
         assert r.returncode == 0 and 'model.alias' in r.stdout and len(r.stdout.splitlines()) == 1, r.stdout
     finally:
         dispose_engines()
+
+
+def test_the_gates_of_a_trained_model_after_its_silent_trial(silent_store, monkeypatch):
+    "On the small trained store: the figures come from the model's recorded test-year figures and its real silent packets and labels."
+    from cde_workbench.gates import evaluate_gates
+    from cde_workbench.labels import extract_labels
+    from cde_workbench.monitor import label_status
+    from cde_workbench.registry import test_predictions
+    from cde_workbench.schedule import run_ledger
+    from cde_workbench.serve import score_pending
+    engine, dep, rec = silent_store
+    for kind, fn, when in (('score', score_pending, datetime(2024, 4, 1, tzinfo=timezone.utc)), ('labels', extract_labels, datetime(2024, 3, 15, tzinfo=timezone.utc))):
+        with run_ledger(engine, dep.name, kind, {'as_of': when.isoformat()}) as run_id: fn(engine, dep, when, run_id)
+    dp, t = rec.metrics['data_pipe'], test_predictions(rec)
+    assert dp['rows'] == t.height and dp['mean_n_features'] == pytest.approx(t['n_features'].mean()) and 0 <= dp['no_lab_share'] < 1
+    with engine.connect() as c:
+        rep = evaluate_gates(c, dep, rec.model_id, REVIEWER, 'silent trial reviewed')
+        st = label_status(c, dep)
+        nf, with_features = c.execute(sa.select(sa.func.avg(inferences.c.n_features), sa.func.count(inferences.c.features))
+                                      .where(inferences.c.deployment == dep.name, inferences.c.prediction_time <= rep.as_of)).one()
+    g = {x.name: x for x in rep.gates}
+    assert g['labelled'].value == (st['label_state'] == 'labelled').sum() > 0
+    assert g['sparsity'].value == pytest.approx(abs(float(nf) - dp['mean_n_features']) / dp['mean_n_features'])
+    if with_features: assert g['missingness'].value is not None and 'record their features' in g['missingness'].note
+    else: assert (g['missingness'].figure, g['missingness'].passed) == ('no silent packet recorded its features', False)
+    assert g['reviewer'].passed
+    # the command line says the same and acts on it
+    r = run_cde(dict(os.environ), 'deploy', dep.name, 'live', '--reviewer', REVIEWER, '--reason', 'silent trial reviewed')
+    assert r.returncode == (0 if rep.passed else 1) and r.stdout.splitlines()[1:7] == [x.line() for x in rep.gates], r.stdout
+    with engine.connect() as c: assert deployment_state(c, dep.name).status == ('live' if rep.passed else 'silent')
+
+
+def test_the_demo_takes_its_deployment_through_the_gates_and_its_audit_chain_verifies(demo):
+    from cde_workbench.demo import DEMO_REVIEWER
+    from cde_workbench.gates import GATE_NAMES
+    out = demo['out']
+    assert f'going live: hgb_abnormal through its gates, signed off by {DEMO_REVIEWER}' in out, out[-3000:]
+    gates = re.findall(r'^    (pass|FAIL)  (\w+) ', out, re.M)
+    assert [g for _, g in gates] == list(GATE_NAMES), out[-3000:]
+    with demo['engine'].connect() as c:
+        status = c.execute(sa.text("select status from deployments where name = 'hgb_abnormal'")).scalar()
+        last = c.execute(sa.text("select status, actor from deployment_history where name = 'hgb_abnormal' order by id desc limit 1")).one()
+    if all(v == 'pass' for v, _ in gates):
+        assert re.search(r'hgb_abnormal: live on hgb_abnormal v\d+', out) and status == 'live' and tuple(last) == ('live', DEMO_REVIEWER)
+    else:
+        refused = re.search(r'hgb_abnormal stays silent: refused by (.*)', out).group(1)
+        assert status == 'silent' and all(f'{g} (' in refused for v, g in gates if v == 'FAIL'), refused
+    assert re.search(r'audit log: \d+ rows checked, hash chain intact', out), out[-3000:]
+    r = subprocess.run([CDE, 'audit', 'verify'], capture_output=True, text=True, env=demo['env'], timeout=120, cwd=ROOT)
+    assert r.returncode == 0 and 'hash chain intact' in r.stdout, (r.stdout, r.stderr)
