@@ -258,21 +258,33 @@ def test_the_gates_of_a_trained_model_after_its_silent_trial(silent_store, monke
     from cde_workbench.registry import test_predictions
     from cde_workbench.schedule import run_ledger
     from cde_workbench.serve import score_pending
+    from cde_workbench.serve import score_point, serving_model
+    from cde_workbench.tasks import task_points
     engine, dep, rec = silent_store
-    for kind, fn, when in (('score', score_pending, datetime(2024, 4, 1, tzinfo=timezone.utc)), ('labels', extract_labels, datetime(2024, 3, 15, tzinfo=timezone.utc))):
+    scored_to, labelled_to = datetime(2024, 4, 1, tzinfo=timezone.utc), datetime(2024, 3, 15, tzinfo=timezone.utc)
+    with engine.connect() as c: pts = task_points(c, dep.task, start=datetime(2024, 1, 1, tzinfo=timezone.utc), as_of=scored_to)
+    with run_ledger(engine, dep.name, 'trigger', {}) as run_id:   # the first orders by the live path (features stored), the rest by the catch-up run
+        model = serving_model(engine, dep)
+        for r in pts.head(40).iter_rows(named=True):
+            score_point(engine, dep, patient_key=r['patient_key'], when=r['prediction_time'], order_id=r['order_id'], trigger='order', run_id=run_id, model=model)
+    for kind, fn, when in (('score', score_pending, scored_to), ('labels', extract_labels, labelled_to)):
         with run_ledger(engine, dep.name, kind, {'as_of': when.isoformat()}) as run_id: fn(engine, dep, when, run_id)
     dp, t = rec.metrics['data_pipe'], test_predictions(rec)
     assert dp['rows'] == t.height and dp['mean_n_features'] == pytest.approx(t['n_features'].mean()) and 0 <= dp['no_lab_share'] < 1
     with engine.connect() as c:
         rep = evaluate_gates(c, dep, rec.model_id, REVIEWER, 'silent trial reviewed')
         st = label_status(c, dep)
-        nf, with_features = c.execute(sa.select(sa.func.avg(inferences.c.n_features), sa.func.count(inferences.c.features))
-                                      .where(inferences.c.deployment == dep.name, inferences.c.prediction_time <= rep.as_of)).one()
+        i = inferences.c
+        nf = c.execute(sa.select(sa.func.avg(i.n_features)).where(i.deployment == dep.name, i.prediction_time <= rep.as_of)).scalar()
+        feats = [json.loads(f) for (f,) in c.execute(sa.select(i.features).where(i.deployment == dep.name, i.prediction_time <= rep.as_of,
+                                                                                 i.features.is_not(None)))]
     g = {x.name: x for x in rep.gates}
     assert g['labelled'].value == (st['label_state'] == 'labelled').sum() > 0
     assert g['sparsity'].value == pytest.approx(abs(float(nf) - dp['mean_n_features']) / dp['mean_n_features'])
-    if with_features: assert g['missingness'].value is not None and 'record their features' in g['missingness'].note
-    else: assert (g['missingness'].figure, g['missingness'].passed) == ('no silent packet recorded its features', False)
+    assert 0 < len(feats) <= 40 and all(f for f in feats)   # the live path stored each packet's features by name
+    no_lab = np.mean([not any(k.startswith('lab:') or (k.startswith('num:') and not k.endswith(':missing')) for k in f) for f in feats])
+    assert g['missingness'].value == pytest.approx(abs(no_lab - dp['no_lab_share']))
+    assert g["missingness"].note == f"{len(feats)} of {st.height} silent packets record their features", g["missingness"].note
     assert g['reviewer'].passed
     # the command line says the same and acts on it
     r = run_cde(dict(os.environ), 'deploy', dep.name, 'live', '--reviewer', REVIEWER, '--reason', 'silent trial reviewed')
