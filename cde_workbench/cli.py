@@ -476,9 +476,11 @@ def audit_show(limit: int = typer.Option(20, '--limit', min=1, help='Rows to sho
     q = sa.select(a.id, a.at, a.actor, a.action, a.target, a.detail).order_by(a.id.desc()).limit(limit)
     if target is not None: q = q.where(a.target == target)
     with get_engine(Workspace.from_env().database_url).connect() as c: rows = c.execute(q).all()
+    import unicodedata
+    clean = lambda s: ''.join(' ' if unicodedata.category(ch)[0] == 'C' else ch for ch in s)   # nothing from the store drives the terminal
     for r in rows:
         detail = r.detail if len(r.detail) <= 160 else r.detail[:157] + '...'
-        typer.echo(f'{r.id:>6}  {_when(r.at)}  {r.actor}  {r.action}  {r.target}  {detail}')
+        typer.echo(clean(f'{r.id:>6}  {_when(r.at)}  {r.actor}  {r.action}  {r.target}  {detail}'))
 
 # %% ../nbs/80_cli.ipynb #0eead321
 def _usage_errors() -> tuple:

@@ -59,6 +59,7 @@ def _actor(actor: str | None) -> str:
     who = ' '.join((actor if actor is not None else (os.environ.get('CDE_ACTOR') or os.environ.get('USER') or 'unknown')).split())
     if not who: raise ConfigError('the actor (reviewer) of a lifecycle change must be named: got an empty name')
     if len(who) > 64: raise ConfigError(f'the actor (reviewer) name must be at most 64 characters, got {len(who)}')
+    if not who.isprintable(): raise ConfigError('the actor (reviewer) name contains control characters')
     return who
 
 def _change(conn: Connection, name: str, status: str, model_id: int | None, reason: str, actor: str | None, gates: dict | None,

@@ -159,6 +159,7 @@ def _reviewer_gate(reviewer: str | None, reason: str | None) -> Gate:
     who, why = ' '.join((reviewer or '').split()), ' '.join((reason or '').split())
     lacking = [w for w, v in (('reviewer', who), ('reason', why)) if not v]
     if len(who) > 64: return Gate('reviewer', f'reviewer name of {len(who)} characters', 'a named reviewer (at most 64 characters) and a reason', False)
+    if not (who + why).isprintable(): return Gate('reviewer', 'control characters in the reviewer or the reason', 'a named reviewer and a reason, printable', False)
     fig = f'no {" and no ".join(lacking)} given' if lacking else f'{who}: "{why}"'
     return Gate('reviewer', fig, 'a named reviewer and a reason', not lacking)
 
