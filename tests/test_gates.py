@@ -226,7 +226,14 @@ def test_audit_verify_finds_an_edit_and_a_deletion(store_url, tmp_path):
         assert (r.returncode, r.stdout.strip()) == (0, 'audit log: 4 rows checked, hash chain intact'), (r.stdout, r.stderr)
         with pytest.raises(sa.exc.DatabaseError):   # the triggers refuse an edit
             with store.engine.begin() as c: c.execute(sa.text('UPDATE audit_log SET actor = :a WHERE id = :i'), {'a': 'x', 'i': rows[2].id})
+        with store.engine.begin() as c:   # a row appended by hand, not through audit(): outside the chain
+            c.execute(audit_log.insert().values(at=T0, actor='intruder', action='deployment.status', target=NAME, detail='{"to": "live"}'))
+        r = store.cde('audit', 'verify')
+        assert r.returncode == 1 and 'row 5 (deployment.status hgb_gates): its contents do not match its hash (edited)' in r.stdout, r.stdout
+        assert 'the chain ends at row 5, but its recorded end is row 4' in r.stdout, r.stdout
         _drop_triggers(store.engine)
+        with store.engine.begin() as c: c.execute(sa.text('DELETE FROM audit_log WHERE id = 5'))
+        assert store.cde('audit', 'verify').returncode == 0
         alias = rows[2]
         with store.engine.begin() as c:
             c.execute(sa.text('UPDATE audit_log SET detail = :d WHERE id = :i'), {'d': alias.detail.replace('reviewed', 'rubber-stamped'), 'i': alias.id})
