@@ -155,7 +155,7 @@ def send_due(engine: Engine, # the store
             if code not in ('AA', 'CA'): error = f'{code}: {text or "negative acknowledgement"}'
         except WritebackError as e: error = str(e)
         last = r.attempts + 1 >= spec.retries
-        values = dict(ack_code=code, last_error=error)
+        values = dict(ack_code=code, **({'last_error': error} if error else {}))   # a sent row keeps the error of the attempt before
         if error is None: values.update(status='sent', sent_at=utcnow()); out.sent += 1
         elif last: values.update(status='failed'); out.failed += 1
         else: out.retried += 1
