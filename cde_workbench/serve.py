@@ -5,25 +5,29 @@
 # %% ../nbs/41_serve.ipynb #827b570b
 from __future__ import annotations
 
+import hashlib
+import json
+import time
 from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
 import polars as pl
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from .config import ConfigError, PipelineError, utcnow
 from .deployment import Deployment
 from .deploy import SCORING_STATES, deployment_state, effective_mode
-from .feature_store import point_in_time_check
+from .feature_store import online_vector, point_in_time_check
 from .features import load_feature_data
-from .registry import display_threshold, get_model, load_bundle
-from .store import inferences, insert_ignore
+from .registry import ModelRecord, display_threshold, get_model, load_bundle
+from .store import allocations, deployments, inferences, insert_ignore, insert_ignoring, location_visits, models, patient_links, patients
 from .tasks import task_points
 
 # %% auto #0
-__all__ = ['ScoringSummary', 'score_pending']
+__all__ = ['ScoringSummary', 'score_pending', 'allocation_arm', 'allocate', 'Decision', 'decide', 'ServingModel', 'serving_model',
+           'Packet', 'place_at', 'score_point']
 
 # %% ../nbs/41_serve.ipynb #77302864
 @dataclass
@@ -75,3 +79,211 @@ def score_pending(engine: Engine, # the store
             for o, p, t, s, n in zip(pts['order_id'], pts['patient_key'], pts['prediction_time'], score, np.diff(X.indptr))]
     with engine.begin() as conn: insert_ignore(conn, inferences, rows)
     return ScoringSummary(len(pts), len(rows), rec.model_id, checked)
+
+# %% ../nbs/41_serve.ipynb #a1f0e011
+def _block_size(p: float) -> int:
+    "The smallest block (8–100) in which probability `p` is a whole number of shown slots; 0 when none is (then each unit is drawn alone)."
+    return next((b for b in range(8, 101) if abs(p * b - round(p * b)) < 1e-9), 0)   # ≥ 8: a block's last arms are hard to guess
+
+def _uniform(*parts) -> float:
+    "A uniform number in [0, 1) from sha256 of the parts: the same parts, the same number, and unpredictable without them."
+    return int.from_bytes(hashlib.sha256('\x1f'.join(map(str, parts)).encode()).digest()[:8], 'big') / 2**64
+
+def allocation_arm(dep: Deployment, # a randomised deployment
+                   stratum: str, # e.g. 'ward=MED1'
+                   sequence: int, # the unit's position in its stratum's allocation sequence (0, 1, ...)
+                  ) -> str:
+    """The arm at `sequence` in the stratum's concealed sequence: permuted blocks (each block holds exactly its share of
+    shown slots, so arms stay balanced within every stratum), seeded by the deployment's name and [randomisation] seed."""
+    r = dep.randomisation
+    b = _block_size(r.probability)
+    if b == 0: return 'shown' if _uniform(dep.name, r.seed, stratum, sequence) < r.probability else 'hidden'
+    block, pos = divmod(sequence, b)
+    order = sorted(range(b), key=lambda i: _uniform(dep.name, r.seed, stratum, block, i))   # a seeded permutation of the block
+    return 'shown' if order.index(pos) < round(r.probability * b) else 'hidden'
+
+def allocate(conn: Connection, # an open transaction
+             dep: Deployment, # a randomised deployment
+             unit_id: str, # the patient key or encounter id whose arm stays stable
+             stratum: str, # the unit's stratum when first allocated
+            ) -> tuple[str, float]:
+    "The unit's arm and its probability: the stored one if it was allocated before, else the next in its stratum's sequence."
+    a = allocations.c
+    got = conn.execute(sa.select(a.arm, a.probability).where(a.deployment == dep.name, a.unit_id == unit_id)).first()
+    if got: return got.arm, got.probability
+    # serialise allocations of this deployment: the sequence position must not be taken twice
+    lock = sa.select(deployments.c.name).where(deployments.c.name == dep.name)
+    if conn.dialect.name == 'postgresql': conn.execute(lock.with_for_update())
+    else: conn.execute(deployments.update().where(deployments.c.name == dep.name).values(updated_at=deployments.c.updated_at))
+    got = conn.execute(sa.select(a.arm, a.probability).where(a.deployment == dep.name, a.unit_id == unit_id)).first()
+    if got: return got.arm, got.probability
+    seq = conn.execute(sa.select(sa.func.count()).select_from(allocations).where(a.deployment == dep.name, a.stratum == stratum)).scalar()
+    arm = allocation_arm(dep, stratum, seq)
+    conn.execute(allocations.insert().values(deployment=dep.name, unit_id=unit_id, stratum=stratum, arm=arm,
+                                             probability=dep.randomisation.probability, sequence=seq, allocated_at=utcnow()))
+    return arm, dep.randomisation.probability
+
+@dataclass(frozen=True)
+class Decision:
+    "What the mode in force made of a score."
+    decision: bool               # score at or above the threshold
+    shown: bool                  # shown to a clinician
+    arm: str | None              # randomised mode: the unit's arm (shown or hidden)
+    probability: float           # the probability that this score was shown, given what was known when it was made
+
+def decide(conn: Connection, # an open transaction (randomised mode allocates)
+           dep: Deployment, # the deployment
+           mode: str, # the effective mode (`deploy.effective_mode`)
+           score: float, # the model's score
+           threshold: float, # the display threshold in force
+           unit_id: str | None = None, # randomised: the patient key or encounter id ([randomisation] unit)
+           stratum: str = '', # randomised: e.g. 'ward=MED1'
+          ) -> Decision:
+    "The decision, display, arm and display probability under `mode`; randomised display needs the unit."
+    flag = bool(score >= threshold)
+    if mode == 'silent': return Decision(flag, False, None, 0.0)
+    if mode == 'live': return Decision(flag, True, None, 1.0)
+    if mode == 'threshold': return Decision(flag, flag, None, 1.0 if flag else 0.0)
+    if mode != 'randomised': raise ConfigError(f"deployment {dep.name!r}: unknown mode {mode!r}")
+    if not unit_id: raise PipelineError(f"deployment {dep.name!r} randomises by {dep.randomisation.unit}, but none was known for this score")
+    arm, p = allocate(conn, dep, unit_id, stratum)
+    # a flagged score is shown in the shown arm: the nudge reaches a random share of flagged patients
+    return Decision(flag, flag and arm == 'shown', arm, p if flag else 0.0)
+
+# %% ../nbs/41_serve.ipynb #a1f0e013
+@dataclass
+class ServingModel:
+    "A deployment's served model, loaded once: its record, featurizer, scorer, display threshold and feature names."
+    record: ModelRecord
+    featurizer: object
+    scorer: object            # has predict_proba(X); the bundle's estimator unless a compiled scorer is given
+    threshold: float
+    feature_names: list[str]
+
+_SERVING: dict[tuple, ServingModel] = {}
+
+def serving_model(engine: Engine, # the store
+                  dep: Deployment, # the deployment
+                  model_id: int | None = None, # the model to load (default: the one the deployment serves now)
+                  scorer_factory=None, # record, bundle -> scorer (e.g. a compiled one); default the bundle's estimator
+                 ) -> ServingModel:
+    "The deployment's served model, cached per (store, deployment, model, scorer factory) and checked against its sha256 once."
+    if model_id is None:
+        with engine.connect() as conn: model_id = deployment_state(conn, dep.name).model_id
+    if model_id is None: raise ConfigError(f"deployment {dep.name!r} serves no model; train it and register it (cde deploy)")
+    key = (engine.url.render_as_string(hide_password=True), dep.name, model_id, scorer_factory)
+    if key not in _SERVING:
+        with engine.connect() as conn: rec = get_model(conn, model_id=model_id)
+        bundle = load_bundle(rec)
+        if bundle.get('component') != dep.task.component:
+            raise PipelineError(f"model {rec.name} v{rec.version} predicts {bundle.get('component')}, deployment wants {dep.task.component}")
+        fz = bundle['featurizer']
+        scorer = scorer_factory(rec, bundle) if scorer_factory else bundle['estimator']
+        _SERVING[key] = ServingModel(rec, fz, scorer, display_threshold(dep, rec).value, [str(n) for n in fz.get_feature_names_out()])
+    return _SERVING[key]
+
+@dataclass
+class Packet:
+    "One stored score and what was decided, as the caller is answered."
+    inference_id: int
+    deployment: str
+    order_id: str             # the scored point: an order id, or a clock or hook point's id
+    patient_key: str
+    encounter_id: str | None
+    prediction_time: datetime
+    score: float
+    threshold: float
+    decision: bool | None
+    shown: bool | None
+    arm: str | None
+    probability: float | None
+    output_mode: str
+    model_id: int
+    model_version: int
+    model_sha256: str | None
+    trigger: str
+    request_id: str | None
+    latency_ms: float | None
+    features: dict            # name -> value of the non-zero features used
+    created: bool = True      # False: an earlier packet for this request or point was returned
+
+_PACKET_COLS = ('inference_id', 'deployment', 'order_id', 'patient_key', 'encounter_id', 'prediction_time', 'score', 'threshold', 'decision',
+                'shown', 'arm', 'probability', 'output_mode', 'model_id', 'model_sha256', 'trigger', 'request_id', 'latency_ms', 'features')
+
+def _stored_packet(conn: Connection, deployment: str, order_id: str | None = None, request_id: str | None = None) -> Packet | None:
+    "The packet already stored for this request id (first) or point, if any."
+    c = inferences.c
+    for col, v in ((c.request_id, request_id), (c.order_id, order_id)):
+        if v is None: continue
+        r = conn.execute(sa.select(*(c[k] for k in _PACKET_COLS), models.c.version).join(models, models.c.model_id == c.model_id)
+                         .where(c.deployment == deployment, col == v)).first()
+        if r is not None:
+            d = dict(r._mapping)
+            return Packet(**{k: d[k] for k in _PACKET_COLS if k != 'features'}, model_version=d['version'],
+                          features=json.loads(d['features'] or '{}'), created=False)
+    return None
+
+def place_at(conn: Connection, # open connection to the store
+             patient_key: str, # the patient
+             when: datetime, # the time
+            ) -> tuple[str | None, str | None]:
+    "The patient's (encounter id, ward) at `when`, as stored by then; (None, None) when not in hospital."
+    v = location_visits.c
+    r = conn.execute(sa.select(v.encounter_id, v.ward).where(v.patient_key == patient_key, v.event_time <= when, v.stored_time <= when,
+                                                            sa.or_(v.end_time.is_(None), v.end_time > when))
+                     .order_by(v.event_time.desc()).limit(1)).first()
+    return (r.encounter_id, r.ward) if r else (None, None)
+
+def score_point(engine: Engine, # the store
+                dep: Deployment, # the deployment
+                *,
+                patient_key: str, # the patient (a surrogate key of the store)
+                when: datetime, # the prediction time: only facts stored by then are features
+                order_id: str, # the point's id: the order, or a clock or hook point (see the module notes)
+                trigger: str, # what asked: order, hook, api, schedule
+                run_id: str, # the run ledger entry of the process scoring (the service, the worker, a clock run)
+                encounter_id: str | None = None, # the encounter, when the caller knows it
+                ward: str | None = None, # the ward, when the caller knows it (else looked up as of `when`)
+                request_id: str | None = None, # the caller's request id or hookInstance: a retry returns the same packet
+                model: ServingModel | None = None, # the served model (default: `serving_model(engine, dep)`)
+                received: float | None = None, # `time.perf_counter()` when the request arrived (for latency)
+               ) -> Packet:
+    "Score one point now: features as known at `when`, the model's score, the mode's decision; stored once, or the stored packet returned."
+    t0 = received if received is not None else time.perf_counter()
+    with engine.connect() as conn:
+        if (p := _stored_packet(conn, dep.name, order_id, request_id)) is not None: return p
+        state = deployment_state(conn, dep.name)
+        if state.status not in SCORING_STATES:
+            raise ConfigError(f"deployment {dep.name!r} is {state.status or 'not registered'}; only silent or live deployments are scored")
+        if conn.execute(sa.select(patients.c.patient_key).where(patients.c.patient_key == patient_key)).first() is None \
+           and conn.execute(sa.select(patient_links.c.patient_key).where(patient_links.c.patient_key == patient_key)).first() is None:
+            raise ConfigError(f"patient {patient_key!r} is not in the store")
+        if model is None or model.record.model_id != state.model_id: model = serving_model(engine, dep, state.model_id)
+        own = order_id if dep.task.kind == 'lab_abnormal' else None   # the scored order's own results are never its features
+        x = online_vector(conn, model.featurizer, patient_key, when, own)
+        if encounter_id is None or ward is None:
+            enc, w = place_at(conn, patient_key, when)
+            encounter_id, ward = encounter_id or enc, ward or w
+    score = float(model.scorer.predict_proba(x)[0, 1])
+    mode = effective_mode(state.status, dep)
+    feats = {model.feature_names[i]: float(v) for i, v in zip(x.indices, x.data)}
+    with engine.begin() as conn:
+        r = dep.randomisation
+        unit = (patient_key if r.unit == 'patient' else encounter_id) if r else None
+        stratum = ','.join(f"{s}={ward if s == 'ward' else _sex(conn, patient_key)}" for s in r.strata) if r else ''
+        d = decide(conn, dep, mode, score, model.threshold, unit, stratum)
+        row = dict(deployment=dep.name, model_id=model.record.model_id, order_id=order_id, patient_key=patient_key, prediction_time=when,
+                   score=score, threshold=model.threshold, output_mode=mode, n_features=len(feats), run_id=run_id, scored_at=utcnow(),
+                   trigger=trigger, request_id=request_id, encounter_id=encounter_id, decision=d.decision, shown=d.shown, arm=d.arm,
+                   probability=d.probability, model_sha256=model.record.sha256, features=json.dumps(feats, sort_keys=True),
+                   latency_ms=(time.perf_counter() - t0) * 1000)
+        new = conn.execute(insert_ignoring(conn, inferences).values(**row).returning(inferences.c.inference_id)).first()
+        if new is None:   # another path stored this point (or request) first: answer with its packet
+            got = _stored_packet(conn, dep.name, order_id, request_id)
+            if got is None: raise PipelineError(f"deployment {dep.name!r}: packet for {order_id!r} neither stored nor found")
+            return got
+    return Packet(new[0], dep.name, order_id, patient_key, encounter_id, when, score, model.threshold, d.decision, d.shown, d.arm, d.probability,
+                  mode, model.record.model_id, model.record.version, model.record.sha256, trigger, request_id, row['latency_ms'], feats)
+
+def _sex(conn: Connection, patient_key: str) -> str:
+    return conn.execute(sa.select(patients.c.sex).where(patients.c.patient_key == patient_key)).scalar() or 'unknown'

@@ -34,8 +34,8 @@ __all__ = ['metadata', 'T', 'patients', 'patient_identity', 'adt_events', 'diagn
            'score_queue', 'outbound_messages', 'token_uses', 'allocations', 'run_locks', 'schedule_state',
            'deployment_history', 'inference_labels', 'audit_log', 'audit_head', 'AUDIT_GENESIS', 'UTCDateTime',
            'migrations_dir', 'redact_url', 'get_engine', 'upgrade', 'engine_variant', 'dispose_engines',
-           'audit_row_hash', 'audit', 'AuditVerification', 'verify_audit_chain', 'read_frame', 'insert_ignore',
-           'bulk_insert', 'insert_frame']
+           'audit_row_hash', 'audit', 'AuditVerification', 'verify_audit_chain', 'read_frame', 'insert_ignoring',
+           'insert_ignore', 'bulk_insert', 'insert_frame']
 
 # %% ../nbs/01_store.ipynb #60a7e206
 class UTCDateTime(sa.types.TypeDecorator):
@@ -567,12 +567,15 @@ def read_frame(conn: Connection, stmt, # a SQLAlchemy selectable
     data = {c: [r[i] for r in rows] for i, c in enumerate(cols)}
     return pl.DataFrame(data, schema_overrides=schema, strict=False)
 
+def insert_ignoring(conn: Connection, table: sa.Table):
+    "An INSERT statement that skips a row breaking a unique key, on SQLite and PostgreSQL (add `.returning(...)` to learn which went in)."
+    ins = sa.dialects.postgresql.insert if conn.dialect.name == 'postgresql' else sa.dialects.sqlite.insert
+    return ins(table).on_conflict_do_nothing()
+
 def insert_ignore(conn: Connection, table: sa.Table, rows: list[dict]) -> int:
     "Insert rows, skipping any that would violate a unique key (SQLite and PostgreSQL); returns rows offered."
     if not rows: return 0
-    if conn.dialect.name == 'postgresql': from sqlalchemy.dialects.postgresql import insert
-    else: from sqlalchemy.dialects.sqlite import insert
-    conn.execute(insert(table).on_conflict_do_nothing(), rows)
+    conn.execute(insert_ignoring(conn, table), rows)
     return len(rows)
 
 def _driver_value(dialect: str, col: sa.Column):

@@ -96,3 +96,34 @@ def test_deployments_that_must_not_be_scored_are_refused(silent_store):
     with pytest.raises(ConfigError, match=r"deployment 'other' is not registered"):
         score_pending(engine, replace(dep, name='other'), AS_OF, 'run-x')
     assert q(engine, 'select count(*) from inferences')[0][0] == 0   # nothing written by a refused run
+
+
+def test_a_point_scored_live_is_the_packet_the_catch_up_run_would_have_written_and_is_not_scored_again(silent_store):
+    "`score_point` (the live paths) and `score_pending` (the catch-up run) agree on every score, and neither scores an order twice."
+    from cde_workbench.serve import score_point, serving_model
+    import polars as pl
+    from cde_workbench.tasks import task_points
+    engine, dep, rec = silent_store
+    with engine.connect() as c:
+        pts = task_points(c, dep.task, start=SINCE, as_of=AS_OF)
+    live = pts.head(12)
+    with run_ledger(engine, dep.name, 'trigger', {}) as run:
+        model = serving_model(engine, dep)
+        packets = [score_point(engine, dep, patient_key=r['patient_key'], when=r['prediction_time'], order_id=r['order_id'], trigger='order',
+                               run_id=run, model=model) for r in live.iter_rows(named=True)]
+    assert all(p.created and p.trigger == 'order' and p.output_mode == 'silent' and not p.shown for p in packets)
+    assert all(p.latency_ms > 0 and p.model_sha256 == rec.sha256 for p in packets)
+    s, batch_run = score(engine, dep, AS_OF)
+    assert s.scored == due(engine, AS_OF) - len(live)            # the catch-up run left the live packets alone
+    assert q(engine, 'select count(*), count(distinct order_id) from inferences')[0] == (due(engine, AS_OF),) * 2
+    # the same orders through the batch path's transform (the facts stored by the run's clock; each row keeps what was known at its time)
+    from cde_workbench.features import load_feature_data
+    from cde_workbench.registry import load_bundle
+    bundle = load_bundle(rec)
+    with engine.connect() as c:
+        X = bundle['featurizer'].transform(live, load_feature_data(c, live['patient_key'].unique().to_list(), as_of=AS_OF))
+    np.testing.assert_allclose([p.score for p in packets], bundle['estimator'].predict_proba(X)[:, 1], rtol=0, atol=1e-12)
+    assert [p.features and len(p.features) for p in packets] == np.diff(X.indptr).tolist()
+    again = score_point(engine, dep, patient_key=live['patient_key'][0], when=live['prediction_time'][0], order_id=live['order_id'][0],
+                        trigger='hook', run_id=run, request_id='hook-1')
+    assert (again.created, again.inference_id, again.trigger) == (False, packets[0].inference_id, 'order')
