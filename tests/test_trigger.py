@@ -11,13 +11,21 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import sqlalchemy as sa
 
+from cde_workbench.deploy import set_status
 from cde_workbench.deployment import WritebackSpec, load_deployment
+from cde_workbench.events import process_pending
 from cde_workbench.hl7 import parse_message
-from cde_workbench.mllp import MLLPReceiver
-from cde_workbench.store import dispose_engines, get_engine, inferences, models, outbound_messages, runs
-from cde_workbench.writeback import queue_writebacks, send_due
+from cde_workbench.mllp import MLLPReceiver, ReplayClock, send_messages
+from cde_workbench.registry import get_model
+from cde_workbench.schedule import run_ledger
+from cde_workbench.serve import score_pending
+from cde_workbench.store import (dispose_engines, get_engine, ids_messages, inferences, lab_order_events, models, outbound_messages, runs,
+                                 score_queue)
+from cde_workbench.synth import HospitalConfig, generate, hl7_feed
+from cde_workbench.trigger import TriggerWorker, enqueue_new_orders, score_queued
+from cde_workbench.writeback import queue_writebacks, send_due, write_back
 
-from conftest import ROOT, free_port
+from conftest import ROOT, deliver_feed, env_deployment, env_engine, env_key, free_port
 
 
 @contextmanager
@@ -114,3 +122,119 @@ def test_writeback_negative_ack_is_a_failure_retried_then_failed(stores):
     assert all(r.last_error.startswith('AE: not stored, please resend') and r.sent_at is None for r in rows)
     assert took >= 0.1 + 0.2   # waited 0.1 s, then 0.2 s
     assert rx.stats.acks.get('AE') == 6
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the order trigger on the small trained store
+
+CUT = datetime(2024, 2, 5, tzinfo=timezone.utc)
+
+
+def small_feed():
+    return hl7_feed(generate(HospitalConfig(n_patients=200, seed=5)))
+
+
+def is_cbc_order(m):
+    p = parse_message(m)
+    return p.message_type.startswith('ORM') and p.field('OBR', 4) == 'CBC' and p.field('ORC', 1) in ('NW', '')
+
+
+def wait_for(cond, timeout, every=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond(): return True
+        time.sleep(every)
+    return cond()
+
+
+def queue_rows(engine):
+    with engine.connect() as c: return c.execute(sa.select(score_queue).order_by(score_queue.c.id)).all()
+
+
+def packets(engine):
+    with engine.connect() as c: return c.execute(sa.select(inferences).order_by(inferences.c.inference_id)).all()
+
+
+def silent(engine, dep):
+    with engine.connect() as c: rec = get_model(c, dep.name)
+    set_status(engine, dep.name, 'silent', rec.model_id, 'test: silent trial')
+    return rec
+
+
+def test_orders_fed_over_mllp_are_scored_within_seconds_and_the_catch_up_run_scores_none_again(small_store):
+    engine, dep, key = env_engine(), env_deployment(), env_key()
+    silent(engine, dep)
+    feed = small_feed()
+    first = [m for t, m in feed if t < CUT]
+    later = next(m for t, m in feed if t >= CUT + timedelta(days=1) and is_cbc_order(m))
+    worker = TriggerWorker(engine, [dep], poll=0.5)
+    def after():   # as `cde ingest mllp` wires it: the processor, then the worker woken to enqueue and score
+        process_pending(engine, 200, key=key); worker.wake()
+    with worker, receiver(engine, clock=ReplayClock(), after_commit=after, after_commit_every=0.05) as (port, rx):
+        res = asyncio.run(send_messages(first, port=port, window=32, timeout=60))
+        assert set(res.acks.values()) <= {'AA'} and len(res.acks) == len(first)
+        assert wait_for(lambda: (q := queue_rows(engine)) and all(r.status in ('scored', 'skipped', 'failed') for r in q), 120), queue_rows(engine)[:3]
+        n_first = len(packets(engine))
+        # one new CBC order: its packet is there within seconds of its ACK
+        oid = parse_message(later).field('ORC', 2) or parse_message(later).field('OBR', 2)
+        t0 = time.monotonic()
+        assert asyncio.run(send_messages([later], port=port)).acks == {0: 'AA'}
+        assert wait_for(lambda: any(p.order_id == oid for p in packets(engine)), 10), f'order {oid} not scored within 10 s'
+        latency = time.monotonic() - t0
+    assert latency < 5, latency
+    q, ps = queue_rows(engine), packets(engine)
+    assert worker.last_error is None and not [r for r in q if r.status == 'failed'], [(r.order_id, r.error) for r in q if r.status == 'failed'][:3]
+    assert n_first >= 5 and len(ps) == n_first + 1
+    assert {p.trigger for p in ps} == {'order'} and all(p.output_mode == 'silent' and p.shown is False for p in ps)
+    scored = {r.order_id: r.inference_id for r in q if r.status == 'scored'}
+    assert scored == {p.order_id: p.inference_id for p in ps}
+    assert all(r.error in ('excluded by the task', 'order cancelled') for r in q if r.status == 'skipped')
+    # each packet is its order's, scored as of the order time
+    with engine.connect() as c:
+        e = lab_order_events.c
+        times = dict(c.execute(sa.select(e.order_id, e.event_time).where(e.control == 'NW')).all())
+    assert all(p.prediction_time == times[p.order_id] for p in ps)
+    # the weekly catch-up run afterwards: nothing left to score
+    with engine.connect() as c: as_of = c.execute(sa.select(sa.func.max(ids_messages.c.received_time))).scalar()
+    as_of = as_of.replace(tzinfo=timezone.utc) if isinstance(as_of, datetime) else datetime.fromisoformat(as_of).replace(tzinfo=timezone.utc)
+    with run_ledger(engine, dep.name, 'score', {'as_of': as_of.isoformat()}) as run_id:
+        s = score_pending(engine, dep, as_of + timedelta(seconds=1), run_id)
+    assert (s.candidates, s.scored) == (0, 0)
+    assert len(packets(engine)) == len(ps)
+    with engine.connect() as c:   # the worker's run is closed
+        assert c.execute(sa.text("select status from runs where kind = 'trigger'")).scalars().all() == ['succeeded']
+
+
+def test_orders_the_catch_up_run_scored_first_are_not_scored_again_by_the_worker(small_store):
+    engine, dep = env_engine(), env_deployment()
+    silent(engine, dep)
+    deliver_feed(engine, until=CUT)
+    with run_ledger(engine, dep.name, 'score', {}) as run_id: s = score_pending(engine, dep, CUT, run_id)
+    assert s.scored >= 5
+    before = packets(engine)
+    assert enqueue_new_orders(engine, [dep]).queued >= s.scored
+    t = score_queued(engine, [dep])
+    assert t.scored == 0 and t.skipped['already scored'] == s.scored and t.failed == 0
+    assert packets(engine) == before
+    q = {r.order_id: r for r in queue_rows(engine)}
+    assert all(q[p.order_id].status == 'skipped' and q[p.order_id].inference_id == p.inference_id for p in before)
+
+
+def test_live_scores_from_the_order_trigger_are_written_back(small_store, tmp_path):
+    engine, key = env_engine(), env_key()
+    theirs = get_engine(f'sqlite:///{tmp_path}/ehr.sqlite')
+    with receiver(theirs) as (port, rx):
+        dep = replace(env_deployment(), writeback=WritebackSpec(port=port, retries=3, retry_seconds=0.2))
+        rec = silent(engine, dep)
+        set_status(engine, dep.name, 'live', rec.model_id, 'test: live')
+        deliver_feed(engine, until=CUT)
+        w = TriggerWorker(engine, [dep], also=lambda: write_back(engine, [dep]))
+        s = w.run_once(); w.stop()
+    ps = packets(engine)
+    assert s.scored == len(ps) >= 5 and {p.output_mode for p in ps} == {'threshold'}
+    sent = ledger(engine)
+    assert len(sent) == len(ps) and {(r.status, r.ack_code) for r in sent} == {('sent', 'AA')}
+    with theirs.connect() as c: raw = c.execute(sa.text('select raw from ids_messages order by seq')).scalars().all()
+    assert len(raw) == len(ps)
+    got = {(m := parse_message(r)).field('ORC', 2): (float(m.field('OBX', 5)), m.field('OBX', 8), m.field('PID', 3, 5)) for r in raw}
+    assert got == {p.order_id: (round(p.score, 6), 'A' if p.decision else 'N', 'MR') for p in ps}
