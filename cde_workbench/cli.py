@@ -20,10 +20,10 @@ from .deployment import load_deployment
 # `cde --help` and argument errors answer at once.
 
 # %% auto #0
-__all__ = ['app', 'ingest_app', 'models_app', 'synth', 'ingest_warehouse', 'feed_with_times', 'ingest_synthea', 'ingest_fhir',
-           'ingest_file', 'ingest_mllp', 'ingest_process', 'ingest_replay', 'ingest_redrive', 'ingest_status', 'train',
-           'deploy', 'score', 'labels', 'report', 'dashboard', 'models_list', 'models_show', 'models_alias', 'demo',
-           'evaluate', 'main']
+__all__ = ['app', 'ingest_app', 'models_app', 'trigger_app', 'synth', 'ingest_warehouse', 'feed_with_times', 'ingest_synthea',
+           'ingest_fhir', 'ingest_file', 'ingest_mllp', 'ingest_process', 'ingest_replay', 'ingest_redrive',
+           'ingest_status', 'train', 'deploy', 'score', 'labels', 'report', 'dashboard', 'models_list', 'models_show',
+           'models_alias', 'demo', 'evaluate', 'trigger_worker', 'trigger_run', 'main']
 
 # %% ../nbs/80_cli.ipynb #636e4249
 app = typer.Typer(help='cde-workbench: take a clinical model from the research notebook to a silent trial, a report and a dashboard.',
@@ -130,6 +130,7 @@ def ingest_mllp(port: int = typer.Option(2575, help='TCP port to listen on.'),
                 host: str = typer.Option('127.0.0.1', help='Address to bind; the default keeps the receiver on this machine.'),
                 max_frame: int = typer.Option(1 << 20, min=1024, help='Largest message accepted, in bytes.'),
                 process: bool = typer.Option(True, help='Keep the clinical tables up to date behind the store (else run `cde ingest process`).'),
+                trigger: bool = typer.Option(True, help='With --process: score new orders of order-triggered deployments as they arrive, and send live scores back where [writeback] says (else run `cde trigger run`).'),
                 replay_clock: bool = typer.Option(False, help='Stamp messages with their own time (MSH-7) + 30 s: only for replaying a recorded feed.'),
                 max_connections: int = typer.Option(64, min=1, help='Connections open at once; one more is closed at once.'),
                 max_buffered: int = typer.Option(32 << 20, min=1 << 17, help='Bytes held across all connections (unfinished frames, messages not yet acknowledged); the connection that would go over it is dropped. At least max-frame + 65536.'),
@@ -146,9 +147,19 @@ def ingest_mllp(port: int = typer.Option(2575, help='TCP port to listen on.'),
     ws = Workspace.from_env()
     engine = get_engine(ws.database_url)
     after = functools.partial(process_pending, engine, 200, key=site_key(ws.site_key_file), policy=_sender_policy(ws, engine)) if process else None   # small batches: commits go on
-    serve(engine, host, port, max_frame, clock=ReplayClock() if replay_clock else None, after_commit=after, max_connections=max_connections,
-          max_buffered=max_buffered, idle_timeout=idle_timeout, frame_timeout=frame_timeout,
-          ready=lambda p: typer.echo(f'listening on {host}:{p} (MLLP); storing into {engine.url.render_as_string(hide_password=True)}', err=True))
+    worker, served = trigger_worker(ws, engine) if process and trigger else (None, [])   # the order trigger: processor, then enqueue, then score
+    if not served: worker = None
+    if worker is not None:
+        process_then_wake = after
+        after = lambda: (process_then_wake(), worker.wake())
+        worker.start()
+    try:
+        serve(engine, host, port, max_frame, clock=ReplayClock() if replay_clock else None, after_commit=after, max_connections=max_connections,
+              max_buffered=max_buffered, idle_timeout=idle_timeout, frame_timeout=frame_timeout,
+              ready=lambda p: typer.echo(f'listening on {host}:{p} (MLLP); storing into {engine.url.render_as_string(hide_password=True)}'
+                                         + (f"; order trigger for {', '.join(served)}" if worker is not None else ''), err=True))
+    finally:
+        if worker is not None: worker.stop()
 
 @ingest_app.command('process')
 def ingest_process():
@@ -423,6 +434,53 @@ def evaluate(file: Path = typer.Argument(..., help='Predictions file (.csv or .p
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(html, encoding='utf-8')
     typer.echo(f'report: {out}')
+
+# %% ../nbs/80_cli.ipynb #1576f82e
+trigger_app = typer.Typer(help='The order trigger: new orders from the live feed scored within seconds; live scores written back.', no_args_is_help=True)
+app.add_typer(trigger_app, name='trigger')
+
+def trigger_worker(ws: Workspace, # the workspace: its deployments folder and store
+                   engine, # the store's engine
+                   poll: float = 0.5, # seconds between passes when not woken
+                  ) -> tuple:
+    "The order-trigger worker over the workspace's deployments (sending live scores back after each pass where `[writeback]` says), and the names it serves."
+    from cde_workbench.trigger import TriggerWorker, order_deployments
+    from cde_workbench.writeback import write_back, writeback_deployments
+    folder = ws.deployments
+    deps = [load_deployment(p.parent) for p in sorted(folder.glob('*/deployment.toml'))] if folder.exists() else []
+    wb = writeback_deployments(deps)
+    w = TriggerWorker(engine, deps, poll, also=(lambda: write_back(engine, wb)) if wb else None)
+    return w, sorted({d.name for d in order_deployments(deps)} | {d.name for d in wb})
+
+@trigger_app.command('run')
+def trigger_run(poll: float = typer.Option(0.5, min=0.01, help='Seconds between passes (each pass enqueues new orders and scores them).'),
+                once: bool = typer.Option(False, help='One pass, print what it did, and exit (e.g. from cron).')):
+    "Score new orders of order-triggered deployments as the feed brings them (and send live scores back) until Ctrl-C or SIGTERM."
+    import signal
+    import threading
+    from cde_workbench.store import get_engine
+    ws = Workspace.from_env()
+    engine = get_engine(ws.database_url)
+    w, served = trigger_worker(ws, engine, poll)
+    if not served: raise ConfigError(f'no deployment in {ws.deployments} has [trigger] kind = "order" or a [writeback] section: nothing to do')
+    def say(s):
+        skipped = ', '.join(f'{v} {k}' for k, v in s.skipped.items())
+        typer.echo(f'{s.queued} queued, {s.scored} scored' + (f', skipped: {skipped}' if skipped else '') + f', {s.retried} to retry, {s.failed} failed')
+        for e in s.errors: typer.echo(f'  {e}', err=True)
+    if once:
+        try: say(w.run_once())
+        finally: w.stop()
+        return
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    typer.echo(f"order trigger for {', '.join(served)} (every {poll:g} s); Ctrl-C stops", err=True)
+    seen = None
+    with w:
+        try:
+            while not stop.wait(1.0):
+                if w.last_error and w.last_error != seen: seen = w.last_error; typer.echo(f'cde trigger: {w.last_error.splitlines()[0]}', err=True)
+        except KeyboardInterrupt: pass
+    say(w.total)
 
 # %% ../nbs/80_cli.ipynb #0eead321
 def _usage_errors() -> tuple:

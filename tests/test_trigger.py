@@ -2,6 +2,10 @@
 seconds by the worker, never twice with the weekly catch-up run; live scores go out as ORU^R01 to the workbench's own MLLP
 receiver, with retries when the destination is down or answers AE."""
 import asyncio
+import os
+import signal
+import socket
+import subprocess
 import threading
 import time
 from contextlib import contextmanager
@@ -25,7 +29,7 @@ from cde_workbench.synth import HospitalConfig, generate, hl7_feed
 from cde_workbench.trigger import TriggerWorker, enqueue_new_orders, score_queued
 from cde_workbench.writeback import queue_writebacks, send_due, write_back
 
-from conftest import ROOT, deliver_feed, env_deployment, env_engine, env_key, free_port
+from conftest import CDE, ROOT, cde, deliver_feed, env_deployment, env_engine, env_key, free_port, one_line_error
 
 
 @contextmanager
@@ -238,3 +242,49 @@ def test_live_scores_from_the_order_trigger_are_written_back(small_store, tmp_pa
     assert len(raw) == len(ps)
     got = {(m := parse_message(r)).field('ORC', 2): (float(m.field('OBX', 5)), m.field('OBX', 8), m.field('PID', 3, 5)) for r in raw}
     assert got == {p.order_id: (round(p.score, 6), 'A' if p.decision else 'N', 'MR') for p in ps}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the command line: `cde trigger run` and `cde ingest mllp` with the worker
+
+def test_cde_trigger_run_once_scores_the_queue_and_refuses_a_workspace_without_order_deployments(small_store, tmp_path):
+    engine, dep = env_engine(), env_deployment()
+    silent(engine, dep)
+    deliver_feed(engine, until=CUT)
+    r = cde('trigger', 'run', '--once')
+    assert r.returncode == 0, r.stderr
+    n = len(packets(engine))
+    assert n >= 5 and r.stdout.startswith(f'{len(queue_rows(engine))} queued, {n} scored')
+    r = cde('trigger', 'run', '--once')
+    assert r.returncode == 0 and r.stdout.startswith('0 queued, 0 scored') and len(packets(engine)) == n
+    (tmp_path / 'empty').mkdir()
+    one_line_error(cde('trigger', 'run', '--once', env={'CDE_DEPLOYMENTS': str(tmp_path / 'empty')}), 'kind = "order"', 'nothing to do')
+
+
+def test_cde_ingest_mllp_runs_the_order_trigger_behind_the_processor(small_store):
+    engine, dep = env_engine(), env_deployment()
+    silent(engine, dep)
+    first = [m for t, m in small_feed() if t < CUT]
+    port = free_port()
+    proc = subprocess.Popen([*CDE, 'ingest', 'mllp', '--port', str(port), '--replay-clock'], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        assert wait_for(lambda: proc.poll() is None and _listening(port), 60), proc.stderr.read() if proc.poll() is not None else 'not listening'
+        res = asyncio.run(send_messages(first, port=port, window=32, timeout=60))
+        assert set(res.acks.values()) == {'AA'}
+        assert wait_for(lambda: (q := queue_rows(engine)) and all(r.status in ('scored', 'skipped') for r in q) and len(packets(engine)) >= 5, 60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try: err = proc.communicate(timeout=60)[1]
+        except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL); err = proc.communicate()[1]
+    assert 'order trigger for hgb_abnormal' in err, err
+    assert proc.returncode == 0, err
+    assert {p.trigger for p in packets(engine)} == {'order'}
+    with engine.connect() as c:
+        assert c.execute(sa.text("select status from runs where kind = 'trigger'")).scalars().all() == ['succeeded']
+
+
+def _listening(port):
+    try:
+        with socket.create_connection(('127.0.0.1', port), timeout=0.5): return True
+    except OSError: return False
