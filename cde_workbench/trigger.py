@@ -109,11 +109,11 @@ def claim(engine: Engine, # the store
         conn.execute(score_queue.update().where(q.status == 'claimed', q.claimed_at <= stale, q.attempts >= max_attempts, q.deployment.in_(names))
                      .values(status='failed', finished_at=now, error=sa.func.coalesce(q.error, 'claimed and never finished')))
         rows = conn.execute(sa.select(score_queue).where(due, q.deployment.in_(names), q.attempts < max_attempts).order_by(q.id).limit(limit)).mappings().all()
-    for r in rows:   # one short transaction per row: another worker may take some of them first
-        with engine.begin() as conn:
+    with engine.begin() as conn:   # row by row, each only if still due: another worker may have taken some of them first
+        for r in rows:
             n = conn.execute(score_queue.update().where(q.id == r['id'], due, q.attempts == r['attempts'])
                              .values(status='claimed', claimed_at=now, attempts=q.attempts + 1)).rowcount
-        if n == 1: out.append(dict(r, status='claimed', claimed_at=now, attempts=r['attempts'] + 1))
+            if n == 1: out.append(dict(r, status='claimed', claimed_at=now, attempts=r['attempts'] + 1))
     return out
 
 # %% ../nbs/44_trigger.ipynb #02004c63

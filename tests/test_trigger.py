@@ -288,3 +288,20 @@ def _listening(port):
     try:
         with socket.create_connection(('127.0.0.1', port), timeout=0.5): return True
     except OSError: return False
+
+
+def test_the_demos_silent_trial_scores_through_the_order_trigger_and_the_catch_up_runs_find_nothing(small_store):
+    "The demo's silent trial on the small store: the feed over `cde ingest mllp`, the order trigger after each week, score.ipynb as catch-up."
+    from cde_workbench.config import Workspace
+    from cde_workbench.demo import _silent_trial
+    from cde_workbench.synth import write_hl7_feed
+    engine, dep, key = env_engine(), env_deployment(), env_key()
+    silent(engine, dep)
+    cfg = HospitalConfig(n_patients=200, seed=5)
+    write_hl7_feed(generate(cfg), small_store.base / 'feed.hl7')
+    out = _silent_trial(Workspace.from_env(), dep, engine, cfg, small_store.base / 'feed.hl7', key, print, False)
+    ot = out['order_trigger']
+    assert ot['scored'] == ot['packets'] >= 20 and ot['failed'] == 0 and ot['queued'] == ot['scored'] + ot['skipped']
+    assert out['catch_up_scored'] == 0
+    ps = packets(engine)
+    assert len(ps) == ot['packets'] and len({p.order_id for p in ps}) == len(ps)
