@@ -305,3 +305,61 @@ def test_the_demos_silent_trial_scores_through_the_order_trigger_and_the_catch_u
     assert out['catch_up_scored'] == 0
     ps = packets(engine)
     assert len(ps) == ot['packets'] and len({p.order_id for p in ps}) == len(ps)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the queue on both backends: ids committed out of order (PostgreSQL), two workers claiming at once
+
+def test_the_queue_on_both_backends_catches_ids_committed_late_and_never_hands_a_row_to_two_workers(store_url):
+    from cde_workbench.trigger import claim
+    engine = get_engine(store_url)
+    dep = load_deployment(ROOT / 'deployments' / 'hgb_abnormal')
+    with engine.begin() as c:
+        mid = c.execute(models.insert().values(name='hgb_abnormal', version=1, sha256='0', path='-', feature_set_hash='f', data_fingerprint='d',
+                                               code_version='c', params='{}', metrics='{}', created_at=T0)).inserted_primary_key[0]
+    set_status(engine, dep.name, 'silent', mid)
+    order = lambda conn, oid: conn.execute(lab_order_events.insert().values(seq=None, order_id=oid, control='NW', patient_key='P', encounter_id='E',
+                                                                            panel='CBC', event_time=T0, stored_time=T0, source='hl7'))
+    if engine.dialect.name == 'postgresql':   # a long transaction takes an id, a later one commits first
+        with engine.connect() as slow:
+            tx = slow.begin()
+            order(slow, 'LATE')
+            with engine.begin() as c: order(c, 'EARLY')
+            assert enqueue_new_orders(engine, [dep]).queued == 1   # EARLY; the cursor is past LATE's id, not yet committed
+            tx.commit()
+        assert enqueue_new_orders(engine, [dep]).queued == 1       # LATE, from the window behind the cursor
+        assert {r.order_id for r in queue_rows(engine)} == {'EARLY', 'LATE'}
+    with engine.begin() as c:
+        for i in range(60): order(c, f'O{i}')
+    assert enqueue_new_orders(engine, [dep], batch=7).queued == 60   # several transactions, each with the cursor
+    assert enqueue_new_orders(engine, [dep]).queued == 0
+    got, barrier = [], threading.Barrier(3)
+    def worker():
+        barrier.wait()
+        for _ in range(5): got.append([r['id'] for r in claim(engine, [dep.name], limit=30)])
+    ts = [threading.Thread(target=worker) for _ in range(3)]
+    for t in ts: t.start()
+    for t in ts: t.join(60)
+    ids = [i for g in got for i in g]
+    assert len(ids) == len(set(ids)) == len(queue_rows(engine))   # every row claimed once, by one worker
+    assert {(r.status, r.attempts) for r in queue_rows(engine)} == {('claimed', 1)}
+
+
+def test_cde_ingest_mllp_still_receives_when_a_deployment_does_not_load(tmp_path):
+    "A broken deployment.toml turns the order trigger off with a warning; the feed is still stored and acknowledged."
+    (tmp_path / 'deps' / 'bad').mkdir(parents=True)
+    (tmp_path / 'deps' / 'bad' / 'deployment.toml').write_text('name = "bad"\n[task]\nkind = "nonsense"\n')
+    env = {**os.environ, 'CDE_VAR': str(tmp_path / 'var'), 'CDE_DEPLOYMENTS': str(tmp_path / 'deps'), 'CDE_SITE_KEY_FILE': str(tmp_path / 'site.key')}
+    env.pop('CDE_DATABASE_URL', None)
+    port = free_port()
+    proc = subprocess.Popen([*CDE, 'ingest', 'mllp', '--port', str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert wait_for(lambda: proc.poll() is None and _listening(port), 60)
+        msg = 'MSH|^~\\&|LAB|HOSP|CDE|WARD|20240101120000+0000||ADT^A01^ADT_A01|X1|P|2.5\rEVN|A01|20240101120000+0000\rPID|1||M1||Doe^Jo||19600101|F\rPV1|1|I|MED1'
+        assert asyncio.run(send_messages([msg], port=port)).acks == {0: 'AA'}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try: err = proc.communicate(timeout=60)[1]
+        except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL); err = proc.communicate()[1]
+    assert proc.returncode == 0 and 'the order trigger is off' in err and "missing required section 'split'" in err, err
