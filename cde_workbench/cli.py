@@ -147,21 +147,23 @@ def ingest_mllp(port: int = typer.Option(2575, help='TCP port to listen on.'),
     ws = Workspace.from_env()
     engine = get_engine(ws.database_url)
     after = functools.partial(process_pending, engine, 200, key=site_key(ws.site_key_file), policy=_sender_policy(ws, engine)) if process else None   # small batches: commits go on
-    try: worker, served = trigger_worker(ws, engine) if process and trigger else (None, [])   # the order trigger: processor, then enqueue, then score
-    except ConfigError as e:   # a deployment that does not load must not stop the feed from being stored
-        typer.echo(f'cde ingest mllp: the order trigger is off: {e}', err=True); worker, served = None, []
-    if not served: worker = None
-    if worker is not None:
-        process_then_wake = after
-        after = lambda: (process_then_wake(), worker.wake())
-        worker.start()
+    workers: list = []   # the order trigger (processor, then enqueue, then score), started beside the receiver: its imports take seconds
+    def start_trigger():
+        try: w, served = trigger_worker(ws, engine)
+        except ConfigError as e:   # a deployment that does not load must not stop the feed from being stored
+            typer.echo(f'cde ingest mllp: the order trigger is off: {e}', err=True); return
+        if served: workers.append(w.start()); typer.echo(f"cde ingest mllp: order trigger for {', '.join(served)}", err=True)
+    if process and trigger:
+        import threading
+        threading.Thread(target=start_trigger, name='cde-trigger-start', daemon=True).start()
+        process_only = after
+        after = lambda: (process_only(), [w.wake() for w in workers])
     try:
         serve(engine, host, port, max_frame, clock=ReplayClock() if replay_clock else None, after_commit=after, max_connections=max_connections,
               max_buffered=max_buffered, idle_timeout=idle_timeout, frame_timeout=frame_timeout,
-              ready=lambda p: typer.echo(f'listening on {host}:{p} (MLLP); storing into {engine.url.render_as_string(hide_password=True)}'
-                                         + (f"; order trigger for {', '.join(served)}" if worker is not None else ''), err=True))
+              ready=lambda p: typer.echo(f'listening on {host}:{p} (MLLP); storing into {engine.url.render_as_string(hide_password=True)}', err=True))
     finally:
-        if worker is not None: worker.stop()
+        for w in workers: w.stop()
 
 @ingest_app.command('process')
 def ingest_process():
