@@ -23,7 +23,7 @@ from .deployment import load_deployment
 __all__ = ['app', 'ingest_app', 'models_app', 'trigger_app', 'synth', 'ingest_warehouse', 'feed_with_times', 'ingest_synthea',
            'ingest_fhir', 'ingest_file', 'ingest_mllp', 'ingest_process', 'ingest_replay', 'ingest_redrive',
            'ingest_status', 'train', 'deploy', 'score', 'labels', 'report', 'dashboard', 'models_list', 'models_show',
-           'models_alias', 'demo', 'evaluate', 'trigger_worker', 'trigger_run', 'main']
+           'models_alias', 'demo', 'evaluate', 'trigger_deployments', 'trigger_worker', 'trigger_run', 'main']
 
 # %% ../nbs/80_cli.ipynb #636e4249
 app = typer.Typer(help='cde-workbench: take a clinical model from the research notebook to a silent trial, a report and a dashboard.',
@@ -147,15 +147,15 @@ def ingest_mllp(port: int = typer.Option(2575, help='TCP port to listen on.'),
     ws = Workspace.from_env()
     engine = get_engine(ws.database_url)
     after = functools.partial(process_pending, engine, 200, key=site_key(ws.site_key_file), policy=_sender_policy(ws, engine)) if process else None   # small batches: commits go on
-    workers: list = []   # the order trigger (processor, then enqueue, then score), started beside the receiver: its imports take seconds
-    def start_trigger():
-        try: w, served = trigger_worker(ws, engine)
+    deps, served, workers = [], [], []
+    if process and trigger:   # the order trigger: processor, then enqueue, then score
+        try: deps, served = trigger_deployments(ws)
         except ConfigError as e:   # a deployment that does not load must not stop the feed from being stored
-            typer.echo(f'cde ingest mllp: the order trigger is off: {e}', err=True); return
-        if served: workers.append(w.start()); typer.echo(f"cde ingest mllp: order trigger for {', '.join(served)}", err=True)
-    if process and trigger:
-        import threading
-        threading.Thread(target=start_trigger, name='cde-trigger-start', daemon=True).start()
+            typer.echo(f'cde ingest mllp: the order trigger is off: {e}', err=True)
+    if served:
+        import threading   # the worker starts beside the receiver (its imports take seconds); until then the processor runs alone
+        threading.Thread(target=lambda: workers.append(trigger_worker(engine, deps).start()), name='cde-trigger-start', daemon=True).start()
+        typer.echo(f"cde ingest mllp: order trigger for {', '.join(served)}", err=True)
         process_only = after
         after = lambda: (process_only(), [w.wake() for w in workers])
     try:
@@ -443,18 +443,22 @@ def evaluate(file: Path = typer.Argument(..., help='Predictions file (.csv or .p
 trigger_app = typer.Typer(help='The order trigger: new orders from the live feed scored within seconds; live scores written back.', no_args_is_help=True)
 app.add_typer(trigger_app, name='trigger')
 
-def trigger_worker(ws: Workspace, # the workspace: its deployments folder and store
-                   engine, # the store's engine
-                   poll: float = 0.5, # seconds between passes when not woken
-                  ) -> tuple:
-    "The order-trigger worker over the workspace's deployments (sending live scores back after each pass where `[writeback]` says), and the names it serves."
-    from cde_workbench.trigger import TriggerWorker, order_deployments
-    from cde_workbench.writeback import write_back, writeback_deployments
+def trigger_deployments(ws: Workspace, # the workspace: its deployments folder
+                       ) -> tuple[list, list[str]]:
+    "The workspace's deployments (a broken deployment.toml is an error naming it), and the names the order trigger or write-back serves."
     folder = ws.deployments
     deps = [load_deployment(p.parent) for p in sorted(folder.glob('*/deployment.toml'))] if folder.exists() else []
+    return deps, sorted(d.name for d in deps if (d.trigger.kind == 'order' and d.task.kind == 'lab_abnormal') or d.writeback is not None)
+
+def trigger_worker(engine, # the store's engine
+                   deps: list, # the workspace's deployments (`trigger_deployments`)
+                   poll: float = 0.5, # seconds between passes when not woken
+                  ):
+    "The order-trigger worker over these deployments, sending live scores back after each pass where `[writeback]` says."
+    from cde_workbench.trigger import TriggerWorker
+    from cde_workbench.writeback import write_back, writeback_deployments
     wb = writeback_deployments(deps)
-    w = TriggerWorker(engine, deps, poll, also=(lambda: write_back(engine, wb)) if wb else None)
-    return w, sorted({d.name for d in order_deployments(deps)} | {d.name for d in wb})
+    return TriggerWorker(engine, deps, poll, also=(lambda: write_back(engine, wb)) if wb else None)
 
 @trigger_app.command('run')
 def trigger_run(poll: float = typer.Option(0.5, min=0.01, help='Seconds between passes (each pass enqueues new orders and scores them).'),
@@ -465,8 +469,9 @@ def trigger_run(poll: float = typer.Option(0.5, min=0.01, help='Seconds between 
     from cde_workbench.store import get_engine
     ws = Workspace.from_env()
     engine = get_engine(ws.database_url)
-    w, served = trigger_worker(ws, engine, poll)
+    deps, served = trigger_deployments(ws)
     if not served: raise ConfigError(f'no deployment in {ws.deployments} has [trigger] kind = "order" or a [writeback] section: nothing to do')
+    w = trigger_worker(engine, deps, poll)
     def say(s):
         skipped = ', '.join(f'{v} {k}' for k, v in s.skipped.items())
         typer.echo(f'{s.queued} queued, {s.scored} scored' + (f', skipped: {skipped}' if skipped else '') + f', {s.retried} to retry, {s.failed} failed')
