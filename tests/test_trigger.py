@@ -17,16 +17,16 @@ import sqlalchemy as sa
 
 from cde_workbench.deploy import set_status
 from cde_workbench.deployment import WritebackSpec, load_deployment
-from cde_workbench.events import process_pending
+from cde_workbench.events import process_pending, processed_up_to
 from cde_workbench.hl7 import parse_message
 from cde_workbench.mllp import MLLPReceiver, ReplayClock, send_messages
 from cde_workbench.registry import get_model
 from cde_workbench.schedule import run_ledger
 from cde_workbench.serve import score_pending
-from cde_workbench.store import (dispose_engines, get_engine, ids_messages, inferences, lab_order_events, models, outbound_messages, runs,
-                                 score_queue)
+from cde_workbench.store import (dispose_engines, get_engine, ids_messages, inferences, lab_order_events, models, outbound_messages,
+                                 processor_state, runs, score_queue)
 from cde_workbench.synth import HospitalConfig, generate, hl7_feed
-from cde_workbench.trigger import TriggerWorker, enqueue_new_orders, score_queued
+from cde_workbench.trigger import TRIGGER_CURSOR, TriggerWorker, enqueue_new_orders, score_queued
 from cde_workbench.writeback import queue_writebacks, send_due, write_back
 
 from conftest import CDE, ROOT, cde, deliver_feed, env_deployment, env_engine, env_key, free_port, one_line_error
@@ -155,6 +155,16 @@ def queue_rows(engine):
     with engine.connect() as c: return c.execute(sa.select(score_queue).order_by(score_queue.c.id)).all()
 
 
+def caught_up(engine):
+    "Every stored message processed, every order event read by the trigger, and nothing queued left to score."
+    with engine.connect() as c:
+        stored, processed = c.execute(sa.select(sa.func.max(ids_messages.c.seq))).scalar(), processed_up_to(c)
+        last_order = c.execute(sa.select(sa.func.max(lab_order_events.c.id))).scalar()
+        cursor = c.execute(sa.select(processor_state.c.last_seq).where(processor_state.c.name == TRIGGER_CURSOR)).scalar()
+    q = queue_rows(engine)
+    return stored is not None and stored == processed and cursor == last_order and q and all(r.status in ('scored', 'skipped', 'failed') for r in q)
+
+
 def packets(engine):
     with engine.connect() as c: return c.execute(sa.select(inferences).order_by(inferences.c.inference_id)).all()
 
@@ -177,7 +187,7 @@ def test_orders_fed_over_mllp_are_scored_within_seconds_and_the_catch_up_run_sco
     with worker, receiver(engine, clock=ReplayClock(), after_commit=after, after_commit_every=0.05) as (port, rx):
         res = asyncio.run(send_messages(first, port=port, window=32, timeout=60))
         assert set(res.acks.values()) <= {'AA'} and len(res.acks) == len(first)
-        assert wait_for(lambda: (q := queue_rows(engine)) and all(r.status in ('scored', 'skipped', 'failed') for r in q), 120), queue_rows(engine)[:3]
+        assert wait_for(lambda: caught_up(engine), 120), queue_rows(engine)[:3]
         n_first = len(packets(engine))
         # one new CBC order: its packet is there within seconds of its ACK
         oid = parse_message(later).field('ORC', 2) or parse_message(later).field('OBR', 2)
@@ -272,7 +282,7 @@ def test_cde_ingest_mllp_runs_the_order_trigger_behind_the_processor(small_store
         assert wait_for(lambda: proc.poll() is None and _listening(port), 60), proc.stderr.read() if proc.poll() is not None else 'not listening'
         res = asyncio.run(send_messages(first, port=port, window=32, timeout=60))
         assert set(res.acks.values()) == {'AA'}
-        assert wait_for(lambda: (q := queue_rows(engine)) and all(r.status in ('scored', 'skipped') for r in q) and len(packets(engine)) >= 5, 60)
+        assert wait_for(lambda: caught_up(engine), 60)
     finally:
         proc.send_signal(signal.SIGTERM)
         try: err = proc.communicate(timeout=60)[1]
