@@ -50,9 +50,9 @@ T0 = datetime(2024, 3, 4, 9, 30, tzinfo=timezone.utc)
 
 
 @pytest.fixture
-def stores(tmp_path):
-    "Two stores: the workbench's (with one silent and two live packets of hgb_abnormal) and the receiving end's."
-    ours, theirs = get_engine(f'sqlite:///{tmp_path}/ours.sqlite'), get_engine(f'sqlite:///{tmp_path}/theirs.sqlite')
+def stores(tmp_path, store_url):
+    "Two stores: the workbench's on each backend (with one silent and two live packets of hgb_abnormal) and the receiving end's."
+    ours, theirs = get_engine(store_url), get_engine(f'sqlite:///{tmp_path}/theirs.sqlite')
     with ours.begin() as c:
         mid = c.execute(models.insert().values(name='hgb_abnormal', version=2, sha256='cd' * 32, path='-', feature_set_hash='f', data_fingerprint='d',
                                                code_version='c', params='{}', metrics='{}', created_at=T0)).inserted_primary_key[0]
