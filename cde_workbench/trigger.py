@@ -19,7 +19,8 @@ from sqlalchemy.engine import Connection, Engine
 from .config import utcnow
 from .deployment import Deployment
 from .deploy import SCORING_STATES, deployment_state
-from .serve import score_point
+from .compile import load_scorer
+from .serve import score_point, serving_model
 from .store import insert_ignore, lab_order_events, processor_state, runs, score_queue
 from .tasks import exclusion_mask
 from .terminology import LABS
@@ -182,7 +183,8 @@ def _score_queued(engine, by_name, limit, batch, stale_after, retry_seconds, max
         if not rows: return out
         now = utcnow()
         with engine.connect() as conn:
-            state = {n: deployment_state(conn, n).status for n in {r['deployment'] for r in rows}}
+            states = {n: deployment_state(conn, n) for n in {r['deployment'] for r in rows}}
+            state = {n: s.status for n, s in states.items()}
             gone = _cancelled(conn, [r['order_id'] for r in rows], now)
             excluded = set()
             for name in {r['deployment'] for r in rows}:
@@ -200,8 +202,10 @@ def _score_queued(engine, by_name, limit, batch, stale_after, retry_seconds, max
             if why is None:
                 try:
                     if dep.name not in run_ids: run_ids[dep.name] = open_run(engine, dep.name)
+                    # the served model, compiled when its version has a compiled graph (checked equal to scikit-learn at registration)
+                    model = serving_model(engine, dep, states[dep.name].model_id, scorer_factory=load_scorer)
                     p = score_point(engine, dep, patient_key=r['patient_key'], when=r['order_time'], order_id=r['order_id'],
-                                    encounter_id=r['encounter_id'], trigger='order', run_id=run_ids[dep.name])
+                                    encounter_id=r['encounter_id'], trigger='order', run_id=run_ids[dep.name], model=model)
                 except Exception as e:
                     err = f'{type(e).__name__}: {e}'.splitlines()[0][:500] if str(e) else type(e).__name__
                     last = r['attempts'] >= max_attempts
