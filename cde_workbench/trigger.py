@@ -104,17 +104,19 @@ def claim(engine: Engine, # the store
     stale, retry = now - timedelta(seconds=stale_after), now - timedelta(seconds=retry_seconds)
     due = sa.or_(sa.and_(q.status == 'pending', sa.or_(q.claimed_at.is_(None), q.claimed_at <= retry)),
                  sa.and_(q.status == 'claimed', q.claimed_at <= stale))
-    out = []
-    with engine.begin() as conn:
-        # a dead worker's claim of a row that has no attempt left: failed, not retried forever
-        conn.execute(score_queue.update().where(q.status == 'claimed', q.claimed_at <= stale, q.attempts >= max_attempts, q.deployment.in_(names))
-                     .values(status='failed', finished_at=now, error=sa.func.coalesce(q.error, 'claimed and never finished')))
+    out, exhausted = [], sa.and_(q.status == 'claimed', q.claimed_at <= stale, q.attempts >= max_attempts, q.deployment.in_(names))
+    with engine.connect() as conn:   # reads first: an idle pass takes no write lock
+        dead = conn.execute(sa.select(q.id).where(exhausted).limit(1)).first()
         rows = conn.execute(sa.select(score_queue).where(due, q.deployment.in_(names), q.attempts < max_attempts).order_by(q.id).limit(limit)).mappings().all()
-    with engine.begin() as conn:   # row by row, each only if still due: another worker may have taken some of them first
-        for r in rows:
-            n = conn.execute(score_queue.update().where(q.id == r['id'], due, q.attempts == r['attempts'])
-                             .values(status='claimed', claimed_at=now, attempts=q.attempts + 1)).rowcount
-            if n == 1: out.append(dict(r, status='claimed', claimed_at=now, attempts=r['attempts'] + 1))
+    if dead:   # a dead worker's claim of a row that has no attempt left: failed, not retried forever
+        with engine.begin() as conn:
+            conn.execute(score_queue.update().where(exhausted).values(status='failed', finished_at=now, error=sa.func.coalesce(q.error, 'claimed and never finished')))
+    if rows:
+        with engine.begin() as conn:   # row by row, each only if still due: another worker may have taken some of them first
+            for r in rows:
+                n = conn.execute(score_queue.update().where(q.id == r['id'], due, q.attempts == r['attempts'])
+                                 .values(status='claimed', claimed_at=now, attempts=q.attempts + 1)).rowcount
+                if n == 1: out.append(dict(r, status='claimed', claimed_at=now, attempts=r['attempts'] + 1))
     return out
 
 # %% ../nbs/44_trigger.ipynb #02004c63
