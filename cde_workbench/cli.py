@@ -23,7 +23,7 @@ from .deployment import load_deployment
 __all__ = ['app', 'ingest_app', 'models_app', 'trigger_app', 'synth', 'ingest_warehouse', 'feed_with_times', 'ingest_synthea',
            'ingest_fhir', 'ingest_file', 'ingest_mllp', 'ingest_process', 'ingest_replay', 'ingest_redrive',
            'ingest_status', 'train', 'deploy', 'score', 'labels', 'report', 'dashboard', 'models_list', 'models_show',
-           'models_alias', 'demo', 'evaluate', 'trigger_deployments', 'trigger_worker', 'trigger_run', 'main']
+           'models_alias', 'demo', 'evaluate', 'trigger_deployments', 'trigger_workers', 'trigger_run', 'main']
 
 # %% ../nbs/80_cli.ipynb #636e4249
 app = typer.Typer(help='cde-workbench: take a clinical model from the research notebook to a silent trial, a report and a dashboard.',
@@ -154,7 +154,7 @@ def ingest_mllp(port: int = typer.Option(2575, help='TCP port to listen on.'),
             typer.echo(f'cde ingest mllp: the order trigger is off: {e}', err=True)
     if served:
         import threading   # the worker starts beside the receiver (its imports take seconds); until then the processor runs alone
-        threading.Thread(target=lambda: workers.append(trigger_worker(engine, deps).start()), name='cde-trigger-start', daemon=True).start()
+        threading.Thread(target=lambda: workers.extend(w.start() for w in trigger_workers(engine, deps)), name='cde-trigger-start', daemon=True).start()
         typer.echo(f"cde ingest mllp: order trigger for {', '.join(served)}", err=True)
         process_only = after
         after = lambda: (process_only(), [w.wake() for w in workers])
@@ -163,7 +163,7 @@ def ingest_mllp(port: int = typer.Option(2575, help='TCP port to listen on.'),
               max_buffered=max_buffered, idle_timeout=idle_timeout, frame_timeout=frame_timeout,
               ready=lambda p: typer.echo(f'listening on {host}:{p} (MLLP); storing into {engine.url.render_as_string(hide_password=True)}', err=True))
     finally:
-        for w in workers: w.stop()
+        for w in reversed(workers): w.stop()
 
 @ingest_app.command('process')
 def ingest_process():
@@ -450,15 +450,17 @@ def trigger_deployments(ws: Workspace, # the workspace: its deployments folder
     deps = [load_deployment(p.parent) for p in sorted(folder.glob('*/deployment.toml'))] if folder.exists() else []
     return deps, sorted(d.name for d in deps if (d.trigger.kind == 'order' and d.task.kind == 'lab_abnormal') or d.writeback is not None)
 
-def trigger_worker(engine, # the store's engine
-                   deps: list, # the workspace's deployments (`trigger_deployments`)
-                   poll: float = 0.5, # seconds between passes when not woken
-                  ):
-    "The order-trigger worker over these deployments, sending live scores back after each pass where `[writeback]` says."
+def trigger_workers(engine, # the store's engine
+                    deps: list, # the workspace's deployments (`trigger_deployments`)
+                    poll: float = 0.5, # seconds between the order trigger's passes when not woken
+                   ) -> list:
+    """The threads to run, in starting order: where `[writeback]` says, the write-back sender (its own thread: a slow destination
+    never holds up scoring), then the order-trigger worker, which wakes the sender after each pass."""
     from cde_workbench.trigger import TriggerWorker
-    from cde_workbench.writeback import write_back, writeback_deployments
+    from cde_workbench.writeback import WritebackWorker, writeback_deployments
     wb = writeback_deployments(deps)
-    return TriggerWorker(engine, deps, poll, also=(lambda: write_back(engine, wb)) if wb else None)
+    sender = WritebackWorker(engine, wb) if wb else None
+    return [*([sender] if sender else []), TriggerWorker(engine, deps, poll, also=sender.wake if sender else None)]
 
 @trigger_app.command('run')
 def trigger_run(poll: float = typer.Option(0.5, min=0.01, help='Seconds between passes (each pass enqueues new orders and scores them).'),
@@ -471,25 +473,36 @@ def trigger_run(poll: float = typer.Option(0.5, min=0.01, help='Seconds between 
     engine = get_engine(ws.database_url)
     deps, served = trigger_deployments(ws)
     if not served: raise ConfigError(f'no deployment in {ws.deployments} has [trigger] kind = "order" or a [writeback] section: nothing to do')
-    w = trigger_worker(engine, deps, poll)
+    workers = trigger_workers(engine, deps, poll)
+    trig, sender = workers[-1], (workers[0] if len(workers) > 1 else None)
     def say(s):
         skipped = ', '.join(f'{v} {k}' for k, v in s.skipped.items())
         typer.echo(f'{s.queued} queued, {s.scored} scored' + (f', skipped: {skipped}' if skipped else '') + f', {s.retried} to retry, {s.failed} failed')
         for e in s.errors: typer.echo(f'  {e}', err=True)
+        if sender is not None:
+            w = sender.total
+            typer.echo(f'write-back: {w.sent} sent, {w.retried} to retry, {w.failed} failed')
+            for e in w.errors: typer.echo(f'  {e}', err=True)
     if once:
-        try: say(w.run_once())
-        finally: w.stop()
+        try:
+            s = trig.run_once()
+            if sender is not None: sender.run_once()
+            say(s)
+        finally: trig.stop()
         return
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     typer.echo(f"order trigger for {', '.join(served)} (every {poll:g} s); Ctrl-C stops", err=True)
-    seen = None
-    with w:
-        try:
-            while not stop.wait(1.0):
-                if w.last_error and w.last_error != seen: seen = w.last_error; typer.echo(f'cde trigger: {w.last_error.splitlines()[0]}', err=True)
-        except KeyboardInterrupt: pass
-    say(w.total)
+    seen = {}
+    for w in workers: w.start()
+    try:
+        while not stop.wait(1.0):
+            for w in workers:
+                if w.last_error and w.last_error != seen.get(id(w)): seen[id(w)] = w.last_error; typer.echo(f'cde trigger: {w.last_error.splitlines()[0]}', err=True)
+    except KeyboardInterrupt: pass
+    finally:
+        for w in reversed(workers): w.stop()
+    say(trig.total)
 
 # %% ../nbs/80_cli.ipynb #0eead321
 def _usage_errors() -> tuple:

@@ -99,8 +99,9 @@ def test_writeback_retries_while_the_destination_is_down_then_delivers(stores):
     dep = wb_dep(port, retries=4, retry_seconds=0.2, timeout_seconds=2)
     queue_writebacks(ours, [dep])
     s = send_due(ours, [dep])
-    assert (s.sent, s.retried) == (0, 2) and 'refused' in s.errors[0]
-    assert send_due(ours, [dep]).retried == 0   # within the wait: nothing sent
+    assert (s.sent, s.retried) == (0, 1) and 'refused' in s.errors[0]   # the destination is down: the second row waits for the next pass
+    assert send_due(ours, [dep]).retried == 1   # the next pass: the second row's first attempt
+    assert send_due(ours, [dep]).retried == 0   # both within their wait: nothing sent
     with receiver(theirs, port=port):
         deadline = time.monotonic() + 10
         while any(r.status == 'pending' for r in ledger(ours)) and time.monotonic() < deadline:
