@@ -270,6 +270,7 @@ def test_cde_trigger_run_once_scores_the_queue_and_refuses_a_workspace_without_o
     assert r.returncode == 0 and r.stdout.startswith('0 queued, 0 scored') and len(packets(engine)) == n
     (tmp_path / 'empty').mkdir()
     one_line_error(cde('trigger', 'run', '--once', env={'CDE_DEPLOYMENTS': str(tmp_path / 'empty')}), 'kind = "order"', 'nothing to do')
+    one_line_error(cde('trigger', 'run', '--poll', '0'), '--poll')
 
 
 def test_cde_ingest_mllp_runs_the_order_trigger_behind_the_processor(small_store):
