@@ -5,7 +5,10 @@
 # %% ../nbs/44_trigger.ipynb #e420029d
 from __future__ import annotations
 
+import os
+import socket
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import Callable
@@ -151,7 +154,7 @@ def open_run(engine: Engine, deployment: str, parameters: str = '{}') -> str:
     run_id = f"{utcnow():%Y%m%dT%H%M%S}-trigger-{uuid.uuid4().hex[:8]}"
     with engine.begin() as conn:
         conn.execute(runs.insert().values(run_id=run_id, deployment=deployment, kind='trigger', status='running', started_at=utcnow(),
-                                          heartbeat_at=utcnow(), parameters=parameters))
+                                          heartbeat_at=utcnow(), parameters=parameters, pid=os.getpid(), host=socket.gethostname()))
     return run_id
 
 def close_runs(engine: Engine, run_ids: dict[str, str], error: str | None = None) -> None:
@@ -236,6 +239,7 @@ class TriggerWorker:
         self.engine, self.deps, self.poll, self.also, self.options = engine, deps, poll, also, score_options
         self.total, self.passes, self.last_error = TriggerSummary(), 0, None
         self.run_ids: dict[str, str] = {}   # deployment -> this worker's run (the packets' run_id)
+        self.heartbeat_every, self._beat = 30.0, time.monotonic()   # the runs' heartbeat: a watchdog sees the worker alive
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -244,6 +248,10 @@ class TriggerWorker:
         s = TriggerSummary(queued=enqueue_new_orders(self.engine, self.deps).queued)
         s.add(score_queued(self.engine, self.deps, run_ids=self.run_ids, **self.options))
         if self.also is not None: self.also()
+        if self.run_ids and time.monotonic() - self._beat >= self.heartbeat_every:
+            with self.engine.begin() as conn:
+                conn.execute(runs.update().where(runs.c.run_id.in_(list(self.run_ids.values()))).values(heartbeat_at=utcnow()))
+            self._beat = time.monotonic()
         self.total.add(s); self.passes += 1
         return s
 
