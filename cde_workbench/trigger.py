@@ -25,7 +25,7 @@ from .deploy import SCORING_STATES, deployment_state
 from .compile import load_scorer
 from .serve import score_point, serving_model
 from .store import insert_ignore, lab_order_events, processor_state, runs, score_queue
-from .tasks import exclusion_mask
+from .tasks import cancelled_orders, exclusion_mask
 from .terminology import LABS
 
 # %% auto #0
@@ -145,10 +145,6 @@ def _finish(engine: Engine, row: dict, **values):
     with engine.begin() as conn:   # only while this worker's claim holds: a stale claim taken over is the other worker's now
         conn.execute(score_queue.update().where(q.id == row['id'], q.status == 'claimed', q.claimed_at == row['claimed_at']).values(**values))
 
-def _cancelled(conn: Connection, order_ids: list[str], now: datetime) -> set[str]:
-    e = lab_order_events.c
-    return set(conn.execute(sa.select(e.order_id).where(e.order_id.in_(order_ids), e.control.in_(('CA', 'OC', 'DC')), e.stored_time <= now)).scalars())
-
 def open_run(engine: Engine, deployment: str, parameters: str = '{}') -> str:
     "A run ledger entry for the worker's packets of one deployment (kind `trigger`, running until the worker stops)."
     run_id = f"{utcnow():%Y%m%dT%H%M%S}-trigger-{uuid.uuid4().hex[:8]}"
@@ -190,7 +186,7 @@ def _score_queued(engine, by_name, limit, batch, stale_after, retry_seconds, max
         with engine.connect() as conn:
             states = {n: deployment_state(conn, n) for n in {r['deployment'] for r in rows}}
             state = {n: s.status for n, s in states.items()}
-            gone = _cancelled(conn, [r['order_id'] for r in rows], now)
+            gone = cancelled_orders(conn, now, [r['order_id'] for r in rows])   # as the catch-up run counts them: cancelled, no result known
             excluded = set()
             for name in {r['deployment'] for r in rows}:
                 mine = [r for r in rows if r['deployment'] == name]
