@@ -364,7 +364,7 @@ class DemoResult:
     def seconds(self) -> float: return self.stages.seconds['total']
 
 # %% ../nbs/75_demo.ipynb #cd828282
-def _silent_trial(ws: Workspace, dep, engine, cfg, feed_path: Path, key: bytes, echo: Callable[[str], None], progress: bool) -> dict:
+def _silent_trial(ws: Workspace, dep, engine, cfg, feed_path: Path, key: bytes, echo: Callable[[str], None], progress: bool, icu=None) -> dict:
     """Send the feed week by week to the MLLP receiver; the order trigger scores each new order (each as of its order time),
     then the weekly scoring run catches up what it missed; a label run every four weeks and after the end."""
     from cde_workbench.events import process_pending, read_feed_file
@@ -378,7 +378,7 @@ def _silent_trial(ws: Workspace, dep, engine, cfg, feed_path: Path, key: bytes, 
     weeks = trial_weeks(start, end)
     sent, t_ingest, t_score, t_labels, t_trigger, acks = 0, 0.0, 0.0, 0.0, 0.0, {}
     trig, trigger_runs = TriggerSummary(), {}
-    icu, clock = load_deployment(CLOCK_DEPLOYMENT, ws.deployments), {}
+    clock = {}   # `icu`, a clock-triggered deployment: scored once on its clock, after the first week
     def send(batch, score=True):
         nonlocal t_trigger
         for code in asyncio.run(send_messages(batch, port=port, window=32, timeout=60)).acks.values(): acks[code] = acks.get(code, 0) + 1
@@ -400,7 +400,7 @@ def _silent_trial(ws: Workspace, dep, engine, cfg, feed_path: Path, key: bytes, 
             ti = time.perf_counter(); send(batch); t_ingest += time.perf_counter() - ti
             t_score += run('score', wk)
             if label_run_due(k, weeks): t_labels += run('labels', wk)
-            if k == 0:   # the ICU model on its clock: the scheduler's run at the first week's last cron time, as a scheduler would start it
+            if k == 0 and icu is not None:   # the ICU model on its clock: the scheduler's run at the first week's last cron time, as a scheduler would start it
                 t, due = time.perf_counter(), latest_due(icu.trigger.cron, wk)
                 out = Scheduler(ws, [icu], clock=lambda: due).tick(due, wait=True)
                 if [o.status for o in out] != ['succeeded']:
@@ -412,15 +412,15 @@ def _silent_trial(ws: Workspace, dep, engine, cfg, feed_path: Path, key: bytes, 
     import sqlalchemy as sa
     with engine.connect() as c:
         n = {t: c.execute(sa.text(f'select count(*) from {t}')).scalar() for t in ('ids_messages', 'ids_receipts', 'ids_dead_letters', 'mrn_merges', 'processing_errors')}
-        clock['scored'] = c.execute(sa.text('select count(*) from inferences where run_id = :r'), {'r': clock['run_id']}).scalar()
+        if clock: clock['scored'] = c.execute(sa.text('select count(*) from inferences where run_id = :r'), {'r': clock['run_id']}).scalar()
         by = dict(c.execute(sa.text('select "trigger", count(*) from inferences where deployment = :d group by "trigger"'), {'d': dep.name}).all())
     return {'sent': len(feed), 'acks': dict(sorted(acks.items())), 'stored': n['ids_messages'], 'duplicates': n['ids_receipts'] - n['ids_messages'],
             'dead_letters': n['ids_dead_letters'], 'mrn_merges': n['mrn_merges'], 'processing_errors': n['processing_errors'],
             'order_trigger': {'queued': trig.queued, 'scored': trig.scored, 'skipped': sum(trig.skipped.values()), 'failed': trig.failed,
                               'packets': by.get('order', 0)},
             'catch_up_scored': by.get('batch', 0),
-            'clock': {'deployment': icu.name, 'due': clock['due'].isoformat(), 'scored': clock['scored']},
-            'seconds': {'ingest_feed': t_ingest, 'order_trigger': t_trigger, 'scoring_runs': t_score, 'label_runs': t_labels, 'clock_run': clock['seconds']}}
+            **({'clock': {'deployment': icu.name, 'due': clock['due'].isoformat(), 'scored': clock['scored']}} if clock else {}),
+            'seconds': {'ingest_feed': t_ingest, 'order_trigger': t_trigger, 'scoring_runs': t_score, 'label_runs': t_labels, **({'clock_run': clock['seconds']} if clock else {})}}
 
 def run_demo(ws: Workspace, # the demo's workspace: the embedded SQLite store in `ws.var` (emptied first)
              patients: int = 3000, # patients in the synthetic hospital
@@ -463,7 +463,7 @@ def run_demo(ws: Workspace, # the demo's workspace: the embedded SQLite store in
             set_status(engine, CLOCK_DEPLOYMENT, 'silent', icu.model_id, 'demo: silent trial on its clock')
         echo('4/6 silent trial: the feed sent week by week over MLLP to `cde ingest mllp`, new orders scored by the order trigger, score.ipynb after each week as catch-up')
         t0, c0 = time.perf_counter(), _cpu_seconds()
-        feed = _silent_trial(ws, dep, engine, cfg, out / 'feed.hl7', key, echo, progress)
+        feed = _silent_trial(ws, dep, engine, cfg, out / 'feed.hl7', key, echo, progress, icu=load_deployment(CLOCK_DEPLOYMENT, ws.deployments))
         echo(f"  {feed['sent']} messages sent ({', '.join(f'{v} {k}' for k, v in feed['acks'].items())}): {feed['stored']} stored, "
              f"{feed['duplicates']} duplicates acknowledged again, {feed['dead_letters']} dead letters, "
              f"{feed['mrn_merges']} MRN merges, {feed['processing_errors']} processing errors")
