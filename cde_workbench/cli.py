@@ -20,10 +20,11 @@ from .deployment import load_deployment
 # `cde --help` and argument errors answer at once.
 
 # %% auto #0
-__all__ = ['app', 'ingest_app', 'models_app', 'synth', 'ingest_warehouse', 'feed_with_times', 'ingest_synthea', 'ingest_fhir',
-           'ingest_file', 'ingest_mllp', 'ingest_process', 'ingest_replay', 'ingest_redrive', 'ingest_status', 'train',
-           'deploy', 'score', 'labels', 'report', 'dashboard', 'models_list', 'models_show', 'models_alias', 'demo',
-           'evaluate', 'main']
+__all__ = ['app', 'ingest_app', 'models_app', 'serve_app', 'tokens_app', 'synth', 'ingest_warehouse', 'feed_with_times',
+           'ingest_synthea', 'ingest_fhir', 'ingest_file', 'ingest_mllp', 'ingest_process', 'ingest_replay',
+           'ingest_redrive', 'ingest_status', 'train', 'deploy', 'score', 'labels', 'report', 'dashboard',
+           'models_list', 'models_show', 'models_alias', 'demo', 'evaluate', 'serve', 'serve_tokens_add',
+           'serve_tokens_list', 'serve_tokens_remove', 'main']
 
 # %% ../nbs/80_cli.ipynb #636e4249
 app = typer.Typer(help='cde-workbench: take a clinical model from the research notebook to a silent trial, a report and a dashboard.',
@@ -423,6 +424,57 @@ def evaluate(file: Path = typer.Argument(..., help='Predictions file (.csv or .p
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(html, encoding='utf-8')
     typer.echo(f'report: {out}')
+
+# %% ../nbs/80_cli.ipynb #b7e1a002
+serve_app = typer.Typer(help='The scoring service: REST scoring and CDS Hooks on 127.0.0.1.')
+app.add_typer(serve_app, name='serve')
+tokens_app = typer.Typer(help="The scoring service's API bearer tokens (kept as sha256 hashes).", no_args_is_help=True)
+serve_app.add_typer(tokens_app, name='tokens')
+
+@serve_app.callback(invoke_without_command=True)
+def serve(ctx: typer.Context,
+          port: Optional[int] = typer.Option(None, min=1, max=65535, help='TCP port (default: the settings file, else 8700).'),
+          host: Optional[str] = typer.Option(None, help='Address to bind (default: the settings file, else 127.0.0.1).'),
+          scorer: Optional[str] = typer.Option(None, help='auto (the compiled scorer when the model has one) or sklearn.'),
+          max_in_flight: Optional[int] = typer.Option(None, '--max-in-flight', min=1, help='Requests handled at once; the excess gets 503 with Retry-After.'),
+         ):
+    "Run the scoring service (REST and CDS Hooks) until Ctrl-C or SIGTERM."
+    if ctx.invoked_subcommand is not None: return
+    from dataclasses import replace
+    from cde_workbench.service import load_settings, serve as run_service, settings_path
+    ws = Workspace.from_env()
+    path = settings_path(ws)
+    given = dict(port=port, host=host, scorer=scorer, max_in_flight=max_in_flight)
+    s = replace(load_settings(path), **{k: v for k, v in given.items() if v is not None}).check('cde serve')
+    if not s.tokens and not s.issuers:
+        typer.echo(f'cde serve: warning: {path} names no API token and no JWT issuer: every scoring call will be refused (cde serve tokens add NAME)', err=True)
+    typer.echo(f'cde serve: http://{s.host}:{s.port} (settings {path}; CDS Hooks audience {s.audiences})', err=True)
+    run_service(ws, s)
+
+@tokens_app.command('add')
+def serve_tokens_add(name: str = typer.Argument(..., help='Who the token is for (letters, digits, - and _).'),
+                     from_stdin: bool = typer.Option(False, '--from-stdin', help='Register the token read from stdin instead of a new random one.')):
+    "Add an API token: a new one is printed once, on stdout; only its sha256 is kept."
+    from cde_workbench.service import add_token, settings_path
+    token = sys.stdin.readline().strip() if from_stdin else None
+    t = add_token(settings_path(Workspace.from_env()), name, token)
+    if from_stdin: typer.echo(f'token {name!r} registered (its sha256 only)', err=True)
+    else:
+        typer.echo(f'token {name!r}, shown once (only its sha256 is kept):', err=True)
+        typer.echo(t)
+
+@tokens_app.command('list')
+def serve_tokens_list():
+    "Names of the API tokens (never the tokens)."
+    from cde_workbench.service import load_settings, settings_path
+    for n in sorted(load_settings(settings_path(Workspace.from_env())).tokens): typer.echo(n)
+
+@tokens_app.command('remove')
+def serve_tokens_remove(name: str = typer.Argument(..., help="The token's name.")):
+    "Revoke an API token."
+    from cde_workbench.service import remove_token, settings_path
+    remove_token(settings_path(Workspace.from_env()), name)
+    typer.echo(f'token {name!r} removed')
 
 # %% ../nbs/80_cli.ipynb #0eead321
 def _usage_errors() -> tuple:
