@@ -215,6 +215,9 @@ class HookTokenVerifier:
         if key is None: raise AuthError(f"JWT kid {kid[:100]!r} is not a key of issuer {iss!r}")
         auds = [self.audience] + ([f"{self.audience}/{service_id}"] if service_id else [])
         now = now or utcnow()
+        family = {'RSA': ('RS', 'PS'), 'EC': ('ES',), 'OKP': ('EdDSA',)}.get(key.key_type, ())
+        if not alg.startswith(family) or ('alg' in key._jwk_data and key.algorithm_name != alg):
+            raise AuthError(f"JWT alg {alg!r} does not fit key {kid[:100]!r} ({key.key_type})")
         try:
             claims = jwt.decode(token, key.key, algorithms=[alg], audience=auds, issuer=iss, leeway=LEEWAY,
                                 options={'require': ['exp', 'iat', 'jti', 'iss', 'aud']})
@@ -224,6 +227,7 @@ class HookTokenVerifier:
         except jwt.ImmatureSignatureError: raise AuthError("JWT iat or nbf is in the future")
         except jwt.InvalidSignatureError: raise AuthError("JWT signature does not verify with the issuer's key")
         except jwt.PyJWTError as e: raise AuthError(f"JWT refused: {' '.join(str(e).split())[:200]}")
+        except (TypeError, ValueError): raise AuthError(f"JWT alg {alg!r} does not fit key {kid[:100]!r}")
         exp = datetime.fromtimestamp(claims['exp'], timezone.utc)
         if exp > now + MAX_LIFETIME + LEEWAY: raise AuthError("JWT exp is more than 5 minutes ahead")
         if not isinstance(claims['jti'], str) or not 0 < len(claims['jti']) <= 255: raise AuthError("JWT jti must be a string of 1 to 255 characters")
