@@ -317,11 +317,19 @@ def hook_cards(p: Packet, # the stored packet
     return {'cards': [card]}
 
 # %% ../nbs/41a_service.ipynb #3bb0b38c
+def _sklearn_scorer(record, bundle):
+    """The bundle's scikit-learn estimator, scoring on the calling thread: `n_jobs` (e.g. a forest's) set to 1, since one
+    row split over joblib workers costs more than it saves, and requests already run in parallel threads."""
+    est = bundle['estimator']
+    jobs = {k: 1 for k in est.get_params(deep=True) if k == 'n_jobs' or k.endswith('__n_jobs')}
+    return est.set_params(**jobs) if jobs else est
+
 def _compiled_scorer(record, bundle):
-    "The registry's compiled scorer of `record` when there is one (nbs/23a_compile), else the bundle's estimator."
-    try: from cde_workbench.compile import load_scorer
-    except ImportError: return bundle['estimator']
-    return load_scorer(record) or bundle['estimator']
+    "The registry's compiled scorer of `record` when there is one (nbs/23a_compile), else scikit-learn's (`_sklearn_scorer`)."
+    try: from cde_workbench.compile import load_scorer   # 23a_compile: present once the compiled scorer has landed
+    except ImportError: return _sklearn_scorer(record, bundle)
+    s = load_scorer(record, bundle)
+    return s if getattr(s, 'kind', None) == 'onnx' else _sklearn_scorer(record, bundle)
 
 class ScoringService:
     "What the endpoints share: the workspace, store, settings, deployments, served models, run ids and token checks."
@@ -332,7 +340,7 @@ class ScoringService:
         self.ws, self.settings = ws, settings
         self.engine = engine if engine is not None else get_engine(ws.database_url)
         self.verifier = HookTokenVerifier(settings.issuers, settings.audiences)
-        self.scorer_factory = None if settings.scorer == 'sklearn' else _compiled_scorer
+        self.scorer_factory = _sklearn_scorer if settings.scorer == 'sklearn' else _compiled_scorer
         self._deps: dict = {}       # name -> (toml mtime, Deployment)
         self._runs: dict = {}       # name -> run id
         self._lock = threading.Lock()
@@ -404,8 +412,11 @@ class ScoringService:
         self.verifier.record_use(self.engine, claims)
         return claims
 
-    def _score(self, dep: Deployment, **kw) -> Packet:
-        try: return score_point(self.engine, dep, when=utcnow(), run_id=self.run_id(dep), model=self.model(dep), **kw)
+    def _score(self, dep: Deployment, **kw) -> tuple[Packet, str]:
+        "The packet `score_point` stored (or found) for this point, and the served model's name."
+        try:
+            m = self.model(dep)
+            return score_point(self.engine, dep, when=utcnow(), run_id=self.run_id(dep), model=m, **kw), m.record.name
         except ConfigError as e:
             if not self._patient_known(kw['patient_key']): raise RequestRefused(404, f"patient {kw['patient_key']!r} is not in the store")
             raise RequestRefused(409, _one_line(str(e)))
@@ -421,11 +432,11 @@ class ScoringService:
         try: req = ScoreRequest.model_validate_json(body or b'{}')
         except ValidationError as e: raise _invalid(e)
         order_id = req.order_id or point_id('api', req.request_id)
-        p = self._score(dep, patient_key=req.patient_key, order_id=order_id, trigger='api', encounter_id=req.encounter_id,
-                        ward=req.ward, request_id=req.request_id, received=received)
+        p, model_name = self._score(dep, patient_key=req.patient_key, order_id=order_id, trigger='api', encounter_id=req.encounter_id,
+                                    ward=req.ward, request_id=req.request_id, received=received)
         if not p.created and p.patient_key != req.patient_key:
             raise RequestRefused(409, f"request_id {req.request_id!r} or order_id {order_id!r} was already used for another patient")
-        return packet_answer(p, self.model(dep).record.name)
+        return packet_answer(p, model_name)
 
     def service(self, service_id: str) -> tuple[Deployment, str]:
         "The deployment and hook a CDS service id names (`<deployment>-<hook>`); `RequestRefused` 404 otherwise."
@@ -462,10 +473,10 @@ class ScoringService:
             raise RequestRefused(400, f"prefetch.patient must be the Patient resource of context.patientId ({pk})")
         if hook == 'order-sign': order_id = _draft_order_id(ctx.get('draftOrders'))
         else: order_id = point_id('pv', req.hookInstance)
-        p = self._score(dep, patient_key=pk, order_id=order_id, trigger='hook', encounter_id=enc, request_id=req.hookInstance, received=received)
+        p, model_name = self._score(dep, patient_key=pk, order_id=order_id, trigger='hook', encounter_id=enc, request_id=req.hookInstance, received=received)
         if not p.created and p.patient_key != pk:
             raise RequestRefused(409, f"hookInstance {req.hookInstance!r} was already used for another patient")
-        return hook_cards(p, dep, self.model(dep).record.name)
+        return hook_cards(p, dep, model_name)
 
 def _draft_order_id(bundle) -> str:
     "The id of the first ServiceRequest of an order-sign's draftOrders Bundle; `RequestRefused` 400 when there is none."

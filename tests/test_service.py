@@ -454,3 +454,16 @@ def test_the_store_going_away_gives_503_and_the_service_recovers_when_it_returns
     finally:
         dispose_engines()
         server.stop()
+
+
+def test_the_service_benchmark_runs_short(service_store):
+    "benchmarks/service.py's measurement (load process, JWT per call, packets = accepted) for a few seconds on the small store."
+    import sys
+    sys.path.insert(0, str(ROOT / 'benchmarks'))
+    from service import configure, measure
+    s = service_store
+    env = {**s['store'].env, 'CDE_DATABASE_URL': s['store'].url}
+    pem = configure(env, s['store'].base)
+    got = measure(env, 'sklearn', rate=20, seconds=2, pem=pem, patients=s['patients'], label='sm')
+    assert got['calls'] == 40 and got['errors'] == 0 and got['packets'] == got['accepted'] == 40, got
+    assert 0 < got['p50'] <= got['p99'] < 5000
