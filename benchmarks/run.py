@@ -13,6 +13,8 @@ Figures (each measured in this process, against a baseline measured in the same 
 - hl7_parse_extract: our HL7 parser extracting the processor's fields against python-hl7 (and hl7apy).
 - replay_rebuild: 200,000 messages rebuilt from the immutable data store, against python-hl7's parse-only rate.
 - mllp: live ingest over MLLP with 4 concurrent senders (benchmarks/mllp.py).
+- model_score_p99_ms: one row scored by a 300-tree random forest compiled to ONNX (onnxruntime) against scikit-learn's
+  predict_proba on the same rows (benchmarks/model_score.py).
 - service_p99_ms: the scoring service end to end (CDS Hooks order-sign with a JWT each, features by the online path,
   score, packet), 50 calls/s for 60 s from a separate load process, against the same service scoring with plain
   scikit-learn (benchmarks/service.py).
@@ -51,8 +53,9 @@ def main():
     from coverage import bench_coverage
     from features import bench_count_features, bench_count_features_ungrouped
     from hl7_parse import bench_hl7_parse
+    from model_score import bench_model_score
     from replay import bench_replay
-    benches = [bench_bootstrap, bench_coverage, bench_count_features, bench_count_features_ungrouped, bench_hl7_parse, bench_replay]
+    benches = [bench_bootstrap, bench_coverage, bench_count_features, bench_count_features_ungrouped, bench_hl7_parse, bench_replay, bench_model_score]
     try:
         from mllp import bench_mllp
         benches.append(bench_mllp)

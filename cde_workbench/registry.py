@@ -83,6 +83,7 @@ def register_model(engine: Engine, # the store
                    data_fingerprint: str, # hash of the training data
                    test_predictions: pl.DataFrame | None = None, # retrospective test set: ids, labels, scores
                    *, var: Path, # the workspace's var/: bundles go to `var/models/<name>/`
+                   files: dict[str, bytes] | None = None, # more files for the version's folder, e.g. the compiled graph (23a_compile)
                   ) -> ModelRecord:
     "Save a new immutable model version and record it; returns its record."
     if not (name.isascii() and name.isidentifier()):   # the name is a folder under var/models: '..' or 'a/b' would escape it
@@ -97,6 +98,10 @@ def register_model(engine: Engine, # the store
         try:
             sio.dump(bundle, tmp / 'model.skops')
             if test_predictions is not None: test_predictions.write_parquet(tmp / 'test_predictions.parquet')
+            for fname, data in (files or {}).items():
+                if fname != Path(fname).name or fname in ('model.skops', 'test_predictions.parquet') or fname.startswith('.'):
+                    raise ConfigError(f"model file name {fname!r} must be a plain file name other than the bundle's own")
+                (tmp / fname).write_bytes(data)
             for p in tmp.iterdir(): private_file(p, 0o400)   # read-only, and the owner's only
             tmp.rename(folder)
         except BaseException:

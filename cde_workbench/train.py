@@ -27,7 +27,8 @@ from .evaluate import auroc_ci, prevalence_ci
 from .feature_store import feature_data_fingerprint, offline_matrix, point_in_time_check
 from .features import FeatureData, load_feature_data
 from .featurizer import CountFeaturizer
-from .registry import ModelRecord, register_model
+from .compile import register_compiled_model
+from .registry import ModelRecord
 from .tasks import task_points
 
 # %% auto #0
@@ -177,4 +178,6 @@ def train_deployment(engine: Engine, # the store
         score=pl.Series(score), n_features=pl.Series(np.diff(Xte.indptr)))
     params_all = {**dep.lineage(), 'model': {'kind': kind, **params, 'seed': seed}}
     bundle = {'estimator': est, 'featurizer': fz, 'component': dep.task.component, 'feature_names': fz.feature_names_}
-    return register_model(engine, dep.name, bundle, params_all, metrics, fz.definition_hash(), data_fingerprint(final_train, data), preds, var=var)
+    # compiled to ONNX and checked equal to scikit-learn on the test rows before anything is stored (23a_compile)
+    return register_compiled_model(engine, dep.name, bundle, params_all, metrics, fz.definition_hash(), data_fingerprint(final_train, data), preds,
+                                   var=var, check_rows=Xte)
