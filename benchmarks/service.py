@@ -43,6 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOYMENT, HOOK = 'hgb_abnormal', 'hgb_hook'
 ISS = 'https://load.example.org'
+MAX_IN_FLIGHT = 8   # the service's default: calls beyond it are answered 503 at once (counted as errors here)
 
 
 def _free_port() -> int:
@@ -174,7 +175,7 @@ async def _offer(calls, rate: float) -> list[tuple[int, float]]:
     import gc
     import httpx
     gc.collect(); gc.freeze()   # the load process's own collections must not show up as the service's latency
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=500, max_keepalive_connections=100), timeout=30) as c:
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=500, max_keepalive_connections=100), timeout=10) as c:
         async def one(url, headers, body):
             t = time.perf_counter()
             try:
@@ -202,14 +203,14 @@ def measure(env: dict, scorer: str, rate: float, seconds: float, pem: Path, pati
     port = _free_port()
     work = Path(tempfile.mkdtemp(prefix='cde-bench-service-'))
     (work / 'patients.json').write_text(json.dumps(patients))
-    proc = start_service(env, port, '--scorer', scorer, '--max-in-flight', '32')
+    proc = start_service(env, port, '--scorer', scorer, '--max-in-flight', str(MAX_IN_FLIGHT))
     try:
         url = f'http://127.0.0.1:{port}'
         load = [sys.executable, __file__, 'load', url, str(pem), str(work / 'patients.json')]
         # warm-up: a few calls to load the model and fill the caches (their packets are counted apart)
         subprocess.run([*load, f'{label}w', '10', '1', str(work / 'warm.json')], check=True, env={**os.environ, **env}, timeout=120)
         subprocess.run([*load, f'{label}-', str(rate), str(seconds), str(work / 'out.json')], check=True, env={**os.environ, **env},
-                       timeout=seconds + 120)
+                       timeout=3 * seconds + 300)   # signing the JWTs first, then the calls, each answered within 10 s
     finally: stop_service(proc)
     res = json.loads((work / 'out.json').read_text())
     shutil.rmtree(work, ignore_errors=True)

@@ -448,7 +448,7 @@ def serve(ctx: typer.Context,
     s = replace(load_settings(path), **{k: v for k, v in given.items() if v is not None}).check('cde serve')
     if not s.tokens and not s.issuers:
         typer.echo(f'cde serve: warning: {path} names no API token and no JWT issuer: every scoring call will be refused (cde serve tokens add NAME)', err=True)
-    typer.echo(f'cde serve: http://{s.host}:{s.port} (settings {path}; CDS Hooks audience {s.audiences})', err=True)
+    typer.echo(f'cde serve: http://{s.host}:{s.port} (settings {path}; CDS Hooks audience {s.cds_audience})', err=True)
     run_service(ws, s)
 
 @tokens_app.command('add')

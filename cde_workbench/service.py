@@ -77,7 +77,7 @@ class ServiceSettings:
         return self
 
     @property
-    def audiences(self) -> str:
+    def cds_audience(self) -> str:
         "The CDS Hooks base URL a JWT's aud must name."
         return (self.audience or f"http://{self.host}:{self.port}/cds-services").rstrip('/')
 
@@ -339,7 +339,7 @@ class ScoringService:
                 ):
         self.ws, self.settings = ws, settings
         self.engine = engine if engine is not None else get_engine(ws.database_url)
-        self.verifier = HookTokenVerifier(settings.issuers, settings.audiences)
+        self.verifier = HookTokenVerifier(settings.issuers, settings.cds_audience)
         self.scorer_factory = _sklearn_scorer if settings.scorer == 'sklearn' else _compiled_scorer
         self._deps: dict = {}       # name -> (toml mtime, Deployment)
         self._runs: dict = {}       # name -> run id
