@@ -11,7 +11,7 @@ Set-up, all in this run:
   hgb_abnormal trained as a single 300-tree random forest (the issue's model; one candidate, so training is short),
   plus a copy of the deployment answering the order-sign hook, in a silent trial of that model;
 - settings with the load process's issuer and its JWKS (an RSA key made here);
-- the service twice on the same store: `cde serve --scorer sklearn` (the baseline: the bundle's estimator) and
+- the service twice on the same store (one worker process each): `cde serve --scorer sklearn` (the baseline: the bundle's estimator) and
   `cde serve --scorer auto` (the compiled scorer when the registry has one for the model; when the compiled scorer
   of nbs/23a_compile is not installed, auto is scikit-learn too and the ratio is about 1: the note says which);
 - the load process (`python benchmarks/service.py load ...`, its own interpreter) signs every JWT before it starts,
@@ -43,7 +43,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOYMENT, HOOK = 'hgb_abnormal', 'hgb_hook'
 ISS = 'https://load.example.org'
-MAX_IN_FLIGHT = 8   # the service's default: calls beyond it are answered 503 at once (counted as errors here)
+MAX_IN_FLIGHT = 8   # per worker, the service's default: calls beyond it are answered 503 at once (counted as errors here)
+WORKERS = 1         # `cde serve --workers`: on SQLite a second process mostly adds write-lock waits (2 workers measured slower here)
 
 
 def _free_port() -> int:
@@ -203,7 +204,7 @@ def measure(env: dict, scorer: str, rate: float, seconds: float, pem: Path, pati
     port = _free_port()
     work = Path(tempfile.mkdtemp(prefix='cde-bench-service-'))
     (work / 'patients.json').write_text(json.dumps(patients))
-    proc = start_service(env, port, '--scorer', scorer, '--max-in-flight', str(MAX_IN_FLIGHT))
+    proc = start_service(env, port, '--scorer', scorer, '--max-in-flight', str(MAX_IN_FLIGHT), '--workers', str(WORKERS))
     try:
         url = f'http://127.0.0.1:{port}'
         load = [sys.executable, __file__, 'load', url, str(pem), str(work / 'patients.json')]
@@ -247,7 +248,7 @@ def bench_service(seconds: float = 60, rate: float = 50, n_patients: int = 1000)
         if r['packets'] != r['accepted']: raise RuntimeError(f'service benchmark ({name}): {r["packets"]} packets for {r["accepted"]} accepted calls')
     scorer = 'compiled scorer' if compiled_available() else 'auto = scikit-learn (the compiled scorer is not installed)'
     note = (f"CDS Hooks order-sign, RS256 JWT each, {rate:g}/s for {seconds:g} s by a separate load process, {n_patients} patients, "
-            f"300-tree forest; {scorer}: p50 {run['p50']:.1f} ms, errors {run['errors']}/{run['calls']}, packets {run['packets']} = accepted; "
+            f"300-tree forest, {WORKERS} workers; {scorer}: p50 {run['p50']:.1f} ms, errors {run['errors']}/{run['calls']}, packets {run['packets']} = accepted; "
             f"baseline scikit-learn: p50 {base_run['p50']:.1f} ms, errors {base_run['errors']}; store built in {built:.0f} s")
     return {'service_p99_ms': {'value': round(run['p99'], 2), 'unit': 'ms', 'baseline': round(base_run['p99'], 2),
                                'ratio': round(base_run['p99'] / run['p99'], 2) if run['p99'] > 0 else None, 'note': note},

@@ -23,8 +23,8 @@ from .deployment import load_deployment
 __all__ = ['app', 'ingest_app', 'models_app', 'serve_app', 'tokens_app', 'synth', 'ingest_warehouse', 'feed_with_times',
            'ingest_synthea', 'ingest_fhir', 'ingest_file', 'ingest_mllp', 'ingest_process', 'ingest_replay',
            'ingest_redrive', 'ingest_status', 'train', 'deploy', 'score', 'labels', 'report', 'dashboard',
-           'models_list', 'models_show', 'models_alias', 'demo', 'evaluate', 'serve', 'serve_tokens_add',
-           'serve_tokens_list', 'serve_tokens_remove', 'main']
+           'models_list', 'models_show', 'models_alias', 'demo', 'evaluate', 'serve', 'service_worker_app',
+           'serve_tokens_add', 'serve_tokens_list', 'serve_tokens_remove', 'main']
 
 # %% ../nbs/80_cli.ipynb #636e4249
 app = typer.Typer(help='cde-workbench: take a clinical model from the research notebook to a silent trial, a report and a dashboard.',
@@ -436,7 +436,8 @@ def serve(ctx: typer.Context,
           port: Optional[int] = typer.Option(None, min=1, max=65535, help='TCP port (default: the settings file, else 8700).'),
           host: Optional[str] = typer.Option(None, help='Address to bind (default: the settings file, else 127.0.0.1).'),
           scorer: Optional[str] = typer.Option(None, help='auto (the compiled scorer when the model has one) or sklearn.'),
-          max_in_flight: Optional[int] = typer.Option(None, '--max-in-flight', min=1, help='Requests handled at once; the excess gets 503 with Retry-After.'),
+          max_in_flight: Optional[int] = typer.Option(None, '--max-in-flight', min=1, help='Requests handled at once per worker; the excess gets 503 with Retry-After.'),
+          workers: Optional[int] = typer.Option(None, min=1, help='Processes serving the port (default: the settings file, else 1).'),
          ):
     "Run the scoring service (REST and CDS Hooks) until Ctrl-C or SIGTERM."
     if ctx.invoked_subcommand is not None: return
@@ -444,12 +445,22 @@ def serve(ctx: typer.Context,
     from cde_workbench.service import load_settings, serve as run_service, settings_path
     ws = Workspace.from_env()
     path = settings_path(ws)
-    given = dict(port=port, host=host, scorer=scorer, max_in_flight=max_in_flight)
+    given = dict(port=port, host=host, scorer=scorer, max_in_flight=max_in_flight, workers=workers)
     s = replace(load_settings(path), **{k: v for k, v in given.items() if v is not None}).check('cde serve')
     if not s.tokens and not s.issuers:
         typer.echo(f'cde serve: warning: {path} names no API token and no JWT issuer: every scoring call will be refused (cde serve tokens add NAME)', err=True)
     typer.echo(f'cde serve: http://{s.host}:{s.port} (settings {path}; CDS Hooks audience {s.cds_audience})', err=True)
-    run_service(ws, s)
+    if s.workers > 1:   # each worker process builds its app from the same workspace (CDE_*) and these settings
+        import os
+        from dataclasses import asdict
+        os.environ['CDE_SERVE_SETTINGS'] = json.dumps(asdict(s), default=str)
+    run_service(ws, s, app_factory='cde_workbench.cli:service_worker_app')
+
+def service_worker_app():
+    "The app of one `cde serve --workers N` process: the workspace from CDE_*, the settings its parent resolved."
+    import os
+    from cde_workbench.service import ServiceSettings, create_app
+    return create_app(Workspace.from_env(), ServiceSettings(**json.loads(os.environ['CDE_SERVE_SETTINGS'])).check('cde serve worker'))
 
 @tokens_app.command('add')
 def serve_tokens_add(name: str = typer.Argument(..., help='Who the token is for (letters, digits, - and _).'),

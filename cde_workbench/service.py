@@ -51,7 +51,8 @@ class ServiceSettings:
     host: str = '127.0.0.1'
     port: int = 8700
     audience: str | None = None       # the service's CDS Hooks base URL (a JWT's aud); default http://host:port/cds-services
-    max_in_flight: int = 8
+    max_in_flight: int = 8             # per worker process
+    workers: int = 1                   # processes serving the port (each with its own in-flight limit)
     retry_after_seconds: int = 1
     scorer: str = 'auto'
     tokens: dict = field(default_factory=dict)   # name -> sha256 hex of the token
@@ -60,7 +61,7 @@ class ServiceSettings:
     def check(self, where: str = 'service settings') -> ServiceSettings:
         "Validate every field; a `ConfigError` names the key."
         if not isinstance(self.host, str) or not self.host: raise ConfigError(f"{where}: [service] host must be an address, got {self.host!r}")
-        for k, lo in (('port', 0), ('max_in_flight', 1), ('retry_after_seconds', 1)):
+        for k, lo in (('port', 0), ('max_in_flight', 1), ('workers', 1), ('retry_after_seconds', 1)):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo or (k == 'port' and v > 65535):
                 raise ConfigError(f"{where}: [service] {k} must be a whole number ≥ {lo}{' and ≤ 65535' if k == 'port' else ''}, got {v!r}")
@@ -99,7 +100,7 @@ def load_settings(path: Path, # the settings file; a missing file gives the defa
     for k in raw:
         if k not in ('service', 'tokens', 'issuers'): raise ConfigError(f"{path}: unknown section [{k}] (known: service, tokens, issuers)")
     svc = raw.get('service', {})
-    known = ('host', 'port', 'audience', 'max_in_flight', 'retry_after_seconds', 'scorer')
+    known = ('host', 'port', 'audience', 'max_in_flight', 'workers', 'retry_after_seconds', 'scorer')
     for k in svc:
         if k not in known: raise ConfigError(f"{path}: [service] unknown key {k!r} (known: {', '.join(known)})")
     issuers = {}
@@ -121,7 +122,7 @@ def save_settings(settings: ServiceSettings, # validated settings
     lines = ['# cde serve settings (owner-only); keys are documented in nbs/41a_service.ipynb', '[service]',
              f"host = {_toml_str(settings.host)}", f"port = {settings.port}",
              *([f"audience = {_toml_str(settings.audience)}"] if settings.audience else []),
-             f"max_in_flight = {settings.max_in_flight}", f"retry_after_seconds = {settings.retry_after_seconds}",
+             f"max_in_flight = {settings.max_in_flight}", f"workers = {settings.workers}", f"retry_after_seconds = {settings.retry_after_seconds}",
              f"scorer = {_toml_str(settings.scorer)}", '', '[tokens]   # name = sha256 of the bearer token',
              *(f"{n} = {_toml_str(h)}" for n, h in sorted(settings.tokens.items())), '']
     for iss, p in sorted(settings.issuers.items()): lines += [f"[issuers.{_toml_str(iss)}]", f"jwks = {_toml_str(p)}", '']
@@ -565,12 +566,18 @@ def create_app(ws: Workspace, # the workspace: deployments folder and store
 
 # %% ../nbs/41a_service.ipynb #8adfee46
 def serve(ws: Workspace, # the workspace
-          settings: ServiceSettings, # validated settings: host, port, tokens, issuers, limits
+          settings: ServiceSettings, # validated settings: host, port, tokens, issuers, limits, workers
           log_level: str = 'warning', # uvicorn's log level
+          app_factory: str | None = None, # workers > 1: 'module:function' that builds the app in each worker process
          ) -> None:
     "Run the scoring service with uvicorn until SIGINT or SIGTERM (which finish the requests in flight, then free the port)."
     import uvicorn
-    app = create_app(ws, settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=10, lifespan='on', server_header=False)
-    uvicorn.Server(config).run()
+    common = dict(host=settings.host, port=settings.port, log_level=log_level, access_log=False, timeout_graceful_shutdown=10,
+                  lifespan='on', server_header=False)
+    if settings.workers == 1:
+        uvicorn.Server(uvicorn.Config(create_app(ws, settings), **common)).run()
+        return
+    from uvicorn.supervisors import Multiprocess
+    if not app_factory: raise ConfigError(f"service settings: workers = {settings.workers} needs the app factory's import string (cde serve gives it)")
+    config = uvicorn.Config(app_factory, factory=True, workers=settings.workers, **common)
+    Multiprocess(config, sockets=[config.bind_socket()]).run()

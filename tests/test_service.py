@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import jwt
+import psutil
 import pytest
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -340,19 +341,23 @@ def port_free(port: int) -> bool:
         except OSError: return False
 
 
-def test_sigterm_ends_cde_serve_and_frees_its_port(service_store):
+@pytest.mark.parametrize('workers', [1, 2])
+def test_sigterm_ends_cde_serve_and_frees_its_port(service_store, workers):
     import httpx
     s = service_store
-    with cde_serve(s['store'].env, s['port']) as proc:
+    with cde_serve(s['store'].env, s['port'], '--workers', str(workers)) as proc:
         assert not port_free(s['port'])
         r = httpx.post(f"http://127.0.0.1:{s['port']}/v1/deployments/{SMALL_DEPLOYMENT}/score", json={'patient_key': s['patients'][0]},
                        headers={'Authorization': f"Bearer {s['token']}"}, timeout=30)
         assert r.status_code == 200, r.text
         with s['engine'].connect() as c:
-            assert c.execute(sa.text("select status from runs where kind = 'serve'")).scalars().all() == ['running']
+            assert c.execute(sa.text("select status from runs where kind = 'serve'")).scalars().all() == ['running']   # the worker that scored
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= (2 if workers > 1 else 0)
         proc.send_signal(signal.SIGTERM)
-        # uvicorn shuts down gracefully, then ends itself by the signal it caught (the shell sees 143)
-        assert proc.wait(20) in (0, -signal.SIGTERM), proc.stdout.read().decode()[-2000:]
+        # uvicorn shuts down gracefully (with its worker processes), then may end itself by the signal it caught (the shell sees 143)
+        assert proc.wait(30) in (0, -signal.SIGTERM), proc.stdout.read().decode()[-2000:]
+        assert not psutil.wait_procs(children, timeout=10)[1]   # no worker left behind
     assert port_free(s['port'])
     with s['engine'].connect() as c:   # the graceful shutdown closed the service's run-ledger entry
         assert c.execute(sa.text("select status from runs where kind = 'serve'")).scalars().all() == ['succeeded']
