@@ -11,9 +11,10 @@ Set-up, all in this run:
   hgb_abnormal trained as a single 300-tree random forest (the issue's model; one candidate, so training is short),
   plus a copy of the deployment answering the order-sign hook, in a silent trial of that model;
 - settings with the load process's issuer and its JWKS (an RSA key made here);
-- the service twice on the same store (one worker process each): `cde serve --scorer sklearn` (the baseline: the bundle's estimator) and
-  `cde serve --scorer auto` (the compiled scorer when the registry has one for the model; when the compiled scorer
-  of nbs/23a_compile is not installed, auto is scikit-learn too and the ratio is about 1: the note says which);
+- the service twice on the same store (one worker process each): `cde serve --scorer sklearn` (the baseline: the
+  bundle's estimator, n_jobs=1) and
+  `cde serve --scorer auto` (the version's compiled ONNX graph, registered with it at training by nbs/23a_compile;
+  a version without one is scored by scikit-learn, and the ratio is then about 1: the note says which);
 - the load process (`python benchmarks/service.py load ...`, its own interpreter) signs every JWT before it starts,
   then sends each call at its time whether or not earlier ones have been answered (open loop), each to a different
   patient and order, and times each from sending to the whole answer;
@@ -221,12 +222,15 @@ def measure(env: dict, scorer: str, rate: float, seconds: float, pem: Path, pati
             'calls': len(res), 'accepted': ok, 'errors': len(res) - ok, 'packets': packets(env, f'{label}-')}
 
 
-def compiled_available() -> bool:
-    "Whether the compiled scorer (nbs/23a_compile) is installed: `--scorer auto` then uses it."
-    try:
-        import cde_workbench.compile  # noqa: F401
-        return True
-    except ImportError: return False
+def compiled_available(env: dict) -> bool:
+    "Whether hgb_abnormal's registered version has a compiled graph (nbs/23a_compile): `--scorer auto` then scores with it."
+    import sqlalchemy as sa
+    from cde_workbench.config import Workspace
+    from cde_workbench.registry import get_model
+    e = sa.create_engine(Workspace.from_env(env).database_url)
+    with e.connect() as c: rec = get_model(c, DEPLOYMENT)
+    e.dispose()
+    return bool((rec.params or {}).get('compiled'))
 
 
 def bench_service(seconds: float = 60, rate: float = 50, n_patients: int = 1000) -> dict:
@@ -238,6 +242,7 @@ def bench_service(seconds: float = 60, rate: float = 50, n_patients: int = 1000)
         built = time.perf_counter() - t
         pem = configure(env, base)
         pts = patient_keys(env)
+        compiled = compiled_available(env)
         base_run = measure(env, 'sklearn', rate, seconds, pem, pts, 'sk')
         run = measure(env, 'auto', rate, seconds, pem, pts, 'au')
     finally:
@@ -246,9 +251,9 @@ def bench_service(seconds: float = 60, rate: float = 50, n_patients: int = 1000)
         shutil.rmtree(base, ignore_errors=True)
     for name, r in (('sklearn', base_run), ('auto', run)):
         if r['packets'] != r['accepted']: raise RuntimeError(f'service benchmark ({name}): {r["packets"]} packets for {r["accepted"]} accepted calls')
-    scorer = 'compiled scorer' if compiled_available() else 'auto = scikit-learn (the compiled scorer is not installed)'
+    scorer = 'compiled scorer (ONNX)' if compiled else 'auto = scikit-learn (the model has no compiled graph)'
     note = (f"CDS Hooks order-sign, RS256 JWT each, {rate:g}/s for {seconds:g} s by a separate load process, {n_patients} patients, "
-            f"300-tree forest, {WORKERS} workers; {scorer}: p50 {run['p50']:.1f} ms, errors {run['errors']}/{run['calls']}, packets {run['packets']} = accepted; "
+            f"300-tree forest, {WORKERS} worker(s); {scorer}: p50 {run['p50']:.1f} ms, errors {run['errors']}/{run['calls']}, packets {run['packets']} = accepted; "
             f"baseline scikit-learn: p50 {base_run['p50']:.1f} ms, errors {base_run['errors']}; store built in {built:.0f} s")
     return {'service_p99_ms': {'value': round(run['p99'], 2), 'unit': 'ms', 'baseline': round(base_run['p99'], 2),
                                'ratio': round(base_run['p99'] / run['p99'], 2) if run['p99'] > 0 else None, 'note': note},

@@ -30,6 +30,7 @@ from sqlalchemy.engine import Engine
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .compile import load_scorer
 from .config import CDEError, ConfigError, Workspace, private_dir, private_file, utcnow
 from .deployment import CDS_HOOKS, Deployment, load_deployment
 from .serve import Packet, ServingModel, score_point, serving_model
@@ -327,8 +328,6 @@ def _sklearn_scorer(record, bundle):
 
 def _compiled_scorer(record, bundle):
     "The registry's compiled scorer of `record` when there is one (nbs/23a_compile), else scikit-learn's (`_sklearn_scorer`)."
-    try: from cde_workbench.compile import load_scorer   # 23a_compile: present once the compiled scorer has landed
-    except ImportError: return _sklearn_scorer(record, bundle)
     s = load_scorer(record, bundle)
     return s if getattr(s, 'kind', None) == 'onnx' else _sklearn_scorer(record, bundle)
 
