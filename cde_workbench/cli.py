@@ -460,7 +460,8 @@ def service_worker_app():
     "The app of one `cde serve --workers N` process: the workspace from CDE_*, the settings its parent resolved."
     import os
     from cde_workbench.service import ServiceSettings, create_app
-    return create_app(Workspace.from_env(), ServiceSettings(**json.loads(os.environ['CDE_SERVE_SETTINGS'])).check('cde serve worker'))
+    return create_app(Workspace.from_env(), ServiceSettings(**json.loads(os.environ['CDE_SERVE_SETTINGS'])).check('cde serve worker'),
+                      freeze_gc=True)
 
 @tokens_app.command('add')
 def serve_tokens_add(name: str = typer.Argument(..., help='Who the token is for (letters, digits, - and _).'),

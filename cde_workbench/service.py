@@ -5,6 +5,7 @@
 # %% ../nbs/41a_service.ipynb #e0a40ade
 from __future__ import annotations
 
+import gc
 import hashlib
 import hmac
 import json
@@ -33,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .compile import load_scorer
 from .config import CDEError, ConfigError, Workspace, private_dir, private_file, utcnow
 from .deployment import CDS_HOOKS, Deployment, load_deployment
+from .deploy import SCORING_STATES, deployment_state
 from .serve import Packet, ServingModel, score_point, serving_model
 from .store import get_engine, patient_links, patients, runs, token_uses
 
@@ -251,6 +253,8 @@ class HookTokenVerifier:
             with engine.begin() as conn: conn.execute(token_uses.delete().where(token_uses.c.expires_at < now))
 
 # %% ../nbs/41a_service.ipynb #cbae27f3
+_STORE_DOWN = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)   # the store cannot be reached: 503
+
 class RequestRefused(CDEError):
     "A request the service answers with a 4xx status: the status and a one-line reason."
     def __init__(self, status: int, reason: str):
@@ -369,7 +373,19 @@ class ScoringService:
             if dep.trigger.kind == 'hook': out.append(dep)
         return out
 
+    def warm(self) -> int:
+        "Load the served model of every silent or live deployment now, so the first calls do not wait for it; how many were loaded."
+        n = 0
+        for f in sorted(self.ws.deployments.glob('*/deployment.toml')):
+            try:
+                dep = self.deployment(f.parent.name)
+                with self.engine.connect() as conn: status = deployment_state(conn, dep.name).status
+                if status in SCORING_STATES: self.model(dep); n += 1
+            except (CDEError, *_STORE_DOWN): continue   # a call to it will say what is wrong
+        return n
+
     def model(self, dep: Deployment) -> ServingModel:
+
         "The deployment's served model, with the configured scorer."
         return serving_model(self.engine, dep, scorer_factory=self.scorer_factory)
 
@@ -492,8 +508,6 @@ def _draft_order_id(bundle) -> str:
     raise RequestRefused(400, "context.draftOrders holds no ServiceRequest")
 
 # %% ../nbs/41a_service.ipynb #3a26032c
-_STORE_DOWN = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
-
 class _InFlightLimit:
     "ASGI middleware: at most `svc.settings.max_in_flight` HTTP requests at once; the excess gets 503 with Retry-After at once."
     def __init__(self, app, svc: ScoringService):
@@ -512,6 +526,7 @@ class _InFlightLimit:
 def create_app(ws: Workspace, # the workspace: deployments folder and store
                settings: ServiceSettings, # validated settings (tokens, issuers, limits)
                engine: Engine | None = None, # the store (default: the workspace's)
+               freeze_gc: bool = False, # after start-up, move what is loaded out of the collector's way (a server process; not a test's)
               ) -> FastAPI:
     "The scoring service as an ASGI app: REST scoring, CDS Hooks discovery and calls, with auth, limits and one-line errors."
     from contextlib import asynccontextmanager
@@ -519,6 +534,8 @@ def create_app(ws: Workspace, # the workspace: deployments folder and store
 
     @asynccontextmanager
     async def lifespan(app):
+        await run_in_threadpool(svc.warm)
+        if freeze_gc: gc.collect(); gc.freeze()   # what start-up loaded (libraries, models) stays out of later full collections: no 50 ms pauses mid-call
         yield
         try: await run_in_threadpool(svc.close_runs)
         except _STORE_DOWN: pass   # the store is gone: the ledger keeps 'running' and the scheduler's watchdog decides
@@ -574,7 +591,7 @@ def serve(ws: Workspace, # the workspace
     common = dict(host=settings.host, port=settings.port, log_level=log_level, access_log=False, timeout_graceful_shutdown=10,
                   lifespan='on', server_header=False)
     if settings.workers == 1:
-        uvicorn.Server(uvicorn.Config(create_app(ws, settings), **common)).run()
+        uvicorn.Server(uvicorn.Config(create_app(ws, settings, freeze_gc=True), **common)).run()
         return
     from uvicorn.supervisors import Multiprocess
     if not app_factory: raise ConfigError(f"service settings: workers = {settings.workers} needs the app factory's import string (cde serve gives it)")
