@@ -26,6 +26,9 @@ _API = {
     # deployment (40_deploy, 41_serve, 42_schedule, 43_labels)
     'set_status': 'deploy', 'deployment_state': 'deploy', 'score_pending': 'serve', 'run_notebook': 'schedule',
     'extract_labels': 'labels',
+    # the order trigger and write-back (44_trigger, 45_writeback)
+    'enqueue_new_orders': 'trigger', 'score_queued': 'trigger', 'TriggerWorker': 'trigger',
+    'oru_message': 'writeback', 'queue_writebacks': 'writeback', 'send_due': 'writeback',
     # watching and reporting (50_monitor, 51_dashboard, 73_model_card, 74_report)
     'health': 'monitor', 'performance_rows': 'monitor', 'packets': 'monitor', 'weekly': 'monitor',
     'monitor_view': 'dashboard',

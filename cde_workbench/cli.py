@@ -20,10 +20,11 @@ from .deployment import load_deployment
 # `cde --help` and argument errors answer at once.
 
 # %% auto #0
-__all__ = ['app', 'ingest_app', 'models_app', 'serve_app', 'tokens_app', 'synth', 'ingest_warehouse', 'feed_with_times',
-           'ingest_synthea', 'ingest_fhir', 'ingest_file', 'ingest_mllp', 'ingest_process', 'ingest_replay',
-           'ingest_redrive', 'ingest_status', 'train', 'deploy', 'score', 'labels', 'report', 'dashboard',
-           'models_list', 'models_show', 'models_alias', 'demo', 'evaluate', 'serve', 'service_worker_app',
+__all__ = ['app', 'ingest_app', 'models_app', 'trigger_app', 'audit_app', 'serve_app', 'tokens_app', 'synth', 'ingest_warehouse',
+           'feed_with_times', 'ingest_synthea', 'ingest_fhir', 'ingest_file', 'ingest_mllp', 'ingest_process',
+           'ingest_replay', 'ingest_redrive', 'ingest_status', 'train', 'deploy', 'score', 'labels', 'report',
+           'dashboard', 'models_list', 'models_show', 'models_alias', 'demo', 'evaluate', 'trigger_deployments',
+           'trigger_workers', 'trigger_run', 'audit_verify', 'audit_show', 'serve', 'service_worker_app',
            'serve_tokens_add', 'serve_tokens_list', 'serve_tokens_remove', 'main']
 
 # %% ../nbs/80_cli.ipynb #636e4249
@@ -131,6 +132,7 @@ def ingest_mllp(port: int = typer.Option(2575, help='TCP port to listen on.'),
                 host: str = typer.Option('127.0.0.1', help='Address to bind; the default keeps the receiver on this machine.'),
                 max_frame: int = typer.Option(1 << 20, min=1024, help='Largest message accepted, in bytes.'),
                 process: bool = typer.Option(True, help='Keep the clinical tables up to date behind the store (else run `cde ingest process`).'),
+                trigger: bool = typer.Option(True, help='With --process: score new orders of order-triggered deployments as they arrive, and send live scores back where [writeback] says (else run `cde trigger run`).'),
                 replay_clock: bool = typer.Option(False, help='Stamp messages with their own time (MSH-7) + 30 s: only for replaying a recorded feed.'),
                 max_connections: int = typer.Option(64, min=1, help='Connections open at once; one more is closed at once.'),
                 max_buffered: int = typer.Option(32 << 20, min=1 << 17, help='Bytes held across all connections (unfinished frames, messages not yet acknowledged); the connection that would go over it is dropped. At least max-frame + 65536.'),
@@ -147,9 +149,23 @@ def ingest_mllp(port: int = typer.Option(2575, help='TCP port to listen on.'),
     ws = Workspace.from_env()
     engine = get_engine(ws.database_url)
     after = functools.partial(process_pending, engine, 200, key=site_key(ws.site_key_file), policy=_sender_policy(ws, engine)) if process else None   # small batches: commits go on
-    serve(engine, host, port, max_frame, clock=ReplayClock() if replay_clock else None, after_commit=after, max_connections=max_connections,
-          max_buffered=max_buffered, idle_timeout=idle_timeout, frame_timeout=frame_timeout,
-          ready=lambda p: typer.echo(f'listening on {host}:{p} (MLLP); storing into {engine.url.render_as_string(hide_password=True)}', err=True))
+    deps, served, workers = [], [], []
+    if process and trigger:   # the order trigger: processor, then enqueue, then score
+        try: deps, served = trigger_deployments(ws)
+        except ConfigError as e:   # a deployment that does not load must not stop the feed from being stored
+            typer.echo(f'cde ingest mllp: the order trigger is off: {e}', err=True)
+    if served:
+        import threading   # the worker starts beside the receiver (its imports take seconds); until then the processor runs alone
+        threading.Thread(target=lambda: workers.extend(w.start() for w in trigger_workers(engine, deps)), name='cde-trigger-start', daemon=True).start()
+        typer.echo(f"cde ingest mllp: order trigger for {', '.join(served)}", err=True)
+        process_only = after
+        after = lambda: (process_only(), [w.wake() for w in workers])
+    try:
+        serve(engine, host, port, max_frame, clock=ReplayClock() if replay_clock else None, after_commit=after, max_connections=max_connections,
+              max_buffered=max_buffered, idle_timeout=idle_timeout, frame_timeout=frame_timeout,
+              ready=lambda p: typer.echo(f'listening on {host}:{p} (MLLP); storing into {engine.url.render_as_string(hide_password=True)}', err=True))
+    finally:
+        for w in reversed(workers): w.stop()
 
 @ingest_app.command('process')
 def ingest_process():
@@ -248,20 +264,22 @@ def train(deployment: str = typer.Argument(..., help='Deployment name (a folder 
 
 @app.command()
 def deploy(deployment: str = typer.Argument(..., help='Deployment name.'),
-           status: str = typer.Argument(..., help='New lifecycle state: draft, silent, live, paused or retired.'),
-           model: Optional[str] = typer.Option(None, '--model', help='Model version number or alias to serve (default: the champion, else the newest).'),
-           reason: str = typer.Option('', help='Why, for the audit log.')):
-    "Move a deployment through its lifecycle (draft → silent → live → retired, with pause); audited."
+           status: str = typer.Argument(..., help='New lifecycle state: draft, silent, live, paused or retired; or rollback (to the model it served before).'),
+           model: Optional[str] = typer.Option(None, '--model', help='Model version number or alias to serve (default: the champion, else the newest; going live: the model it serves).'),
+           reason: str = typer.Option('', help='Why, for the history and the audit log (required going live and rolling back).'),
+           reviewer: Optional[str] = typer.Option(None, '--reviewer', help='Who signs the change off (required going live); default CDE_ACTOR or the OS user.')):
+    "Move a deployment through its lifecycle (draft → silent → live → retired, with pause); going live passes its gates first; audited."
     ws = Workspace.from_env()
     dep = load_deployment(deployment, ws.deployments)
+    if status in ('live', 'rollback'): return _deploy_gated(ws, dep, status, model, reason, reviewer)   # the gates and rollback (below)
     from cde_workbench.deploy import set_status
     from cde_workbench.registry import resolve_model
     from cde_workbench.store import get_engine
     engine = get_engine(ws.database_url)
     mid = None
-    if status in ('silent', 'live'):
+    if status == 'silent':
         with engine.connect() as c: mid = resolve_model(c, dep.name, model).model_id
-    st = set_status(engine, dep.name, status, mid, reason)
+    st = set_status(engine, dep.name, status, mid, reason, actor=reviewer)
     typer.echo(f'{dep.name}: {st.status} (model id {st.model_id})')
 
 def _timed_run(deployment: str, kind: str, as_of: Optional[str]):
@@ -424,6 +442,127 @@ def evaluate(file: Path = typer.Argument(..., help='Predictions file (.csv or .p
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(html, encoding='utf-8')
     typer.echo(f'report: {out}')
+
+# %% ../nbs/80_cli.ipynb #1576f82e
+trigger_app = typer.Typer(help='The order trigger: new orders from the live feed scored within seconds; live scores written back.', no_args_is_help=True)
+app.add_typer(trigger_app, name='trigger')
+
+def trigger_deployments(ws: Workspace, # the workspace: its deployments folder
+                       ) -> tuple[list, list[str]]:
+    "The workspace's deployments (a broken deployment.toml is an error naming it), and the names the order trigger or write-back serves."
+    folder = ws.deployments
+    deps = [load_deployment(p.parent) for p in sorted(folder.glob('*/deployment.toml'))] if folder.exists() else []
+    return deps, sorted(d.name for d in deps if (d.trigger.kind == 'order' and d.task.kind == 'lab_abnormal') or d.writeback is not None)
+
+def trigger_workers(engine, # the store's engine
+                    deps: list, # the workspace's deployments (`trigger_deployments`)
+                    poll: float = 0.5, # seconds between the order trigger's passes when not woken
+                   ) -> list:
+    """The threads to run, in starting order: where `[writeback]` says, the write-back sender (its own thread: a slow destination
+    never holds up scoring), then the order-trigger worker, which wakes the sender after each pass."""
+    from cde_workbench.trigger import TriggerWorker
+    from cde_workbench.writeback import WritebackWorker, writeback_deployments
+    wb = writeback_deployments(deps)
+    sender = WritebackWorker(engine, wb) if wb else None
+    return [*([sender] if sender else []), TriggerWorker(engine, deps, poll, also=sender.wake if sender else None)]
+
+@trigger_app.command('run')
+def trigger_run(poll: float = typer.Option(0.5, min=0.01, help='Seconds between passes (each pass enqueues new orders and scores them).'),
+                once: bool = typer.Option(False, help='One pass, print what it did, and exit (e.g. from cron).')):
+    "Score new orders of order-triggered deployments as the feed brings them (and send live scores back) until Ctrl-C or SIGTERM."
+    import signal
+    import threading
+    from cde_workbench.store import get_engine
+    ws = Workspace.from_env()
+    engine = get_engine(ws.database_url)
+    deps, served = trigger_deployments(ws)
+    if not served: raise ConfigError(f'no deployment in {ws.deployments} has [trigger] kind = "order" or a [writeback] section: nothing to do')
+    workers = trigger_workers(engine, deps, poll)
+    trig, sender = workers[-1], (workers[0] if len(workers) > 1 else None)
+    def say(s):
+        skipped = ', '.join(f'{v} {k}' for k, v in s.skipped.items())
+        typer.echo(f'{s.queued} queued, {s.scored} scored' + (f', skipped: {skipped}' if skipped else '') + f', {s.retried} to retry, {s.failed} failed')
+        for e in s.errors: typer.echo(f'  {e}', err=True)
+        if sender is not None:
+            w = sender.total
+            typer.echo(f'write-back: {w.sent} sent, {w.retried} to retry, {w.failed} failed')
+            for e in w.errors: typer.echo(f'  {e}', err=True)
+    if once:
+        try:
+            s = trig.run_once()
+            if sender is not None: sender.run_once()
+            say(s)
+        finally: trig.stop()
+        return
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    typer.echo(f"order trigger for {', '.join(served)} (every {poll:g} s); Ctrl-C stops", err=True)
+    seen = {}
+    for w in workers: w.start()
+    try:
+        while not stop.wait(1.0):
+            for w in workers:
+                if w.last_error and w.last_error != seen.get(id(w)): seen[id(w)] = w.last_error; typer.echo(f'cde trigger: {w.last_error.splitlines()[0]}', err=True)
+    except KeyboardInterrupt: pass
+    finally:
+        for w in reversed(workers): w.stop()
+    say(trig.total)
+
+# %% ../nbs/80_cli.ipynb #9a7e0101
+def _deploy_gated(ws: Workspace, dep, action: str, model: Optional[str], reason: str, reviewer: Optional[str]) -> None:
+    "`cde deploy NAME live` through the gates, or `cde deploy NAME rollback`."
+    from cde_workbench.registry import get_model, resolve_model
+    from cde_workbench.store import get_engine
+    if action == 'rollback':   # bad input is refused before the store is opened
+        if model is not None: raise ConfigError('cde deploy NAME rollback returns to the model served before: --model does not apply')
+        if not reason.strip(): raise ConfigError('cde deploy NAME rollback needs --reason')
+    engine = get_engine(ws.database_url)
+    if action == 'rollback':
+        from cde_workbench.deploy import rollback
+        st = rollback(engine, dep.name, reason, actor=reviewer)
+        with engine.connect() as c: rec = get_model(c, model_id=st.model_id)
+        typer.echo(f'{dep.name}: {st.status}, rolled back to {rec.name} v{rec.version} (model id {st.model_id})')
+        return
+    from cde_workbench.gates import go_live
+    mid = None
+    if model is not None:
+        with engine.connect() as c: mid = resolve_model(c, dep.name, model).model_id
+    report, st = go_live(engine, dep, reviewer, reason, mid)
+    for line in report.lines(): typer.echo(line)
+    if st is None:
+        for g in report.failing: typer.echo(f'cde: refused: {g.name}: {g.figure} (needs {g.threshold})', err=True)
+        raise typer.Exit(1)
+    typer.echo(f'{dep.name}: live on {report.model} (model id {st.model_id}), signed off by {" ".join(reviewer.split())}')
+
+audit_app = typer.Typer(help='The hash-chained audit log.', no_args_is_help=True)
+app.add_typer(audit_app, name='audit')
+
+@audit_app.command('verify')
+def audit_verify():
+    "Recompute the audit log's hash chain: rows checked and intact, or each edited, inserted or removed row (exit status 1)."
+    from cde_workbench.store import get_engine, verify_audit_chain
+    with get_engine(Workspace.from_env().database_url).connect() as c: v = verify_audit_chain(c)
+    if v.ok:
+        typer.echo(f'audit log: {v.rows} rows checked, hash chain intact'); return
+    typer.echo(f'audit log: {v.rows} rows checked, {len(v.problems)} problem{"s" * (len(v.problems) != 1)}:')
+    for p in v.problems: typer.echo(f'  {p}')
+    raise typer.Exit(1)
+
+@audit_app.command('show')
+def audit_show(limit: int = typer.Option(20, '--limit', min=1, help='Rows to show, newest first.'),
+               target: Optional[str] = typer.Option(None, '--target', help='Only rows about this target (e.g. a deployment name).')):
+    "The newest audit rows: when, who, what, to what, and the detail."
+    import sqlalchemy as sa
+    from cde_workbench.store import audit_log, get_engine
+    a = audit_log.c
+    q = sa.select(a.id, a.at, a.actor, a.action, a.target, a.detail).order_by(a.id.desc()).limit(limit)
+    if target is not None: q = q.where(a.target == target)
+    with get_engine(Workspace.from_env().database_url).connect() as c: rows = c.execute(q).all()
+    import unicodedata
+    clean = lambda s: ''.join(' ' if unicodedata.category(ch)[0] == 'C' else ch for ch in s)   # nothing from the store drives the terminal
+    for r in rows:
+        detail = r.detail if len(r.detail) <= 160 else r.detail[:157] + '...'
+        typer.echo(clean(f'{r.id:>6}  {_when(r.at)}  {r.actor}  {r.action}  {r.target}  {detail}'))
 
 # %% ../nbs/80_cli.ipynb #b7e1a002
 serve_app = typer.Typer(help='The scoring service: REST scoring and CDS Hooks on 127.0.0.1.')

@@ -30,11 +30,12 @@ from .config import ConfigError, PipelineError, Workspace, private_dir, private_
 from .deployment import load_deployment
 
 # %% auto #0
-__all__ = ['DEMO_DEPLOYMENT', 'DEPLOYR_DEPLOYMENTS', 'StageTimes', 'reset_demo_store', 'worker_threads', 'train_demo_tasks',
-           'WarmKernels', 'trial_weeks', 'label_run_due', 'mllp_receiver', 'DemoResult', 'run_demo']
+__all__ = ['DEMO_DEPLOYMENT', 'DEMO_REVIEWER', 'DEPLOYR_DEPLOYMENTS', 'StageTimes', 'reset_demo_store', 'worker_threads',
+           'train_demo_tasks', 'WarmKernels', 'trial_weeks', 'label_run_due', 'mllp_receiver', 'DemoResult', 'run_demo']
 
 # %% ../nbs/75_demo.ipynb #07c6b155
 DEMO_DEPLOYMENT = 'hgb_abnormal'   # the one that runs a silent trial
+DEMO_REVIEWER = 'Dr A. Reviewer (demo)'   # who signs its go-live off
 # DEPLOYR's twelve lab-abnormal tasks, trained and evaluated retrospectively by the demo
 DEPLOYR_DEPLOYMENTS = ('hct_abnormal', 'hgb_abnormal', 'plt_abnormal', 'wbc_abnormal', 'alb_abnormal', 'bun_abnormal', 'ca_abnormal',
                        'co2_abnormal', 'creat_abnormal', 'k_abnormal', 'na_abnormal', 'mg_abnormal')
@@ -353,14 +354,18 @@ class DemoResult:
     rows: list # retrospective and prospective `PerformanceRow`s of the silent deployment
     feed: dict # messages sent, acknowledgements by code, stored, duplicates, dead letters, MRN merges, processing errors
     stages: StageTimes # wall-clock and CPU seconds per stage, `total` last
+    gates: dict | None = None # the go-live gates of the silent deployment (`GateReport.as_dict()`) and whether it went live
+    audit: dict | None = None # the audit log's hash chain checked at the end: rows, problems, ok
 
     @property
     def seconds(self) -> float: return self.stages.seconds['total']
 
 # %% ../nbs/75_demo.ipynb #cd828282
 def _silent_trial(ws: Workspace, dep, engine, cfg, feed_path: Path, key: bytes, echo: Callable[[str], None], progress: bool) -> dict:
-    "Send the feed week by week to the MLLP receiver; a scoring run after each week, a label run every four weeks and after the end."
+    """Send the feed week by week to the MLLP receiver; the order trigger scores each new order (each as of its order time),
+    then the weekly scoring run catches up what it missed; a label run every four weeks and after the end."""
     from cde_workbench.events import process_pending, read_feed_file
+    from cde_workbench.trigger import TriggerSummary, close_runs, enqueue_new_orders, score_queued
     from cde_workbench.mllp import ReplayClock, send_messages
     from cde_workbench.schedule import run_notebook
     from tqdm.auto import tqdm
@@ -368,10 +373,16 @@ def _silent_trial(ws: Workspace, dep, engine, cfg, feed_path: Path, key: bytes, 
     feed = [(m, clock(m)) for m in read_feed_file(feed_path)]
     start, end = (datetime.fromisoformat(t).replace(tzinfo=timezone.utc) for t in (cfg.cutover, cfg.end))
     weeks = trial_weeks(start, end)
-    sent, t_ingest, t_score, t_labels, acks = 0, 0.0, 0.0, 0.0, {}
-    def send(batch):
+    sent, t_ingest, t_score, t_labels, t_trigger, acks = 0, 0.0, 0.0, 0.0, 0.0, {}
+    trig, trigger_runs = TriggerSummary(), {}
+    def send(batch, score=True):
+        nonlocal t_trigger
         for code in asyncio.run(send_messages(batch, port=port, window=32, timeout=60)).acks.values(): acks[code] = acks.get(code, 0) + 1
         process_pending(engine, key=key)
+        if not score: return
+        t = time.perf_counter()   # the order trigger, in process: the week's new orders queued, then scored by the worker
+        trig.add(TriggerSummary(queued=enqueue_new_orders(engine, [dep]).queued)).add(score_queued(engine, [dep], run_ids=trigger_runs))
+        t_trigger += time.perf_counter() - t
     # one kernel for the deployment's weekly runs, started (the serving and labelling code imported) while the receiver starts;
     # each run finds it reset as for a new session
     with WarmKernels(preload=('cde_workbench.serve', 'cde_workbench.labels'), total=1, reuse=True) as kernels, \
@@ -385,14 +396,19 @@ def _silent_trial(ws: Workspace, dep, engine, cfg, feed_path: Path, key: bytes, 
             ti = time.perf_counter(); send(batch); t_ingest += time.perf_counter() - ti
             t_score += run('score', wk)
             if label_run_due(k, weeks): t_labels += run('labels', wk)
-        if sent < len(feed): send([m for m, _ in feed[sent:]])   # stamped after the end: arrive after the trial's clock
+        if sent < len(feed): send([m for m, _ in feed[sent:]], score=False)   # stamped after the end: arrive after the trial's clock, not scored
         t_labels += run('labels', end + timedelta(days=2))
+    close_runs(engine, trigger_runs)
     import sqlalchemy as sa
     with engine.connect() as c:
         n = {t: c.execute(sa.text(f'select count(*) from {t}')).scalar() for t in ('ids_messages', 'ids_receipts', 'ids_dead_letters', 'mrn_merges', 'processing_errors')}
+        by = dict(c.execute(sa.text('select "trigger", count(*) from inferences where deployment = :d group by "trigger"'), {'d': dep.name}).all())
     return {'sent': len(feed), 'acks': dict(sorted(acks.items())), 'stored': n['ids_messages'], 'duplicates': n['ids_receipts'] - n['ids_messages'],
             'dead_letters': n['ids_dead_letters'], 'mrn_merges': n['mrn_merges'], 'processing_errors': n['processing_errors'],
-            'seconds': {'ingest_feed': t_ingest, 'scoring_runs': t_score, 'label_runs': t_labels}}
+            'order_trigger': {'queued': trig.queued, 'scored': trig.scored, 'skipped': sum(trig.skipped.values()), 'failed': trig.failed,
+                              'packets': by.get('order', 0)},
+            'catch_up_scored': by.get('batch', 0),
+            'seconds': {'ingest_feed': t_ingest, 'order_trigger': t_trigger, 'scoring_runs': t_score, 'label_runs': t_labels}}
 
 def run_demo(ws: Workspace, # the demo's workspace: the embedded SQLite store in `ws.var` (emptied first)
              patients: int = 3000, # patients in the synthetic hospital
@@ -432,19 +448,33 @@ def run_demo(ws: Workspace, # the demo's workspace: the embedded SQLite store in
             train_demo_tasks(ws, list(DEPLOYR_DEPLOYMENTS), workers=workers, progress=progress)
             with engine.connect() as c: rec = get_model(c, dep.name)
             set_status(engine, dep.name, 'silent', rec.model_id, 'demo: silent trial')
-        echo('4/6 silent trial: the feed sent week by week over MLLP to `cde ingest mllp`, score.ipynb after each week')
+        echo('4/6 silent trial: the feed sent week by week over MLLP to `cde ingest mllp`, new orders scored by the order trigger, score.ipynb after each week as catch-up')
         t0, c0 = time.perf_counter(), _cpu_seconds()
         feed = _silent_trial(ws, dep, engine, cfg, out / 'feed.hl7', key, echo, progress)
         echo(f"  {feed['sent']} messages sent ({', '.join(f'{v} {k}' for k, v in feed['acks'].items())}): {feed['stored']} stored, "
              f"{feed['duplicates']} duplicates acknowledged again, {feed['dead_letters']} dead letters, "
              f"{feed['mrn_merges']} MRN merges, {feed['processing_errors']} processing errors")
+        ot = feed['order_trigger']
+        echo(f"  order trigger: {ot['queued']} new orders queued, {ot['scored']} scored as they arrived (as of each order time), {ot['skipped']} skipped "
+             f"(excluded or cancelled), {ot['failed']} failed; the weekly catch-up runs scored {feed['catch_up_scored']} more")
         for k, v in feed.pop('seconds').items(): times.seconds[k] = round(v, 2)
         times.add('silent_trial', time.perf_counter() - t0, _cpu_seconds() - c0)
         echo('5/6 report (report.ipynb by papermill, nbconvert)')
         with times.stage('report'): path = render_report(ws, dep)
+        # the board has read the report: a named reviewer takes the deployment through its go-live gates, or the gates say why not
+        from cde_workbench.gates import go_live
+        from cde_workbench.store import verify_audit_chain
+        echo(f'  going live: {dep.name} through its gates, signed off by {DEMO_REVIEWER}')
+        with times.stage('gates'): report, live = go_live(engine, dep, DEMO_REVIEWER, 'demo: silent trial reviewed in the demo report')
+        for line in report.lines()[1:]: echo(f'    {line}')
+        echo(f'  {dep.name}: live on {report.model}' if live else
+             f"  {dep.name} stays silent: refused by {', '.join(f'{g.name} ({g.figure}; needs {g.threshold})' for g in report.failing)}")
+        with engine.connect() as c: chain = verify_audit_chain(c)
+        echo(f'  audit log: {chain.rows} rows checked, ' + ('hash chain intact' if chain.ok else f"{len(chain.problems)} problems: {'; '.join(chain.problems)}"))
         echo('6/6 summary')
         with engine.connect() as c: rows = performance_rows(c, dep)
     times.seconds['total'] = round(time.perf_counter() - t_all, 2)
     times.cpu_seconds['total'] = round(_cpu_seconds() - c_all, 2)
     times.write(ws.var / 'bench' / 'demo_stages.json', patients=patients)
-    return DemoResult(path, rows, feed, times)
+    return DemoResult(path, rows, feed, times, {**report.as_dict(), 'live': live is not None},
+                      {'rows': chain.rows, 'problems': chain.problems, 'ok': chain.ok})

@@ -5,18 +5,22 @@
 # %% ../nbs/40_deploy.ipynb #f61e9903
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from datetime import datetime
 
+import polars as pl
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from .config import ConfigError, utcnow
 from .deployment import Deployment
-from .store import audit, deployments, models
+from .store import audit, deployment_history, deployments, models, read_frame
 
 # %% auto #0
-__all__ = ['TRANSITIONS', 'SCORING_STATES', 'effective_mode', 'DeploymentState', 'deployment_state', 'set_status']
+__all__ = ['TRANSITIONS', 'SCORING_STATES', 'HISTORY_SCHEMA', 'effective_mode', 'DeploymentState', 'deployment_state',
+           'set_status', 'deployment_history_frame', 'previous_model', 'rollback']
 
 # %% ../nbs/40_deploy.ipynb #5015e081
 TRANSITIONS = {  # from -> allowed targets
@@ -50,27 +54,77 @@ def deployment_state(conn: Connection, name: str) -> DeploymentState:
     if row is None: return DeploymentState(name, None, None, None)
     return DeploymentState(row.name, row.status, row.model_id, row.updated_at)
 
+def _actor(actor: str | None) -> str:
+    "Who made a change: the named person, else CDE_ACTOR or the OS user; one line that fits the store's column."
+    who = ' '.join((actor if actor is not None else (os.environ.get('CDE_ACTOR') or os.environ.get('USER') or 'unknown')).split())
+    if not who: raise ConfigError('the actor (reviewer) of a lifecycle change must be named: got an empty name')
+    if len(who) > 64: raise ConfigError(f'the actor (reviewer) name must be at most 64 characters, got {len(who)}')
+    if not who.isprintable(): raise ConfigError('the actor (reviewer) name contains control characters')
+    return who
+
+def _change(conn: Connection, name: str, status: str, model_id: int | None, reason: str, actor: str | None, gates: dict | None,
+            action: str) -> DeploymentState:
+    "Check and apply one lifecycle move inside `conn`'s transaction: state row, history row and audit row together."
+    cur = deployment_state(conn, name)
+    path = [status] if status in TRANSITIONS.get(cur.status, set()) or status == cur.status else None
+    if cur.status is None and status != 'draft': path = ['draft', status] if status in TRANSITIONS['draft'] else None
+    if path is None:
+        raise ConfigError(f"deployment {name!r} cannot go from {cur.status or 'unregistered'} to {status} "
+                          f"(allowed: {', '.join(sorted(TRANSITIONS.get(cur.status, set()))) or 'none'})")
+    mid = model_id if model_id is not None else cur.model_id
+    if mid is not None and conn.execute(sa.select(models.c.model_id).where(models.c.model_id == mid)).first() is None:
+        raise ConfigError(f"deployment {name!r}: model id {mid} is not registered")
+    if status in SCORING_STATES and mid is None: raise ConfigError(f"deployment {name!r} needs a registered model before it can be {status}")
+    if cur.status == path[-1] and cur.model_id == mid: return cur   # no change: nothing written, nothing audited
+    who, now = _actor(actor), utcnow()
+    if cur.status is None: conn.execute(deployments.insert().values(name=name, status=path[-1], model_id=mid, updated_at=now))
+    else: conn.execute(deployments.update().where(deployments.c.name == name).values(status=path[-1], model_id=mid, updated_at=now))
+    conn.execute(deployment_history.insert().values(name=name, status=path[-1], model_id=mid, at=now, actor=who, reason=reason,
+                                                    gates=None if gates is None else json.dumps(gates, sort_keys=True, default=str)))
+    detail = {'from': cur.status, 'to': path[-1], 'from_model_id': cur.model_id, 'model_id': mid, 'reason': reason}
+    if gates is not None: detail['gates'] = gates
+    audit(conn, action, name, detail, actor=who)
+    return deployment_state(conn, name)
+
 def set_status(engine: Engine, # the store
                name: str, # deployment name
                status: str, # new state: draft, silent, live, paused or retired
                model_id: int | None = None, # model to serve from now on (keeps the current one when None)
-               reason: str = '', # why, for the audit log
+               reason: str = '', # why, for the history and the audit log
+               actor: str | None = None, # who signed it off (a reviewer); default CDE_ACTOR or the OS user
+               gates: dict | None = None, # the gates it passed (`GateReport.as_dict()`), kept with the history row
               ) -> DeploymentState:
-    "Move a deployment to `status` if the lifecycle allows it; audited in the same transaction."
+    "Move a deployment to `status` if the lifecycle allows it; a history row and an audit row in the same transaction."
+    with engine.begin() as conn: return _change(conn, name, status, model_id, reason, actor, gates, 'deployment.status')
+
+# %% ../nbs/40_deploy.ipynb #9a7e3c02
+HISTORY_SCHEMA = {'id': pl.Int64, 'status': pl.String, 'model_id': pl.Int64, 'at': pl.Datetime('us', 'UTC'), 'actor': pl.String,
+                  'reason': pl.String, 'gates': pl.String}
+
+def deployment_history_frame(conn: Connection, name: str) -> pl.DataFrame:
+    "Every recorded transition and model change of deployment `name`, oldest first (gates as JSON text)."
+    h = deployment_history.c
+    q = sa.select(h.id, h.status, h.model_id, h.at, h.actor, h.reason, h.gates).where(h.name == name).order_by(h.id)
+    return read_frame(conn, q, HISTORY_SCHEMA).cast(HISTORY_SCHEMA)
+
+def previous_model(conn: Connection, name: str) -> int | None:
+    "The model the deployment served before its current one, from its history (None if it has served no other)."
+    cur = deployment_state(conn, name).model_id
+    ids = [m for m in deployment_history_frame(conn, name)['model_id'].to_list() if m is not None]
+    while ids and ids[-1] == cur: ids.pop()   # the current model's own stint
+    return ids[-1] if ids else None
+
+def rollback(engine: Engine, # the store
+             name: str, # deployment name
+             reason: str, # why (required)
+             actor: str | None = None, # who; default CDE_ACTOR or the OS user
+            ) -> DeploymentState:
+    "Return the deployment, in its current state, to the model it served before (from its history); recorded and audited."
+    if not reason.strip(): raise ConfigError(f'rolling back deployment {name!r} needs a reason')
     with engine.begin() as conn:
         cur = deployment_state(conn, name)
-        path = [status] if status in TRANSITIONS.get(cur.status, set()) or status == cur.status else None
-        if cur.status is None and status != 'draft': path = ['draft', status] if status in TRANSITIONS['draft'] else None
-        if path is None:
-            raise ConfigError(f"deployment {name!r} cannot go from {cur.status or 'unregistered'} to {status} "
-                              f"(allowed: {', '.join(sorted(TRANSITIONS.get(cur.status, set()))) or 'none'})")
-        mid = model_id if model_id is not None else cur.model_id
-        if mid is not None and conn.execute(sa.select(models.c.model_id).where(models.c.model_id == mid)).first() is None:
-            raise ConfigError(f"deployment {name!r}: model id {mid} is not registered")
-        if status in SCORING_STATES and mid is None: raise ConfigError(f"deployment {name!r} needs a registered model before it can be {status}")
-        now = utcnow()
-        if cur.status is None: conn.execute(deployments.insert().values(name=name, status=path[-1], model_id=mid, updated_at=now))
-        else: conn.execute(deployments.update().where(deployments.c.name == name).values(status=path[-1], model_id=mid, updated_at=now))
-        if cur.status != path[-1] or cur.model_id != mid:
-            audit(conn, 'deployment.status', name, {'from': cur.status, 'to': path[-1], 'model_id': mid, 'reason': reason})
-        return deployment_state(conn, name)
+        if cur.status is None: raise ConfigError(f'deployment {name!r} is not registered: nothing to roll back')
+        if cur.status == 'retired': raise ConfigError(f'deployment {name!r} is retired: nothing to roll back')
+        prev = previous_model(conn, name)
+        if prev is None: raise ConfigError(f'deployment {name!r} has served no model other than model id {cur.model_id}: nothing to roll back to')
+        return _change(conn, name, cur.status, prev, reason, actor, None, 'deployment.rollback')

@@ -73,10 +73,12 @@ def score_pending(engine: Engine, # the store
     score = bundle['estimator'].predict_proba(X)[:, 1]
     now = utcnow()
     mode = effective_mode(state.status, dep)   # silent until the deployment is live
+    names = [str(n) for n in bundle['featurizer'].get_feature_names_out()]
+    feats = [json.dumps({names[j]: float(v) for j, v in zip(X.indices[a:b], X.data[a:b])}, sort_keys=True) for a, b in zip(X.indptr[:-1], X.indptr[1:])]
     rows = [dict(deployment=dep.name, model_id=rec.model_id, order_id=o, patient_key=p, prediction_time=t, score=float(s),
                  threshold=thr, output_mode=mode, n_features=int(n), run_id=run_id, scored_at=now,
-                 trigger='batch', decision=bool(s >= thr), shown=False if mode == 'silent' else None, probability=0.0 if mode == 'silent' else None, model_sha256=rec.sha256)
-            for o, p, t, s, n in zip(pts['order_id'], pts['patient_key'], pts['prediction_time'], score, np.diff(X.indptr))]
+                 trigger='batch', decision=bool(s >= thr), shown=False if mode == 'silent' else None, probability=0.0 if mode == 'silent' else None, model_sha256=rec.sha256, features=f)
+            for o, p, t, s, n, f in zip(pts['order_id'], pts['patient_key'], pts['prediction_time'], score, np.diff(X.indptr), feats)]
     with engine.begin() as conn: insert_ignore(conn, inferences, rows)
     return ScoringSummary(len(pts), len(rows), rec.model_id, checked)
 

@@ -33,7 +33,7 @@ from .tasks import task_points
 
 # %% auto #0
 __all__ = ['MODEL_FACTORIES', 'Split', 'temporal_split', 'data_fingerprint', 'to_dense', 'make_model', 'threshold_from_rule',
-           'train_deployment']
+           'data_pipe_figures', 'train_deployment']
 
 # %% ../nbs/31_train.ipynb #f444bb8b
 @dataclass
@@ -124,6 +124,17 @@ def threshold_from_rule(y: np.ndarray, # labels (0/1)
             'achieved': {k: (None if np.isnan(v[i]) else float(v[i])) for k, v in m.items()}}
 
 # %% ../nbs/31_train.ipynb #59ef4299
+def data_pipe_figures(X: sp.spmatrix, # feature rows (CSR), as the featurizer builds them
+                      feature_names: list[str], # the featurizer's vocabulary (`feature_names_`)
+                     ) -> dict:
+    "Rows, mean non-zero features per row and share of rows with no lab feature: the data-pipe figures the go-live gates compare."
+    X = sp.csr_matrix(X)
+    lab = [j for j, n in enumerate(feature_names) if n.startswith('lab:') or (n.startswith('num:') and not n.endswith(':missing'))]
+    has_lab = np.asarray((X[:, lab] != 0).sum(axis=1)).ravel() > 0 if lab else np.zeros(X.shape[0], bool)
+    n = X.shape[0]
+    return {'rows': int(n), 'mean_n_features': float(np.diff(X.indptr).mean()) if n else None,
+            'no_lab_share': float((~has_lab).mean()) if n else None}
+
 def train_deployment(engine: Engine, # the store
                      dep: Deployment, # what to train
                      var: Path, # the workspace's var/ (feature cache, model bundles)
@@ -171,7 +182,8 @@ def train_deployment(engine: Engine, # the store
                'test_prevalence': prevalence_ci(yte, ev.ci, clusters=cl).as_dict(), 'interval_unit': ev.unit,
                'n': {'train': split.train.height, 'validation': split.validation.height, 'test': split.test.height},
                'n_features': int(Xte.shape[1]),   # the model's input width: count tokens and numeric lab columns
-               'point_in_time_checked': checked}
+               'point_in_time_checked': checked,
+               'data_pipe': data_pipe_figures(Xte, fz.feature_names_)}   # test years: what the go-live gates compare against
     if threshold is not None: metrics['threshold'] = threshold
     ids = ['point_id'] + (['order_id'] if 'order_id' in split.test.columns else [])
     preds = split.test.select(*ids, 'patient_key', 'prediction_time', 'label').with_columns(

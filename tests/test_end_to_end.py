@@ -76,7 +76,8 @@ def test_dashboard_in_chromium_shows_the_store_count(demo):
                 page.goto(f'http://127.0.0.1:{port}/?token={token}', timeout=60_000)
                 cell = page.wait_for_selector('#packets-hgb_abnormal', state='visible', timeout=90_000)
                 assert int(cell.inner_text()) == packets
-                assert page.inner_text('#status-hgb_abnormal') == 'silent'
+                status = q(demo['engine'], "select status from deployments where name='hgb_abnormal'")[0][0]   # live if its gates passed
+                assert status in ('silent', 'live') and page.inner_text('#status-hgb_abnormal') == status
                 page.screenshot(path=str(demo['base'] / 'dashboard.png'), full_page=True)
             finally: browser.close()
 

@@ -115,6 +115,9 @@ def test_a_point_scored_live_is_the_packet_the_catch_up_run_would_have_written_a
     assert all(p.latency_ms > 0 and p.model_sha256 == rec.sha256 for p in packets)
     s, batch_run = score(engine, dep, AS_OF)
     assert s.scored == due(engine, AS_OF) - len(live)            # the catch-up run left the live packets alone
+    import json
+    stored = q(engine, 'select features, n_features from inferences')
+    assert all(f is not None and len(json.loads(f)) == n for f, n in stored)   # both paths keep the features used, by name
     assert q(engine, 'select count(*), count(distinct order_id) from inferences')[0] == (due(engine, AS_OF),) * 2
     # the same orders through the batch path's transform (the facts stored by the run's clock; each row keeps what was known at its time)
     from cde_workbench.features import load_feature_data
