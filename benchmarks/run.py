@@ -15,6 +15,9 @@ Figures (each measured in this process, against a baseline measured in the same 
 - mllp: live ingest over MLLP with 4 concurrent senders (benchmarks/mllp.py).
 - model_score_p99_ms: one row scored by a 300-tree random forest compiled to ONNX (onnxruntime) against scikit-learn's
   predict_proba on the same rows (benchmarks/model_score.py).
+- service_p99_ms: the scoring service end to end (CDS Hooks order-sign with a JWT each, features by the online path,
+  score, packet), 50 calls/s for 60 s from a separate load process, against the same service scoring with plain
+  scikit-learn (benchmarks/service.py).
 - demo stage timings: read from var/bench/demo_stages.json when `make demo` has run (no baseline:
   they are the demo's own wall times on this machine).
 """
@@ -57,6 +60,8 @@ def main():
         from mllp import bench_mllp
         benches.append(bench_mllp)
     except ImportError: pass
+    from service import bench_service
+    benches.append(bench_service)
     figures = {}
     for f in (*benches, demo_stages):
         figures.update(f())

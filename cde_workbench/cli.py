@@ -20,12 +20,13 @@ from .deployment import load_deployment
 # `cde --help` and argument errors answer at once.
 
 # %% auto #0
-__all__ = ['app', 'ingest_app', 'models_app', 'trigger_app', 'audit_app', 'schedule_app', 'synth', 'ingest_warehouse',
-           'feed_with_times', 'ingest_synthea', 'ingest_fhir', 'ingest_file', 'ingest_mllp', 'ingest_process',
-           'ingest_replay', 'ingest_redrive', 'ingest_status', 'train', 'deploy', 'score', 'labels', 'report',
-           'dashboard', 'models_list', 'models_show', 'models_alias', 'demo', 'evaluate', 'trigger_deployments',
-           'trigger_workers', 'trigger_run', 'audit_verify', 'audit_show', 'schedule_run', 'schedule_list',
-           'schedule_once', 'main']
+__all__ = ['app', 'ingest_app', 'models_app', 'trigger_app', 'audit_app', 'serve_app', 'tokens_app', 'schedule_app', 'synth',
+           'ingest_warehouse', 'feed_with_times', 'ingest_synthea', 'ingest_fhir', 'ingest_file', 'ingest_mllp',
+           'ingest_process', 'ingest_replay', 'ingest_redrive', 'ingest_status', 'train', 'deploy', 'score', 'labels',
+           'report', 'dashboard', 'models_list', 'models_show', 'models_alias', 'demo', 'evaluate',
+           'trigger_deployments', 'trigger_workers', 'trigger_run', 'audit_verify', 'audit_show', 'serve',
+           'service_worker_app', 'serve_tokens_add', 'serve_tokens_list', 'serve_tokens_remove', 'schedule_run',
+           'schedule_list', 'schedule_once', 'main']
 
 # %% ../nbs/80_cli.ipynb #636e4249
 app = typer.Typer(help='cde-workbench: take a clinical model from the research notebook to a silent trial, a report and a dashboard.',
@@ -563,6 +564,69 @@ def audit_show(limit: int = typer.Option(20, '--limit', min=1, help='Rows to sho
     for r in rows:
         detail = r.detail if len(r.detail) <= 160 else r.detail[:157] + '...'
         typer.echo(clean(f'{r.id:>6}  {_when(r.at)}  {r.actor}  {r.action}  {r.target}  {detail}'))
+
+# %% ../nbs/80_cli.ipynb #b7e1a002
+serve_app = typer.Typer(help='The scoring service: REST scoring and CDS Hooks on 127.0.0.1.')
+app.add_typer(serve_app, name='serve')
+tokens_app = typer.Typer(help="The scoring service's API bearer tokens (kept as sha256 hashes).", no_args_is_help=True)
+serve_app.add_typer(tokens_app, name='tokens')
+
+@serve_app.callback(invoke_without_command=True)
+def serve(ctx: typer.Context,
+          port: Optional[int] = typer.Option(None, min=1, max=65535, help='TCP port (default: the settings file, else 8700).'),
+          host: Optional[str] = typer.Option(None, help='Address to bind (default: the settings file, else 127.0.0.1).'),
+          scorer: Optional[str] = typer.Option(None, help='auto (the compiled scorer when the model has one) or sklearn.'),
+          max_in_flight: Optional[int] = typer.Option(None, '--max-in-flight', min=1, help='Requests handled at once per worker; the excess gets 503 with Retry-After.'),
+          workers: Optional[int] = typer.Option(None, min=1, help='Processes serving the port (default: the settings file, else 1).'),
+         ):
+    "Run the scoring service (REST and CDS Hooks) until Ctrl-C or SIGTERM."
+    if ctx.invoked_subcommand is not None: return
+    from dataclasses import replace
+    from cde_workbench.service import load_settings, serve as run_service, settings_path
+    ws = Workspace.from_env()
+    path = settings_path(ws)
+    given = dict(port=port, host=host, scorer=scorer, max_in_flight=max_in_flight, workers=workers)
+    s = replace(load_settings(path), **{k: v for k, v in given.items() if v is not None}).check('cde serve')
+    if not s.tokens and not s.issuers:
+        typer.echo(f'cde serve: warning: {path} names no API token and no JWT issuer: every scoring call will be refused (cde serve tokens add NAME)', err=True)
+    typer.echo(f'cde serve: http://{s.host}:{s.port} (settings {path}; CDS Hooks audience {s.cds_audience})', err=True)
+    if s.workers > 1:   # each worker process builds its app from the same workspace (CDE_*) and these settings
+        import os
+        from dataclasses import asdict
+        os.environ['CDE_SERVE_SETTINGS'] = json.dumps(asdict(s), default=str)
+    run_service(ws, s, app_factory='cde_workbench.cli:service_worker_app')
+
+def service_worker_app():
+    "The app of one `cde serve --workers N` process: the workspace from CDE_*, the settings its parent resolved."
+    import os
+    from cde_workbench.service import ServiceSettings, create_app
+    return create_app(Workspace.from_env(), ServiceSettings(**json.loads(os.environ['CDE_SERVE_SETTINGS'])).check('cde serve worker'),
+                      freeze_gc=True)
+
+@tokens_app.command('add')
+def serve_tokens_add(name: str = typer.Argument(..., help='Who the token is for (letters, digits, - and _).'),
+                     from_stdin: bool = typer.Option(False, '--from-stdin', help='Register the token read from stdin instead of a new random one.')):
+    "Add an API token: a new one is printed once, on stdout; only its sha256 is kept."
+    from cde_workbench.service import add_token, settings_path
+    token = sys.stdin.readline().strip() if from_stdin else None
+    t = add_token(settings_path(Workspace.from_env()), name, token)
+    if from_stdin: typer.echo(f'token {name!r} registered (its sha256 only)', err=True)
+    else:
+        typer.echo(f'token {name!r}, shown once (only its sha256 is kept):', err=True)
+        typer.echo(t)
+
+@tokens_app.command('list')
+def serve_tokens_list():
+    "Names of the API tokens (never the tokens)."
+    from cde_workbench.service import load_settings, settings_path
+    for n in sorted(load_settings(settings_path(Workspace.from_env())).tokens): typer.echo(n)
+
+@tokens_app.command('remove')
+def serve_tokens_remove(name: str = typer.Argument(..., help="The token's name.")):
+    "Revoke an API token."
+    from cde_workbench.service import remove_token, settings_path
+    remove_token(settings_path(Workspace.from_env()), name)
+    typer.echo(f'token {name!r} removed')
 
 # %% ../nbs/80_cli.ipynb #5c3d0002
 schedule_app = typer.Typer(help="The scheduler: each deployment's scheduled notebooks run at their cron times (UTC).", no_args_is_help=True)
