@@ -391,8 +391,14 @@ def _run_child(ws: Workspace, name: str, kind: str, parameters: dict, run_id: st
                timeout_seconds: float, parent: int) -> None:
     "A scheduled run's own process: its own session (Ctrl-C at the terminal is the scheduler's to handle), ended by SIGTERM like Ctrl-C."
     os.setsid()
+    def parent_gone(wait: float = 2.0) -> bool:   # the death signal can come while the scheduler's other threads are still ending
+        deadline = time.monotonic() + wait
+        while os.getppid() == parent and not process_gone(parent, this_host()):
+            if time.monotonic() > deadline: return False
+            time.sleep(0.05)
+        return True
     def stop(signum, frame):
-        raise RunStopped(f'the scheduler (process {parent}) ended' if os.getppid() != parent else f'stopped by signal {signum}')
+        raise RunStopped(f'the scheduler (process {parent}) ended' if parent_gone() else f'stopped by signal {signum}')
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
