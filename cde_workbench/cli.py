@@ -258,9 +258,10 @@ def train(deployment: str = typer.Argument(..., help='Deployment name (a folder 
     run = run_notebook(ws, dep, 'train', {})
     with engine.connect() as c: rec = get_model(c, dep.name)
     t = rec.metrics['test_auroc']
-    ev = run_notebook(ws, dep, 'evaluate', {'model': rec.version})
+    # the reviewer's evaluation report (model card, Table 2) describes lab-order tasks; a time-driven task has its test figures only
+    ev = run_notebook(ws, dep, 'evaluate', {'model': rec.version}).output if dep.task.kind == 'lab_abnormal' else 'no evaluation report (lab-order tasks only)'
     typer.echo(f"registered {rec.name} v{rec.version} ({rec.params['model']['kind']}, sha256 {rec.sha256[:12]}…): test AUROC "
-               f"{t['estimate']:.3f} [{t['low']:.3f}, {t['high']:.3f}]; run records {run.output}, {ev.output}\n"
+               f"{t['estimate']:.3f} [{t['low']:.3f}, {t['high']:.3f}]; run records {run.output}, {ev}\n"
                f"make it the champion after review: cde models alias {rec.name} champion {rec.version}")
 
 @app.command()

@@ -29,9 +29,10 @@ def test_time_triggered_task_trains_with_the_same_code(store, tmp_path):
     from cde_workbench.train import train_deployment
     folder = tmp_path / 'icu_transfer_24h'; folder.mkdir()
     toml = (ROOT / 'deployments' / 'icu_transfer_24h' / 'deployment.toml').read_text()
-    assert '[model]' not in toml   # the default candidates; two quick ones here: the code path is what is tested
-    (folder / 'deployment.toml').write_text(toml + '\n[model]\ncandidates = ["logistic_regression", "random_forest"]\nseed = 0\n'
-                                            '[model.grid.random_forest]\nn_estimators = [40]\nmin_samples_leaf = [10]\n')
+    head, model = toml.split('[model]')
+    tail = model.split('\n[', 1)[1]   # two quick candidates here in place of the deployment's: the code path is what is tested
+    (folder / 'deployment.toml').write_text(head + '[model]\ncandidates = ["logistic_regression", "random_forest"]\nseed = 0\n'
+                                            '[model.grid.random_forest]\nn_estimators = [40]\nmin_samples_leaf = [10]\n\n[' + tail)
     dep = load_deployment(folder)
     rec = train_deployment(store, dep, tmp_path / 'var', progress=False)
     preds = test_predictions(rec)
