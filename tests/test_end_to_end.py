@@ -97,10 +97,12 @@ def test_demo_trains_and_evaluates_all_twelve_deployr_tasks(demo):
     assert dict(ok) == {'train': 13, 'evaluate': 12}   # the reviewer's evaluation covers the lab tasks
     # every model's candidates were compared on validation, and the chosen kind is one of them
     import json
-    for (metrics, params) in q(eng, 'select metrics, params from models'):
+    from cde_workbench.deployment import load_deployment
+    for (name, metrics, params) in q(eng, 'select name, metrics, params from models'):
         m, p = json.loads(metrics), json.loads(params)
-        kinds = {v['kind'] for v in m['validation']}
-        assert kinds == {'logistic_regression', 'random_forest', 'hist_gradient_boosting'} and p['model']['kind'] in kinds
+        kinds = {v['kind'] for v in m['validation']}   # the deployment's candidates (all three kinds, unless its [model] narrows them)
+        assert kinds == set(load_deployment(ROOT / 'deployments' / name).model.candidates) and p['model']['kind'] in kinds, name
+    assert len(load_deployment(ROOT / 'deployments' / 'hgb_abnormal').model.candidates) == 3
 
 
 def test_demo_runs_the_icu_model_once_on_its_clock(demo):

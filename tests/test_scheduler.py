@@ -210,7 +210,8 @@ def test_a_scheduler_killed_mid_run_leaves_a_failed_run_and_the_next_cron_time_r
     rows = ledger(engine)
     assert [(r[0][:16], r[1]) for r in rows] == [('2024-02-01 06:00', 'failed'), ('2024-02-01 12:00', 'succeeded')], (rows, out)
     name, error = rows[0][3], rows[0][6]
-    if killed == 'scheduler': assert name == 'RunStopped' and error == 'the scheduler (process %d) ended' % proc.pid   # its run process, told by the kernel
+    if killed == 'scheduler':   # its run process, told by the kernel, says so; or, on a busy machine, the restarted scheduler found it ended first
+        assert (name, error) == ('RunStopped', 'the scheduler (process %d) ended' % proc.pid) or (name == 'RunAbandoned' and 'has ended' in error), (name, error)
     else: assert name == 'RunAbandoned' and f'its process {pid} on ' in error and 'has ended' in error
     assert q(engine, 'select count(*) from run_locks')[0][0] == 0
     assert q(engine, "select last_due from schedule_state where deployment = 'clocked'")[0][0].startswith('2024-02-01 12:00')
@@ -224,7 +225,7 @@ def icu_store(small_store):
     from cde_workbench.train import train_deployment
     folder = small_store.base / 'deployments' / 'icu_transfer_24h'; folder.mkdir()
     toml = (ROOT / 'deployments' / 'icu_transfer_24h' / 'deployment.toml').read_text().replace('bootstrap = 1000', 'bootstrap = 50')
-    (folder / 'deployment.toml').write_text(toml + '\n[model]\ncandidates = ["logistic_regression"]\nseed = 0\n')
+    (folder / 'deployment.toml').write_text(toml.replace('candidates = ["logistic_regression", "hist_gradient_boosting"]', 'candidates = ["logistic_regression"]'))
     engine, dep = env_engine(), env_deployment('icu_transfer_24h')
     rec = train_deployment(engine, dep, small_store.base / 'var', progress=False)
     set_status(engine, dep.name, 'silent', rec.model_id, 'test: clock trigger')
