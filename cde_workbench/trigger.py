@@ -30,7 +30,7 @@ from .terminology import LABS
 
 # %% auto #0
 __all__ = ['TRIGGER_CURSOR', 'QUEUE_STATES', 'order_deployments', 'trial_start', 'EnqueueSummary', 'enqueue_new_orders', 'claim',
-           'TriggerSummary', 'open_run', 'close_runs', 'score_queued', 'TriggerWorker']
+           'TriggerSummary', 'open_run', 'close_runs', 'score_queued', 'PollingWorker', 'TriggerWorker']
 
 # %% ../nbs/44_trigger.ipynb #2734c989
 TRIGGER_CURSOR = 'order_trigger'   # the processor_state row: the last lab_order_events id read
@@ -225,19 +225,55 @@ def _score_queued(engine, by_name, limit, batch, stale_after, retry_seconds, max
     return out
 
 # %% ../nbs/44_trigger.ipynb #f3a1ff0e
-class TriggerWorker:
+class PollingWorker:
+    "A daemon thread that runs `run_once` every `poll` seconds, or at once when woken; an error in a pass is kept in `last_error` and the loop goes on."
+    thread_name = 'cde-worker'
+
+    def _init_loop(self, poll: float) -> None:
+        self.poll, self.passes, self.last_error = poll, 0, None
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run_once(self): raise NotImplementedError
+
+    def wake(self) -> None:
+        "Start a pass now (e.g. after the event processor has stored new orders)."
+        self._wake.set()
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self._wake.clear()
+            try: self.run_once()
+            except Exception as e: self.last_error = f'{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}'
+            self._wake.wait(self.poll)
+
+    def start(self):
+        "Run the loop in a daemon thread."
+        self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        "Finish the pass under way and stop."
+        self._stop.set(); self._wake.set()
+        if self._thread is not None: self._thread.join(timeout)
+
+    def __enter__(self): return self.start()
+    def __exit__(self, *exc): self.stop()
+
+class TriggerWorker(PollingWorker):
     "A thread that enqueues new orders from the feed and scores them, every `poll` seconds or when woken."
+    thread_name = 'cde-order-trigger'
     def __init__(self, engine: Engine, # the store
                  deps: list[Deployment], # the deployments served (those with an order trigger)
                  poll: float = 0.5, # seconds between passes when not woken
                  also: Callable[[], object] | None = None, # run after each pass (e.g. the write-back sender)
                  **score_options): # passed to `score_queued` (stale_after, retry_seconds, max_attempts)
-        self.engine, self.deps, self.poll, self.also, self.options = engine, deps, poll, also, score_options
-        self.total, self.passes, self.last_error = TriggerSummary(), 0, None
+        self.engine, self.deps, self.also, self.options = engine, deps, also, score_options
+        self.total = TriggerSummary()
         self.run_ids: dict[str, str] = {}   # deployment -> this worker's run (the packets' run_id)
         self.heartbeat_every, self._beat = 30.0, time.monotonic()   # the runs' heartbeat: a watchdog sees the worker alive
-        self._wake, self._stop = threading.Event(), threading.Event()
-        self._thread: threading.Thread | None = None
+        self._init_loop(poll)
 
     def run_once(self) -> TriggerSummary:
         "One pass: enqueue what the feed brought, score what is due, then `also`."
@@ -251,28 +287,7 @@ class TriggerWorker:
         self.total.add(s); self.passes += 1
         return s
 
-    def wake(self) -> None:
-        "Start a pass now (called after the event processor has stored new orders)."
-        self._wake.set()
-
-    def _loop(self):
-        while not self._stop.is_set():
-            self._wake.clear()
-            try: self.run_once()
-            except Exception as e: self.last_error = f'{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}'
-            self._wake.wait(self.poll)
-
-    def start(self) -> TriggerWorker:
-        "Run the loop in a daemon thread."
-        self._thread = threading.Thread(target=self._loop, name='cde-order-trigger', daemon=True)
-        self._thread.start()
-        return self
-
     def stop(self, timeout: float = 30.0) -> None:
-        "Finish the pass under way and stop."
-        self._stop.set(); self._wake.set()
-        if self._thread is not None: self._thread.join(timeout)
+        "Finish the pass under way, stop, and close this worker's runs."
+        super().stop(timeout)
         close_runs(self.engine, self.run_ids)
-
-    def __enter__(self): return self.start()
-    def __exit__(self, *exc): self.stop()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -19,6 +18,7 @@ from .config import CDEError, utcnow
 from .deployment import Deployment, WritebackSpec
 from .hl7 import escape, format_ts, join_segments, parse_message
 from .mllp import FrameReader, frame
+from .trigger import PollingWorker
 from .store import inferences, insert_ignore, models, outbound_messages, patient_identity
 
 # %% auto #0
@@ -179,43 +179,17 @@ def write_back(engine: Engine, # the store
     return send_due(engine, deps)
 
 # %% ../nbs/45_writeback.ipynb #b7f646cd
-class WritebackWorker:
+class WritebackWorker(PollingWorker):
     "A thread that queues and sends write-back messages every `poll` seconds, or when woken."
+    thread_name = 'cde-writeback'
     def __init__(self, engine: Engine, # the store
                  deps: list[Deployment], # the deployments (those with `[writeback]` are served)
                  poll: float = 1.0): # seconds between passes when not woken
-        self.engine, self.deps, self.poll = engine, deps, poll
-        self.total, self.passes, self.last_error = WritebackSummary(), 0, None
-        self._wake, self._stop = threading.Event(), threading.Event()
-        self._thread: threading.Thread | None = None
+        self.engine, self.deps, self.total = engine, deps, WritebackSummary()
+        self._init_loop(poll)
 
     def run_once(self) -> WritebackSummary:
         "One pass: queue new live packets, send what is due."
         s = write_back(self.engine, self.deps)
         self.total.add(s); self.passes += 1
         return s
-
-    def wake(self) -> None:
-        "Start a pass now (called when new packets may be there)."
-        self._wake.set()
-
-    def _loop(self):
-        while not self._stop.is_set():
-            self._wake.clear()
-            try: self.run_once()
-            except Exception as e: self.last_error = f'{type(e).__name__}: {e}'
-            self._wake.wait(self.poll)
-
-    def start(self) -> WritebackWorker:
-        "Run the loop in a daemon thread."
-        self._thread = threading.Thread(target=self._loop, name='cde-writeback', daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 30.0) -> None:
-        "Finish the pass under way and stop."
-        self._stop.set(); self._wake.set()
-        if self._thread is not None: self._thread.join(timeout)
-
-    def __enter__(self): return self.start()
-    def __exit__(self, *exc): self.stop()
