@@ -22,7 +22,8 @@ from .deploy import SCORING_STATES, deployment_state, effective_mode
 from .feature_store import online_vector, point_in_time_check
 from .features import load_feature_data
 from .registry import ModelRecord, display_threshold, get_model, load_bundle
-from .store import allocations, deployments, inferences, insert_ignore, insert_ignoring, location_visits, models, patient_links, patients
+from .facts import encounter_state
+from .store import adt_events, allocations, deployments, inferences, insert_ignore, insert_ignoring, models, patient_links, patients
 from .tasks import task_points
 
 # %% auto #0
@@ -229,12 +230,17 @@ def place_at(conn: Connection, # open connection to the store
              patient_key: str, # the patient
              when: datetime, # the time
             ) -> tuple[str | None, str | None]:
-    "The patient's (encounter id, ward) at `when`, as stored by then; (None, None) when not in hospital."
-    v = location_visits.c
-    r = conn.execute(sa.select(v.encounter_id, v.ward).where(v.patient_key == patient_key, v.event_time <= when, v.stored_time <= when,
-                                                            sa.or_(v.end_time.is_(None), v.end_time > when))
-                     .order_by(v.event_time.desc()).limit(1)).first()
-    return (r.encounter_id, r.ward) if r else (None, None)
+    """The patient's (encounter id, ward) at `when` as known then; (None, None) when not in hospital. Each stay's state comes from
+    its ADT events with event and stored time ≤ `when`, by the `encounter_state` that keeps the `encounters` table (which,
+    like `location_visits`, holds the state now, not then)."""
+    a = adt_events.c
+    stays = {}
+    for r in conn.execute(sa.select(a.encounter_id, a.patient_key, a.event_type, a.ward, a.event_time, a.stored_time)
+                          .where(a.patient_key == patient_key, a.event_time <= when, a.stored_time <= when)).mappings():
+        stays.setdefault(r['encounter_id'], []).append(dict(r))
+    here = [(st['admit_time'], enc, st['ward']) for enc, evs in stays.items()
+            for st in [encounter_state(evs)[0]] if st['status'] == 'admitted' and st['admit_time'] is not None]
+    return max(here)[1:] if here else (None, None)
 
 def score_point(engine: Engine, # the store
                 dep: Deployment, # the deployment
