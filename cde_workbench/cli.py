@@ -20,10 +20,10 @@ from .deployment import load_deployment
 # `cde --help` and argument errors answer at once.
 
 # %% auto #0
-__all__ = ['app', 'ingest_app', 'models_app', 'trigger_app', 'audit_app', 'serve_app', 'tokens_app', 'schedule_app', 'synth',
-           'ingest_warehouse', 'feed_with_times', 'ingest_synthea', 'ingest_fhir', 'ingest_file', 'ingest_mllp',
-           'ingest_process', 'ingest_replay', 'ingest_redrive', 'ingest_status', 'train', 'deploy', 'score', 'labels',
-           'report', 'dashboard', 'models_list', 'models_show', 'models_alias', 'demo', 'evaluate',
+__all__ = ['app', 'ingest_app', 'models_app', 'trigger_app', 'audit_app', 'serve_app', 'tokens_app', 'schedule_app', 'impact_app',
+           'plan_app', 'synth', 'ingest_warehouse', 'feed_with_times', 'ingest_synthea', 'ingest_fhir', 'ingest_file',
+           'ingest_mllp', 'ingest_process', 'ingest_replay', 'ingest_redrive', 'ingest_status', 'train', 'deploy',
+           'score', 'labels', 'report', 'dashboard', 'models_list', 'models_show', 'models_alias', 'demo', 'evaluate',
            'trigger_deployments', 'trigger_workers', 'trigger_run', 'audit_verify', 'audit_show', 'serve',
            'service_worker_app', 'serve_tokens_add', 'serve_tokens_list', 'serve_tokens_remove', 'schedule_run',
            'schedule_list', 'schedule_once', 'main']
@@ -687,6 +687,12 @@ def schedule_once(deployment: list[str] = _DEPLOYMENT_OPT,
     if failed:
         from cde_workbench.config import PipelineError
         raise PipelineError(f"{len(failed)} of {len(out)} scheduled run(s) failed: " + '; '.join(f'{o.run.deployment} {o.run.kind} {o.run_id}: {o.error}' for o in failed))
+
+# %% ../nbs/80_cli.ipynb #1b9a0002
+impact_app = typer.Typer(help='Impact evaluation: regression discontinuity, randomised trials with imperfect compliance, registered analysis plans.', no_args_is_help=True)
+app.add_typer(impact_app, name='impact')
+plan_app = typer.Typer(help='Analysis plans: registered, with their hash, in the audit log before the outcome data are looked at.', no_args_is_help=True)
+impact_app.add_typer(plan_app, name='plan')
 
 # %% ../nbs/80_cli.ipynb #0eead321
 def _usage_errors() -> tuple:
