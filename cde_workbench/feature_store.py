@@ -19,7 +19,7 @@ from sklearn.utils.validation import check_is_fitted
 from sqlalchemy.engine import Connection
 
 from .config import private_dir, private_file
-from .features import FeatureData, load_feature_data
+from .features import FeatureData, load_feature_data, load_point_history
 from .featurizer import CountFeaturizer
 from .deployment import Task
 from .tasks import check_point_in_time, exclusion_mask
@@ -82,11 +82,8 @@ def online_vector(conn: Connection, # open connection to the store
                   when: datetime, # the prediction time: only facts stored by then are loaded
                   order_id: str | None = None, # the order being scored: its own results are never features
                  ) -> sp.csr_matrix:
-    "The feature row of one patient at `when`, from only that patient's facts as stored by then, by the same transform."
-    data = load_feature_data(conn, [patient_key], as_of=when)
-    pt = pl.DataFrame({'patient_key': [patient_key], 'prediction_time': [when]}, schema={'patient_key': pl.String, 'prediction_time': _T})
-    if order_id is not None: pt = pt.with_columns(order_id=pl.lit(order_id, pl.String))
-    return featurizer.transform(pt, data)
+    "The feature row of one patient at `when`, from only that patient's facts as stored by then, by the same fitted featurizer."
+    return featurizer.transform_point(load_point_history(conn, patient_key, when), when, order_id)
 
 # %% ../nbs/21b_feature_store.ipynb #6bb25006
 def check_features_point_in_time(conn: Connection, # open connection to the store

@@ -5,10 +5,11 @@
 # %% ../nbs/21_features.ipynb #09231ab5
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 
 import polars as pl
 import sqlalchemy as sa
@@ -20,7 +21,8 @@ from .store import diagnoses, lab_results, medication_orders, patient_links, pat
 from .terminology import LABS
 
 # %% auto #0
-__all__ = ['AGE_BANDS', 'EVENT_SCHEMA', 'LINK_SCHEMA', 'PATIENT_SCHEMA', 'FeatureData', 'current_versions', 'load_feature_data']
+__all__ = ['AGE_BANDS', 'EVENT_SCHEMA', 'LINK_SCHEMA', 'PATIENT_SCHEMA', 'FeatureData', 'current_versions', 'load_feature_data',
+           'epoch_us', 'PointHistory', 'load_point_history']
 
 # %% ../nbs/21_features.ipynb #c0191b29
 AGE_BANDS = [(0, 40, '18-39'), (40, 60, '40-59'), (60, 75, '60-74'), (75, 200, '75+')]   # the demographics tokens: age in years at T, [low, high)
@@ -93,3 +95,62 @@ def load_feature_data(conn: Connection, # open connection to the store
     if as_of is not None: ps = ps.where(patients.c.stored_time <= as_of)
     pts = read_frame(conn, ps, PATIENT_SCHEMA).cast(PATIENT_SCHEMA)
     return FeatureData(pts, events, links)
+
+# %% ../nbs/21_features.ipynb #f1a70002
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+def epoch_us(t: datetime) -> int:
+    "Exact epoch microseconds of an aware time (the featurizer's clock: seconds are its floor division by 10⁶)."
+    return (t - _EPOCH) // timedelta(microseconds=1)
+
+@dataclass(frozen=True)
+class PointHistory:
+    "One patient's facts as stored at one time, as plain rows (the serving path: no frames for one patient)."
+    who: str                  # the record the patient continues as at that time (themselves unless merged)
+    members: tuple            # `who`, then each record merged into it by then
+    patient: tuple | None     # (birth_year, sex, race_ethnicity) of `who`; None when not stored by then
+    events: tuple             # (kind, code, value, event µs, stored µs, order_id, member): dx, med, and each lab result's current version
+
+def _current_lab_rows(rows) -> list:
+    "Each (order, component)'s current version as known: the newest result time, then the highest value, a missing value first (as `current_versions`)."
+    best = {}
+    for r in rows:   # r: (code, value, event_time, stored_time, order_id, result_time, member)
+        key = (r[5], r[1] is None, r[1] if r[1] is not None else 0.0)
+        g = (r[4], r[0])
+        if g not in best or key > best[g][0]: best[g] = (key, r)
+    return [r for _, r in best.values()]
+
+@functools.cache
+def _point_statements() -> tuple:
+    "The three queries of `load_point_history`, built once with bound parameters (building them costs more than running them)."
+    key, as_of, members = sa.bindparam('key'), sa.bindparam('as_of'), sa.bindparam('members', expanding=True)
+    pl_ = patient_links.c
+    own = sa.select(pl_.resolved_key).where(pl_.patient_key == key, pl_.stored_time <= as_of).scalar_subquery()
+    links = sa.select(pl_.patient_key, pl_.resolved_key).where(
+        pl_.stored_time <= as_of, sa.or_(pl_.patient_key == key, pl_.resolved_key == key, pl_.resolved_key == own))
+    def q(t, kind, code, value=sa.null(), extra=(sa.null(), sa.null())):
+        return sa.select(sa.literal(kind), code, value, t.c.event_time, t.c.stored_time, *extra, t.c.patient_key).where(
+            t.c.patient_key.in_(members), t.c.stored_time <= as_of)
+    r = lab_results.c
+    # labs first: PostgreSQL types a UNION's columns from the left, and the others' NULLs then take the lab columns' types
+    events = sa.union_all(q(lab_results, 'lab', r.component, r.value, (r.order_id, sa.func.coalesce(r.result_time, r.stored_time))),
+                          q(diagnoses, 'dx', diagnoses.c.icd10), q(medication_orders, 'med', medication_orders.c.med_code))
+    person = sa.select(patients.c.birth_year, patients.c.sex, patients.c.race_ethnicity).where(
+        patients.c.patient_key == key, patients.c.stored_time <= as_of)
+    return links, events, person
+
+def load_point_history(conn: Connection, # open connection to the store
+                       patient_key: str, # the patient (any of a merged record's keys)
+                       as_of: datetime, # only facts stored by then
+                      ) -> PointHistory:
+    "One patient's facts as stored at `as_of`, as plain rows: what `load_feature_data(conn, [patient_key], as_of)` loads for them."
+    links_q, events_q, person_q = _point_statements()
+    links = conn.execute(links_q, {'key': patient_key, 'as_of': as_of}).all()
+    who = next((r for k, r in links if k == patient_key), patient_key)
+    members = (who, *sorted(k for k, r in links if r == who and k != who))
+    rows = conn.execute(events_q, {'members': list(members), 'as_of': as_of}).all()
+    labs = _current_lab_rows([(c, v, e, s, o, rt, m) for k, c, v, e, s, o, rt, m in rows if k == 'lab'])
+    events = tuple((k, c, v, epoch_us(e), epoch_us(s), o, m) for k, c, v, e, s, o, rt, m in rows if k != 'lab') + \
+             tuple(('lab', c, v, epoch_us(e), epoch_us(s), o, m) for c, v, e, s, o, rt, m in labs)
+    pt = conn.execute(person_q, {'key': who, 'as_of': as_of}).first()
+    return PointHistory(who, members, tuple(pt) if pt is not None else None, events)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, fields
+from datetime import datetime, timezone
 
 import numpy as np
 import polars as pl
@@ -17,7 +18,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from .config import SchemaError
 from .deployment import FeatureSet
-from .features import AGE_BANDS, FeatureData
+from .features import AGE_BANDS, FeatureData, PointHistory, epoch_us
 
 # %% auto #0
 __all__ = ['SKLEARN_EXPECTED_FAILED_CHECKS', 'CountFeaturizer']
@@ -186,6 +187,16 @@ def _point_members(points: pl.DataFrame, data: FeatureData) -> tuple[np.ndarray,
     to_pid = lambda df: df.join(keymap, on='who', how='left', maintain_order='left')['pid'].fill_null(-1).to_numpy()
     who_pid = to_pid(pt.select('who'))
     return who_pid, mem['i'].to_numpy().astype(np.int64), to_pid(mem.select('who')), pt['who'].to_numpy()
+
+# %% ../nbs/21a_featurizer.ipynb #fa1a0001
+def _point_demographics(patient: tuple | None, # (birth_year, sex, race_ethnicity) as stored by T, or None
+                        when: datetime) -> list[str]:
+    "Age band, sex and race tokens of one point (as `_demographic_tokens` gives for a row)."
+    if patient is None: return ['age:unknown', 'sex:unknown', 'race:unknown']
+    birth_year, sex, race = patient
+    age = None if birth_year is None else when.astimezone(timezone.utc).year - birth_year
+    band = next((name for lo, hi, name in AGE_BANDS if age is not None and lo <= age < hi), 'unknown')
+    return ['age:' + band, 'sex:' + (sex or 'unknown'), 'race:' + (race or 'unknown')]
 
 # %% ../nbs/21a_featurizer.ipynb #9dedeff2
 class CountFeaturizer(TransformerMixin, BaseEstimator):
@@ -374,6 +385,47 @@ class CountFeaturizer(TransformerMixin, BaseEstimator):
             m = sp.hstack([m, sp.csr_matrix(num)], format='csr')
         m.sum_duplicates(); m.sort_indices()
         return m
+
+    def transform_point(self, history: PointHistory, # one patient's facts as stored at `when` (`load_point_history`)
+                        when: datetime, # the prediction time
+                        order_id: str | None = None, # the order being scored: its own results are never features
+                       ) -> sp.csr_matrix:
+        "The row `transform` builds for one point, from plain rows (the serving path: no frames, no index for one patient)."
+        check_is_fitted(self, 'vocabulary_')
+        t_us = epoch_us(when); t_sec = t_us // 1_000_000
+        since = {k: (None if d is None else t_sec - d * 86400) for k, d in self._windows()}
+        v, nb = self.vocabulary_, self.lab_bins + 1
+        counts: dict[int, float] = {}
+        last: dict[str, tuple] = {}   # numeric labs: the latest known result per component
+        numeric = set(self.numeric_labs)
+        for kind, code, value, ev_us, st_us, order, member in history.events:
+            sec = ev_us // 1_000_000
+            # known at T, in the window (T - days, T], not the point's own order (as `_known_pairs`)
+            if sec > t_sec or st_us > t_us or (order_id is not None and order == order_id): continue
+            if kind == 'lab':
+                x = np.nan if value is None else float(value)
+                if code in numeric:
+                    k = (sec, st_us, np.inf if np.isnan(x) else x)   # lexsort's order: NaN sorts last
+                    if code not in last or k > last[code][0]: last[code] = (k, x, sec)
+                if kind not in since: continue
+                edges = self.lab_edges_.get(code)
+                col = -1 if edges is None else v.get(f'lab:{code}:q{int(np.searchsorted(edges, x, side="right"))}', -1)
+            else:
+                if kind not in since: continue
+                col = v.get(f'{kind}:{code}', -1)
+            lo = since[kind]
+            if col >= 0 and (lo is None or sec > lo): counts[col] = counts.get(col, 0.0) + 1.0
+        if self.demographics:
+            for tok in _point_demographics(history.patient, when):
+                if (col := v.get(tok, -1)) >= 0: counts[col] = counts.get(col, 0.0) + 1.0
+        cols = sorted(counts); data = [counts[c] for c in cols]
+        base = len(v)
+        for j, comp in enumerate(self.numeric_labs):   # last value, hours since, missing; zeros are not stored (as a CSR from dense)
+            if comp in last: _, x, sec = last[comp]; trio = (x, (t_sec - sec) / 3600.0, 0.0)
+            else: trio = (0.0, 0.0, 1.0)
+            for i, val in enumerate(trio):
+                if val != 0.0: cols.append(base + 3 * j + i); data.append(val)
+        return sp.csr_matrix((np.array(data, float), np.array(cols, np.int64), np.array([0, len(cols)])), shape=(1, self.n_features_out_))
 
     def get_feature_names_out(self, input_features=None):
         "Feature names, in column order."

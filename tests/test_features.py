@@ -205,3 +205,35 @@ def test_events_in_any_order_give_the_same_matrix(store):
         shuffled = FeatureData(data.patients, data.events.sample(fraction=1.0, shuffle=True, seed=seed), data.links)
         X = fz.transform(pts, shuffled)
         assert (X != grouped).nnz == 0 and X.nnz == grouped.nnz
+
+
+def test_the_online_row_path_reads_the_same_on_both_backends(store_url):
+    "load_point_history's bound, expanding and UNION queries on SQLite and PostgreSQL: a merge, a correction, an own order."
+    from datetime import datetime, timezone
+    from cde_workbench.features import load_point_history
+    from cde_workbench.store import diagnoses, medication_orders, patients
+    t = lambda d, h=0: datetime(2024, 1, d, h, tzinfo=timezone.utc)
+    eng = get_engine(store_url)
+    src = {'source': 'test'}
+    lab = {**src, 'order_id': 'O1', 'patient_key': 'A', 'component': 'HGB', 'loinc': '718-7', 'event_time': t(3)}
+    with eng.begin() as c:
+        c.execute(patients.insert(), [{**src, 'patient_key': k, 'birth_year': 1950, 'sex': 'F', 'race_ethnicity': 'Asian', 'stored_time': t(1)} for k in 'ABR'])
+        c.execute(patient_links.insert(), [{'patient_key': 'R', 'resolved_key': 'A', 'stored_time': t(7)}])
+        c.execute(diagnoses.insert(), [{**src, 'patient_key': k, 'icd10': code, 'event_time': t(1), 'stored_time': t(2)} for k, code in (('A', 'I10'), ('B', 'E11'))])
+        c.execute(medication_orders.insert(), [{**src, 'patient_key': 'R', 'med_code': 'ASPIRIN', 'event_time': t(4), 'stored_time': t(4)}])
+        c.execute(lab_results.insert(), [{**lab, 'seq': 1, 'value': 9.0, 'status': 'F', 'result_time': t(3), 'stored_time': t(3)},
+                                         {**lab, 'seq': 2, 'value': 13.0, 'status': 'C', 'result_time': t(6), 'stored_time': t(6)},
+                                         {**lab, 'seq': 3, 'order_id': 'O2', 'value': 11.0, 'status': 'F', 'event_time': t(5), 'result_time': t(5), 'stored_time': t(5)}])
+    points = pl.DataFrame({'patient_key': ['A', 'A', 'R', 'R', 'B'], 'prediction_time': [t(5), t(8), t(5), t(8), t(8)]}, schema={'patient_key': pl.String, 'prediction_time': T})
+    with eng.connect() as c:
+        data = load_feature_data(c)
+        fz = CountFeaturizer(numeric_labs=('HGB',)).fit(points, data)
+        offline = fz.transform(points, data)
+        for i, (key, when) in enumerate(points.iter_rows()):
+            assert (online_vector(c, fz, key, when) != offline[i]).nnz == 0, (key, when)
+        h = load_point_history(c, 'R', t(8))
+        own = online_vector(c, fz, 'A', t(8), 'O1')   # the corrected O1 result left out: the last HGB is O2's
+    assert (h.who, h.members) == ('A', ('A', 'R'))
+    assert sorted((k, code, v) for k, code, v, *_ in h.events) == [('dx', 'I10', None), ('lab', 'HGB', 11.0), ('lab', 'HGB', 13.0), ('med', 'ASPIRIN', None)]
+    assert own[0, fz.feature_names_.index('num:HGB:last')] == 11.0
+    dispose_engines()
