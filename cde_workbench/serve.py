@@ -5,6 +5,7 @@
 # %% ../nbs/41_serve.ipynb #827b570b
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -213,18 +214,30 @@ class Packet:
 _PACKET_COLS = ('inference_id', 'deployment', 'order_id', 'patient_key', 'encounter_id', 'prediction_time', 'score', 'threshold', 'decision',
                 'shown', 'arm', 'probability', 'output_mode', 'model_id', 'model_sha256', 'trigger', 'request_id', 'latency_ms', 'features')
 
+@functools.cache
+def _packet_lookups() -> dict:
+    "The stored-packet lookups by request id and by point, built once (building a statement costs more than running it here)."
+    c = inferences.c
+    q = lambda col: (sa.select(*(c[k] for k in _PACKET_COLS), models.c.version).join(models, models.c.model_id == c.model_id)
+                     .where(c.deployment == sa.bindparam('deployment'), col == sa.bindparam('v')))
+    return {'request_id': q(c.request_id), 'order_id': q(c.order_id)}
+
 def _stored_packet(conn: Connection, deployment: str, order_id: str | None = None, request_id: str | None = None) -> Packet | None:
     "The packet already stored for this request id (first) or point, if any."
-    c = inferences.c
-    for col, v in ((c.request_id, request_id), (c.order_id, order_id)):
+    for col, v in (('request_id', request_id), ('order_id', order_id)):
         if v is None: continue
-        r = conn.execute(sa.select(*(c[k] for k in _PACKET_COLS), models.c.version).join(models, models.c.model_id == c.model_id)
-                         .where(c.deployment == deployment, col == v)).first()
+        r = conn.execute(_packet_lookups()[col], {'deployment': deployment, 'v': v}).first()
         if r is not None:
             d = dict(r._mapping)
             return Packet(**{k: d[k] for k in _PACKET_COLS if k != 'features'}, model_version=d['version'],
                           features=json.loads(d['features'] or '{}'), created=False)
     return None
+
+@functools.cache
+def _adt_as_known():
+    a = adt_events.c
+    return (sa.select(a.encounter_id, a.patient_key, a.event_type, a.ward, a.event_time, a.stored_time)
+            .where(a.patient_key == sa.bindparam('key'), a.event_time <= sa.bindparam('when'), a.stored_time <= sa.bindparam('when')))
 
 def place_at(conn: Connection, # open connection to the store
              patient_key: str, # the patient
@@ -233,14 +246,19 @@ def place_at(conn: Connection, # open connection to the store
     """The patient's (encounter id, ward) at `when` as known then; (None, None) when not in hospital. Each stay's state comes from
     its ADT events with event and stored time ≤ `when`, by the `encounter_state` that keeps the `encounters` table (which,
     like `location_visits`, holds the state now, not then)."""
-    a = adt_events.c
     stays = {}
-    for r in conn.execute(sa.select(a.encounter_id, a.patient_key, a.event_type, a.ward, a.event_time, a.stored_time)
-                          .where(a.patient_key == patient_key, a.event_time <= when, a.stored_time <= when)).mappings():
+    for r in conn.execute(_adt_as_known(), {'key': patient_key, 'when': when}).mappings():
         stays.setdefault(r['encounter_id'], []).append(dict(r))
     here = [(st['admit_time'], enc, st['ward']) for enc, evs in stays.items()
             for st in [encounter_state(evs)[0]] if st['status'] == 'admitted' and st['admit_time'] is not None]
     return max(here)[1:] if here else (None, None)
+
+@functools.cache
+def _patient_lookup():
+    "A patient key known to the store: a patient's own, or a merged record's."
+    k = sa.bindparam('key')
+    return sa.union_all(sa.select(patients.c.patient_key).where(patients.c.patient_key == k),
+                        sa.select(patient_links.c.patient_key).where(patient_links.c.patient_key == k))
 
 def score_point(engine: Engine, # the store
                 dep: Deployment, # the deployment
@@ -254,6 +272,7 @@ def score_point(engine: Engine, # the store
                 ward: str | None = None, # the ward, when the caller knows it (else looked up as of `when`)
                 request_id: str | None = None, # the caller's request id or hookInstance: a retry returns the same packet
                 model: ServingModel | None = None, # the served model (default: `serving_model(engine, dep)`)
+                scorer_factory=None, # how the served model is scored (`serving_model`'s; default the bundle's estimator)
                 received: float | None = None, # `time.perf_counter()` when the request arrived (for latency)
                ) -> Packet:
     "Score one point now: features as known at `when`, the model's score, the mode's decision; stored once, or the stored packet returned."
@@ -263,10 +282,10 @@ def score_point(engine: Engine, # the store
         state = deployment_state(conn, dep.name)
         if state.status not in SCORING_STATES:
             raise ConfigError(f"deployment {dep.name!r} is {state.status or 'not registered'}; only silent or live deployments are scored")
-        if conn.execute(sa.select(patients.c.patient_key).where(patients.c.patient_key == patient_key)).first() is None \
-           and conn.execute(sa.select(patient_links.c.patient_key).where(patient_links.c.patient_key == patient_key)).first() is None:
+        if conn.execute(_patient_lookup(), {'key': patient_key}).first() is None:
             raise ConfigError(f"patient {patient_key!r} is not in the store")
-        if model is None or model.record.model_id != state.model_id: model = serving_model(engine, dep, state.model_id)
+        if model is None or model.record.model_id != state.model_id:   # (re)loaded when the deployment's model changed, with the same scorer
+            model = serving_model(engine, dep, state.model_id, scorer_factory)
         own = order_id if dep.task.kind == 'lab_abnormal' else None   # the scored order's own results are never its features
         x = online_vector(conn, model.featurizer, patient_key, when, own)
         if encounter_id is None or ward is None:

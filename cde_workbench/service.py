@@ -384,10 +384,9 @@ class ScoringService:
             except (CDEError, *_STORE_DOWN): continue   # a call to it will say what is wrong
         return n
 
-    def model(self, dep: Deployment) -> ServingModel:
-
-        "The deployment's served model, with the configured scorer."
-        return serving_model(self.engine, dep, scorer_factory=self.scorer_factory)
+    def model(self, dep: Deployment, model_id: int | None = None) -> ServingModel:
+        "The deployment's served model (or version `model_id`), with the configured scorer (cached: loaded once)."
+        return serving_model(self.engine, dep, model_id, scorer_factory=self.scorer_factory)
 
     def run_id(self, dep: Deployment) -> str:
         "This process's run-ledger entry for `dep` (kind serve), made on first use."
@@ -431,8 +430,8 @@ class ScoringService:
     def _score(self, dep: Deployment, **kw) -> tuple[Packet, str]:
         "The packet `score_point` stored (or found) for this point, and the served model's name."
         try:
-            m = self.model(dep)
-            return score_point(self.engine, dep, when=utcnow(), run_id=self.run_id(dep), model=m, **kw), m.record.name
+            p = score_point(self.engine, dep, when=utcnow(), run_id=self.run_id(dep), scorer_factory=self.scorer_factory, **kw)
+            return p, self.model(dep, p.model_id).record.name
         except ConfigError as e:
             if not self._patient_known(kw['patient_key']): raise RequestRefused(404, f"patient {kw['patient_key']!r} is not in the store")
             raise RequestRefused(409, _one_line(str(e)))
