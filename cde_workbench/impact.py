@@ -60,11 +60,11 @@ def _column(df, name: str, numeric: bool) -> tuple[np.ndarray, np.ndarray]:
         if np.isinf(values).any(): raise ImpactError(f"column '{name}' has {int(np.isinf(values).sum())} infinite values")
     return values, np.asarray(missing, dtype=bool)
 
-def _read_columns(df, numeric: dict[str, str | None], other: dict[str, str | None] = {}) -> tuple[dict, dict, np.ndarray]:
+def _read_columns(df, numeric: dict[str, str | None], other: dict[str, str | None] | None = None) -> tuple[dict, dict, np.ndarray]:
     "Check and read the columns an analysis uses (role -> column name; None = unused): values, missing masks, rows with none missing."
     names = _column_names(df)
     values, missing = {}, {}
-    for roles, num in ((numeric, True), (other, False)):
+    for roles, num in ((numeric, True), (other or {}, False)):
         for role, col in roles.items():
             if col is None: continue
             if col not in names: raise ImpactError(f"column '{col}' ({role}) is not in the data (its columns: {', '.join(names[:20])}{' …' if len(names) > 20 else ''})")
@@ -104,7 +104,7 @@ VCES = ('nn', 'hc0', 'hc1', 'hc2', 'hc3', 'cr1', 'cr2', 'cr3')
 MIN_RD_N = 20   # rdrobust selects no bandwidth below 20 observations (it falls back to the whole range)
 
 def _rdrobust(y, x, c, **kw):
-    "rdrobust, quietly (it prints notes such as 'Mass points detected'); its failures become NotEstimable."
+    "rdrobust, quietly (its printed notes, e.g. 'Mass points detected', are kept on the fit as `notes`); its failures become NotEstimable."
     from rdrobust import rdrobust
     out = io.StringIO()
     try:
@@ -116,6 +116,7 @@ def _rdrobust(y, x, c, **kw):
     se = fit.se.to_numpy().ravel()
     if not np.isfinite(se).all() or (se <= 0).any():
         raise NotEstimable(f'rdrobust gave no usable standard error at the cutoff {c:g} (too few distinct observations within the bandwidth)')
+    fit.notes = [line.strip() for line in out.getvalue().splitlines() if line.strip()]
     return fit
 
 def _estimates(coef, se, ci, pv) -> dict:
@@ -221,7 +222,7 @@ def rdd_analysis(df, # polars or pandas DataFrame, one row per unit
            'n_effective': [int(v) for v in fit.N_h], 'cutoff': cutoff,
            'bandwidth': {'h': [_num(bws.loc['h', 'left']), _num(bws.loc['h', 'right'])],
                          'b': [_num(bws.loc['b', 'left']), _num(bws.loc['b', 'right'])], 'selector': fit.bwselect},
-           'estimate': _estimates(fit.coef, fit.se, fit.ci, fit.pv)}
+           'estimate': _estimates(fit.coef, fit.se, fit.ci, fit.pv), 'notes': fit.notes}
     if d is not None: out['first_stage'] = _estimates(fit.tau_T, fit.se_T, fit.ci_T, fit.pv_T)
     out['density_test'] = _density_test(x, cutoff)
     if placebo_cutoffs is None:
@@ -420,15 +421,16 @@ def label_selection_performance(df, # polars or pandas DataFrame, one row per sc
     out = {'design': 'label_selection', 'n': n, 'n_dropped': n_dropped, 'n_observed': int(obs.sum())}
     units = vals['unit'][keep] if unit else None
     rs = resampler(n, n_boot, seed, None if unit is None else _codes(units), unit or 'row')
-    points = {k: _weighted_figures(*(lambda t: (t[:, C:], t[:, :C]))(np.asarray(A.sum(axis=0))), cells.score) for k, A in tables.items()}
+    split = lambda t: (t[:, C:], t[:, :C])   # (positives, negatives) per cell
+    points = {k: _weighted_figures(*split(np.asarray(A.sum(axis=0))), cells.score) for k, A in tables.items()}
     boots = {k: {f: [] for f in LABEL_FIGURES} for k in tables}
     for mult in _multiplicities(rs, n, 50):
         mo = mult[:, rows].astype(float)
         for k, A in tables.items():
-            t = np.asarray((sparse.csr_matrix(mo) @ A).todense())
+            t = np.asarray(A.T @ mo.T).T   # every resample's weighted counts per (cell, label) at once
             start = {'calibration_intercept': points[k]['intercept'][0], 'calibration_slope': points[k]['slope'][0],
                      'calibration_slope_a': points[k]['_slope_a'][0]}
-            figs = _weighted_figures(t[:, C:], t[:, :C], cells.score, start)
+            figs = _weighted_figures(*split(t), cells.score, start)
             for f in LABEL_FIGURES: boots[k][f].append(figs[f])
     for k in tables:
         out[k] = {f: _figure_entry(points[k][f][0], np.concatenate(boots[k][f]), level) for f in LABEL_FIGURES}
