@@ -321,6 +321,10 @@ def iv_analysis(df, # polars or pandas DataFrame, one row per randomised unit (o
     if np.linalg.matrix_rank(np.column_stack([W, z])) < W.shape[1] + 1:
         raise NotEstimable(f"the covariates ({', '.join(names)}) are collinear with each other or with the instrument '{instrument}' among the {n:,} rows analysed (e.g. a covariate that is constant)")
     if n <= W.shape[1] + 2: raise NotEstimable(f'too few rows: {n} for {W.shape[1] + 1} coefficients')
+    first = np.linalg.lstsq(np.column_stack([W, z]), d.astype(float), rcond=None)[0][-1]
+    if abs(first) < 1e-10:   # the CACE would divide by zero
+        raise NotEstimable(f"no variation in compliance: the arm '{instrument}' does not change the treatment '{treatment}' "
+                           f"(treated share {d[z == 0].mean():.1%} with arm 0 and {d[z == 1].mean():.1%} with arm 1{', given the covariates' if len(names) else ''})")
     groups = _codes(vals['cluster'][keep]) if cluster else None
     if groups is not None and groups.max() < 1: raise NotEstimable(f"cluster-robust errors need at least 2 clusters; '{cluster}' has one among the rows analysed")
     alpha = 1 - level / 100
@@ -336,15 +340,16 @@ def iv_analysis(df, # polars or pandas DataFrame, one row per randomised unit (o
     exog = pd.DataFrame(W, columns=['_const'] + [f'_w{j}' for j in range(W.shape[1] - 1)])
     lm_kw = {'unadjusted': {'cov_type': 'unadjusted'}, 'robust': {'cov_type': 'robust'},
              'cluster': {'cov_type': 'clustered', 'clusters': pd.Series(groups)}}[kind]
-    iv = IV2SLS(pd.Series(y, name='_y'), exog, pd.Series(d.astype(float), name='_d'), pd.Series(z.astype(float), name='_z')).fit(**lm_kw)
+    try:
+        iv = IV2SLS(pd.Series(y, name='_y'), exog, pd.Series(d.astype(float), name='_d'), pd.Series(z.astype(float), name='_z')).fit(**lm_kw)
+    except np.linalg.LinAlgError as e:
+        raise NotEstimable(f'two-stage least squares failed on these rows ({e}): the design matrix is singular') from None
     ci = iv.conf_int(level=level / 100).loc['_d']
     out['cace'] = {'coef': _num(iv.params['_d']), 'se': _num(iv.std_errors['_d']), 'ci': [_num(ci['lower']), _num(ci['upper'])], 'p': _num(iv.pvalues['_d'])}
     fs = iv.first_stage
     diag = fs.diagnostics.loc['_d']
     f = _num(diag['f.stat'])
     coef = float(fs.individual['_d'].params['_z'])
-    if abs(coef) < 1e-12:
-        raise NotEstimable(f"no variation in compliance: the arm '{instrument}' does not change the treatment '{treatment}' (first-stage coefficient 0)")
     out['first_stage'] = {'coef': coef, 'f_stat': f, 'partial_r2': _num(diag['partial.rsquared']),
                           'f_stat_method': f'Wald test of the instrument in the first stage with the {kind} covariance (linearmodels; the squared t for one instrument)'}
     out['weak_instrument'] = bool(f is None or f < 10)
