@@ -104,12 +104,12 @@ VCES = ('nn', 'hc0', 'hc1', 'hc2', 'hc3', 'cr1', 'cr2', 'cr3')
 MIN_RD_N = 20   # rdrobust selects no bandwidth below 20 observations (it falls back to the whole range)
 
 def _rdrobust(y, x, c, **kw):
-    "rdrobust, quietly (its printed notes, e.g. 'Mass points detected', are kept on the fit as `notes`); its failures become NotEstimable."
+    "rdrobust, quietly (what it prints or warns, e.g. 'Mass points detected', is kept on the fit as `notes`); its failures become NotEstimable."
     from rdrobust import rdrobust
     out = io.StringIO()
     try:
-        with contextlib.redirect_stdout(out), warnings.catch_warnings():
-            warnings.simplefilter('ignore')
+        with contextlib.redirect_stdout(out), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
             fit = rdrobust(y, x, c=c, **kw)
     except Exception as e:   # options are checked before; rdrobust raises bare Exceptions about the data (e.g. too little variability)
         raise NotEstimable(f'rdrobust could not estimate at the cutoff {c:g}: {e}') from None
@@ -117,6 +117,7 @@ def _rdrobust(y, x, c, **kw):
     if not np.isfinite(se).all() or (se <= 0).any():
         raise NotEstimable(f'rdrobust gave no usable standard error at the cutoff {c:g} (too few distinct observations within the bandwidth)')
     fit.notes = [line.strip() for line in out.getvalue().splitlines() if line.strip()]
+    fit.notes += [str(w.message) for w in caught if not issubclass(w.category, (FutureWarning, DeprecationWarning))]   # e.g. few clusters
     return fit
 
 def _estimates(coef, se, ci, pv) -> dict:
@@ -274,11 +275,12 @@ def _binary(v: np.ndarray, col: str, role: str) -> np.ndarray:
     return v.astype(int)
 
 def _dummies(values: np.ndarray, col: str) -> tuple[np.ndarray, list[str]]:
-    "Indicator columns of a categorical column's levels, the first (sorted) level being the reference."
-    labels = np.array([str(int(v)) if isinstance(v, (float, np.floating)) and float(v).is_integer() else str(v) for v in values], dtype=object)
-    levels = sorted(set(labels.tolist()))
-    return (np.column_stack([(labels == lv).astype(float) for lv in levels[1:]]) if len(levels) > 1 else np.empty((len(values), 0)),
-            [f'{col}={lv}' for lv in levels[1:]])
+    "Indicator columns of a categorical column's levels, the first level (sorted: by value for numbers, else as text) being the reference."
+    try: levels = sorted(set(values.tolist()))
+    except TypeError: values = values.astype(str); levels = sorted(set(values.tolist()))   # mixed types: compare as text
+    name = lambda v: str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+    return (np.column_stack([(values == lv).astype(float) for lv in levels[1:]]) if len(levels) > 1 else np.empty((len(values), 0)),
+            [f'{col}={name(lv)}' for lv in levels[1:]])
 
 def _flow(z, d, ymiss, zmiss, dmiss) -> dict:
     "CONSORT-style counts from the rows as given (before any row is dropped)."
