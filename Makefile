@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench dashboard install system-deps check-generated clean-demo
+.PHONY: demo test soak bench dashboard install system-deps check-generated clean-demo
 
 $(STAMP): requirements.txt setup.py settings.ini
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: install
 test: install system-deps check-generated
 	$(VENV)/bin/nbdev_test --n_workers 2
 	$(VENV)/bin/pytest -q tests
+
+## the long system tests at full size (make test runs them shorter): the MLLP SIGKILL soak with 20,000 messages
+soak: install system-deps
+	CDE_SOAK=1 $(VENV)/bin/pytest -q -m slow tests
 
 bench: install
 	$(PY) benchmarks/run.py
