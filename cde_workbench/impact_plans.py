@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from .config import utcnow
-from .impact import ImpactError
+from .impact import BWSELECTS, KERNELS, VCES, ImpactError
 from .store import analysis_plans, audit, audit_log, plan_amendments
 
 # %% auto #0
@@ -45,8 +45,7 @@ REQUIRED = {'rdd': ('running', 'outcome', 'cutoff'), 'iv': ('outcome', 'treatmen
 
 _KINDS = {'column': 'a column name', 'columns': 'a list of column names', 'number': 'a number',
           'numbers': 'a list of numbers', 'whole': 'a whole number', 'text': 'text'}
-_CHOICES = {'kernel': ('triangular', 'uniform', 'epanechnikov'), 'vce': ('nn', 'hc0', 'hc1', 'hc2', 'hc3'),
-            'bwselect': ('mserd', 'msetwo', 'msesum', 'msecomb1', 'msecomb2', 'cerrd', 'certwo', 'cersum', 'cercomb1', 'cercomb2')}
+_CHOICES = {'kernel': tuple(KERNELS), 'vce': VCES, 'bwselect': BWSELECTS}   # the values rdd_analysis accepts
 
 def _is_number(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 

@@ -186,14 +186,3 @@ def test_the_command_line(tmp_path, monkeypatch):
     assert code == 2 and "no registered plan 'other' (registered: nudge_trial)" in err
     assert counts(get_engine(url)) == (1, 1, 2)
     dispose_engines()
-
-
-def test_plan_parameters_are_the_estimators_keyword_arguments():
-    "Every keyword argument of a design's estimator can be planned, nothing else can, and the required ones are those without a default."
-    import inspect
-    from cde_workbench import impact
-    from cde_workbench.impact_plans import ESTIMATORS, PARAMETERS, REQUIRED
-    for design, name in ESTIMATORS.items():
-        args = list(inspect.signature(getattr(impact, name)).parameters.values())[1:]   # after the data frame
-        assert set(PARAMETERS[design]) == {a.name for a in args}, design
-        assert set(REQUIRED[design]) == {a.name for a in args if a.default is inspect.Parameter.empty}, design
