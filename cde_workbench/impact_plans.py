@@ -5,6 +5,7 @@
 # %% ../nbs/61_impact_plans.ipynb #p1100003
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -118,8 +119,8 @@ class AnalysisPlan:
     description: str = '' # anything else a reviewer should read
 
     def as_dict(self) -> dict:
-        "Every field, as JSON-ready values: what is hashed and stored."
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        "Every field, as JSON-ready values (a copy): what is hashed and stored."
+        return copy.deepcopy({f.name: getattr(self, f.name) for f in fields(self)})
 
 def _plain_name(where: str, what: str, v) -> str:
     "A name that can be a folder and a command-line argument."
