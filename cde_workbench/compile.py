@@ -238,6 +238,7 @@ def register_compiled_model(engine: Engine, # the store
                             *, var: Path, # the workspace's var/
                             check_rows, # rows (CSR or dense) to check the graph on, e.g. the test matrix
                             check_sample: int = 5000, # at most this many of them, a seeded sample
+                            files: dict[str, bytes] | None = None, # more files for the version's folder (e.g. the test features)
                            ) -> ModelRecord:
     "Compile the bundle's estimator, check it against scikit-learn within `TOLERANCE`, and register both; refuses (storing nothing) when they differ."
     if 'estimator' not in bundle: raise PipelineError(f"{name}: the bundle has no 'estimator' to compile")
@@ -247,7 +248,7 @@ def register_compiled_model(engine: Engine, # the store
     check = check_compiled(CompiledScorer(data, name), est, check_rows, name, check_sample)
     compiled = {**_onnx_info(model, data), **check}
     return register_model(engine, name, bundle, {**params, 'compiled': compiled}, metrics, feature_set_hash, data_fingerprint,
-                          test_predictions, var=var, files={ONNX_FILE: data})
+                          test_predictions, var=var, files={**(files or {}), ONNX_FILE: data})
 
 # %% ../nbs/23a_compile.ipynb #8e4913f3
 def load_scorer(record: ModelRecord, # the registered version

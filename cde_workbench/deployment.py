@@ -261,8 +261,14 @@ CDS_HOOKS = ('order-sign', 'patient-view')   # the CDS Hooks the scoring service
 CATCH_UP = ('skip', 'latest', 'all')         # missed scheduled times after downtime
 PIPELINE_KINDS = ('score', 'labels', 'monitor', 'report', 'train', 'evaluate')   # notebooks the scheduler may run
 RANDOMISATION_UNITS = ('patient', 'encounter')
-ALERT_METRICS = ('auroc', 'calibration_slope', 'calibration_in_the_large', 'prevalence', 'flag_rate', 'psi_score',
-                 'missing_rate', 'volume', 'scoring_errors', 'failed_runs', 'label_delay_hours')
+# what a monitoring run (50b_monitoring) computes over a rule's window, so every rule can be checked:
+ALERT_METRICS = ('auroc', 'oe', 'slope', 'prevalence',          # labelled packets: AUROC, observed/expected, calibration slope, abnormal share
+                 'cbpe_auroc',                                  # AUROC estimated from the scores alone (CBPE), labels or not
+                 'flag_rate', 'mean_score', 'psi_score',        # scores: share at or above the threshold, mean, PSI against the test years
+                 'psi_max_feature', 'drifted_features',         # features: the largest PSI, and how many features drifted
+                 'missing_rate', 'mean_features',               # share of packets without lab features, mean non-zero features per packet
+                 'scoring_volume', 'error_rate', 'failed_runs', # packets per day, failed share of queued scorings, failed pipeline runs
+                 'label_delay_days', 'labelled_share')          # median days to the first result, share of due packets labelled
 
 def _cron_ok(expr) -> bool:
     "A valid five-field cron expression (croniter: small, pure Python)."

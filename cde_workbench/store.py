@@ -32,10 +32,10 @@ __all__ = ['metadata', 'T', 'patients', 'patient_identity', 'adt_events', 'diagn
            'location_visits', 'ids_messages', 'ids_receipts', 'ids_dead_letters', 'processor_state',
            'processing_errors', 'APPEND_ONLY', 'models', 'model_aliases', 'deployments', 'runs', 'inferences',
            'score_queue', 'outbound_messages', 'token_uses', 'allocations', 'run_locks', 'schedule_state',
-           'deployment_history', 'inference_labels', 'analysis_plans', 'plan_amendments', 'audit_log', 'audit_head',
-           'AUDIT_GENESIS', 'UTCDateTime', 'migrations_dir', 'redact_url', 'get_engine', 'upgrade', 'engine_variant',
-           'dispose_engines', 'audit_row_hash', 'audit', 'AuditVerification', 'verify_audit_chain', 'read_frame',
-           'insert_ignoring', 'insert_ignore', 'bulk_insert', 'insert_frame']
+           'deployment_history', 'inference_labels', 'analysis_plans', 'plan_amendments', 'monitoring_results',
+           'alerts', 'audit_log', 'audit_head', 'AUDIT_GENESIS', 'UTCDateTime', 'migrations_dir', 'redact_url',
+           'get_engine', 'upgrade', 'engine_variant', 'dispose_engines', 'audit_row_hash', 'audit', 'AuditVerification',
+           'verify_audit_chain', 'read_frame', 'insert_ignoring', 'insert_ignore', 'bulk_insert', 'insert_frame']
 
 # %% ../nbs/01_store.ipynb #60a7e206
 class UTCDateTime(sa.types.TypeDecorator):
@@ -219,7 +219,7 @@ processing_errors = sa.Table('processing_errors', metadata,  # stored messages t
     sa.Column('resolution', sa.Text, nullable=True))  # how it was resolved
 
 APPEND_ONLY = ('ids_messages', 'ids_receipts', 'ids_dead_letters', 'audit_log', 'models', 'model_aliases', 'inference_labels', 'deployment_history',
-               'analysis_plans', 'plan_amendments')
+               'analysis_plans', 'plan_amendments', 'monitoring_results')
 
 models = sa.Table('models', metadata,
     sa.Column('model_id', sa.Integer, primary_key=True, autoincrement=True),
@@ -413,6 +413,43 @@ plan_amendments = sa.Table('plan_amendments', metadata,
     sa.Column('registered_at', T, nullable=False),
     sa.Column('registered_by', sa.String(64), nullable=False),
     sa.UniqueConstraint('plan', 'seq', name='uq_plan_amendment_seq'))
+
+# monitoring (0008): each monitoring run's figures, one row per metric, group and window, so that dashboards read stored
+# figures and never recompute them from packets (append-only); and the alerts its rules raise, open until resolved
+monitoring_results = sa.Table('monitoring_results', metadata,
+    sa.Column('id', sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column('run_id', sa.String(40), sa.ForeignKey('runs.run_id'), nullable=False, index=True),
+    sa.Column('deployment', sa.String(64), nullable=False),
+    sa.Column('computed_at', T, nullable=False),      # wall-clock time of the run
+    sa.Column('as_of', T, nullable=False),            # the analysis time: packets and labels as known then
+    sa.Column('metric', sa.String(64), nullable=False),
+    sa.Column('group_name', sa.String(32), nullable=False),   # 'all', or the subgroup's dimension (sex, age_band, ward, feature)
+    sa.Column('group_value', sa.String(128), nullable=False), # 'all', or the subgroup (a ward, a feature's name)
+    sa.Column('window_start', T),                     # the window the figure covers (prediction times in (start, end])
+    sa.Column('window_end', T),
+    sa.Column('value', sa.Float),                     # null: not estimable (the reason is in detail)
+    sa.Column('ci_low', sa.Float),
+    sa.Column('ci_high', sa.Float),
+    sa.Column('n', sa.Integer),                       # packets the figure rests on
+    sa.Column('detail', sa.Text, nullable=False))     # JSON: anything else (test, p, patients, valid resamples, reason)
+sa.Index('ix_monitoring_results_deployment_metric', monitoring_results.c.deployment, monitoring_results.c.metric, monitoring_results.c.window_end)
+
+alerts = sa.Table('alerts', metadata,
+    sa.Column('alert_id', sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column('deployment', sa.String(64), nullable=False),
+    sa.Column('rule', sa.Text, nullable=False),               # the AlertRule as canonical JSON
+    sa.Column('metric', sa.String(64), nullable=False),
+    sa.Column('first_seen', T, nullable=False),               # analysis times (as_of) of the first and latest breach
+    sa.Column('last_seen', T, nullable=False),
+    sa.Column('last_value', sa.Float),
+    sa.Column('threshold', sa.Float, nullable=False),
+    sa.Column('direction', sa.String(8), nullable=False),     # below or above
+    sa.Column('n', sa.Integer, nullable=False),               # cases behind the latest value
+    sa.Column('status', sa.String(16), nullable=False),       # open or resolved
+    sa.Column('resolved_at', T),
+    sa.Column('resolved_by', sa.String(64)),
+    sa.Column('resolution_reason', sa.Text))
+sa.Index('ix_alerts_deployment_status', alerts.c.deployment, alerts.c.status)
 
 audit_log = sa.Table('audit_log', metadata,
     sa.Column('id', sa.Integer, primary_key=True, autoincrement=True),

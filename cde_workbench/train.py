@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +33,8 @@ from .registry import ModelRecord
 from .tasks import task_points
 
 # %% auto #0
-__all__ = ['MODEL_FACTORIES', 'Split', 'temporal_split', 'data_fingerprint', 'to_dense', 'make_model', 'threshold_from_rule',
-           'data_pipe_figures', 'train_deployment']
+__all__ = ['MODEL_FACTORIES', 'TEST_FEATURES_FILE', 'Split', 'temporal_split', 'data_fingerprint', 'to_dense', 'make_model',
+           'threshold_from_rule', 'data_pipe_figures', 'test_features', 'train_deployment']
 
 # %% ../nbs/31_train.ipynb #f444bb8b
 @dataclass
@@ -135,6 +136,19 @@ def data_pipe_figures(X: sp.spmatrix, # feature rows (CSR), as the featurizer bu
     return {'rows': int(n), 'mean_n_features': float(np.diff(X.indptr).mean()) if n else None,
             'no_lab_share': float((~has_lab).mean()) if n else None}
 
+TEST_FEATURES_FILE = 'test_features.npz'   # the test years' feature rows, kept with the model: monitoring's drift reference
+
+def _npz_bytes(X: sp.spmatrix) -> bytes:
+    "A sparse matrix as the bytes of a compressed .npz file."
+    buf = io.BytesIO(); sp.save_npz(buf, sp.csr_matrix(X), compressed=True)
+    return buf.getvalue()
+
+def test_features(record, # a registered model version (`registry.ModelRecord`)
+                 ) -> sp.csr_matrix | None:
+    "The test years' feature rows saved with a model version (rows as in its test predictions); None for a version trained before they were kept."
+    p = record.folder / TEST_FEATURES_FILE
+    return sp.load_npz(p).tocsr() if p.exists() else None
+
 def train_deployment(engine: Engine, # the store
                      dep: Deployment, # what to train
                      var: Path, # the workspace's var/ (feature cache, model bundles)
@@ -192,4 +206,4 @@ def train_deployment(engine: Engine, # the store
     bundle = {'estimator': est, 'featurizer': fz, 'component': dep.task.component, 'feature_names': fz.feature_names_}
     # compiled to ONNX and checked equal to scikit-learn on the test rows before anything is stored (23a_compile)
     return register_compiled_model(engine, dep.name, bundle, params_all, metrics, fz.definition_hash(), data_fingerprint(final_train, data), preds,
-                                   var=var, check_rows=Xte)
+                                   var=var, check_rows=Xte, files={TEST_FEATURES_FILE: _npz_bytes(Xte)})
