@@ -21,12 +21,13 @@ from .deployment import load_deployment
 
 # %% auto #0
 __all__ = ['app', 'ingest_app', 'models_app', 'trigger_app', 'audit_app', 'serve_app', 'tokens_app', 'schedule_app', 'impact_app',
-           'plan_app', 'synth', 'ingest_warehouse', 'feed_with_times', 'ingest_synthea', 'ingest_fhir', 'ingest_file',
-           'ingest_mllp', 'ingest_process', 'ingest_replay', 'ingest_redrive', 'ingest_status', 'train', 'deploy',
-           'score', 'labels', 'report', 'dashboard', 'models_list', 'models_show', 'models_alias', 'demo', 'evaluate',
-           'trigger_deployments', 'trigger_workers', 'trigger_run', 'audit_verify', 'audit_show', 'serve',
-           'service_worker_app', 'serve_tokens_add', 'serve_tokens_list', 'serve_tokens_remove', 'schedule_run',
-           'schedule_list', 'schedule_once', 'plan_register', 'plan_show', 'plan_list', 'plan_amend', 'main']
+           'plan_app', 'monitor_app', 'alerts_app', 'synth', 'ingest_warehouse', 'feed_with_times', 'ingest_synthea',
+           'ingest_fhir', 'ingest_file', 'ingest_mllp', 'ingest_process', 'ingest_replay', 'ingest_redrive',
+           'ingest_status', 'train', 'deploy', 'score', 'labels', 'report', 'dashboard', 'models_list', 'models_show',
+           'models_alias', 'demo', 'evaluate', 'trigger_deployments', 'trigger_workers', 'trigger_run', 'audit_verify',
+           'audit_show', 'serve', 'service_worker_app', 'serve_tokens_add', 'serve_tokens_list', 'serve_tokens_remove',
+           'schedule_run', 'schedule_list', 'schedule_once', 'plan_register', 'plan_show', 'plan_list', 'plan_amend',
+           'monitor_run', 'alerts_list', 'alerts_resolve', 'main']
 
 # %% ../nbs/80_cli.ipynb #636e4249
 app = typer.Typer(help='cde-workbench: take a clinical model from the research notebook to a silent trial, a report and a dashboard.',
@@ -773,6 +774,49 @@ def plan_amend(name: str = typer.Argument(..., help='The plan.'),
     reg = amend_plan(get_engine(Workspace.from_env().database_url), name, dict(parsed), reason, actor)
     a = reg.amendments[-1]
     typer.echo(f"{name}: amendment {a['seq']}  sha256 {a['sha256']}")
+
+# %% ../nbs/80_cli.ipynb #m12d0002
+monitor_app = typer.Typer(help='Monitoring runs: performance, calibration, drift and data quality over rolling windows, stored for the dashboards; alert rules checked.', no_args_is_help=True)
+app.add_typer(monitor_app, name='monitor')
+alerts_app = typer.Typer(help='Alerts raised by the monitoring rules ([[alerts]] in deployment.toml): shown until resolved with a reason.', no_args_is_help=True)
+app.add_typer(alerts_app, name='alerts')
+
+@monitor_app.command('run')
+def monitor_run(deployment: str = typer.Argument(..., help='Deployment name.'),
+                as_of: Optional[str] = typer.Option(None, '--as-of', help="The analysis time: packets before it, labels and facts as known then (ISO-8601 with offset); default now.")):
+    "Run the deployment's monitor notebook: figures over rolling windows stored, alert rules checked."
+    run = _timed_run(deployment, 'monitor', as_of)
+    from cde_workbench.monitoring import open_alerts, read_results
+    from cde_workbench.store import get_engine
+    with get_engine(Workspace.from_env().database_url).connect() as c:
+        n, live = read_results(c, deployment, run.run_id).height, open_alerts(c, deployment)
+    typer.echo(f'{n} figures stored; {len(live)} open alert{"s" * (len(live) != 1)} for {deployment}' + (' (cde alerts list)' if live else ''))
+
+@alerts_app.command('list')
+def alerts_list(deployment: Optional[str] = typer.Option(None, '--deployment', help="One deployment's alerts (default: all)."),
+                show_all: bool = typer.Option(False, '--all', help='Resolved alerts too.'),
+                as_json: bool = typer.Option(False, '--json', help='One JSON array instead of lines.')):
+    "Open alerts (newest first), with what was breached, since when and the latest value."
+    if deployment is not None: load_deployment(deployment, Workspace.from_env().deployments)   # a typo is named, not an empty list
+    from cde_workbench.monitoring import list_alerts
+    from cde_workbench.store import get_engine
+    with get_engine(Workspace.from_env().database_url).connect() as c:
+        found = list_alerts(c, deployment, None if show_all else 'open')
+    if as_json: typer.echo(json.dumps([a.as_dict() for a in found], indent=1, sort_keys=True)); return
+    if not found: typer.echo('no ' + ('alerts' if show_all else 'open alerts') + (f' for {deployment}' if deployment else '')); return
+    for a in found: typer.echo(f'{a.alert_id} [{a.status}] {a.text()}')
+
+@alerts_app.command('resolve')
+def alerts_resolve(alert_id: int = typer.Argument(..., help='The alert (its number in cde alerts list).'),
+                   reason: str = typer.Option(..., '--reason', help='Why it is resolved: kept with the alert and in the audit log.'),
+                   actor: Optional[str] = typer.Option(None, '--actor', help='Who resolves it; default CDE_ACTOR or the OS user.')):
+    "Resolve an open alert with a reason (audited)."
+    import os
+    from cde_workbench.monitoring import resolve_alert
+    from cde_workbench.store import get_engine
+    who = actor or os.environ.get('CDE_ACTOR') or os.environ.get('USER') or 'unknown'
+    a = resolve_alert(get_engine(Workspace.from_env().database_url), alert_id, reason, who)
+    typer.echo(f'alert {a.alert_id} resolved by {a.resolved_by}: {a.resolution_reason}')
 
 # %% ../nbs/80_cli.ipynb #0eead321
 def _usage_errors() -> tuple:
