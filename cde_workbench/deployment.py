@@ -264,6 +264,7 @@ RANDOMISATION_UNITS = ('patient', 'encounter')
 # what a monitoring run (50b_monitoring) computes over a rule's window, so every rule can be checked:
 ALERT_METRICS = ('auroc', 'oe', 'slope', 'prevalence',          # labelled packets: AUROC, observed/expected, calibration slope, abnormal share
                  'cbpe_auroc',                                  # AUROC estimated from the scores alone (CBPE), labels or not
+                 'result_shift',                                # lab tasks: mean of the task's results minus the test years', in its unit
                  'flag_rate', 'mean_score', 'psi_score',        # scores: share at or above the threshold, mean, PSI against the test years
                  'psi_max_feature', 'drifted_features',         # features: the largest PSI, and how many features drifted
                  'missing_rate', 'mean_features',               # share of packets without lab features, mean non-zero features per packet

@@ -21,7 +21,7 @@ from .drift import (cbpe_reliability, drift_test, estimate_performance_cbpe, fea
                     windowed_performance)
 from .monitor import label_status
 from .registry import ModelRecord, get_model, load_bundle, resolve_model, test_predictions
-from .store import alerts, audit, inferences, location_visits, monitoring_results, patients, read_frame, runs, score_queue
+from .store import alerts, audit, inferences, lab_results, location_visits, monitoring_results, patients, read_frame, runs, score_queue
 from .train import test_features
 
 # %% auto #0
@@ -325,8 +325,18 @@ def _run_clock(parameters: str | None, scheduled_for, started_at) -> datetime:
     try: return as_utc(json.loads(parameters)['as_of'])
     except Exception: return as_utc(scheduled_for or started_at)
 
+def _result_shift(ref_values: np.ndarray, values: np.ndarray, level: float) -> dict:
+    "Mean of the window's results minus the test years', with Welch's interval, and the KS test of the two distributions."
+    from scipy import stats
+    t = stats.ttest_ind(values, ref_values, equal_var=False)
+    ci = t.confidence_interval(level)
+    ks = stats.ks_2samp(values, ref_values)
+    return {'value': float(values.mean() - ref_values.mean()), 'ci_low': float(ci.low), 'ci_high': float(ci.high),
+            'mean': float(values.mean()), 'reference_mean': float(ref_values.mean()), 'n_reference': len(ref_values),
+            'ks_statistic': float(ks.statistic), 'ks_p': float(ks.pvalue), 'welch_p': float(t.pvalue)}
+
 def _window_figures(d: pl.DataFrame, q: pl.DataFrame, failed: list, ws: datetime, we: datetime, days: int,
-                    ref: pl.DataFrame, names, X, cbpe: dict) -> list[dict]:
+                    ref: pl.DataFrame, names, X, cbpe: dict, ref_values: np.ndarray | None = None, level: float = 0.95) -> list[dict]:
     "The packet, score, label-state and pipe figures of one window (prediction times in [ws, we))."
     w = d.filter((pl.col('prediction_time') >= ws) & (pl.col('prediction_time') < we))
     n, out = w.height, []
@@ -344,6 +354,10 @@ def _window_figures(d: pl.DataFrame, q: pl.DataFrame, failed: list, ws: datetime
             f('missing_rate', _no_lab_share(X[have['row'].to_numpy()], names) if have.height else None, n=have.height)
         e = estimate_performance_cbpe(s, float(w['threshold'][0]), n_sim=cbpe['n_sim'], seed=cbpe['seed'])
         f('cbpe_auroc', e['auroc'], ci_low=e['auroc_low'], ci_high=e['auroc_high'], accuracy=e['accuracy'], expected_positives=e['expected_positives'])
+        v = w['result_value'].drop_nulls().to_numpy() if 'result_value' in w.columns else np.array([])
+        if ref_values is not None and len(ref_values) > 1 and len(v) > 1:
+            r = _result_shift(ref_values, v, level)
+            f('result_shift', r.pop('value'), ci_low=r.pop('ci_low'), ci_high=r.pop('ci_high'), n=len(v), **r)
     states = {s_: int((w['label_state'] == s_).sum()) for s_ in ('labelled', 'awaiting', 'cancelled', 'censored')}
     for s_, k in states.items(): f('label_state_share', k / n if n else None, group_name='label_state', group_value=s_, packets=k)
     due = n - states['awaiting']
@@ -405,11 +419,22 @@ def run_monitoring(engine: Engine, # the store
         failed = [(x.run_id, _run_clock(x.parameters, x.scheduled_for, x.started_at), x.status)
                   for x in conn.execute(sa.select(r.run_id, r.parameters, r.scheduled_for, r.started_at, r.status)
                                         .where(r.deployment == dep.name, r.status.in_(('succeeded', 'failed'))))]
-    d = (st.join(feats, on='inference_id', how='left').join(groups, on='inference_id', how='left')
+        # the task's own result (lab tasks): the first final or corrected value of each order stored by as_of, for the packets and the test years
+        ref = test_predictions(rec)
+        values = {}
+        if dep.task.kind == 'lab_abnormal' and 'order_id' in ref.columns:
+            lr = lab_results.c
+            orders = sorted(set(st['order_id'].to_list()) | set(ref['order_id'].drop_nulls().to_list()))
+            got = _in_chunks(conn, lambda k: sa.select(lr.order_id, lr.value, lr.stored_time).where(
+                lr.component == dep.task.component, lr.status.in_(('F', 'C')), lr.stored_time <= as_of, lr.order_id.in_(k)), orders)
+            for o, v, t in sorted(got, key=lambda r: (r[0], as_utc(r[2]))): values.setdefault(o, v)
+    res = pl.DataFrame({'order_id': list(values), 'result_value': [float(v) if v is not None else None for v in values.values()]},
+                       schema={'order_id': pl.String, 'result_value': pl.Float64})
+    ref_values = ref.join(res, on='order_id', how='inner')['result_value'].drop_nulls().to_numpy() if values else None
+    d = (st.join(feats, on='inference_id', how='left').join(res, on='order_id', how='left').join(groups, on='inference_id', how='left')
            .sort('prediction_time', 'inference_id').with_row_index('row'))
     if ev.unit == 'case': d = d.with_columns(unit=pl.col('inference_id').cast(pl.String))
     else: d = d.with_columns(unit=pl.col('patient_key'))
-    ref = test_predictions(rec)
     X_ref = test_features(rec)
     bundle = load_bundle(rec)
     names = list(bundle['feature_names']) if bundle.get('feature_names') is not None else list(bundle['featurizer'].feature_names_)
@@ -455,7 +480,7 @@ def run_monitoring(engine: Engine, # the store
             if r['metric'] == 'prevalence' and r['group_name'] == 'all' and (r['window_start'], r['window_end']) in prev_p else r for r in rows]
     cb = {'n_sim': n_sim, 'seed': ev.seed}
     for ws, we, days in sorted(windows):
-        rows += _window_figures(d, q, failed, ws, we, days, ref, names, X, cb)
+        rows += _window_figures(d, q, failed, ws, we, days, ref, names, X, cb, ref_values, ev.ci)
         if we != as_of: continue
         w = d.filter((pl.col('prediction_time') >= ws) & (pl.col('prediction_time') < we))
         have = w.filter(pl.col('features').is_not_null())

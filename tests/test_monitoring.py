@@ -61,7 +61,8 @@ def test_stored_figures_equal_the_reference_implementations_on_the_same_packets(
         st = label_status(c, dep, AS_OF)
     assert stored['run_id'].unique().to_list() == [s.run_id] and stored.height == s.figures.height > 50
     assert stored.drop('run_id', 'as_of', 'computed_at').equals(s.figures)
-    last = {r['metric']: r for r in stored.filter(pl.col('group_name') == 'all', pl.col('window_end') == AS_OF).iter_rows(named=True)}
+    start = AS_OF - timedelta(days=days)   # the rules' 28-day windows end at AS_OF too
+    last = {r['metric']: r for r in stored.filter(pl.col('group_name') == 'all', pl.col('window_end') == AS_OF, pl.col('window_start') == start).iter_rows(named=True)}
     w = st.filter(pl.col('prediction_time') >= AS_OF - timedelta(days=days), pl.col('prediction_time') < AS_OF)
     lab = w.filter(pl.col('label_state') == 'labelled')
     assert s.packets == st.height and s.labelled == lab.height > 20
@@ -74,15 +75,20 @@ def test_stored_figures_equal_the_reference_implementations_on_the_same_packets(
     ref = test_predictions(rec)
     assert last['psi_score']['value'] == pytest.approx(population_stability_index(ref['score'].to_numpy(), w['score'].to_numpy()))
     assert last['flag_rate']['value'] == pytest.approx(float((w['score'] >= w['threshold']).mean()))
-    states = {r['group_value']: r['value'] for r in stored.filter(pl.col('metric') == 'label_state_share', pl.col('window_end') == AS_OF).iter_rows(named=True)}
+    states = {r['group_value']: r['value'] for r in stored.filter(pl.col('metric') == 'label_state_share', pl.col('window_start') == start).iter_rows(named=True)}
     assert sum(states.values()) == pytest.approx(1.0) and states['labelled'] == pytest.approx(lab.height / w.height)
     # the feature drift reference is the test years' rows kept with the model; the largest PSI is one of the stored features'
     assert test_features(rec).shape[0] == ref.height
-    feats = stored.filter(pl.col('group_name') == 'feature', pl.col('window_end') == AS_OF)
+    feats = stored.filter(pl.col('group_name') == 'feature', pl.col('window_start') == start)
     assert feats.height and last['psi_max_feature']['value'] == pytest.approx(feats['value'].max())
     # subgroups split the same packets: by sex, the counts add up to the whole window's
-    by_sex = stored.filter(pl.col('metric') == 'auroc', pl.col('group_name') == 'sex', pl.col('window_end') == AS_OF)
+    by_sex = stored.filter(pl.col('metric') == 'auroc', pl.col('group_name') == 'sex', pl.col('window_start') == start)
     assert set(by_sex['group_value']) <= {'F', 'M'} and by_sex['n'].sum() == lab.height
+    # the task's own result: the window's HGB values against the test years' (each order's first final value)
+    shift = last['result_shift']
+    d = json.loads(shift['detail'])
+    assert shift['value'] == pytest.approx(d['mean'] - d['reference_mean']) and shift['ci_low'] < shift['value'] < shift['ci_high']
+    assert 0 < shift['n'] <= w.height and d['n_reference'] <= ref.height
     ref_rows = stored.filter(pl.col('group_name') == 'reference')
     assert dict(zip(ref_rows['metric'], ref_rows['value']))['auroc'] == pytest.approx(roc_auc_score(ref['label'], ref['score']))
     # a naive clock is refused before anything is stored
