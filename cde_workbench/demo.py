@@ -27,17 +27,21 @@ from typing import Callable, Sequence
 from jupyter_client.manager import AsyncKernelManager
 
 from .config import ConfigError, PipelineError, Workspace, private_dir, private_file
-from .deployment import load_deployment
+from .deployment import Deployment, load_deployment
 
 # %% auto #0
-__all__ = ['DEMO_DEPLOYMENT', 'CLOCK_DEPLOYMENT', 'DEMO_REVIEWER', 'DEPLOYR_DEPLOYMENTS', 'StageTimes', 'reset_demo_store',
-           'worker_threads', 'train_demo_tasks', 'WarmKernels', 'trial_weeks', 'label_run_due', 'mllp_receiver',
-           'DemoResult', 'run_demo']
+__all__ = ['DEMO_DEPLOYMENT', 'CLOCK_DEPLOYMENT', 'DEMO_REVIEWER', 'DEMO_DRIFT_SHIFT', 'DEPLOYR_DEPLOYMENTS', 'StageTimes',
+           'reset_demo_store', 'worker_threads', 'train_demo_tasks', 'WarmKernels', 'trial_weeks', 'label_run_due',
+           'mllp_receiver', 'run_demo_monitoring', 'DemoResult', 'run_demo']
 
 # %% ../nbs/75_demo.ipynb #07c6b155
 DEMO_DEPLOYMENT = 'hgb_abnormal'   # the one that runs a silent trial
 CLOCK_DEPLOYMENT = 'icu_transfer_24h'   # the time-driven task, scored once on its clock during the silent trial
 DEMO_REVIEWER = 'Dr A. Reviewer (demo)'   # who signs its go-live off
+# the hemoglobin analyser change of 15 February 2024 (nbs/11_synth), in g/dL: at the synthetic default (0.35, a fifth of a
+# standard deviation) a month of a 3,000-patient hospital's results moves its mean by less than the month-to-month noise;
+# 1 g/dL, a recalibration error a laboratory would want to catch, is what hgb_abnormal's result_shift alert is set to see
+DEMO_DRIFT_SHIFT = 1.0
 # DEPLOYR's twelve lab-abnormal tasks, trained and evaluated retrospectively by the demo
 DEPLOYR_DEPLOYMENTS = ('hct_abnormal', 'hgb_abnormal', 'plt_abnormal', 'wbc_abnormal', 'alb_abnormal', 'bun_abnormal', 'ca_abnormal',
                        'co2_abnormal', 'creat_abnormal', 'k_abnormal', 'na_abnormal', 'mg_abnormal')
@@ -349,6 +353,21 @@ def mllp_receiver(replay_clock: bool = False, # stamp messages with MSH-7 + 30 s
         try: proc.wait(30)
         except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL); proc.wait()
 
+# %% ../nbs/75_demo.ipynb #m12f0002
+def run_demo_monitoring(engine, # the demo's store
+                        dep: Deployment, # the silent deployment
+                        as_of: datetime, # the analysis time: the last label run's clock
+                        echo: Callable[[str], None] = print, # told what the run found
+                        n_boot: int = 200, # bootstrap resamples per window and group (enough for the demo's figures)
+                       ):
+    "One monitoring run of `dep` at `as_of` through the run ledger, in process; its summary (figures stored, alerts checked)."
+    from cde_workbench.monitoring import run_monitoring
+    from cde_workbench.schedule import run_ledger
+    with run_ledger(engine, dep.name, 'monitor', {'as_of': as_of.isoformat(), 'n_boot': n_boot}, heartbeat_seconds=None) as run_id:
+        summary = run_monitoring(engine, dep, as_of, run_id, n_boot=n_boot)
+    for line in summary.lines(): echo(f'    {line}')
+    return summary
+
 # %% ../nbs/75_demo.ipynb #bc717171
 @dataclass
 class DemoResult:
@@ -448,7 +467,8 @@ def run_demo(ws: Workspace, # the demo's workspace: the embedded SQLite store in
         with engine.begin() as c: audit(c, 'demo.start', ws.redacted_url, {'patients': patients, 'seed': seed})
         echo(f'1/6 synthetic hospital ({patients} patients)')
         # a realistic feed: some messages sent twice, some late, a few garbled, some patients registered twice then merged
-        cfg = HospitalConfig(n_patients=patients, seed=seed, duplicate_rate=0.01, late_rate=0.02, merge_rate=0.02, malformed_rate=0.002)
+        cfg = HospitalConfig(n_patients=patients, seed=seed, duplicate_rate=0.01, late_rate=0.02, merge_rate=0.02, malformed_rate=0.002,
+                             drift_shift=DEMO_DRIFT_SHIFT)
         out = ws.var / 'synth'
         with times.stage('synth'):
             h = generate(cfg)
@@ -487,6 +507,8 @@ def run_demo(ws: Workspace, # the demo's workspace: the embedded SQLite store in
         echo(f'  audit log: {chain.rows} rows checked, ' + ('hash chain intact' if chain.ok else f"{len(chain.problems)} problems: {'; '.join(chain.problems)}"))
         echo('6/6 summary')
         with engine.connect() as c: rows = performance_rows(c, dep)
+        echo(f'  monitoring: {dep.name} at the last label run\'s clock (figures over rolling windows stored, its alert rules checked)')
+        with times.stage('monitoring'): run_demo_monitoring(engine, dep, datetime.fromisoformat(cfg.end).replace(tzinfo=timezone.utc) + timedelta(days=2), echo)
     times.seconds['total'] = round(time.perf_counter() - t_all, 2)
     times.cpu_seconds['total'] = round(_cpu_seconds() - c_all, 2)
     times.write(ws.var / 'bench' / 'demo_stages.json', patients=patients)
