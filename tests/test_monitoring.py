@@ -161,3 +161,45 @@ def test_monitor_notebook_and_alert_commands(trial, monkeypatch):
     assert 'no open alerts' in cli('alerts', 'list').stdout and '[resolved]' in cli('alerts', 'list', '--all').stdout
     r = cli('alerts', 'resolve', str(listed[0]['alert_id']), '--reason', 'again')
     assert isinstance(r.exception, MonitoringError) and 'already resolved by dr.ds' in str(r.exception)
+
+
+DRIFT = datetime(2024, 2, 15, tzinfo=timezone.utc)   # the demo's hemoglobin analyser change (nbs/11_synth, DEMO_DRIFT_SHIFT)
+
+
+def weekly_result_shift_alerts(store_file, tmp_path):
+    """Weekly monitoring runs of hgb_abnormal over the silent trial on a copy of a demo store (its alerts cleared first):
+    each Monday's result_shift figure and the result_shift alerts, as (first_seen, last_seen, direction)."""
+    import sqlite3
+    from cde_workbench.deployment import load_deployment
+    from cde_workbench.monitoring import list_alerts, run_monitoring
+    from cde_workbench.store import get_engine
+    from conftest import ROOT
+    copy = tmp_path / 'copy.sqlite'
+    src, dst = sqlite3.connect(store_file), sqlite3.connect(copy)
+    with dst: src.backup(dst)
+    src.close(); dst.execute('DELETE FROM alerts'); dst.commit(); dst.close()
+    engine = get_engine(f'sqlite:///{copy}')
+    dep = load_deployment(ROOT / 'deployments' / 'hgb_abnormal')
+    shifts = {}
+    for k in range(10):
+        as_of = datetime(2024, 1, 29, tzinfo=timezone.utc) + timedelta(weeks=k)
+        s = ledger(engine, dep, 'monitor', run_monitoring, as_of, n_boot=20, n_sim=20)
+        f = s.figures.filter(pl.col('metric') == 'result_shift', pl.col('group_name') == 'all', pl.col('window_end') == as_of,
+                             pl.col('window_start') == as_of - timedelta(days=28))
+        shifts[as_of] = (f['value'][0], f['n'][0]) if f.height else None
+    with engine.connect() as c:
+        found = [(a.first_seen, a.last_seen, a.direction) for a in list_alerts(c, dep.name) if a.metric == 'result_shift']
+    return shifts, found
+
+
+def test_the_demo_hemoglobin_drift_raises_its_alert_in_the_weeks_after_it_and_not_before(demo, tmp_path):
+    "The demo's last monitoring run leaves hgb_abnormal's result-shift alert open; weekly runs over the trial raise it only after 15 February 2024."
+    from cde_workbench.monitoring import open_alerts
+    with demo['engine'].connect() as c: live = [a for a in open_alerts(c, 'hgb_abnormal') if a.metric == 'result_shift']
+    assert [(a.direction, a.last_value > 0.5) for a in live] == [('above', True)], live
+    assert 'monitoring: hgb_abnormal' in demo['out'] and 'result_shift' in demo['out']
+    shifts, found = weekly_result_shift_alerts(demo['base'] / 'var' / 'cde.sqlite', tmp_path)
+    assert len(found) == 1, (found, shifts)
+    first, last, direction = found[0]
+    assert direction == 'above' and DRIFT < first <= DRIFT + timedelta(weeks=4) <= last, (found, shifts)
+    assert all(v is None or v[0] <= 0.5 for t, v in shifts.items() if t < DRIFT), shifts
