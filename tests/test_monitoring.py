@@ -104,7 +104,7 @@ def _run(engine, name, as_of):
 def test_alerts_open_are_seen_again_and_resolve_once_on_both_backends(store_url, tmp_path):
     from cde_workbench.deployment import AlertRule, load_deployment
     from cde_workbench.monitoring import (MonitoringError, evaluate_alerts, figure, figures_frame, list_alerts, open_alerts,
-                                          resolve_alert, store_results)
+                                          read_results, resolve_alert, store_results)
     from cde_workbench.store import audit_log, get_engine, monitoring_results, verify_audit_chain
     from conftest import ROOT
     engine = get_engine(store_url)
@@ -116,6 +116,8 @@ def test_alerts_open_are_seen_again_and_resolve_once_on_both_backends(store_url,
         return evaluate_alerts(engine, dep, t(day), fig)
     a = check(14, 0.7)
     assert [(x.status, x.first_seen, x.last_value) for x in a] == [('open', t(14), 0.7)]
+    with engine.connect() as c: got = read_results(c, dep.name)   # the run's figures read back as stored, times in UTC
+    assert got.select('metric', 'window_start', 'window_end', 'value', 'n').rows() == [('oe', t(0), t(14), 0.7, 100)] and got['as_of'][0] == t(14)
     b = check(21, 0.6, n=40)
     assert (b[0].alert_id, b[0].first_seen, b[0].last_seen, b[0].last_value, b[0].n) == (a[0].alert_id, t(14), t(21), 0.6, 40)
     assert check(28, 0.5, n=29) == [] and check(35, 0.95) == []
