@@ -499,4 +499,8 @@ def run_monitoring(engine: Engine, # the store
     figs = figures_frame(rows)
     with engine.begin() as conn: store_results(conn, run_id, dep.name, as_of, figs)
     raised = evaluate_alerts(engine, dep, as_of, figs)
+    for rule in dep.alerts:
+        f = rule_figure(figs, rule, as_of)
+        if f is None or f['value'] is None: notes.append(f'rule {rule.metric} ({rule.direction} {rule.threshold:g}, {rule.window_days} days): no figure to check')
+        elif f['n'] is None or f['n'] < rule.min_n: notes.append(f"rule {rule.metric}: {f['n'] or 0} packets, fewer than its min_n {rule.min_n}: not checked")
     return MonitoringSummary(run_id, dep.name, as_of, f'{rec.name} v{rec.version}', d.height, lab.height, figs, raised, notes)
