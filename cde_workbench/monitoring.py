@@ -399,10 +399,12 @@ def run_monitoring(engine: Engine, # the store
                    window_days: int = 28, # the rolling windows' length
                    step_days: int = 7, # days between consecutive windows' ends
                    n_sim: int = 200, # label sets drawn for each CBPE interval
+                   history_days: int = 365, # how far back the rolling windows' ends go (and never before the first packet)
                   ) -> MonitoringSummary:
     "Compute a deployment's monitoring figures over rolling windows ending at `as_of`, store them, then check its alert rules."
     as_of = as_utc(as_of, 'as_of')
-    if window_days < 1 or step_days < 1: raise MonitoringError(f'window_days and step_days must be at least 1, got {window_days} and {step_days}')
+    if window_days < 1 or step_days < 1 or history_days < 0:
+        raise MonitoringError(f'window_days and step_days must be at least 1 and history_days at least 0, got {window_days}, {step_days} and {history_days}')
     ev, notes = dep.evaluation, []
     with engine.connect() as conn:
         rec = monitored_model(conn, dep)
@@ -460,16 +462,18 @@ def run_monitoring(engine: Engine, # the store
         k = 0
         while True:
             we = as_of - k * step * DAY
-            if we <= first and k: break
+            if k and (we <= first or as_of - we > history_days * DAY): break
             windows.add((we - days * DAY, we, days)); k += 1
             if days != window_days: break
-        wp = windowed_performance(lab, days, step, unit='unit', n_boot=n_boot, seed=ev.seed, end=as_of, level=ev.ci, min_events=ev.min_events)
-        if days != window_days: wp = wp.filter(pl.col('window_end') == as_of)
+        recent = lab.filter(pl.col('prediction_time') >= as_of - (history_days + days) * DAY)   # windowed_performance steps back over all it is given
+        wp = windowed_performance(recent, days, step, unit='unit', n_boot=n_boot, seed=ev.seed, end=as_of, level=ev.ci, min_events=ev.min_events)
+        wp = wp.filter(pl.col('window_end') == as_of) if days != window_days else wp.filter(pl.col('window_end') >= as_of - history_days * DAY)
         rows += _performance_rows(wp, None)
         if days == window_days:
             for g in SUBGROUPS:
-                rows += _performance_rows(windowed_performance(lab, days, step, unit='unit', group=g, n_boot=n_boot, seed=ev.seed,
-                                                               end=as_of, level=ev.ci, min_events=ev.min_events), g)
+                rows += _performance_rows(windowed_performance(recent, days, step, unit='unit', group=g, n_boot=n_boot, seed=ev.seed, end=as_of,
+                                                               level=ev.ci, min_events=ev.min_events)
+                                          .filter(pl.col('window_end') >= as_of - history_days * DAY), g)
     # label drift: each window's labels against the test years' (chi-squared), beside the prevalence figure
     prev_p = {}
     for ws, we, days in sorted(windows):
