@@ -205,3 +205,26 @@ def test_the_demo_hemoglobin_drift_raises_its_alert_in_the_weeks_after_it_and_no
     first, last, direction = found[0]
     assert direction == 'above' and DRIFT < first <= DRIFT + timedelta(weeks=4) <= last, (found, shifts)
     assert all(v is None or v[0] <= 0.5 for t, v in shifts.items() if t < DRIFT), shifts
+
+
+def test_the_scheduler_runs_the_monitor_notebook_at_its_cron_time(trial):
+    "`[schedule] monitor` is a notebook kind the scheduler runs like the others: as_of is the cron time, the figures are stored for it."
+    from cde_workbench.config import Workspace
+    from cde_workbench.deployment import load_deployment
+    from cde_workbench.monitoring import read_results
+    from cde_workbench.schedule import Scheduler
+    store, engine, dep, rec = trial
+    toml = dep.path / 'deployment.toml'
+    before = toml.read_text()
+    assert 'score = "0 2 * * 1"\nlabels = "30 2 * * *"' in before
+    toml.write_text(before.replace('score = "0 2 * * 1"\nlabels = "30 2 * * *"', 'monitor = "0 6 * * 1"'))
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            store.apply(mp)
+            mon = load_deployment(dep.name, store.base / 'deployments')
+            monday = datetime(2024, 3, 4, 6, 0, tzinfo=timezone.utc)
+            out = Scheduler(Workspace.from_env(), [mon], clock=lambda: monday + timedelta(minutes=1)).tick(wait=True)
+    finally: toml.write_text(before)
+    assert [(o.run.kind, o.run.due, o.status) for o in out] == [('monitor', monday, 'succeeded')], [o.error for o in out]
+    with engine.connect() as c: got = read_results(c, dep.name, out[0].run_id)
+    assert got.height > 0 and got['as_of'].unique().to_list() == [monday]
