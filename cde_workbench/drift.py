@@ -64,7 +64,10 @@ def population_stability_index(reference, # reference values (e.g. the training 
                                categorical: bool = False, # compare categories instead of numeric bins
                               ) -> float:
     "Population stability index Σ (c − r)·ln(c / r) over bins of shares r (reference) and c (current); empty shares floored at `PSI_FLOOR`."
-    ref, cur, _ = _bin_counts(reference, current, bins, categorical)
+    return _psi_of_counts(*_bin_counts(reference, current, bins, categorical)[:2])
+
+def _psi_of_counts(ref: np.ndarray, cur: np.ndarray) -> float:
+    "PSI from counts per bin of the reference and the current values."
     r, c = np.maximum(ref / ref.sum(), PSI_FLOOR), np.maximum(cur / cur.sum(), PSI_FLOOR)
     used = (ref > 0) | (cur > 0)   # a bin empty on both sides contributes nothing (e.g. no missing values at all)
     return float(np.sum((c[used] - r[used]) * np.log(c[used] / r[used])))
@@ -76,20 +79,22 @@ def drift_test(reference, # reference values
                bins: int = 10, # quantile bins of the reference for the PSI (numeric values)
               ) -> dict:
     "Two-sample drift test: `scipy.stats.ks_2samp` (numeric; NaN left out) or `chi2_contingency` (categories), with the PSI."
-    psi = population_stability_index(reference, current, bins, categorical)
-    if categorical:
-        ref, cur, _ = _bin_counts(reference, current, bins, True)
-        n_ref, n_cur = int(ref.sum()), int(cur.sum())
-        if len(ref) < 2: stat, p = 0.0, 1.0   # one category on both sides: nothing can differ
-        else:
-            res = stats.chi2_contingency(np.stack([ref, cur]))
-            stat, p = float(res.statistic), float(res.pvalue)
-        return {'statistic': stat, 'p': p, 'test': 'chi2', 'psi': psi, 'n_reference': n_ref, 'n_current': n_cur}
+    if categorical: return _chi2_of_counts(*_bin_counts(reference, current, bins, True)[:2])
+    psi = population_stability_index(reference, current, bins)
     r, c = _numeric(reference, 'reference'), _numeric(current, 'current')
     r, c = r[~np.isnan(r)], c[~np.isnan(c)]
     if not len(r) or not len(c): raise DriftError(f"{'reference' if not len(r) else 'current'} values are all missing: no KS test is possible")
     res = stats.ks_2samp(r, c)
     return {'statistic': float(res.statistic), 'p': float(res.pvalue), 'test': 'ks', 'psi': psi, 'n_reference': len(r), 'n_current': len(c)}
+
+
+def _chi2_of_counts(ref: np.ndarray, cur: np.ndarray) -> dict:
+    "`drift_test`'s result for categories given as counts per category (each present on at least one side)."
+    if len(ref) < 2: stat, p = 0.0, 1.0   # one category on both sides: nothing can differ
+    else:
+        res = stats.chi2_contingency(np.stack([ref, cur]))
+        stat, p = float(res.statistic), float(res.pvalue)
+    return {'statistic': stat, 'p': p, 'test': 'chi2', 'psi': _psi_of_counts(ref, cur), 'n_reference': int(ref.sum()), 'n_current': int(cur.sum())}
 
 # %% ../nbs/50a_drift.ipynb #d1200011
 def feature_kind(values: np.ndarray, # one feature's values, reference and current together
@@ -123,7 +128,11 @@ def feature_drift(reference: sp.csr_matrix | np.ndarray, # reference feature mat
     for j, name in enumerate(names):
         r, c = col_r(j), col_c(j)
         kind = feature_kind(np.concatenate([r, c]))
-        d = drift_test(r, c, categorical=kind == 'token', bins=bins)
+        if kind == 'token':   # presence counts directly: the same test as drift_test(categorical=True), without text
+            ref, cur = np.array([(r == 0).sum(), (r == 1).sum()]), np.array([(c == 0).sum(), (c == 1).sum()])
+            keep = (ref + cur) > 0
+            d = _chi2_of_counts(ref[keep], cur[keep])
+        else: d = drift_test(r, c, bins=bins)
         rows.append({'name': str(name), 'kind': kind, 'psi': d['psi'], 'test': d['test'], 'statistic': d['statistic'], 'p': d['p'],
                      'drifted': bool(d['psi'] >= psi_threshold and d['p'] < p_threshold)})
     schema = {'name': pl.String, 'kind': pl.String, 'psi': pl.Float64, 'test': pl.String, 'statistic': pl.Float64, 'p': pl.Float64, 'drifted': pl.Boolean}
@@ -224,6 +233,7 @@ def windowed_performance(df: pl.DataFrame, # one row per scored case with a labe
     units = df[unit].cast(pl.String).to_numpy()
     groups = None if group is None else np.array(['(missing)' if v is None else str(v) for v in df[group].to_list()], dtype=object)
     day = 86_400_000_000
+    if end is not None and (not isinstance(end, datetime) or end.tzinfo is None): raise DriftError(f'end must be a timezone-aware datetime (got {end!r})')
     last = int(_utc_micros(pl.Series([end]), 'end')[0]) if end is not None else (int(t.max()) // day + 1) * day
     ends = [last - i * step_days * day for i in range(int((last - t.min()) // (step_days * day)) + 1)]
     rows = []
