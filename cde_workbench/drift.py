@@ -5,13 +5,13 @@
 # %% ../nbs/50a_drift.ipynb #d1200002
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
 from scipy import stats
-from scipy.special import expit, logit
+from scipy.special import logit
 
 from .config import PipelineError
 from .evaluate import CLIP, ClusterResamples, count_blocks, make_cells, metrics_from_counts, prevalence_ci
