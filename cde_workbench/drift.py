@@ -161,15 +161,20 @@ def window_figures(y: np.ndarray, # labels, 0 or 1
                    min_events: int = 10, # fewer cases in either class: no AUROC or slope
                   ) -> dict:
     "AUROC, observed/expected and calibration slope of one set of cases, with patient-level percentile bootstrap intervals (`cde_workbench.evaluate`'s resamples)."
-    y, score = np.asarray(y).astype(np.int64), np.asarray(score, dtype=float)
+    y, score, units = np.asarray(y, dtype=float).ravel(), np.asarray(score, dtype=float).ravel(), np.asarray(units).ravel()
+    if not len(y) == len(score) == len(units): raise DriftError(f'{len(y)} labels, {len(score)} scores and {len(units)} units: one of each per case')
+    if len(y) == 0: raise DriftError('no cases: a window needs at least one')
+    if not np.isin(y, (0.0, 1.0)).all(): raise DriftError('labels must be 0 or 1')
+    if not (np.isfinite(score).all() and score.min() >= 0 and score.max() <= 1): raise DriftError('scores must be probabilities in [0, 1]')
+    y = y.astype(np.int64)
     n, n_pos = len(y), int(y.sum())
-    k = len(np.unique(np.asarray(units).astype(str)))
+    k = len(np.unique(units.astype(str)))
     out = {'n': n, 'n_patients': k, 'n_positive': n_pos, 'resamples': 0, 'valid_resamples': 0, 'reason': None}
     prev = prevalence_ci(y, level, units)
     out.update(prevalence=prev.estimate, prevalence_low=prev.low, prevalence_high=prev.high)
     expected = float(score.sum())
     out['oe'] = n_pos / expected if expected > 0 else None
-    few = min(n_pos, n - n_pos) < min_events
+    few = min(n_pos, n - n_pos) < max(min_events, 1)   # AUROC and slope need both classes, whatever min_events says
     if few: out['reason'] = f'fewer than {min_events} cases in a class: no AUROC or calibration slope'
     if k < 2:
         out['reason'] = 'one patient only: no patient-level interval' + ('; ' + out['reason'] if few else '')
