@@ -169,7 +169,8 @@ def window_figures(y: np.ndarray, # labels, 0 or 1
     y = y.astype(np.int64)
     n, n_pos = len(y), int(y.sum())
     k = len(np.unique(units.astype(str)))
-    out = {'n': n, 'n_patients': k, 'n_positive': n_pos, 'resamples': 0, 'valid_resamples': 0, 'reason': None}
+    out = {'n': n, 'n_patients': k, 'n_positive': n_pos, 'resamples': 0, 'valid_resamples': 0, 'reason': None,
+           **{f + e: None for f in ('auroc', 'oe', 'slope') for e in ('', '_low', '_high')}}   # every key, None where not computed
     prev = prevalence_ci(y, level, units)
     out.update(prevalence=prev.estimate, prevalence_low=prev.low, prevalence_high=prev.high)
     expected = float(score.sum())
