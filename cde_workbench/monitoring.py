@@ -335,7 +335,7 @@ def _result_shift(ref_values: np.ndarray, values: np.ndarray, level: float) -> d
             'mean': float(values.mean()), 'reference_mean': float(ref_values.mean()), 'n_reference': len(ref_values),
             'ks_statistic': float(ks.statistic), 'ks_p': float(ks.pvalue), 'welch_p': float(t.pvalue)}
 
-def _window_figures(d: pl.DataFrame, q: pl.DataFrame, failed: list, ws: datetime, we: datetime, days: int,
+def _window_figures(d: pl.DataFrame, q: pl.DataFrame, pipeline_runs: list, ws: datetime, we: datetime, days: int,
                     ref: pl.DataFrame, names, X, cbpe: dict, ref_values: np.ndarray | None = None, level: float = 0.95) -> list[dict]:
     "The packet, score, label-state and pipe figures of one window (prediction times in [ws, we))."
     w = d.filter((pl.col('prediction_time') >= ws) & (pl.col('prediction_time') < we))
@@ -368,7 +368,7 @@ def _window_figures(d: pl.DataFrame, q: pl.DataFrame, failed: list, ws: datetime
     wq = q.filter((pl.col('order_time') >= ws) & (pl.col('order_time') < we))
     k_f, k_s = int((wq['status'] == 'failed').sum()), int((wq['status'] == 'scored').sum())
     f('error_rate', k_f / (k_f + k_s) if k_f + k_s else None, n=k_f + k_s, failed=k_f)
-    runs_in = [r for r in failed if ws <= r[1] < we]
+    runs_in = [r for r in pipeline_runs if ws <= r[1] < we]   # (run id, analysis clock, status) of finished runs
     f('failed_runs', float(sum(r[2] == 'failed' for r in runs_in)), n=len(runs_in),
       failed=[r[0] for r in runs_in if r[2] == 'failed'][:20])
     return out
@@ -418,7 +418,7 @@ def run_monitoring(engine: Engine, # the store
         q = pl.DataFrame(conn.execute(sa.select(sq.order_time, sq.status).where(sq.deployment == dep.name, sq.order_time < as_of)).all(),
                          schema={'order_time': pl.Datetime('us', 'UTC'), 'status': pl.String}, orient='row')
         r = runs.c
-        failed = [(x.run_id, _run_clock(x.parameters, x.scheduled_for, x.started_at), x.status)
+        finished = [(x.run_id, _run_clock(x.parameters, x.scheduled_for, x.started_at), x.status)
                   for x in conn.execute(sa.select(r.run_id, r.parameters, r.scheduled_for, r.started_at, r.status)
                                         .where(r.deployment == dep.name, r.status.in_(('succeeded', 'failed'))))]
         # the task's own result (lab tasks): the first final or corrected value of each order stored by as_of, for the packets and the test years
@@ -484,7 +484,7 @@ def run_monitoring(engine: Engine, # the store
             if r['metric'] == 'prevalence' and r['group_name'] == 'all' and (r['window_start'], r['window_end']) in prev_p else r for r in rows]
     cb = {'n_sim': n_sim, 'seed': ev.seed}
     for ws, we, days in sorted(windows):
-        rows += _window_figures(d, q, failed, ws, we, days, ref, names, X, cb, ref_values, ev.ci)
+        rows += _window_figures(d, q, finished, ws, we, days, ref, names, X, cb, ref_values, ev.ci)
         if we != as_of: continue
         w = d.filter((pl.col('prediction_time') >= ws) & (pl.col('prediction_time') < we))
         have = w.filter(pl.col('features').is_not_null())
