@@ -426,8 +426,9 @@ def label_selection_performance(df, # polars or pandas DataFrame, one row per sc
     onehot = lambda w: sparse.csr_matrix((w, (np.arange(len(rows)), cells.code)), shape=(len(rows), 2 * C))
     tables = {'naive': onehot(np.ones(len(rows))), 'weighted': onehot(1 / p[obs])}
     out = {'design': 'label_selection', 'n': n, 'n_dropped': n_dropped, 'n_observed': int(obs.sum())}
-    units = vals['unit'][keep] if unit else None
-    rs = resampler(n, n_boot, seed, None if unit is None else _codes(units), unit or 'row')
+    units = _codes(vals['unit'][keep]) if unit else None
+    if unit and units.max() < 1: raise NotEstimable(f"a bootstrap over '{unit}' needs at least 2 of them; every row analysed has the same one")
+    rs = resampler(n, n_boot, seed, units, unit or 'row')
     split = lambda t: (t[:, C:], t[:, :C])   # (positives, negatives) per cell
     points = {k: _weighted_figures(*split(np.asarray(A.sum(axis=0))), cells.score) for k, A in tables.items()}
     boots = {k: {f: [] for f in LABEL_FIGURES} for k in tables}
