@@ -32,10 +32,10 @@ __all__ = ['metadata', 'T', 'patients', 'patient_identity', 'adt_events', 'diagn
            'location_visits', 'ids_messages', 'ids_receipts', 'ids_dead_letters', 'processor_state',
            'processing_errors', 'APPEND_ONLY', 'models', 'model_aliases', 'deployments', 'runs', 'inferences',
            'score_queue', 'outbound_messages', 'token_uses', 'allocations', 'run_locks', 'schedule_state',
-           'deployment_history', 'inference_labels', 'audit_log', 'audit_head', 'AUDIT_GENESIS', 'UTCDateTime',
-           'migrations_dir', 'redact_url', 'get_engine', 'upgrade', 'engine_variant', 'dispose_engines',
-           'audit_row_hash', 'audit', 'AuditVerification', 'verify_audit_chain', 'read_frame', 'insert_ignoring',
-           'insert_ignore', 'bulk_insert', 'insert_frame']
+           'deployment_history', 'inference_labels', 'analysis_plans', 'plan_amendments', 'audit_log', 'audit_head',
+           'AUDIT_GENESIS', 'UTCDateTime', 'migrations_dir', 'redact_url', 'get_engine', 'upgrade', 'engine_variant',
+           'dispose_engines', 'audit_row_hash', 'audit', 'AuditVerification', 'verify_audit_chain', 'read_frame',
+           'insert_ignoring', 'insert_ignore', 'bulk_insert', 'insert_frame']
 
 # %% ../nbs/01_store.ipynb #60a7e206
 class UTCDateTime(sa.types.TypeDecorator):
@@ -218,7 +218,8 @@ processing_errors = sa.Table('processing_errors', metadata,  # stored messages t
     sa.Column('resolved_at', T, nullable=True),     # when a re-drive processed it (None: still held)
     sa.Column('resolution', sa.Text, nullable=True))  # how it was resolved
 
-APPEND_ONLY = ('ids_messages', 'ids_receipts', 'ids_dead_letters', 'audit_log', 'models', 'model_aliases', 'inference_labels', 'deployment_history')
+APPEND_ONLY = ('ids_messages', 'ids_receipts', 'ids_dead_letters', 'audit_log', 'models', 'model_aliases', 'inference_labels', 'deployment_history',
+               'analysis_plans', 'plan_amendments')
 
 models = sa.Table('models', metadata,
     sa.Column('model_id', sa.Integer, primary_key=True, autoincrement=True),
@@ -389,6 +390,29 @@ inference_labels = sa.Table('inference_labels', metadata,
     sa.Column('run_id', sa.String(40), sa.ForeignKey('runs.run_id'), nullable=False),
     sa.Column('extracted_at', T, nullable=False),  # wall-clock time of writing
     sa.UniqueConstraint('inference_id', 'version', name='uq_inference_label_version'))
+
+# impact evaluation (0007): an analysis plan, registered before its outcome data are looked at, as the canonical JSON of
+# its file with that JSON's sha256; a deviation is an amendment row whose hash chains to the plan's (or the amendment
+# before it), never an edit
+analysis_plans = sa.Table('analysis_plans', metadata,
+    sa.Column('name', sa.String(64), primary_key=True),
+    sa.Column('design', sa.String(32), nullable=False),       # rdd, iv, label_selection
+    sa.Column('content', sa.Text, nullable=False),            # the plan as canonical JSON (sorted keys)
+    sa.Column('sha256', sa.String(64), nullable=False),       # sha256 of `content`
+    sa.Column('registered_at', T, nullable=False),
+    sa.Column('registered_by', sa.String(64), nullable=False))
+
+plan_amendments = sa.Table('plan_amendments', metadata,
+    sa.Column('id', sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column('plan', sa.String(64), sa.ForeignKey('analysis_plans.name'), nullable=False),
+    sa.Column('seq', sa.Integer, nullable=False),             # 1, 2, ... per plan, applied in this order
+    sa.Column('changes', sa.Text, nullable=False),            # JSON: parameter -> new value
+    sa.Column('reason', sa.Text, nullable=False),
+    sa.Column('prev_sha256', sa.String(64), nullable=False),  # the plan's hash (seq 1) or the amendment's before it
+    sa.Column('sha256', sa.String(64), nullable=False),       # sha256 over prev_sha256, changes and reason
+    sa.Column('registered_at', T, nullable=False),
+    sa.Column('registered_by', sa.String(64), nullable=False),
+    sa.UniqueConstraint('plan', 'seq', name='uq_plan_amendment_seq'))
 
 audit_log = sa.Table('audit_log', metadata,
     sa.Column('id', sa.Integer, primary_key=True, autoincrement=True),
