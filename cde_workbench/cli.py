@@ -26,7 +26,8 @@ __all__ = ['app', 'ingest_app', 'models_app', 'trigger_app', 'audit_app', 'serve
            'score', 'labels', 'report', 'dashboard', 'models_list', 'models_show', 'models_alias', 'demo', 'evaluate',
            'trigger_deployments', 'trigger_workers', 'trigger_run', 'audit_verify', 'audit_show', 'serve',
            'service_worker_app', 'serve_tokens_add', 'serve_tokens_list', 'serve_tokens_remove', 'schedule_run',
-           'schedule_list', 'schedule_once', 'impact_rdd', 'impact_iv', 'impact_run', 'main']
+           'schedule_list', 'schedule_once', 'plan_register', 'plan_show', 'plan_list', 'plan_amend', 'impact_rdd',
+           'impact_iv', 'impact_run', 'main']
 
 # %% ../nbs/80_cli.ipynb #636e4249
 app = typer.Typer(help='cde-workbench: take a clinical model from the research notebook to a silent trial, a report and a dashboard.',
@@ -693,6 +694,86 @@ impact_app = typer.Typer(help='Impact evaluation: regression discontinuity, rand
 app.add_typer(impact_app, name='impact')
 plan_app = typer.Typer(help='Analysis plans: registered, with their hash, in the audit log before the outcome data are looked at.', no_args_is_help=True)
 impact_app.add_typer(plan_app, name='plan')
+
+# %% ../nbs/80_cli.ipynb #p1100031
+def _plan_value(item: str):
+    "`KEY=VALUE` from `--set`, the value read as a TOML or JSON literal (a bare word is text)."
+    import tomllib
+    key, sep, text = item.partition('=')
+    key, text = key.strip(), text.strip()
+    if not sep or not key: raise ConfigError(f'--set {item!r}: give KEY=VALUE (e.g. --set cutoff=0.6)')
+    if text == 'null': return key, None
+    try: return key, tomllib.loads(f'v = {text}')['v']
+    except tomllib.TOMLDecodeError: pass
+    try: return key, json.loads(text)
+    except ValueError: return key, text
+
+def _plan_lines(reg) -> list[str]:
+    "A registered plan for the terminal: its fields, hash, parameters, amendments with their reasons, and the parameters in force."
+    import unicodedata
+    p = reg.plan
+    clean = lambda s: ''.join(' ' if unicodedata.category(ch)[0] == 'C' else ch for ch in str(s))   # nothing stored drives the terminal
+    kv = lambda d: [f'  {k} = {json.dumps(v, ensure_ascii=False)}' for k, v in d.items()]
+    lines = [f'plan {p.name} ({p.design})', f'sha256 {reg.sha256}', f'registered {_when(reg.registered_at)} by {reg.registered_by}',
+             *(f'{k}: {getattr(p, k)}' for k in ('deployment', 'population', 'outcome', 'estimand', 'estimator', 'data', 'description') if getattr(p, k)),
+             'parameters:', *kv(p.parameters)]
+    if reg.amendments:
+        lines.append('amendments:')
+        for a in reg.amendments:
+            changes = ', '.join(f'{k} = {json.dumps(v, ensure_ascii=False)}' for k, v in a['changes'].items())
+            lines += [f"  {a['seq']}. {_when(a['registered_at'])} by {a['by']}: {changes}", f"     reason: {a['reason']}", f"     sha256 {a['sha256']}"]
+        lines += ['parameters in force:', *kv(reg.effective_parameters)]
+    return [clean(s) for s in lines]
+
+@plan_app.command('register')
+def plan_register(file: Path = typer.Argument(..., help='The plan file (TOML).'),
+                  actor: Optional[str] = typer.Option(None, '--actor', help='Who registers it; default CDE_ACTOR or the OS user.')):
+    "Check a plan file and register it, with its hash, in the store and the audit log; prints its name and hash."
+    from cde_workbench.impact_plans import load_plan, register_plan
+    from cde_workbench.store import get_engine
+    plan = load_plan(file)   # a bad file is refused before the store is opened
+    reg = register_plan(get_engine(Workspace.from_env().database_url), plan, actor)
+    typer.echo(f'{reg.plan.name}  sha256 {reg.sha256}')
+
+@plan_app.command('show')
+def plan_show(name: str = typer.Argument(..., help='The plan.'),
+              as_json: bool = typer.Option(False, '--json', help='Print JSON.')):
+    "A registered plan: its fields, hash, parameters, each amendment with its reason, and the parameters in force."
+    from cde_workbench.impact_plans import get_plan
+    from cde_workbench.store import get_engine
+    reg = get_plan(get_engine(Workspace.from_env().database_url), name)
+    if as_json: typer.echo(json.dumps(reg.as_dict(), indent=1, ensure_ascii=False)); return
+    for line in _plan_lines(reg): typer.echo(line)
+
+@plan_app.command('list')
+def plan_list(as_json: bool = typer.Option(False, '--json', help='Print JSON.')):
+    "Every registered plan: name, design, amendments, when and by whom, hash."
+    from cde_workbench.impact_plans import list_plans
+    from cde_workbench.store import get_engine
+    plans = list_plans(get_engine(Workspace.from_env().database_url))
+    if as_json: typer.echo(json.dumps([r.as_dict() for r in plans], indent=1, ensure_ascii=False)); return
+    if not plans: typer.echo('no registered plans; register one with `cde impact plan register FILE`'); return
+    rows = [(r.plan.name, r.plan.design, str(len(r.amendments)), _when(r.registered_at), r.registered_by, r.sha256[:12] + '…') for r in plans]
+    head = ('name', 'design', 'amendments', 'registered', 'by', 'sha256')
+    w = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]: typer.echo('  '.join(v.ljust(w[i]) for i, v in enumerate(r)).rstrip())
+
+@plan_app.command('amend')
+def plan_amend(name: str = typer.Argument(..., help='The plan.'),
+               changes: list[str] = typer.Option([], '--set', help='KEY=VALUE, a parameter and its new value (TOML/JSON literal; null unsets); repeat for more.'),
+               reason: str = typer.Option('', '--reason', help='Why the analysis deviates from the plan (the report shows it).'),
+               actor: Optional[str] = typer.Option(None, '--actor', help='Who registers the amendment; default CDE_ACTOR or the OS user.')):
+    "Register a deviation from a plan: changed parameters and a reason, chained to the plan's hash, in the audit log."
+    from cde_workbench.store import get_engine
+    if not changes: raise ConfigError('cde impact plan amend needs at least one --set KEY=VALUE')
+    if not reason.strip(): raise ConfigError('cde impact plan amend needs --reason TEXT (the report shows it)')
+    parsed = [_plan_value(c) for c in changes]
+    keys = [k for k, _ in parsed]
+    if len(set(keys)) != len(keys): raise ConfigError(f"--set names {sorted({k for k in keys if keys.count(k) > 1})[0]!r} twice")
+    from cde_workbench.impact_plans import amend_plan
+    reg = amend_plan(get_engine(Workspace.from_env().database_url), name, dict(parsed), reason, actor)
+    a = reg.amendments[-1]
+    typer.echo(f"{name}: amendment {a['seq']}  sha256 {a['sha256']}")
 
 # %% ../nbs/80_cli.ipynb #r1180020
 def _impact_file(file: Path, design: str, parameters: dict, as_json: bool) -> None:

@@ -104,12 +104,12 @@ VCES = ('nn', 'hc0', 'hc1', 'hc2', 'hc3', 'cr1', 'cr2', 'cr3')
 MIN_RD_N = 20   # rdrobust selects no bandwidth below 20 observations (it falls back to the whole range)
 
 def _rdrobust(y, x, c, **kw):
-    "rdrobust, quietly (its printed notes, e.g. 'Mass points detected', are kept on the fit as `notes`); its failures become NotEstimable."
+    "rdrobust, quietly (what it prints or warns, e.g. 'Mass points detected', is kept on the fit as `notes`); its failures become NotEstimable."
     from rdrobust import rdrobust
     out = io.StringIO()
     try:
-        with contextlib.redirect_stdout(out), warnings.catch_warnings():
-            warnings.simplefilter('ignore')
+        with contextlib.redirect_stdout(out), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
             fit = rdrobust(y, x, c=c, **kw)
     except Exception as e:   # options are checked before; rdrobust raises bare Exceptions about the data (e.g. too little variability)
         raise NotEstimable(f'rdrobust could not estimate at the cutoff {c:g}: {e}') from None
@@ -117,6 +117,7 @@ def _rdrobust(y, x, c, **kw):
     if not np.isfinite(se).all() or (se <= 0).any():
         raise NotEstimable(f'rdrobust gave no usable standard error at the cutoff {c:g} (too few distinct observations within the bandwidth)')
     fit.notes = [line.strip() for line in out.getvalue().splitlines() if line.strip()]
+    fit.notes += [str(w.message) for w in caught if not issubclass(w.category, (FutureWarning, DeprecationWarning))]   # e.g. few clusters
     return fit
 
 def _estimates(coef, se, ci, pv) -> dict:
@@ -274,11 +275,12 @@ def _binary(v: np.ndarray, col: str, role: str) -> np.ndarray:
     return v.astype(int)
 
 def _dummies(values: np.ndarray, col: str) -> tuple[np.ndarray, list[str]]:
-    "Indicator columns of a categorical column's levels, the first (sorted) level being the reference."
-    labels = np.array([str(int(v)) if isinstance(v, (float, np.floating)) and float(v).is_integer() else str(v) for v in values], dtype=object)
-    levels = sorted(set(labels.tolist()))
-    return (np.column_stack([(labels == lv).astype(float) for lv in levels[1:]]) if len(levels) > 1 else np.empty((len(values), 0)),
-            [f'{col}={lv}' for lv in levels[1:]])
+    "Indicator columns of a categorical column's levels, the first level (sorted: by value for numbers, else as text) being the reference."
+    try: levels = sorted(set(values.tolist()))
+    except TypeError: values = values.astype(str); levels = sorted(set(values.tolist()))   # mixed types: compare as text
+    name = lambda v: str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+    return (np.column_stack([(values == lv).astype(float) for lv in levels[1:]]) if len(levels) > 1 else np.empty((len(values), 0)),
+            [f'{col}={name(lv)}' for lv in levels[1:]])
 
 def _flow(z, d, ymiss, zmiss, dmiss) -> dict:
     "CONSORT-style counts from the rows as given (before any row is dropped)."
@@ -424,8 +426,9 @@ def label_selection_performance(df, # polars or pandas DataFrame, one row per sc
     onehot = lambda w: sparse.csr_matrix((w, (np.arange(len(rows)), cells.code)), shape=(len(rows), 2 * C))
     tables = {'naive': onehot(np.ones(len(rows))), 'weighted': onehot(1 / p[obs])}
     out = {'design': 'label_selection', 'n': n, 'n_dropped': n_dropped, 'n_observed': int(obs.sum())}
-    units = vals['unit'][keep] if unit else None
-    rs = resampler(n, n_boot, seed, None if unit is None else _codes(units), unit or 'row')
+    units = _codes(vals['unit'][keep]) if unit else None
+    if unit and units.max() < 1: raise NotEstimable(f"a bootstrap over '{unit}' needs at least 2 of them; every row analysed has the same one")
+    rs = resampler(n, n_boot, seed, units, unit or 'row')
     split = lambda t: (t[:, C:], t[:, :C])   # (positives, negatives) per cell
     points = {k: _weighted_figures(*split(np.asarray(A.sum(axis=0))), cells.score) for k, A in tables.items()}
     boots = {k: {f: [] for f in LABEL_FIGURES} for k in tables}
