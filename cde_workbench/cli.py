@@ -412,8 +412,9 @@ def demo(patients: int = typer.Option(3000, min=200, help='Patients in the synth
     r = run_demo(Workspace.from_env(), patients=patients, seed=seed, echo=typer.echo)
     for row in r.rows:
         typer.echo(f'  {row.period:>13}: n={row.n}, prevalence {row.prevalence}, AUROC {row.auroc}')
-    typer.echo(f'\nDemo finished in {r.seconds:.0f} s.\nReport: {r.report}\nDashboard: run `make dashboard` '
-               f'(or `.venv/bin/cde dashboard`) and open the address it prints (127.0.0.1, with a token).')
+    typer.echo(f'\nDemo finished in {r.seconds:.0f} s.\nReport: {r.report}')
+    for name, i in (r.impact or {}).items(): typer.echo(f"Impact report ({name}): {i['report']}")
+    typer.echo('Dashboard: run `make dashboard` (or `.venv/bin/cde dashboard`) and open the address it prints (127.0.0.1, with a token).')
 
 # %% ../nbs/80_cli.ipynb #81057cfe
 @app.command()

@@ -74,3 +74,38 @@ def test_cde_impact_rdd_writes_the_report(cde, data, tmp_path):
     text = re.sub(r'base64,[^"]+', '', page)   # the page without its images
     ids = read_impact_data(data / 'display.csv')
     assert not any(v in text for v in ids['patient'].unique().to_list() + ids['packet'].to_list())   # aggregates only: no surrogate id
+
+
+def test_a_plan_runs_by_its_notebook_and_refuses_other_parameters(cde, tmp_path):
+    "`cde impact run PLAN` runs the plan's notebook by papermill and keeps it; run with other parameters, the notebook refuses before reading the data."
+    import sqlalchemy as sa
+    from cde_workbench.config import Workspace
+    from cde_workbench.demo import demo_impact_plans
+    from cde_workbench.deployment import load_deployment
+    from cde_workbench.impact_plans import register_plan
+    from cde_workbench.interventions import simulate_threshold_display
+    from cde_workbench.schedule import NotebookError, run_notebook
+    from cde_workbench.store import get_engine, runs
+    ws = Workspace.under(tmp_path, deployments=ROOT / 'deployments')
+    plan = demo_impact_plans()[0]   # the display threshold's RDD, filed under hgb_abnormal
+    (ws.var / 'impact').mkdir(parents=True)
+    simulate_threshold_display(n=1200, seed=3)[0].write_parquet(ws.var / plan.data)
+    engine = get_engine(ws.database_url)
+    reg = register_plan(engine, plan, actor='Dr A')
+    r = cde('impact', 'run', plan.name, env=ws.as_env())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f'{plan.name}: Showing the alert changed outcome by '), r.stdout
+    executed = re.search(r'notebook (\S+\.ipynb)', r.stdout).group(1)
+    run_id = executed.split('/')[-2]
+    assert executed == str(ws.reports / 'hgb_abnormal' / run_id / 'impact_rdd.ipynb') and (ws.reports / 'hgb_abnormal' / run_id / 'impact_rdd.ipynb').exists()
+    out = ws.reports / 'impact' / plan.name / run_id
+    result = json.loads((out / 'result.json').read_text())
+    assert result['run']['effective_sha256'] == reg.effective_sha256 and 'id="rd-plot"' in (out / 'report.html').read_text()
+    # the notebook run by hand (or by a scheduler) with a cutoff the plan does not say: refused, recorded as failed, nothing written
+    with pytest.raises(NotebookError, match=r"PlanMismatchError.*cutoff = 0\.6, the plan says 0\.5"):
+        run_notebook(ws, load_deployment('hgb_abnormal', ws.deployments), 'impact_rdd',
+                     {'plan': plan.name, 'parameters': {**reg.effective_parameters, 'cutoff': 0.6}})
+    with engine.connect() as c:
+        assert c.execute(sa.select(runs.c.status).where(runs.c.kind == 'impact_rdd').order_by(runs.c.started_at)).scalars().all() == ['succeeded', 'failed']
+    assert [p.name for p in (ws.reports / 'impact' / plan.name).iterdir()] == [run_id]
+    one_line_error(cde('impact', 'run', 'no_such_plan', env=ws.as_env()), "no registered plan 'no_such_plan'")
