@@ -313,7 +313,7 @@ def iv_sentences(result: dict, # an `iv_analysis` result
     lvl, prm = _level_text(result), result.get('parameters') or {}
     itt, cace = result['itt'], result['cace']
     return (effect_sentence('Randomising to the nudge', outcome, itt.get('coef'), itt.get('ci'), lvl),
-            effect_sentence(f"Among compliers, {prm.get('treatment', 'the action')}", outcome, cace.get('coef'), cace.get('ci'), lvl))
+            effect_sentence(f"Among compliers, the action ({prm.get('treatment', 'treatment')})", outcome, cace.get('coef'), cace.get('ci'), lvl))
 
 def iv_html(result: dict, # an `iv_analysis` result
             outcome: str, # the outcome as the reader knows it (the plan's outcome, else the column)
@@ -333,7 +333,8 @@ def iv_html(result: dict, # an `iv_analysis` result
     out = [f'<section id="estimate"><h2>Effects</h2><p id="headline"><strong>{_e(s_itt)}</strong></p>',
            f'<p id="cace-sentence"><strong>{_e(s_cace)}</strong></p>', weak,
            _table(['estimand', 'coefficient', 'SE', f'{lvl} CI', 'p'], rows, 'estimates'),
-           _dl([('Observations', f"{_e(result.get('n'))} used; {_e(result.get('n_dropped', 0))} dropped for a missing value"),
+           _dl([('Observations', f"{_e(result.get('n'))} analysed; {_e(result.get('n_dropped', 0))} left out for a missing value in a column "
+                                 "the analysis uses (the flow below counts every row given)"),
                 ('Arm (instrument)', _e(instrument)), ('Action (treatment)', _e(treatment)), ('Covariates', _e(adj)),
                 ('Standard errors', _e(se_words))], 'iv-facts'),
            '<h3>First stage</h3>',
