@@ -359,7 +359,7 @@ def demo_impact_plans(threshold: float = 0.5, # the display threshold of the sim
     return [
         AnalysisPlan(name='hgb_display_rdd', design='rdd', deployment=DEMO_DEPLOYMENT,
                      population='Scoring packets of a lab-abnormal model, simulated, whose score is shown at or above its threshold',
-                     outcome='the simulated outcome score (known jump where the score is shown)',
+                     outcome='the simulated outcome',
                      estimand='the effect of showing the score, at the display threshold',
                      estimator='rdrobust local linear, triangular kernel, MSE-optimal bandwidth, robust bias-corrected CI; '
                                'rddensity manipulation test; placebo cutoffs; age balanced at the cutoff',
