@@ -18,6 +18,9 @@ Figures (each measured in this process, against a baseline measured in the same 
 - service_p99_ms: the scoring service end to end (CDS Hooks order-sign with a JWT each, features by the online path,
   score, packet), 50 calls/s for 60 s from a separate load process, against the same service scoring with plain
   scikit-learn (benchmarks/service.py).
+- impact_coverage_*: coverage of the 95% intervals of the sharp and fuzzy RDD, the ITT (robust and clustered by
+  clinician), the CACE and the AUROC weighted under label selection, over 200 simulated samples with known effects
+  (benchmarks/impact_coverage.py); the weighted AUROC's baseline is the naive complete-case AUROC on the same samples.
 - demo stage timings: read from var/bench/demo_stages.json when `make demo` has run (no baseline:
   they are the demo's own wall times on this machine).
 """
@@ -53,9 +56,11 @@ def main():
     from coverage import bench_coverage
     from features import bench_count_features, bench_count_features_ungrouped
     from hl7_parse import bench_hl7_parse
+    from impact_coverage import bench_impact_coverage
     from model_score import bench_model_score
     from replay import bench_replay
-    benches = [bench_bootstrap, bench_coverage, bench_count_features, bench_count_features_ungrouped, bench_hl7_parse, bench_replay, bench_model_score]
+    benches = [bench_bootstrap, bench_coverage, bench_count_features, bench_count_features_ungrouped, bench_hl7_parse, bench_replay, bench_model_score,
+               bench_impact_coverage]
     try:
         from mllp import bench_mllp
         benches.append(bench_mllp)

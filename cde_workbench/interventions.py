@@ -34,8 +34,8 @@ def _population(n: int, # rows wanted
                 replace: bool = False, # draw rows of `population` with replacement (several scorings per stay)
                ) -> pl.DataFrame:
     "Stays (stay, patient, ward, age): drawn here like the synthetic hospital's patients, or taken from `population`."
+    if n < 1: raise ConfigError(f'the number of stays or packets must be at least 1, got {n}')
     if population is None:
-        if n < 1: raise ConfigError(f'the number of rows must be at least 1, got {n}')
         n_patients = max(1, round(n / 1.15))                                  # about one stay in seven is a patient's return
         age = np.floor(np.clip(rng.normal(60, 17, n_patients), 18, 95))     # as `synth`'s patients: N(60, 17) within 18-95
         # every patient has a stay; the remaining stays are second (or later) stays of patients drawn at random
@@ -49,7 +49,8 @@ def _population(n: int, # rows wanted
                             pl.col('age').cast(pl.Int64))
     if wards is not None: pop = pop.filter(pl.col('ward').is_in(list(wards)))
     pop = pop.drop_nulls()
-    if pop.height == 0: raise ConfigError(f"population has no usable stays in ward(s) {', '.join(wards or [])}")
+    if pop.height == 0:
+        raise ConfigError('population has no usable stays' + (f" in ward(s) {', '.join(wards)}" if wards is not None else ' (every row lacks a value)'))
     if replace or pop.height > n: pop = pop[np.sort(rng.choice(pop.height, n, replace=replace))]
     return pop
 
@@ -68,7 +69,7 @@ def simulate_electrolyte_trial(n_stays: int = 2000, # ICU stays to simulate (wit
                                compliance_nudged: float = 0.6, # probability a nudged clinician supplements
                                compliance_control: float = 0.15, # probability a clinician supplements without the nudge (usual care)
                                supplement_effect: float = -0.06, # additive change in the probability of NOAF when supplemented
-                               wards: Sequence[str] = ('ICU',), # wards whose stays take part
+                               wards: Sequence[str] | None = ('ICU',), # wards whose stays take part (None: all of `population`'s, or synth's five)
                                population: pl.DataFrame | None = None, # stays (stay, patient, ward, age) from the synthetic hospital
                                potassium_low: float = 4.0, # guideline: supplement below this potassium (mmol/L)
                                magnesium_low: float = 0.8, # guideline: supplement below this magnesium (mmol/L)
@@ -83,7 +84,7 @@ def simulate_electrolyte_trial(n_stays: int = 2000, # ICU stays to simulate (wit
     if not -1 < supplement_effect < 1: raise ConfigError(f'supplement_effect is a risk difference: between -1 and 1, got {supplement_effect}')
     if n_clinicians < 1: raise ConfigError(f'n_clinicians must be at least 1, got {n_clinicians}')
     parameters = dict(n_stays=n_stays, seed=seed, nudge_probability=nudge_probability, compliance_nudged=compliance_nudged,
-                      compliance_control=compliance_control, supplement_effect=supplement_effect, wards=list(wards),
+                      compliance_control=compliance_control, supplement_effect=supplement_effect, wards=None if wards is None else list(wards),
                       potassium_low=potassium_low, magnesium_low=magnesium_low, risk_threshold=risk_threshold,
                       compliance_recommended=compliance_recommended, n_clinicians=n_clinicians, population=population is not None)
     rng = np.random.default_rng(seed)
