@@ -27,7 +27,7 @@ __all__ = ['app', 'ingest_app', 'models_app', 'trigger_app', 'audit_app', 'serve
            'models_alias', 'demo', 'evaluate', 'trigger_deployments', 'trigger_workers', 'trigger_run', 'audit_verify',
            'audit_show', 'serve', 'service_worker_app', 'serve_tokens_add', 'serve_tokens_list', 'serve_tokens_remove',
            'schedule_run', 'schedule_list', 'schedule_once', 'plan_register', 'plan_show', 'plan_list', 'plan_amend',
-           'monitor_run', 'alerts_list', 'alerts_resolve', 'main']
+           'impact_rdd', 'impact_iv', 'impact_run', 'monitor_run', 'alerts_list', 'alerts_resolve', 'main']
 
 # %% ../nbs/80_cli.ipynb #636e4249
 app = typer.Typer(help='cde-workbench: take a clinical model from the research notebook to a silent trial, a report and a dashboard.',
@@ -412,8 +412,9 @@ def demo(patients: int = typer.Option(3000, min=200, help='Patients in the synth
     r = run_demo(Workspace.from_env(), patients=patients, seed=seed, echo=typer.echo)
     for row in r.rows:
         typer.echo(f'  {row.period:>13}: n={row.n}, prevalence {row.prevalence}, AUROC {row.auroc}')
-    typer.echo(f'\nDemo finished in {r.seconds:.0f} s.\nReport: {r.report}\nDashboard: run `make dashboard` '
-               f'(or `.venv/bin/cde dashboard`) and open the address it prints (127.0.0.1, with a token).')
+    typer.echo(f'\nDemo finished in {r.seconds:.0f} s.\nReport: {r.report}')
+    for name, i in (r.impact or {}).items(): typer.echo(f"Impact report ({name}): {i['report']}")
+    typer.echo('Dashboard: run `make dashboard` (or `.venv/bin/cde dashboard`) and open the address it prints (127.0.0.1, with a token).')
 
 # %% ../nbs/80_cli.ipynb #81057cfe
 @app.command()
@@ -774,6 +775,53 @@ def plan_amend(name: str = typer.Argument(..., help='The plan.'),
     reg = amend_plan(get_engine(Workspace.from_env().database_url), name, dict(parsed), reason, actor)
     a = reg.amendments[-1]
     typer.echo(f"{name}: amendment {a['seq']}  sha256 {a['sha256']}")
+
+# %% ../nbs/80_cli.ipynb #r1180020
+def _impact_file(file: Path, design: str, parameters: dict, as_json: bool) -> None:
+    "Run one design's estimator on a data file; print its result as JSON, or write the HTML report and print a summary and its path."
+    from cde_workbench.impact_report import ESTIMATORS, analysis_columns, headline, impact_report_html, read_impact_data
+    df = read_impact_data(file, analysis_columns(design, parameters))
+    result = ESTIMATORS[design](df, **parameters)
+    if as_json: typer.echo(json.dumps(result, allow_nan=False)); return
+    out = Workspace.from_env().reports / 'impact' / 'files' / f"{Path(file).stem}-{design}-{utcnow().strftime('%Y%m%dT%H%M%SZ')}.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(impact_report_html(result, None, f'Impact analysis of {Path(file).name}'), encoding='utf-8')
+    typer.echo(f"{headline(result)} (n = {result['n']}, {result.get('n_dropped', 0)} rows dropped for a missing value)")
+    typer.echo(f'report: {out}')
+
+@impact_app.command('rdd')
+def impact_rdd(file: Path = typer.Argument(..., help='Data file (.csv or .parquet), one row per unit.'),
+               running: str = typer.Option(..., '--running', help='Column of the running variable (the score).'),
+               outcome: str = typer.Option(..., '--outcome', help='Column of the outcome.'),
+               cutoff: float = typer.Option(..., '--cutoff', help='The threshold: at or above it, the alert is shown.'),
+               treatment: Optional[str] = typer.Option(None, '--treatment', help='Column of the 0/1 display actually received: a fuzzy design (default sharp).'),
+               covariate: list[str] = typer.Option([], '--covariate', help='Covariate column, checked for balance at the cutoff (repeat for several).'),
+               as_json: bool = typer.Option(False, '--json', help='Print the result as JSON instead of writing the HTML report.')):
+    "Regression discontinuity at a display threshold (rdrobust: robust bias-corrected CI, density test, placebo cutoffs, balance)."
+    _impact_file(file, 'rdd', {'running': running, 'outcome': outcome, 'cutoff': cutoff, 'treatment': treatment, 'covariates': list(covariate)}, as_json)
+
+@impact_app.command('iv')
+def impact_iv(file: Path = typer.Argument(..., help='Data file (.csv or .parquet), one row per randomised unit.'),
+              outcome: str = typer.Option(..., '--outcome', help='Column of the outcome.'),
+              treatment: str = typer.Option(..., '--treatment', help='Column of the action received (0/1).'),
+              instrument: str = typer.Option(..., '--instrument', help='Column of the randomised arm (0/1).'),
+              covariate: list[str] = typer.Option([], '--covariate', help='Covariate column to adjust for (repeat for several).'),
+              categorical: list[str] = typer.Option([], '--categorical', help='Categorical covariate column, expanded as dummies with its first level as reference (repeat for several).'),
+              cov: str = typer.Option('robust', '--cov', help="Standard errors: unadjusted, robust, or cluster:COL."),
+              as_json: bool = typer.Option(False, '--json', help='Print the result as JSON instead of writing the HTML report.')):
+    "A randomised trial with imperfect compliance: ITT (OLS), CACE (2SLS) with first-stage F, compliance and flow."
+    if not (cov in ('unadjusted', 'robust') or (cov.startswith('cluster:') and cov[8:].strip())):
+        raise typer.BadParameter(f"unadjusted, robust or cluster:COL expected, got {cov!r}", param_hint='--cov')
+    _impact_file(file, 'iv', {'outcome': outcome, 'treatment': treatment, 'instrument': instrument, 'covariates': list(covariate),
+                              'categorical': list(categorical), 'cov': cov}, as_json)
+
+@impact_app.command('run')
+def impact_run(plan: str = typer.Argument(..., help='Registered analysis plan (cde impact plan list).')):
+    "Run a registered plan's impact notebook (impact_rdd or impact_rct, by papermill, kept under reports/); result and report in reports/impact/<plan>/<run>/."
+    from cde_workbench.impact_report import headline, run_plan_notebook
+    run, result = run_plan_notebook(Workspace.from_env(), plan)
+    typer.echo(f'{plan}: {headline(result)}')
+    typer.echo(f"{plan}: run {run.run_id}; notebook {run.output}\nresult: {result['run']['result']}\nreport: {result['run']['report']}")
 
 # %% ../nbs/80_cli.ipynb #m12d0002
 monitor_app = typer.Typer(help='Monitoring runs: performance, calibration, drift and data quality over rolling windows, stored for the dashboards; alert rules checked.', no_args_is_help=True)

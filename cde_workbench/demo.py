@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -30,9 +30,10 @@ from .config import ConfigError, PipelineError, Workspace, private_dir, private_
 from .deployment import Deployment, load_deployment
 
 # %% auto #0
-__all__ = ['DEMO_DEPLOYMENT', 'CLOCK_DEPLOYMENT', 'DEMO_REVIEWER', 'DEMO_DRIFT_SHIFT', 'DEPLOYR_DEPLOYMENTS', 'StageTimes',
-           'reset_demo_store', 'worker_threads', 'train_demo_tasks', 'WarmKernels', 'trial_weeks', 'label_run_due',
-           'mllp_receiver', 'run_demo_monitoring', 'DemoResult', 'run_demo']
+__all__ = ['DEMO_DEPLOYMENT', 'CLOCK_DEPLOYMENT', 'DEMO_REVIEWER', 'DEMO_DRIFT_SHIFT', 'DEPLOYR_DEPLOYMENTS', 'IMPACT_FOLDER',
+           'StageTimes', 'reset_demo_store', 'worker_threads', 'train_demo_tasks', 'WarmKernels', 'trial_weeks',
+           'label_run_due', 'mllp_receiver', 'demo_impact_plans', 'impact_kernels', 'run_impact_demo',
+           'run_demo_monitoring', 'DemoResult', 'run_demo']
 
 # %% ../nbs/75_demo.ipynb #07c6b155
 DEMO_DEPLOYMENT = 'hgb_abnormal'   # the one that runs a silent trial
@@ -353,6 +354,85 @@ def mllp_receiver(replay_clock: bool = False, # stamp messages with MSH-7 + 30 s
         try: proc.wait(30)
         except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL); proc.wait()
 
+# %% ../nbs/75_demo.ipynb #r1175020
+IMPACT_FOLDER = 'impact'   # under the workspace's var/: the demo's simulated intervention data
+
+def demo_impact_plans(threshold: float = 0.5, # the display threshold of the simulated score
+                     ) -> list:
+    "The demo's registered analyses: the display threshold's RDD (hgb_abnormal) and the electrolyte nudge trial (icu_transfer_24h)."
+    from cde_workbench.impact_plans import AnalysisPlan
+    return [
+        AnalysisPlan(name='hgb_display_rdd', design='rdd', deployment=DEMO_DEPLOYMENT,
+                     population='Scoring packets of a lab-abnormal model, simulated, whose score is shown at or above its threshold',
+                     outcome='the simulated outcome',
+                     estimand='the effect of showing the score, at the display threshold',
+                     estimator='rdrobust local linear, triangular kernel, MSE-optimal bandwidth, robust bias-corrected CI; '
+                               'rddensity manipulation test; placebo cutoffs; age balanced at the cutoff',
+                     data=f'{IMPACT_FOLDER}/threshold_display.parquet',
+                     parameters={'running': 'score', 'outcome': 'outcome', 'cutoff': float(threshold), 'covariates': ['age']},
+                     description='The demo: simulated packets (nbs/11b_interventions) with a known effect of showing the score.'),
+        AnalysisPlan(name='electrolyte_nudge', design='iv', deployment=CLOCK_DEPLOYMENT,
+                     population='ICU stays with potassium and magnesium within guideline ranges and a NOAF risk above 0.1, '
+                                'randomised to a nudge to supplement',
+                     outcome='new-onset atrial fibrillation (NOAF) during the stay',
+                     estimand='the ITT effect of the nudge; the CACE of supplementation among compliers',
+                     estimator='OLS (ITT) and two-stage least squares (CACE), standard errors clustered by clinician',
+                     data=f'{IMPACT_FOLDER}/electrolyte_trial.parquet',
+                     parameters={'outcome': 'noaf', 'treatment': 'supplemented', 'instrument': 'arm', 'cov': 'cluster:clinician'},
+                     description='The demo: a simulated trial (nbs/11b_interventions) with a known supplement effect. The workbench has '
+                                 'no NOAF model of its own; the run is filed under the ICU deployment.')]
+
+def impact_kernels(ws: Workspace, # the demo's workspace (its store's password reaches the kernel as PGPASSWORD)
+                  ) -> WarmKernels:
+    "One kernel for both impact runs, started now with the estimators and the report imported (close it when done)."
+    # the estimators' libraries load lazily (so that `cde --help` stays quick): imported here, ahead of the runs
+    preload = ('cde_workbench.impact_report', 'rdrobust', 'rddensity', 'statsmodels.api', 'linearmodels.iv', 'matplotlib.figure',
+               'matplotlib.backends.backend_agg')
+    return WarmKernels(preload=preload, total=1, reuse=True, env={'PGPASSWORD': ws.password} if ws.password else None)
+
+def run_impact_demo(ws: Workspace, # the demo's workspace
+                    engine, # its store
+                    seed: int = 7, # seed of both simulations
+                    n_stays: int = 6000, # ICU stays of the electrolyte trial (about a quarter are randomised)
+                    n_packets: int = 3000, # scoring packets of the display threshold
+                    echo: Callable[[str], None] = print, # told each analysis's estimate, truth and report
+                    kernels: WarmKernels | None = None, # where the runs' kernel comes from (`impact_kernels`, started ahead); default one started here
+                   ) -> dict:
+    "Simulate both interventions into var/impact/, register their plans, run the impact notebooks; each plan's result, truth and report."
+    from cde_workbench.impact_plans import register_plan
+    from cde_workbench.interventions import simulate_electrolyte_trial, simulate_threshold_display
+    from cde_workbench.schedule import run_notebook
+    plans = demo_impact_plans()
+    # a kernel of its own starts, and imports the estimators, while the data are simulated
+    with (nullcontext(kernels) if kernels is not None else impact_kernels(ws)) as kernels:
+        folder = ws.var / IMPACT_FOLDER
+        if not folder.exists(): private_dir(folder)
+        display, display_truth = simulate_threshold_display(n=n_packets, seed=seed, threshold=plans[0].parameters['cutoff'])
+        trial, trial_truth = simulate_electrolyte_trial(n_stays=n_stays, seed=seed)
+        display.write_parquet(folder / 'threshold_display.parquet'); trial.write_parquet(folder / 'electrolyte_trial.parquet')
+        out = {}
+        for plan, truth in zip(plans, (display_truth, trial_truth)):
+            reg = register_plan(engine, plan, actor=DEMO_REVIEWER)
+            run = run_notebook(ws, load_deployment(plan.deployment, ws.deployments), 'impact_rct' if plan.design == 'iv' else 'impact_rdd',
+                               {'plan': plan.name, 'parameters': reg.effective_parameters}, kernel_manager_class=kernels.manager_class)
+            result = json.loads((ws.reports / 'impact' / plan.name / run.run_id / 'result.json').read_text())
+            out[plan.name] = {'design': plan.design, 'sha256': reg.sha256, 'run_id': run.run_id, 'notebook': run.output,
+                              'report': Path(result['run']['report']), 'result': result, 'truth': truth}
+            echo(f'  {plan.name} (sha256 {reg.sha256[:12]}…): {_impact_line(result, truth)}')
+            echo(f'    report: {result["run"]["report"]}')
+    return out
+
+def _impact_line(result: dict, truth: dict) -> str:
+    "An estimate with its interval beside the simulated truth."
+    ci = lambda e: f"{e['coef']:.3f} (95% CI {e['ci'][0]:.3f} to {e['ci'][1]:.3f})"
+    if result.get('estimable', True) is False: return f"not estimable: {result['reason']}"
+    if result['design'] == 'rdd':
+        est = result['estimate']
+        return (f"effect of showing the score {est['conventional']['coef']:.3f} (95% robust CI {est['robust']['ci'][0]:.3f} to "
+                f"{est['robust']['ci'][1]:.3f}); simulated truth {truth['rdd_effect']:.3f}")
+    return (f"ITT {ci(result['itt'])}, truth {truth['itt']:.3f}; CACE {ci(result['cace'])}, truth {truth['cace']:.3f}; "
+            f"first-stage F {result['first_stage']['f_stat']:.1f}")
+
 # %% ../nbs/75_demo.ipynb #m12f0002
 def run_demo_monitoring(engine, # the demo's store
                         dep: Deployment, # the silent deployment
@@ -378,6 +458,7 @@ class DemoResult:
     stages: StageTimes # wall-clock and CPU seconds per stage, `total` last
     gates: dict | None = None # the go-live gates of the silent deployment (`GateReport.as_dict()`) and whether it went live
     audit: dict | None = None # the audit log's hash chain checked at the end: rows, problems, ok
+    impact: dict | None = None # per registered impact plan: design, sha256, run_id, notebook, report, result, truth
 
     @property
     def seconds(self) -> float: return self.stages.seconds['total']
@@ -465,7 +546,7 @@ def run_demo(ws: Workspace, # the demo's workspace: the embedded SQLite store in
         reset_demo_store(ws)
         engine, key = get_engine(ws.database_url), site_key(ws.site_key_file)
         with engine.begin() as c: audit(c, 'demo.start', ws.redacted_url, {'patients': patients, 'seed': seed})
-        echo(f'1/6 synthetic hospital ({patients} patients)')
+        echo(f'1/7 synthetic hospital ({patients} patients)')
         # a realistic feed: some messages sent twice, some late, a few garbled, some patients registered twice then merged
         cfg = HospitalConfig(n_patients=patients, seed=seed, duplicate_rate=0.01, late_rate=0.02, merge_rate=0.02, malformed_rate=0.002,
                              drift_shift=DEMO_DRIFT_SHIFT)
@@ -473,15 +554,15 @@ def run_demo(ws: Workspace, # the demo's workspace: the embedded SQLite store in
         with times.stage('synth'):
             h = generate(cfg)
             write_warehouse_extract(h, out / 'warehouse', key); write_hl7_feed(h, out / 'feed.hl7')
-        echo('2/6 warehouse extract into the store')
+        echo('2/7 warehouse extract into the store')
         with times.stage('warehouse_load'): load_warehouse_extract(engine, out / 'warehouse')
-        echo(f"3/6 training and evaluating DEPLOYR's {len(DEPLOYR_DEPLOYMENTS)} lab tasks and {CLOCK_DEPLOYMENT}, {workers} at a time (train.ipynb, evaluate.ipynb by papermill)")
+        echo(f"3/7 training and evaluating DEPLOYR's {len(DEPLOYR_DEPLOYMENTS)} lab tasks and {CLOCK_DEPLOYMENT}, {workers} at a time (train.ipynb, evaluate.ipynb by papermill)")
         with times.stage('train'):
             train_demo_tasks(ws, [CLOCK_DEPLOYMENT, *DEPLOYR_DEPLOYMENTS], workers=workers, progress=progress)   # the largest first
             with engine.connect() as c: rec, icu = get_model(c, dep.name), get_model(c, CLOCK_DEPLOYMENT)
             set_status(engine, dep.name, 'silent', rec.model_id, 'demo: silent trial')
             set_status(engine, CLOCK_DEPLOYMENT, 'silent', icu.model_id, 'demo: silent trial on its clock')
-        echo('4/6 silent trial: the feed sent week by week over MLLP to `cde ingest mllp`, new orders scored by the order trigger, score.ipynb after each week as catch-up')
+        echo('4/7 silent trial: the feed sent week by week over MLLP to `cde ingest mllp`, new orders scored by the order trigger, score.ipynb after each week as catch-up')
         t0, c0 = time.perf_counter(), _cpu_seconds()
         feed = _silent_trial(ws, dep, engine, cfg, out / 'feed.hl7', key, echo, progress, icu=load_deployment(CLOCK_DEPLOYMENT, ws.deployments))
         echo(f"  {feed['sent']} messages sent ({', '.join(f'{v} {k}' for k, v in feed['acks'].items())}): {feed['stored']} stored, "
@@ -493,24 +574,29 @@ def run_demo(ws: Workspace, # the demo's workspace: the embedded SQLite store in
         echo(f"  {feed['clock']['deployment']} on its clock: {feed['clock']['scored']} inpatients scored at {feed['clock']['due']}")
         for k, v in feed.pop('seconds').items(): times.seconds[k] = round(v, 2)
         times.add('silent_trial', time.perf_counter() - t0, _cpu_seconds() - c0)
-        echo('5/6 report (report.ipynb by papermill, nbconvert)')
-        with times.stage('report'): path = render_report(ws, dep)
-        # the board has read the report: a named reviewer takes the deployment through its go-live gates, or the gates say why not
-        from cde_workbench.gates import go_live
-        from cde_workbench.store import verify_audit_chain
-        echo(f'  going live: {dep.name} through its gates, signed off by {DEMO_REVIEWER}')
-        with times.stage('gates'): report, live = go_live(engine, dep, DEMO_REVIEWER, 'demo: silent trial reviewed in the demo report')
-        for line in report.lines()[1:]: echo(f'    {line}')
-        echo(f'  {dep.name}: live on {report.model}' if live else
-             f"  {dep.name} stays silent: refused by {', '.join(f'{g.name} ({g.figure}; needs {g.threshold})' for g in report.failing)}")
-        with engine.connect() as c: chain = verify_audit_chain(c)
-        echo(f'  audit log: {chain.rows} rows checked, ' + ('hash chain intact' if chain.ok else f"{len(chain.problems)} problems: {'; '.join(chain.problems)}"))
-        echo('6/6 summary')
-        with engine.connect() as c: rows = performance_rows(c, dep)
+        echo('5/7 report (report.ipynb by papermill, nbconvert)')
+        # the impact runs' kernel starts, and imports the estimators, while the report renders and the gates are checked
+        with impact_kernels(ws) as ahead:
+            with times.stage('report'): path = render_report(ws, dep)
+            # the board has read the report: a named reviewer takes the deployment through its go-live gates, or the gates say why not
+            from cde_workbench.gates import go_live
+            from cde_workbench.store import verify_audit_chain
+            echo(f'  going live: {dep.name} through its gates, signed off by {DEMO_REVIEWER}')
+            with times.stage('gates'): report, live = go_live(engine, dep, DEMO_REVIEWER, 'demo: silent trial reviewed in the demo report')
+            for line in report.lines()[1:]: echo(f'    {line}')
+            echo(f'  {dep.name}: live on {report.model}' if live else
+                 f"  {dep.name} stays silent: refused by {', '.join(f'{g.name} ({g.figure}; needs {g.threshold})' for g in report.failing)}")
+            echo('6/7 impact evaluation: two simulated interventions with known effects, each analysis registered as a plan, then run '
+                 'by its notebook (impact_rdd.ipynb, impact_rct.ipynb by papermill)')
+            with times.stage('impact'): impact = run_impact_demo(ws, engine, seed=seed, echo=echo, kernels=ahead)
         echo(f'  monitoring: {dep.name} at the last label run\'s clock (figures over rolling windows stored, its alert rules checked)')
         with times.stage('monitoring'): run_demo_monitoring(engine, dep, datetime.fromisoformat(cfg.end).replace(tzinfo=timezone.utc) + timedelta(days=2), echo)
+        with engine.connect() as c: chain = verify_audit_chain(c)
+        echo(f'  audit log: {chain.rows} rows checked, ' + ('hash chain intact' if chain.ok else f"{len(chain.problems)} problems: {'; '.join(chain.problems)}"))
+        echo('7/7 summary')
+        with engine.connect() as c: rows = performance_rows(c, dep)
     times.seconds['total'] = round(time.perf_counter() - t_all, 2)
     times.cpu_seconds['total'] = round(_cpu_seconds() - c_all, 2)
     times.write(ws.var / 'bench' / 'demo_stages.json', patients=patients)
     return DemoResult(path, rows, feed, times, {**report.as_dict(), 'live': live is not None},
-                      {'rows': chain.rows, 'problems': chain.problems, 'ok': chain.ok})
+                      {'rows': chain.rows, 'problems': chain.problems, 'ok': chain.ok}, impact)

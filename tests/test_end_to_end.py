@@ -113,3 +113,18 @@ def test_demo_runs_the_icu_model_once_on_its_clock(demo):
     n, points, triggers = q(eng, "select count(*), count(distinct order_id), group_concat(distinct trigger) from inferences where run_id = :r", r=run_id)[0]
     assert n == points > 0 and triggers == 'schedule'
     assert re.search(rf'icu_transfer_24h on its clock: {n} inpatients scored at ', demo['out'])
+
+
+def test_demo_leaves_both_impact_reports(demo):
+    "Both registered analyses ran by their notebooks (kept beside the deployment's runs), with a report and the estimate beside the truth."
+    out, base = demo['out'], demo['base']
+    for plan, dep, kind in (('hgb_display_rdd', 'hgb_abnormal', 'impact_rdd'), ('electrolyte_nudge', 'icu_transfer_24h', 'impact_rct')):
+        m = re.search(rf'Impact report \({plan}\): (\S+/report\.html)', out)
+        assert m, (plan, out[-2000:])
+        report = Path(m.group(1))
+        assert (base / 'reports' / dep / report.parent.name / f'{kind}.ipynb').exists()
+        page = report.read_text()
+        assert 'id="plan-sha256"' in page and 'id="headline"' in page and 'data:image/png;base64' in page
+    assert re.search(r'hgb_display_rdd \(sha256 \w+…\): effect of showing the score -?\d+\.\d{3} \(95% robust CI -?\d+\.\d{3} to -?\d+\.\d{3}\); simulated truth', out)
+    assert re.search(r'electrolyte_nudge \(sha256 \w+…\): ITT -?\d+\.\d{3} \(95% CI .*\), truth -?\d+\.\d{3}; CACE', out)
+    assert q(demo['engine'], "select count(*) from audit_log where action = 'impact.run'")[0][0] == 2

@@ -1,0 +1,111 @@
+"""Impact analyses from the command line and through their pipeline notebooks: `cde impact rdd|iv FILE` equal the
+estimators on the same data, bad input is one line, and a registered plan's notebook runs by papermill, keeps its
+executed copy, and refuses parameters that differ from the plan."""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, one_line_error  # noqa: E402
+
+
+@pytest.fixture
+def cde(capsys, monkeypatch):
+    "Run `cde ARGS` through its entry point `main` in this process (the heavy imports are shared between tests); a completed process."
+    from cde_workbench.cli import main
+    def run(*args, env=None):
+        for k, v in (env or {}).items(): monkeypatch.setenv(k, v)
+        monkeypatch.setattr(sys, 'argv', ['cde', *args])
+        with pytest.raises(SystemExit) as e: main()
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(['cde', *args], e.value.code, out.out, out.err)
+    return run
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    "A threshold display and an electrolyte trial, simulated with known effects, as CSV files."
+    from cde_workbench.interventions import simulate_electrolyte_trial, simulate_threshold_display
+    d = tmp_path_factory.mktemp('impact')
+    display, _ = simulate_threshold_display(n=1200, seed=11)
+    trial, _ = simulate_electrolyte_trial(n_stays=1200, seed=11)
+    display.write_csv(d / 'display.csv'); trial.write_csv(d / 'trial.csv')
+    return d
+
+
+def test_cde_impact_rdd_json_equals_rdd_analysis(cde, data):
+    from cde_workbench.impact import rdd_analysis
+    from cde_workbench.impact_report import read_impact_data
+    r = cde('impact', 'rdd', str(data / 'display.csv'), '--running', 'score', '--outcome', 'outcome', '--cutoff', '0.5',
+            '--covariate', 'age', '--json')
+    assert r.returncode == 0, r.stderr
+    direct = rdd_analysis(read_impact_data(data / 'display.csv'), running='score', outcome='outcome', cutoff=0.5, covariates=['age'])
+    assert json.loads(r.stdout) == json.loads(json.dumps(direct))
+
+
+def test_cde_impact_iv_json_equals_iv_analysis(cde, data):
+    from cde_workbench.impact import iv_analysis
+    from cde_workbench.impact_report import read_impact_data
+    r = cde('impact', 'iv', str(data / 'trial.csv'), '--outcome', 'noaf', '--treatment', 'supplemented', '--instrument', 'arm',
+            '--covariate', 'age', '--cov', 'cluster:clinician', '--json')
+    assert r.returncode == 0, r.stderr
+    direct = iv_analysis(read_impact_data(data / 'trial.csv'), outcome='noaf', treatment='supplemented', instrument='arm',
+                         covariates=['age'], cov='cluster:clinician')
+    assert json.loads(r.stdout) == json.loads(json.dumps(direct))
+    assert direct['n_dropped'] == read_impact_data(data / 'trial.csv')['arm'].null_count() > 0   # stays outside the randomised layer
+
+
+def test_cde_impact_missing_column_is_one_line(cde, data):
+    "A column that is not in the file: exit status 2 and one line naming it (other bad input: nbs/80_cli, nbs/76_impact_report)."
+    one_line_error(cde('impact', 'rdd', str(data / 'display.csv'), '--running', 'scor', '--outcome', 'outcome', '--cutoff', '0.5'),
+                   "display.csv: no column 'scor'")
+
+
+def test_cde_impact_rdd_writes_the_report(cde, data, tmp_path):
+    r = cde('impact', 'rdd', str(data / 'display.csv'), '--running', 'score', '--outcome', 'outcome', '--cutoff', '0.5',
+            env={'CDE_REPORTS': str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith('Showing the alert changed outcome by ')
+    page = (tmp_path / r.stdout.split('report: ')[1].strip()).read_text()
+    assert 'id="rd-plot"' in page and 'id="no-plan"' in page
+    from cde_workbench.impact_report import read_impact_data
+    text = re.sub(r'base64,[^"]+', '', page)   # the page without its images
+    ids = read_impact_data(data / 'display.csv')
+    assert not any(v in text for v in ids['patient'].unique().to_list() + ids['packet'].to_list())   # aggregates only: no surrogate id
+
+
+def test_a_plan_runs_by_its_notebook_and_refuses_other_parameters(cde, tmp_path):
+    "`cde impact run PLAN` runs the plan's notebook by papermill and keeps it; run with other parameters, the notebook refuses before reading the data."
+    import sqlalchemy as sa
+    from cde_workbench.config import Workspace
+    from cde_workbench.demo import demo_impact_plans
+    from cde_workbench.deployment import load_deployment
+    from cde_workbench.impact_plans import register_plan
+    from cde_workbench.interventions import simulate_threshold_display
+    from cde_workbench.schedule import NotebookError, run_notebook
+    from cde_workbench.store import get_engine, runs
+    ws = Workspace.under(tmp_path, deployments=ROOT / 'deployments')
+    plan = demo_impact_plans()[0]   # the display threshold's RDD, filed under hgb_abnormal
+    (ws.var / 'impact').mkdir(parents=True)
+    simulate_threshold_display(n=1200, seed=3)[0].write_parquet(ws.var / plan.data)
+    engine = get_engine(ws.database_url)
+    reg = register_plan(engine, plan, actor='Dr A')
+    r = cde('impact', 'run', plan.name, env=ws.as_env())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f'{plan.name}: Showing the alert changed outcome by '), r.stdout
+    executed = re.search(r'notebook (\S+\.ipynb)', r.stdout).group(1)
+    run_id = executed.split('/')[-2]
+    assert executed == str(ws.reports / 'hgb_abnormal' / run_id / 'impact_rdd.ipynb') and (ws.reports / 'hgb_abnormal' / run_id / 'impact_rdd.ipynb').exists()
+    out = ws.reports / 'impact' / plan.name / run_id
+    result = json.loads((out / 'result.json').read_text())
+    assert result['run']['effective_sha256'] == reg.effective_sha256 and 'id="rd-plot"' in (out / 'report.html').read_text()
+    # the notebook run by hand (or by a scheduler) with a cutoff the plan does not say: refused, recorded as failed, nothing written
+    with pytest.raises(NotebookError, match=r"PlanMismatchError.*cutoff = 0\.6, the plan says 0\.5"):
+        run_notebook(ws, load_deployment('hgb_abnormal', ws.deployments), 'impact_rdd',
+                     {'plan': plan.name, 'parameters': {**reg.effective_parameters, 'cutoff': 0.6}})
+    with engine.connect() as c:
+        assert c.execute(sa.select(runs.c.status).where(runs.c.kind == 'impact_rdd').order_by(runs.c.started_at)).scalars().all() == ['succeeded', 'failed']
+    assert [p.name for p in (ws.reports / 'impact' / plan.name).iterdir()] == [run_id]
+    one_line_error(cde('impact', 'run', 'no_such_plan', env=ws.as_env()), "no registered plan 'no_such_plan'")
