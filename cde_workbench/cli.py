@@ -20,14 +20,16 @@ from .deployment import load_deployment
 # `cde --help` and argument errors answer at once.
 
 # %% auto #0
-__all__ = ['app', 'ingest_app', 'models_app', 'trigger_app', 'audit_app', 'serve_app', 'tokens_app', 'schedule_app', 'impact_app',
-           'plan_app', 'monitor_app', 'alerts_app', 'synth', 'ingest_warehouse', 'feed_with_times', 'ingest_synthea',
-           'ingest_fhir', 'ingest_file', 'ingest_mllp', 'ingest_process', 'ingest_replay', 'ingest_redrive',
-           'ingest_status', 'train', 'deploy', 'score', 'labels', 'report', 'dashboard', 'models_list', 'models_show',
-           'models_alias', 'demo', 'evaluate', 'trigger_deployments', 'trigger_workers', 'trigger_run', 'audit_verify',
-           'audit_show', 'serve', 'service_worker_app', 'serve_tokens_add', 'serve_tokens_list', 'serve_tokens_remove',
-           'schedule_run', 'schedule_list', 'schedule_once', 'plan_register', 'plan_show', 'plan_list', 'plan_amend',
-           'impact_rdd', 'impact_iv', 'impact_run', 'monitor_run', 'alerts_list', 'alerts_resolve', 'main']
+__all__ = ['app', 'ingest_app', 'dashboard_app', 'dashboard_users_app', 'models_app', 'trigger_app', 'audit_app', 'serve_app',
+           'tokens_app', 'schedule_app', 'impact_app', 'plan_app', 'monitor_app', 'alerts_app', 'synth',
+           'ingest_warehouse', 'feed_with_times', 'ingest_synthea', 'ingest_fhir', 'ingest_file', 'ingest_mllp',
+           'ingest_process', 'ingest_replay', 'ingest_redrive', 'ingest_status', 'train', 'deploy', 'score', 'labels',
+           'report', 'dashboard', 'dashboard_users_add', 'dashboard_users_list', 'dashboard_users_remove',
+           'models_list', 'models_show', 'models_alias', 'demo', 'evaluate', 'trigger_deployments', 'trigger_workers',
+           'trigger_run', 'audit_verify', 'audit_show', 'serve', 'service_worker_app', 'serve_tokens_add',
+           'serve_tokens_list', 'serve_tokens_remove', 'schedule_run', 'schedule_list', 'schedule_once',
+           'plan_register', 'plan_show', 'plan_list', 'plan_amend', 'impact_rdd', 'impact_iv', 'impact_run',
+           'monitor_run', 'alerts_list', 'alerts_resolve', 'main']
 
 # %% ../nbs/80_cli.ipynb #636e4249
 app = typer.Typer(help='cde-workbench: take a clinical model from the research notebook to a silent trial, a report and a dashboard.',
@@ -342,16 +344,61 @@ def report(deployment: str = typer.Argument(..., help='Deployment name.')):
     path = render_report(ws, dep)
     typer.echo(f'report: {path}')
 
-@app.command()
-def dashboard(port: int = typer.Option(8866, help='Port on 127.0.0.1.')):
-    "Serve the Voilà monitoring dashboard on 127.0.0.1 with an access token (Ctrl-C stops it)."
-    import os, subprocess
-    from cde_workbench.dashboard import dashboard_token, dashboard_url, voila_command
-    token = dashboard_token(Workspace.from_env(), os.environ.get('CDE_DASHBOARD_TOKEN'), 'CDE_DASHBOARD_TOKEN')
-    cmd = voila_command(port, token)
-    typer.echo(f'dashboard: {dashboard_url(port, token)}')
-    try: subprocess.run(cmd, check=False)
-    except KeyboardInterrupt: pass
+# %% ../nbs/80_cli.ipynb #a12c0002
+dashboard_app = typer.Typer(help='The Voilà dashboards on 127.0.0.1, each reader with their own token and role.')
+app.add_typer(dashboard_app, name='dashboard')
+dashboard_users_app = typer.Typer(help="The dashboards' readers: names, roles and token hashes.", no_args_is_help=True)
+dashboard_app.add_typer(dashboard_users_app, name='users')
+
+@dashboard_app.callback(invoke_without_command=True)
+def dashboard(ctx: typer.Context,
+              port: int = typer.Option(8866, help='Port on 127.0.0.1.')):
+    "Serve the Voilà monitoring dashboard on 127.0.0.1 until Ctrl-C or SIGTERM, then stop it and every kernel it started."
+    if ctx.invoked_subcommand is not None: return
+    import os
+    from cde_workbench.access import dashboard_url, load_users, serve_dashboard, users_file, voila_command, write_voila_config
+    from cde_workbench.dashboard import dashboard_notebook
+    ws = Workspace.from_env()
+    users = users_file(ws)
+    if not load_users(users):
+        raise ConfigError(f'no dashboard users in {users}: add one with `cde dashboard users add NAME --role datascience` (it prints their token)')
+    cmd = voila_command(port, write_voila_config(ws.var / 'dashboard', users))
+    env = {k: v for k, v in os.environ.items() if k not in ('CDE_DASHBOARD_TOKEN', 'JUPYTER_TOKEN')}   # no token reaches Voilà
+    typer.echo(f'dashboard: {dashboard_url(port)} (open it with your own token: {dashboard_url(port)}?token=…, or type it on the login page)')
+    rc = serve_dashboard(cmd, env=env, cwd=dashboard_notebook().parent)
+    typer.echo('dashboard: stopped')
+    if rc not in (0, None, -15): raise typer.Exit(1)
+
+@dashboard_users_app.command('add')
+def dashboard_users_add(name: str = typer.Argument(..., help="Who the token is for (letters, digits, '.', '_', '-')."),
+                        role: str = typer.Option(..., '--role', help='clinician (ward views) or datascience (health, overview).'),
+                        from_stdin: bool = typer.Option(False, '--from-stdin', help='Use the token read from stdin (at least 32 URL-safe characters).')):
+    "Add a dashboard reader: a new token is printed once on stdout (or the one from stdin or CDE_DASHBOARD_TOKEN is used); only its sha256 is kept."
+    import os
+    from cde_workbench.access import add_user, users_file
+    given = sys.stdin.readline() if from_stdin else os.environ.get('CDE_DASHBOARD_TOKEN')
+    source = 'stdin' if from_stdin else 'CDE_DASHBOARD_TOKEN'
+    if given is not None and not given.strip(): raise ConfigError(f'{source} is empty: give a token of at least 32 URL-safe characters')
+    from cde_workbench.dashboard import check_token
+    token = add_user(users_file(Workspace.from_env()), name, role, None if given is None else check_token(given, source))
+    if given is not None: typer.echo(f'dashboard user {name!r} ({role}) added with the token from {source} (its sha256 only)', err=True)
+    else:
+        typer.echo(f'dashboard user {name!r} ({role}) added; their token, shown once (only its sha256 is kept):', err=True)
+        typer.echo(token)
+
+@dashboard_users_app.command('list')
+def dashboard_users_list():
+    "Dashboard readers: name, role and when added (never a token)."
+    from cde_workbench.access import load_users, users_file
+    for u in sorted(load_users(users_file(Workspace.from_env())).values(), key=lambda u: u.name):
+        typer.echo(f'{u.name}  {u.role}  {_when(u.created)}')
+
+@dashboard_users_app.command('remove')
+def dashboard_users_remove(name: str = typer.Argument(..., help='The reader to remove.')):
+    "Remove a dashboard reader: their token, and the sessions it opened, stop working."
+    from cde_workbench.access import remove_user, users_file
+    remove_user(users_file(Workspace.from_env()), name)
+    typer.echo(f'dashboard user {name!r} removed')
 
 # %% ../nbs/80_cli.ipynb #1847379b
 models_app = typer.Typer(help='The model registry: immutable versions, lineage and aliases.', no_args_is_help=True)
@@ -414,7 +461,8 @@ def demo(patients: int = typer.Option(3000, min=200, help='Patients in the synth
         typer.echo(f'  {row.period:>13}: n={row.n}, prevalence {row.prevalence}, AUROC {row.auroc}')
     typer.echo(f'\nDemo finished in {r.seconds:.0f} s.\nReport: {r.report}')
     for name, i in (r.impact or {}).items(): typer.echo(f"Impact report ({name}): {i['report']}")
-    typer.echo('Dashboard: run `make dashboard` (or `.venv/bin/cde dashboard`) and open the address it prints (127.0.0.1, with a token).')
+    typer.echo('Dashboard: run `make dashboard` (or `.venv/bin/cde dashboard`) and open the address it prints (127.0.0.1) with your token '
+               '(`cde dashboard users add NAME --role datascience` makes one).')
 
 # %% ../nbs/80_cli.ipynb #81057cfe
 @app.command()

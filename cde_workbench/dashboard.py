@@ -10,25 +10,26 @@ import io
 import base64
 import os
 import re
-import secrets
-import subprocess
-import sys
 from pathlib import Path
 
 import ipywidgets as widgets
 import polars as pl
 
-from .config import ConfigError, Workspace, private_dir, project_root
+from .config import ConfigError, Workspace, project_root
 from .deployment import load_deployment
 from .deploy import deployment_state
 from .monitor import Health, health, packets, weekly
 from .store import get_engine
 
 # %% auto #0
-__all__ = ['health_html', 'scores_html', 'deployment_names', 'monitor_view', 'check_token', 'dashboard_token',
-           'dashboard_notebook', 'voila_command', 'dashboard_url']
+__all__ = ['safe_html', 'health_html', 'scores_html', 'deployment_names', 'monitor_view', 'check_token', 'dashboard_notebook']
 
 # %% ../nbs/51_dashboard.ipynb #046d1523
+def safe_html(value, # any value from data: a key, a name, a message, a number
+             ) -> str:
+    "The value as text safe inside HTML elements and quoted attributes (`<`, `>`, `&`, `\"`, `'` escaped)."
+    return html.escape(str(value), quote=True)
+
 def _fmt(e) -> str: return '—' if e is None else f'{e.estimate:.2f} [{e.low:.2f}, {e.high:.2f}]'
 
 def health_html(h: Health) -> str:
@@ -37,7 +38,7 @@ def health_html(h: Health) -> str:
              ('Labelled', 'labelled', f'{h.labelled}'), ('At or above threshold', 'flagged', f'{h.flagged}'),
              ('Latest prediction', 'latest', h.last_prediction), ('Prospective AUROC [95% CI]', 'auroc-prospective', _fmt(h.prospective_auroc)),
              ('Retrospective AUROC [95% CI]', 'auroc-retrospective', _fmt(h.retrospective_auroc))]
-    e = lambda v: html.escape(str(v), quote=True)   # every data value, attributes included
+    e = safe_html   # every data value, attributes included
     rows = ''.join(f'<tr><th style="text-align:left;padding-right:1em">{k}</th><td id="{i}-{e(h.name)}">{e(v)}</td></tr>' for k, i, v in cells)
     return (f'<div class="cde-health"><h2>{e(h.name)}</h2><p id="message-{e(h.name)}"><b>{e(h.message)}</b></p>'
             f'<table>{rows}</table></div>')
@@ -45,7 +46,7 @@ def health_html(h: Health) -> str:
 def scores_html(pk: pl.DataFrame, # packets (`monitor.packets`), newest first
                ) -> str:
     "The latest scores as an HTML table; every value escaped (a patient key from an extract is data, not markup)."
-    e = lambda v: html.escape(str(v), quote=True)
+    e = safe_html
     rows = ''.join(f"<tr><td>{e(r['patient_key'])}</td><td>{r['prediction_time']:%Y-%m-%d %H:%M}</td><td>{r['score']:.2f}</td>"
                    f"<td>{'yes' if r['score'] >= r['threshold'] else 'no'}</td>"
                    f"<td>{'—' if r['label'] is None else ('abnormal' if r['label'] else 'normal')}</td></tr>"
@@ -88,8 +89,8 @@ def monitor_view(workspace: Workspace, # whose store and deployments (the dashbo
         for n in names:
             try: dep = load_deployment(n, ws.deployments)
             except ConfigError as err:   # one broken deployment folder must not hide the others from the clinical team
-                tabs.append(widgets.HTML(f'<div class="cde-health"><h2>{html.escape(n)}</h2><p id="error-{html.escape(n, quote=True)}">'
-                                         f'<b>Not shown: {html.escape(str(err))}</b></p></div>'))
+                tabs.append(widgets.HTML(f'<div class="cde-health"><h2>{safe_html(n)}</h2><p id="error-{safe_html(n)}">'
+                                         f'<b>Not shown: {safe_html(err)}</b></p></div>'))
                 continue
             h = health(conn, dep)
             pk = packets(conn, n).sort('prediction_time', descending=True).head(recent)
@@ -106,26 +107,12 @@ def monitor_view(workspace: Workspace, # whose store and deployments (the dashbo
 def check_token(token: str, # a candidate access token
                 where: str, # where it came from, for the error message
                ) -> str:
-    "The token stripped of surrounding whitespace; an empty, short or non-URL-safe token is a `ConfigError` (Voilà would serve without login)."
+    "The token stripped of surrounding whitespace; an empty, short or non-URL-safe token is a `ConfigError` (it could be guessed, or turn a login off)."
     t = token.strip()
-    if not t: raise ConfigError(f"{where} is empty: an empty token would turn the dashboard's login off (delete the file to have a new token made)")
-    if not re.fullmatch(r'[A-Za-z0-9._~-]{16,}', t):
-        raise ConfigError(f"{where}: the token must be at least 16 URL-safe characters (letters, digits, . _ ~ -)")
+    if not t: raise ConfigError(f"{where} is empty: an empty token would turn the dashboard's login off")
+    if not re.fullmatch(r'[A-Za-z0-9._~-]{32,}', t):
+        raise ConfigError(f"{where}: the token must be at least 32 URL-safe characters (letters, digits, . _ ~ -)")
     return t
-
-# %% ../nbs/51_dashboard.ipynb #ec89d79a
-def dashboard_token(workspace: Workspace, # whose `var/` keeps the token file
-                    given: str | None = None, # a token the caller chose (the command line: `CDE_DASHBOARD_TOKEN`); used instead of the file
-                    source: str = 'the token given', # where `given` came from, for the error message
-                   ) -> str:
-    "The dashboard's access token: `given` if any, else the workspace's `var/dashboard.token` (created, owner-only); never empty."
-    if given: return check_token(given, source)
-    p = Path(workspace.var) / 'dashboard.token'
-    private_dir(p.parent)   # var/ is the owner's only
-    if not p.exists():
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, 'w') as f: f.write(secrets.token_urlsafe(24))
-    return check_token(p.read_text(), f'token file {p}')
 
 # %% ../nbs/51_dashboard.ipynb #b6f6d600
 def dashboard_notebook() -> Path:
@@ -133,20 +120,3 @@ def dashboard_notebook() -> Path:
     p = project_root() / 'dashboards' / 'monitor.ipynb'
     if not p.exists(): raise ConfigError(f"dashboard notebook {p} is missing")
     return p
-
-def voila_command(port: int, # port on `host`, 1024-65535
-                  token: str, # the access token (`dashboard_token`)
-                  host: str = '127.0.0.1', # interface to bind
-                 ) -> list[str]:
-    "The command that serves the monitoring dashboard."
-    if not 1024 <= port <= 65535: raise ConfigError(f"port {port} is out of range (1024-65535)")
-    nb = dashboard_notebook()
-    return [sys.executable, '-m', 'voila', str(nb), '--no-browser', f'--port={port}', f'--Voila.ip={host}',
-            '--Voila.port_retries=0', f'--token={check_token(token, "the token given")}']
-
-def dashboard_url(port: int, # port the dashboard serves on
-                  token: str, # its access token
-                  host: str = '127.0.0.1', # where it binds
-                 ) -> str:
-    "Where the dashboard opens, token included."
-    return f'http://{host}:{port}/?token={check_token(token, "the token given")}'

@@ -299,16 +299,22 @@ def free_port() -> int:
 
 
 @contextmanager
-def voila_server(env: dict, base: Path, timeout: float = 60):
-    """The monitoring dashboard served by Voilà on 127.0.0.1 with a fresh token, in its own process group: yields
-    (port, token, status of an unauthenticated GET /); on exit the server and everything it started are ended."""
-    import http.client, signal, subprocess, time
-    from cde_workbench.dashboard import voila_command
-    port, token = free_port(), 'test-token-' + os.urandom(8).hex()
-    env = {**env, 'CDE_DASHBOARD_TOKEN': token, 'JUPYTER_PLATFORM_DIRS': '1', 'JUPYTER_RUNTIME_DIR': str(base / 'runtime')}
+def voila_server(env: dict, base: Path, timeout: float = 60, role: str = 'datascience'):
+    """The monitoring dashboard served by Voilà on 127.0.0.1, as `cde dashboard` serves it (the users file, Voilà's
+    settings file, a session of its own): yields (port, token of a new user with `role`, status of an unauthenticated
+    GET /); on exit the server and everything it started are ended."""
+    import http.client, subprocess, time
+    from cde_workbench.access import add_user, stop_session, users_file, voila_command, write_voila_config
+    from cde_workbench.config import Workspace
+    ws = Workspace.from_env(env)
+    port, token = free_port(), 'test-token-' + os.urandom(16).hex()
+    users = users_file(ws)
+    add_user(users, 'tester-' + os.urandom(4).hex(), role, token)
+    env = {k: v for k, v in env.items() if k != 'CDE_DASHBOARD_TOKEN'}
+    env = {**env, 'JUPYTER_PLATFORM_DIRS': '1', 'JUPYTER_RUNTIME_DIR': str(base / 'runtime')}
     log = open(base / 'voila.log', 'wb')
-    proc = subprocess.Popen(voila_command(port, token), cwd=ROOT / 'dashboards', env=env, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(voila_command(port, write_voila_config(ws.var / 'dashboard', users)), cwd=ROOT / 'dashboards', env=env,
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -319,9 +325,5 @@ def voila_server(env: dict, base: Path, timeout: float = 60):
             except OSError: time.sleep(0.2)
         yield port, token, status
     finally:
-        proc.terminate()
-        try: proc.wait(10)
-        except subprocess.TimeoutExpired: pass
-        try: os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError): pass
+        stop_session(proc, grace=10)
         log.close()

@@ -1,5 +1,5 @@
 """The clinicians' dashboard as an attacker would try it: data values from a warehouse extract are text, never
-markup or script, in the real page served by Voilà and opened in Chromium; an empty token never turns the login off."""
+markup or script, in the real page served by Voilà and opened in Chromium; a dashboard nobody may read does not start."""
 import os
 import subprocess
 import sys
@@ -63,13 +63,12 @@ def test_hostile_patient_key_is_text_in_the_voila_dashboard(store_with_a_hostile
             finally: browser.close()
 
 
-def test_an_empty_token_file_is_refused(tmp_path):
+def test_a_dashboard_without_users_is_refused_before_voila_starts(tmp_path):
     var = tmp_path / 'var'; var.mkdir()
-    (var / 'dashboard.token').write_text('\n')
     env = {k: v for k, v in os.environ.items() if k != 'CDE_DASHBOARD_TOKEN'}
     r = subprocess.run([CDE, 'dashboard', '--port', str(free_port())], capture_output=True, text=True, timeout=60,
                        env={**env, 'CDE_VAR': str(var)}, cwd=ROOT)
-    assert r.returncode == 2 and r.stderr.startswith('cde: error: token file') and 'is empty' in r.stderr, r.stdout + r.stderr
+    assert r.returncode == 2 and r.stderr.startswith('cde: error: no dashboard users') and 'users add' in r.stderr, r.stdout + r.stderr
     assert r.stderr.strip().count('\n') == 0 and 'dashboard: http' not in r.stdout
 
 

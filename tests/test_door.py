@@ -45,14 +45,14 @@ def test_synth_ingest_and_train_leave_nothing_under_var_readable_by_others(tmp_p
     (folder / 'deployment.toml').write_text(re.sub(r'candidates = \[.*\]', 'candidates = ["logistic_regression", "random_forest"]', toml))
     for k, v in env.items(): monkeypatch.setenv(k, v)
     from cde_workbench.config import Workspace
-    from cde_workbench.dashboard import dashboard_token
+    from cde_workbench.access import add_user, users_file
     from cde_workbench.deployment import load_deployment
     from cde_workbench.store import dispose_engines, get_engine
     from cde_workbench.train import train_deployment
     ws = Workspace.from_env()
     try:
         rec = train_deployment(get_engine(ws.database_url), load_deployment(SMALL_DEPLOYMENT, ws.deployments), ws.var, progress=False)
-        dashboard_token(ws)
+        add_user(users_file(ws), 'door', 'datascience')
         var = ws.var
         for sub in ('synth', 'models', 'features'): assert (var / sub).is_dir(), sub   # each creator has been through
         assert Path(rec.path).is_file() and any((var / 'features').rglob('*.npz'))
