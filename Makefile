@@ -27,9 +27,10 @@ demo: install
 
 test: install system-deps check-generated
 	$(VENV)/bin/nbdev_test --n_workers 2
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q -m "not slow" tests
 
-## the long system tests at full size (make test runs them shorter): the MLLP SIGKILL soak with 20,000 messages
+## the long system tests (marked slow): the demo end to end, kills, overload and SIGTERM faults, CLI round trips, and the
+## MLLP SIGKILL soak at full size (20,000 messages). CI runs `make test` and then this.
 soak: install system-deps
 	CDE_SOAK=1 $(VENV)/bin/pytest -q -m slow tests
 

@@ -221,6 +221,11 @@ def pytest_configure(config):
     signal.signal(signal.SIGTERM, _interrupt)
 
 
+def pytest_itemcollected(item):
+    "The end-to-end tests on the demo's store are system tests: `make soak` runs them (and starts the demo), `make test` does not."
+    if 'demo' in getattr(item, 'fixturenames', ()): item.add_marker(pytest.mark.slow)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session, config, items):
     "Tests that use the `demo` fixture run last; the demo starts now, in the background, when any of them was selected."

@@ -67,6 +67,7 @@ def test_ingest_a_feed_then_replay_it_into_an_empty_store(tmp_path):
     one_line_error(cde('ingest', 'replay', target, env=env), 'not empty')
 
 
+@pytest.mark.slow
 def test_a_threshold_rule_no_training_data_meets(tmp_path):
     "Training stops with one line naming the rule, before the refit and before anything is registered."
     import shutil

@@ -40,6 +40,7 @@ def store_with_a_hostile_key(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_hostile_patient_key_is_text_in_the_voila_dashboard(store_with_a_hostile_key):
     from playwright.sync_api import sync_playwright
     base = store_with_a_hostile_key

@@ -1,6 +1,7 @@
 """The impact estimators' 95% intervals cover the simulated truth, on a small seed set of benchmarks/impact_coverage.py
 (`make bench` runs 200 seeds of every design). Each check also shows that intervals half as wide, from the same seeds,
 would fail it, so the thresholds separate a correct method from a broken one."""
+import pytest
 import sys
 from pathlib import Path
 
@@ -25,12 +26,14 @@ def check(c, name, min_coverage, se_ratio):
     return row
 
 
+@pytest.mark.slow
 def test_itt_and_cace_intervals_cover_the_trial_truth():
     # 60 seeds: a correct 95% interval misses 10 or more with probability about 0.001; one half as wide covers ~67%
     c = coverage(seeds=60, designs=('iv',))
     for name in ('itt', 'cace'): check(c, name, 0.85, (0.7, 1.4))
 
 
+@pytest.mark.slow
 def test_rdd_and_weighted_auroc_intervals_cover_the_truth_where_the_naive_auroc_does_not():
     # 25 seeds: a correct interval misses 6 or more with probability about 0.001; the truth is the population AUROC
     # from 200,000 reference packets (Monte Carlo error about 0.0002, a fiftieth of the estimates' spread)

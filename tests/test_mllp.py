@@ -173,7 +173,7 @@ def _free_port():
         s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 
-# `make soak` (CDE_SOAK=1) runs the full soak; `make test` a shorter one with the same faults
+# a system test: `make soak` (CDE_SOAK=1) runs it at full size; with CDE_SOAK unset (a run by hand) it is shorter, with the same faults
 SOAK = os.environ.get('CDE_SOAK') == '1'
 N_MESSAGES, N_KILLS, N_PATIENTS = (20_000, 5, 3800) if SOAK else (5_000, 3, 1000)
 

@@ -1,4 +1,5 @@
 """`cde models list|show|alias` against a real store: versions, lineage, aliases and their history."""
+import pytest
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ def cde(*args, env):
     return subprocess.run([*CDE, *args], capture_output=True, text=True, env={**os.environ, **env}, timeout=120, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_models_list_show_and_alias(tmp_path, monkeypatch):
     from sklearn.linear_model import LogisticRegression
     from cde_workbench.registry import register_model

@@ -103,6 +103,7 @@ def test_a_scheduled_run_is_for_its_cron_time_with_a_full_ledger_row(silent_stor
     assert q(engine, "select kind, last_due from schedule_state")[0][0] == 'score'
 
 
+@pytest.mark.slow
 def test_the_watchdog_ends_a_hung_run_and_the_next_cron_times_still_run(small_store):
     from cde_workbench.config import Workspace
     from cde_workbench.schedule import Scheduler
@@ -156,6 +157,7 @@ def running_run(engine):
     return rows[0] if rows else None
 
 
+@pytest.mark.slow
 def test_sigterm_ends_every_run_and_kernel_and_a_second_run_is_refused_meanwhile(small_store):
     from cde_workbench.config import Workspace
     from cde_workbench.schedule import RunLockedError, run_notebook
@@ -181,6 +183,7 @@ def test_sigterm_ends_every_run_and_kernel_and_a_second_run_is_refused_meanwhile
     assert q(engine, "select count(*) from runs where kind = 'score' and status = 'running'")[0][0] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('killed', ['scheduler', 'scheduler and run'])
 def test_a_scheduler_killed_mid_run_leaves_a_failed_run_and_the_next_cron_time_runs_once(small_store, killed):
     """SIGKILL to the scheduler (its run process then ends itself), or to the scheduler and its run process together (the run's
@@ -291,6 +294,7 @@ def test_run_locks_and_abandoned_runs_on_both_backends(store_url):
     assert acquire_lock(engine, 'a', 'r4') is None
 
 
+@pytest.mark.slow
 def test_schedule_list_and_once_from_the_command_line(small_store):
     add_clocked(small_store, timeout_minutes=5)
     env = {**os.environ, **small_store.env}

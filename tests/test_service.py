@@ -341,6 +341,7 @@ def port_free(port: int) -> bool:
         except OSError: return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('workers', [1, 2])
 def test_sigterm_ends_cde_serve_and_frees_its_port(service_store, workers):
     import httpx
@@ -380,6 +381,7 @@ async def _offer(url: str, token: str, patients: list[str], rate: float, seconds
         return await asyncio.gather(*tasks)
 
 
+@pytest.mark.slow
 def test_ten_times_the_target_load_gets_503_with_retry_after_and_one_packet_per_accepted(service_store):
     s = service_store
     with cde_serve(s['store'].env, s['port'], '--max-in-flight', '4'):
@@ -417,6 +419,7 @@ def copy_store(src_url: str, dest_url: str) -> None:
     src.dispose()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get('CDE_SKIP_POSTGRES') == '1', reason='CDE_SKIP_POSTGRES=1')
 def test_the_store_going_away_gives_503_and_the_service_recovers_when_it_returns(service_store):
     "A throwaway PostgreSQL holding a copy of the store is stopped under the running service, then started again."
@@ -461,6 +464,7 @@ def test_the_store_going_away_gives_503_and_the_service_recovers_when_it_returns
         server.stop()
 
 
+@pytest.mark.slow
 def test_the_service_benchmark_runs_short(service_store):
     "benchmarks/service.py's measurement (load process, JWT per call, packets = accepted) for a few seconds on the small store."
     import sys

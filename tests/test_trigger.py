@@ -302,6 +302,7 @@ def _listening(port):
     except OSError: return False
 
 
+@pytest.mark.slow
 def test_the_demos_silent_trial_scores_through_the_order_trigger_and_the_catch_up_runs_find_nothing(small_store):
     "The demo's silent trial on the small store: the feed over `cde ingest mllp`, the order trigger after each week, score.ipynb as catch-up."
     from cde_workbench.config import Workspace

@@ -56,6 +56,7 @@ def carried(request, tmp_path, monkeypatch):
             admin.dispose()
 
 
+@pytest.mark.slow
 def test_runs_carry_the_workspace(carried, tmp_path):
     from cde_workbench.config import Workspace
     from cde_workbench.deployment import load_deployment
