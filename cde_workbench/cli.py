@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from .config import CDEError, ConfigError, Workspace, as_utc, utcnow
+from .config import CDEError, ConfigError, Workspace, actor_name, as_utc, utcnow
 from .deployment import load_deployment
 
 # The heavy libraries (scikit-learn, polars, papermill, nbformat) load inside each command, so that
@@ -910,7 +910,7 @@ def alerts_resolve(alert_id: int = typer.Argument(..., help='The alert (its numb
     import os
     from cde_workbench.monitoring import resolve_alert
     from cde_workbench.store import get_engine
-    who = actor or os.environ.get('CDE_ACTOR') or os.environ.get('USER') or 'unknown'
+    who = actor_name(actor or None)
     a = resolve_alert(get_engine(Workspace.from_env().database_url), alert_id, reason, who)
     typer.echo(f'alert {a.alert_id} resolved by {a.resolved_by}: {a.resolution_reason}')
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['CDEError', 'ConfigError', 'SchemaError', 'IngestError', 'PipelineError', 'project_root', 'Workspace', 'private_dir',
-           'private_file', 'utcnow', 'as_utc']
+           'private_file', 'utcnow', 'as_utc', 'actor_name']
 
 # %% ../nbs/00_config.ipynb #1a642814
 class CDEError(Exception):
@@ -171,3 +171,16 @@ def as_utc(value: datetime | str, # a datetime or ISO-8601 string with an offset
     if not isinstance(value, datetime): raise ConfigError(f"{what}: expected a date-time, got {type(value).__name__}")
     if value.tzinfo is None: raise ConfigError(f"{what}: {value.isoformat()} has no time zone; give an offset such as +00:00")
     return value.astimezone(timezone.utc)
+
+# %% ../nbs/00_config.ipynb #c0a5e002
+def actor_name(actor: str | None = None, # who acts, as given by the caller; None: `CDE_ACTOR`, then the login name
+               what: str = 'the actor', # how an error names it
+               error: type[CDEError] = ConfigError, # the error raised (the calling module's own)
+              ) -> str:
+    "The name an audit row records for whoever acts: given, else `CDE_ACTOR`, else the login name; one printable line, never empty."
+    raw = actor if actor is not None else (os.environ.get('CDE_ACTOR') or os.environ.get('USER') or 'unknown')
+    who = ' '.join(str(raw).split())
+    if not who: raise error(f'{what} must be named: got an empty name')
+    if len(who) > 64: raise error(f'{what} name must be at most 64 characters, got {len(who)}')
+    if not who.isprintable(): raise error(f'{what} name contains control characters')
+    return who

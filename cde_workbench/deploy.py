@@ -14,7 +14,7 @@ import polars as pl
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from .config import ConfigError, utcnow
+from .config import ConfigError, actor_name, utcnow
 from .deployment import Deployment
 from .store import audit, deployment_history, deployments, models, read_frame
 
@@ -54,14 +54,6 @@ def deployment_state(conn: Connection, name: str) -> DeploymentState:
     if row is None: return DeploymentState(name, None, None, None)
     return DeploymentState(row.name, row.status, row.model_id, row.updated_at)
 
-def _actor(actor: str | None) -> str:
-    "Who made a change: the named person, else CDE_ACTOR or the OS user; one line that fits the store's column."
-    who = ' '.join((actor if actor is not None else (os.environ.get('CDE_ACTOR') or os.environ.get('USER') or 'unknown')).split())
-    if not who: raise ConfigError('the actor (reviewer) of a lifecycle change must be named: got an empty name')
-    if len(who) > 64: raise ConfigError(f'the actor (reviewer) name must be at most 64 characters, got {len(who)}')
-    if not who.isprintable(): raise ConfigError('the actor (reviewer) name contains control characters')
-    return who
-
 def _change(conn: Connection, name: str, status: str, model_id: int | None, reason: str, actor: str | None, gates: dict | None,
             action: str) -> DeploymentState:
     "Check and apply one lifecycle move inside `conn`'s transaction: state row, history row and audit row together."
@@ -76,7 +68,7 @@ def _change(conn: Connection, name: str, status: str, model_id: int | None, reas
         raise ConfigError(f"deployment {name!r}: model id {mid} is not registered")
     if status in SCORING_STATES and mid is None: raise ConfigError(f"deployment {name!r} needs a registered model before it can be {status}")
     if cur.status == path[-1] and cur.model_id == mid: return cur   # no change: nothing written, nothing audited
-    who, now = _actor(actor), utcnow()
+    who, now = actor_name(actor, 'the reviewer'), utcnow()
     if cur.status is None: conn.execute(deployments.insert().values(name=name, status=path[-1], model_id=mid, updated_at=now))
     else: conn.execute(deployments.update().where(deployments.c.name == name).values(status=path[-1], model_id=mid, updated_at=now))
     conn.execute(deployment_history.insert().values(name=name, status=path[-1], model_id=mid, at=now, actor=who, reason=reason,

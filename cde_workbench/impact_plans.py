@@ -18,7 +18,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from .config import utcnow
+from .config import actor_name, utcnow
 from .impact import BWSELECTS, KERNELS, VCES, ImpactError
 from .store import analysis_plans, audit, audit_log, plan_amendments
 
@@ -205,13 +205,6 @@ def _apply(parameters: dict, changes: dict) -> dict:
     out = {**parameters, **changes}
     return {k: v for k, v in out.items() if v is not None}
 
-def _actor(actor: str | None) -> str:
-    "Who registers: the named person, else CDE_ACTOR or the OS user; one printable line that fits the store's column."
-    who = ' '.join((actor if actor is not None else (os.environ.get('CDE_ACTOR') or os.environ.get('USER') or 'unknown')).split())
-    if not who or len(who) > 64 or not who.isprintable():
-        raise ImpactError(f"the actor registering a plan must be named in at most 64 printable characters, got {actor!r}")
-    return who
-
 def _tampered(name: str, what: str) -> ImpactError:
     return ImpactError(f"plan {name!r}: {what}; the stored plan was altered outside the workbench and is not used "
                        "(`cde audit verify` checks the audit log)")
@@ -271,7 +264,7 @@ def register_plan(engine: Engine, # the store
     "Store the plan with its hash, time and actor, and an audit row, in one transaction; the same plan again returns the stored one."
     if not isinstance(plan, AnalysisPlan): raise ImpactError(f"register_plan needs an AnalysisPlan (load_plan reads one), got {type(plan).__name__}")
     plan = plan_from_dict(plan.as_dict(), f"plan {plan.name!r}")
-    who, h = _actor(actor), plan_hash(plan)
+    who, h = actor_name(actor, 'the actor registering a plan', ImpactError), plan_hash(plan)
     for attempt in (1, 2):   # a second attempt only if someone registered the same name between our look and our insert
         try:
             with engine.begin() as conn:
@@ -301,7 +294,7 @@ def amend_plan(engine: Engine, # the store
     "Append an amendment (changes, reason, a hash chained to the one before) and its audit row in one transaction; refused whole if anything is wrong."
     if not isinstance(changes, dict) or not changes: raise ImpactError(f"plan {name!r}: an amendment needs at least one change (--set KEY=VALUE)")
     if not isinstance(reason, str) or not reason.strip(): raise ImpactError(f"plan {name!r}: an amendment needs a reason (--reason TEXT); the report shows it")
-    reason, who = reason.strip(), _actor(actor)
+    reason, who = reason.strip(), actor_name(actor, 'the actor amending a plan', ImpactError)
     try:
         with engine.begin() as conn:
             current = _read(conn, name)

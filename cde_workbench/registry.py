@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 import cde_workbench
-from .config import ConfigError, PipelineError, private_dir, private_file, project_root, utcnow
+from .config import ConfigError, PipelineError, actor_name, private_dir, private_file, project_root, utcnow
 from .deployment import Deployment
 from .store import audit, model_aliases, models, read_frame
 
@@ -188,7 +188,7 @@ def set_alias(engine: Engine, # the store
              ) -> ModelRecord | None:
     "Point an alias of a model at one of its versions (or clear it); audited. Returns the version now aliased."
     if alias not in ALIASES: raise ConfigError(f"unknown alias {alias!r} (known: {', '.join(ALIASES)})")
-    actor = actor or os.environ.get('CDE_ACTOR') or os.environ.get('USER') or 'unknown'
+    actor = actor_name(actor or None)   # an empty name falls back to the default, as before
     with engine.begin() as conn:
         rec = get_model(conn, name, version) if version is not None else None
         if version is None and get_alias(conn, name, alias) is None:

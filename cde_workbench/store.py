@@ -24,7 +24,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Connection, Engine
 
-from .config import CDEError, ConfigError, as_utc, private_dir, private_file, project_root, utcnow
+from .config import CDEError, ConfigError, actor_name, as_utc, private_dir, private_file, project_root, utcnow
 
 # %% auto #0
 __all__ = ['metadata', 'T', 'patients', 'patient_identity', 'adt_events', 'diagnoses', 'medication_orders', 'lab_orders',
@@ -577,7 +577,7 @@ def audit(conn: Connection, # an open transaction: the audit row commits or roll
           actor: str | None = None, # who; default the OS user
          ) -> None:
     "Append a row to the hash-chained audit log inside the caller's transaction."
-    actor = actor or os.environ.get('CDE_ACTOR') or os.environ.get('USER') or 'unknown'
+    actor = actor_name(actor or None)   # an empty name falls back to the default, as before
     # touch the chain's end first: on SQLite this takes the write lock, on PostgreSQL the row lock, so appends serialise
     conn.execute(audit_head.update().where(audit_head.c.id == 1).values(last_id=audit_head.c.last_id))
     head = conn.execute(sa.select(audit_head.c.last_id, audit_head.c.last_hash).where(audit_head.c.id == 1)).one()
