@@ -21,7 +21,7 @@ from .deployment import load_deployment
 
 # %% auto #0
 __all__ = ['app', 'ingest_app', 'dashboard_app', 'dashboard_users_app', 'models_app', 'trigger_app', 'audit_app', 'serve_app',
-           'tokens_app', 'schedule_app', 'impact_app', 'plan_app', 'monitor_app', 'alerts_app', 'synth',
+           'tokens_app', 'schedule_app', 'impact_app', 'plan_app', 'monitor_app', 'alerts_app', 'research_app', 'synth',
            'ingest_warehouse', 'feed_with_times', 'ingest_synthea', 'ingest_fhir', 'ingest_file', 'ingest_mllp',
            'ingest_process', 'ingest_replay', 'ingest_redrive', 'ingest_status', 'train', 'deploy', 'score', 'labels',
            'report', 'dashboard', 'dashboard_users_add', 'dashboard_users_list', 'dashboard_users_remove',
@@ -29,7 +29,7 @@ __all__ = ['app', 'ingest_app', 'dashboard_app', 'dashboard_users_app', 'models_
            'trigger_run', 'audit_verify', 'audit_show', 'serve', 'service_worker_app', 'serve_tokens_add',
            'serve_tokens_list', 'serve_tokens_remove', 'schedule_run', 'schedule_list', 'schedule_once',
            'plan_register', 'plan_show', 'plan_list', 'plan_amend', 'impact_rdd', 'impact_iv', 'impact_run',
-           'monitor_run', 'alerts_list', 'alerts_resolve', 'main']
+           'monitor_run', 'alerts_list', 'alerts_resolve', 'research_build', 'research_views', 'main']
 
 # %% ../nbs/80_cli.ipynb #636e4249
 app = typer.Typer(help='cde-workbench: take a clinical model from the research notebook to a silent trial, a report and a dashboard.',
@@ -913,6 +913,34 @@ def alerts_resolve(alert_id: int = typer.Argument(..., help='The alert (its numb
     who = actor_name(actor or None)
     a = resolve_alert(get_engine(Workspace.from_env().database_url), alert_id, reason, who)
     typer.echo(f'alert {a.alert_id} resolved by {a.resolved_by}: {a.resolution_reason}')
+
+# %% ../nbs/80_cli.ipynb #r13c0002
+research_app = typer.Typer(help='Research views: surrogate ids, birth years, no identifiers; what researchers read in JupyterLab.', no_args_is_help=True)
+app.add_typer(research_app, name='research')
+
+@research_app.command('build')
+def research_build(login: Optional[str] = typer.Option(None, '--login', help="PostgreSQL: a researcher's login to add to the research role (password from CDE_RESEARCH_PASSWORD or a prompt).")):
+    "Refresh the surrogates and rebuild the research copy (SQLite) or the research role's grants (PostgreSQL)."
+    import os
+    from cde_workbench.research import build_research, research_copy_path
+    from cde_workbench.store import get_engine
+    ws = Workspace.from_env()
+    if login is not None and ws.database_url.startswith('sqlite'):   # before the store is opened: nothing is built
+        raise ConfigError(f'--login {login!r}: research logins are PostgreSQL roles; this store is SQLite (researchers read {research_copy_path(ws.var)})')
+    password = None
+    if login is not None:
+        password = os.environ.get('CDE_RESEARCH_PASSWORD') or typer.prompt(f'password for {login}', hide_input=True, confirmation_prompt=True)
+    engine = get_engine(ws.database_url)
+    counts = build_research(engine, ws.var, login, password)
+    where = research_copy_path(ws.var) if engine.dialect.name == 'sqlite' else 'the cde_research role'
+    typer.echo(f'research views built for {where}:')
+    for view, n in counts.items(): typer.echo(f'  {view}: {n:,} rows')
+
+@research_app.command('views')
+def research_views():
+    "The research views, and what a row of each is."
+    from cde_workbench.research import RESEARCH_VIEWS
+    for view, what in RESEARCH_VIEWS.items(): typer.echo(f'{view}: {what}')
 
 # %% ../nbs/80_cli.ipynb #0eead321
 def _usage_errors() -> tuple:

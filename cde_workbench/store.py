@@ -33,9 +33,10 @@ __all__ = ['metadata', 'T', 'patients', 'patient_identity', 'adt_events', 'diagn
            'processing_errors', 'APPEND_ONLY', 'models', 'model_aliases', 'deployments', 'runs', 'inferences',
            'score_queue', 'outbound_messages', 'token_uses', 'allocations', 'run_locks', 'schedule_state',
            'deployment_history', 'inference_labels', 'analysis_plans', 'plan_amendments', 'monitoring_results',
-           'alerts', 'audit_log', 'audit_head', 'AUDIT_GENESIS', 'UTCDateTime', 'migrations_dir', 'redact_url',
-           'get_engine', 'upgrade', 'engine_variant', 'dispose_engines', 'audit_row_hash', 'audit', 'AuditVerification',
-           'verify_audit_chain', 'read_frame', 'insert_ignoring', 'insert_ignore', 'bulk_insert', 'insert_frame']
+           'alerts', 'research_ids', 'audit_log', 'audit_head', 'AUDIT_GENESIS', 'UTCDateTime', 'migrations_dir',
+           'redact_url', 'get_engine', 'upgrade', 'engine_variant', 'dispose_engines', 'audit_row_hash', 'audit',
+           'AuditVerification', 'verify_audit_chain', 'read_frame', 'insert_ignoring', 'insert_ignore', 'bulk_insert',
+           'insert_frame']
 
 # %% ../nbs/01_store.ipynb #60a7e206
 class UTCDateTime(sa.types.TypeDecorator):
@@ -450,6 +451,12 @@ alerts = sa.Table('alerts', metadata,
     sa.Column('resolved_by', sa.String(64)),
     sa.Column('resolution_reason', sa.Text))
 sa.Index('ix_alerts_deployment_status', alerts.c.deployment, alerts.c.status)
+
+research_ids = sa.Table('research_ids', metadata,   # random surrogates for research views; append-only, never shown with the key it replaces
+    sa.Column('kind', sa.String(16), primary_key=True),       # patient, encounter or order
+    sa.Column('source_id', sa.String(32), primary_key=True),  # the store's patient key, encounter id or order id
+    sa.Column('research_id', sa.String(32), nullable=False, unique=True),
+    sa.Column('created_at', T, nullable=False))
 
 audit_log = sa.Table('audit_log', metadata,
     sa.Column('id', sa.Integer, primary_key=True, autoincrement=True),
