@@ -29,7 +29,7 @@ __all__ = ['app', 'ingest_app', 'dashboard_app', 'dashboard_users_app', 'models_
            'trigger_run', 'audit_verify', 'audit_show', 'serve', 'service_worker_app', 'serve_tokens_add',
            'serve_tokens_list', 'serve_tokens_remove', 'schedule_run', 'schedule_list', 'schedule_once',
            'plan_register', 'plan_show', 'plan_list', 'plan_amend', 'impact_rdd', 'impact_iv', 'impact_run',
-           'monitor_run', 'alerts_list', 'alerts_resolve', 'research_build', 'research_views', 'main']
+           'monitor_run', 'alerts_list', 'alerts_resolve', 'research_build', 'research_views', 'export_outputs', 'main']
 
 # %% ../nbs/80_cli.ipynb #636e4249
 app = typer.Typer(help='cde-workbench: take a clinical model from the research notebook to a silent trial, a report and a dashboard.',
@@ -941,6 +941,23 @@ def research_views():
     "The research views, and what a row of each is."
     from cde_workbench.research import RESEARCH_VIEWS
     for view, what in RESEARCH_VIEWS.items(): typer.echo(f'{view}: {what}')
+
+# %% ../nbs/80_cli.ipynb #r13c0005
+@app.command('export')
+def export_outputs(files: list[Path] = typer.Argument(..., help='Result tables (.csv, .parquet) and figures (.png, .svg, .pdf) to take out.'),
+                   to: Path = typer.Option(..., '--to', help='The outbox outside the enclave; each export gets its own folder in it.'),
+                   min_count: int = typer.Option(10, '--min-count', help='Smallest count that may leave; smaller ones are suppressed.'),
+                   counts: Optional[str] = typer.Option(None, '--counts', help='Count columns, comma-separated (default: columns named n, count, n_…, …_n, …_count).'),
+                   actor: Optional[str] = typer.Option(None, '--actor', help='Who exports; default CDE_ACTOR or the OS user.')):
+    "Copy result tables and figures out of the enclave after disclosure control; audited, all or nothing."
+    from cde_workbench.export import export_files
+    from cde_workbench.store import get_engine
+    declared = [c.strip() for c in counts.split(',') if c.strip()] if counts else None
+    r = export_files(get_engine(Workspace.from_env().database_url), files, to, min_count, declared, actor_name(actor or None))
+    typer.echo(f'exported to {r.folder}:')
+    for f in r.files:
+        cut = f" ({f['primary']} small, {f['secondary']} secondary, {f['derived']} derived cells suppressed)" if f['kind'] == 'table' else ''
+        typer.echo(f"  {f['name']} sha256 {f['sha256'][:16]}…{cut}")
 
 # %% ../nbs/80_cli.ipynb #0eead321
 def _usage_errors() -> tuple:

@@ -139,3 +139,46 @@ def test_cde_research_build_prints_each_view(tmp_path, monkeypatch):
         assert 'research.sqlite' in r.output and all(f'  {v}: 0 rows' in r.output for v in RESEARCH_VIEWS)
         assert (tmp_path / 'var' / 'research' / 'research.sqlite').exists()
     finally: dispose_engines()
+
+
+def test_cde_export_suppresses_small_cells_and_refuses_identifiers(hospital_store, tmp_path, monkeypatch):
+    "A researcher's table from the research views leaves with its small cells suppressed; a per-patient one never leaves."
+    import json
+    from typer.testing import CliRunner
+    from cde_workbench.cli import app
+    from cde_workbench.store import audit_log
+    h, engine, var = hospital_store
+    build_research(engine, var)
+    monkeypatch.setenv('CDE_DATABASE_URL', engine.url.render_as_string(hide_password=False)); monkeypatch.setenv('CDE_VAR', str(var))
+    reader = research_engine(engine.url.render_as_string(hide_password=False), var)
+    try:
+        table = read_research(reader, 'SELECT e.ward, p.sex, count(*) AS n_stays FROM research_encounters e '
+                                      'JOIN research_patients p ON p.patient_id = e.patient_id GROUP BY e.ward, p.sex ORDER BY 1, 2')
+        per_patient = read_research(reader, 'SELECT patient_id, count(*) AS n FROM research_encounters GROUP BY patient_id')
+    finally: reader.dispose()
+    assert ((table['n_stays'] > 0) & (table['n_stays'] < 10)).any(), table   # the small hospital has small cells to hide
+    table.write_csv(tmp_path / 'stays.csv'); per_patient.write_csv(tmp_path / 'per_patient.csv')
+    from cde_workbench.store import patient_identity
+    with engine.connect() as c: mrn = c.execute(sa.select(patient_identity.c.mrn).limit(1)).scalar_one()
+    pl.DataFrame({'mrn': [mrn], 'n': [20]}).write_csv(tmp_path / 'oops.csv')
+    outbox = tmp_path / 'outbox'
+    run = lambda *a: CliRunner().invoke(app, ['export', *a, '--to', str(outbox), '--actor', 'dr researcher'])
+    for bad, why in (('per_patient.csv', 'contains a research surrogate id'), ('oops.csv', 'contains a MRN')):
+        r = run(str(tmp_path / 'stays.csv'), str(tmp_path / bad))
+        assert r.exit_code != 0 and why in str(r.exception), (r.output, r.exception)
+        assert not outbox.exists() or not any(outbox.iterdir())   # all or nothing: the good table did not leave either
+    r = run(str(tmp_path / 'stays.csv'))
+    assert r.exit_code == 0, (r.output, r.exception)
+    folder = next(outbox.iterdir())
+    out = pl.read_csv(folder / 'stays.csv')
+    small = (table['n_stays'] < 10).to_list()
+    assert all(o is None for o, s in zip(out['n_stays'], small) if s)         # every small count hidden
+    assert out['n_stays'].null_count() != 1                                    # never one alone in the column
+    assert [o for o, s in zip(out['n_stays'], small) if not s and o is not None] == \
+           [t for t, s, o in zip(table['n_stays'], small, out['n_stays']) if not s and o is not None]
+    with engine.connect() as c:
+        row = c.execute(sa.select(audit_log).where(audit_log.c.action == 'export')).one()
+    detail = json.loads(row.detail)
+    assert row.actor == 'dr researcher' and detail['files'][0]['name'] == 'stays.csv'
+    import hashlib
+    assert detail['files'][0]['sha256'] == hashlib.sha256((folder / 'stays.csv').read_bytes()).hexdigest()
