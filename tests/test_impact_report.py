@@ -180,3 +180,26 @@ def test_a_store_plan_runs_on_the_deployments_log(store_url, tmp_path):
         details = [json.loads(d) for d in c.execute(sa.select(audit_log.c.detail).where(audit_log.c.action == 'impact.run').order_by(audit_log.c.id)).scalars()]
     assert [(d['run_id'], d['source'], d['n_packets']) for d in details] == [('run-1', 'store', ds.n_packets), ('run-0', 'store', early['run']['n_packets'])]
     dispose_engines()
+
+
+@pytest.mark.slow
+def test_cde_impact_run_on_a_store_plan(cde, tmp_path):
+    "`cde impact run PLAN` on a store plan: the pipeline notebook runs by papermill, reads the deployment's log as known now, and records the store."
+    from cde_workbench.config import Workspace
+    from cde_workbench.impact import rdd_analysis
+    from cde_workbench.impact_data import impact_dataset
+    from cde_workbench.impact_plans import register_plan
+    import shutil
+    ws = Workspace.under(tmp_path)
+    engine, dep, truth = logged_display(ws)
+    shutil.copytree(ROOT / 'deployments' / '_pipelines', ws.deployments / '_pipelines')   # the shared pipeline notebooks
+    register_plan(engine, store_plan(), actor='Dr A')
+    r = cde('impact', 'run', 'shown_rdd', env=ws.as_env())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith('shown_rdd: Showing the alert changed '), r.stdout
+    run_id = re.search(r'notebook (\S+\.ipynb)', r.stdout).group(1).split('/')[-2]
+    result = json.loads((ws.reports / 'impact' / 'shown_rdd' / run_id / 'result.json').read_text())
+    ds = impact_dataset(engine, dep, truth['labels_at'])   # everything was known by the label run: the same rows as now
+    assert (result['run']['source'], result['run']['n_packets'], result['run']['data_sha256']) == ('store', ds.n_packets, ds.sha256)
+    assert result['estimate'] == rdd_analysis(ds.frame, running='score', outcome='label', treatment='shown', cutoff=0.5)['estimate']
+    assert 'id="run-packets"' in (ws.reports / 'impact' / 'shown_rdd' / run_id / 'report.html').read_text()
