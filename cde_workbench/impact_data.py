@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -17,7 +17,6 @@ from sqlalchemy.engine import Engine
 
 from .config import utcnow
 from .deployment import Deployment
-from .deploy import effective_mode
 from .impact import ImpactError
 from .labels import extract_labels
 from .monitor import label_status
