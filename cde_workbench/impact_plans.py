@@ -23,9 +23,10 @@ from .impact import BWSELECTS, KERNELS, VCES, ImpactError
 from .store import analysis_plans, audit, audit_log, plan_amendments
 
 # %% auto #0
-__all__ = ['DESIGNS', 'ESTIMATORS', 'PARAMETERS', 'REQUIRED', 'check_parameters', 'AnalysisPlan', 'plan_from_dict', 'load_plan',
-           'canonical_json', 'plan_hash', 'RegisteredPlan', 'amendment_hash', 'get_plan', 'list_plans', 'register_plan',
-           'amend_plan', 'PlanMismatchError', 'check_run_parameters']
+__all__ = ['DESIGNS', 'ESTIMATORS', 'PARAMETERS', 'REQUIRED', 'STORE_PREFIX', 'check_parameters', 'AnalysisPlan',
+           'plan_from_dict', 'store_deployment', 'load_plan', 'canonical_json', 'plan_hash', 'RegisteredPlan',
+           'amendment_hash', 'get_plan', 'list_plans', 'register_plan', 'amend_plan', 'PlanMismatchError',
+           'check_run_parameters']
 
 # %% ../nbs/61_impact_plans.ipynb #p1100006
 DESIGNS = ('rdd', 'iv', 'label_selection')
@@ -103,6 +104,7 @@ def check_parameters(design: str, # 'rdd', 'iv' or 'label_selection'
 # %% ../nbs/61_impact_plans.ipynb #p1100007
 _FIELDS = ('name', 'design', 'population', 'outcome', 'estimand', 'estimator', 'data')   # required, in the order they are checked
 _OPTIONAL = ('deployment', 'description')
+STORE_PREFIX = 'store:'   # data = "store:<deployment>": the deployment's packets and labels in the store (62_impact_data)
 
 @dataclass(frozen=True)
 class AnalysisPlan:
@@ -113,7 +115,7 @@ class AnalysisPlan:
     outcome: str # what is measured, in words
     estimand: str # the effect or figure estimated, in words
     estimator: str # how, in words (e.g. "rdrobust local linear, MSE-optimal bandwidth")
-    data: str # the CSV or Parquet file analysed (relative to the plan file or the workspace)
+    data: str # the CSV or Parquet file analysed (relative to the workspace's var/), or 'store:<deployment>': that deployment's logged packets
     parameters: dict # the design's estimator's keyword arguments
     deployment: str | None = None # the deployment it evaluates, if any
     description: str = '' # anything else a reviewer should read
@@ -145,11 +147,21 @@ def plan_from_dict(raw: dict, # the plan's fields (a parsed plan file, or stored
         if k in _FIELDS and not raw[k].strip(): raise ImpactError(f"{where}: {k} is empty")
     _plain_name(where, 'name', raw['name'])
     if raw['design'] not in DESIGNS: raise ImpactError(f"{where}: design {raw['design']!r} unknown (known: {', '.join(DESIGNS)})")
-    if not raw['data'].lower().endswith(('.csv', '.parquet')): raise ImpactError(f"{where}: data {raw['data']!r} must be a .csv or .parquet file")
     if raw.get('deployment') is not None: _plain_name(where, 'deployment', raw['deployment'])
+    if raw['data'].startswith(STORE_PREFIX):   # the deployment's own logged packets and labels
+        dep = _plain_name(where, f"data {raw['data']!r}: the deployment after {STORE_PREFIX!r}", raw['data'][len(STORE_PREFIX):])
+        if raw.get('deployment') is not None and raw['deployment'] != dep:
+            raise ImpactError(f"{where}: data reads deployment {dep!r}'s store but the plan's deployment is {raw['deployment']!r}")
+    elif not raw['data'].lower().endswith(('.csv', '.parquet')):
+        raise ImpactError(f"{where}: data {raw['data']!r} must be a .csv or .parquet file, or {STORE_PREFIX}<deployment>")
     params = check_parameters(raw['design'], raw['parameters'], f"{where}: [parameters]")
     return AnalysisPlan(**{k: raw[k] for k in _FIELDS}, parameters=params, deployment=raw.get('deployment'),
                         description=raw.get('description') or '')
+
+def store_deployment(plan: AnalysisPlan, # a validated plan
+                    ) -> str | None:
+    "The deployment whose logged data the plan analyses (`data = \"store:<deployment>\"`), or None for a data file."
+    return plan.data[len(STORE_PREFIX):] if plan.data.startswith(STORE_PREFIX) else None
 
 def load_plan(path: Path | str, # a plan file (TOML)
              ) -> AnalysisPlan:

@@ -16,7 +16,7 @@ import numpy as np
 
 from .config import Workspace, utcnow
 from .impact import ImpactError, NotEstimable, iv_analysis, label_selection_performance, rdd_analysis
-from .impact_plans import RegisteredPlan, check_run_parameters, get_plan
+from .impact_plans import RegisteredPlan, check_run_parameters, get_plan, store_deployment
 from .render import _CSS, _e, _new_figure, _num, figure_html, html_document
 
 # %% auto #0
@@ -85,6 +85,11 @@ def _same(a, b) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool): return float(a) == float(b)
     return a == b
 
+def _data_words(p) -> str:
+    "The plan's data, in words: a file, or a deployment's logged packets and labels in the store."
+    dep = store_deployment(p)
+    return _e(p.data) if dep is None else f'the store: deployment {_e(dep)}\'s logged packets and labels (<code>{_e(p.data)}</code>)'
+
 _WARN = 'style="border-left:4px solid #c0392b;padding:.3em .6em;background:#fdf0ee"'   # a warning the reader must not miss
 
 def plan_html(plan: RegisteredPlan | None, # the registered plan the result was run under (None: no plan)
@@ -97,7 +102,7 @@ def plan_html(plan: RegisteredPlan | None, # the registered plan the result was 
                 'Read it as exploratory.</p></section>')
     p = plan.plan
     facts = _dl([('Name', _e(p.name)), ('Design', _e(p.design)), ('Population', _e(p.population)), ('Outcome', _e(p.outcome)),
-                 ('Estimand', _e(p.estimand)), ('Estimator', _e(p.estimator)), ('Data', _e(p.data)),
+                 ('Estimand', _e(p.estimand)), ('Estimator', _e(p.estimator)), ('Data', _data_words(p)),
                  *([('Deployment', _e(p.deployment))] if p.deployment else []),
                  ('Registered', f'{_e(_when(plan.registered_at))} by {_e(plan.registered_by)}'),
                  ('sha256', f'<code id="plan-sha256">{_e(plan.sha256)}</code>')], 'plan-facts')
@@ -390,16 +395,25 @@ def not_estimable_result(design: str, # the design that was attempted
     "The result recorded when a design cannot give a number: the reason stands where the estimate would."
     return {'design': design, 'estimable': False, 'reason': reason, 'parameters': parameters}
 
+def _run_data(r: dict) -> list[tuple[str, str]]:
+    "The run's data rows: a file and its sha256, or the store as known at the run's time with its packet count, exclusions and hash."
+    if r.get('source') != 'store': return [('Data', f"{_e(r.get('data'))}, sha256 <code>{_e(r.get('data_sha256'))}</code>")]
+    gone = '; '.join(f'{_e(v)} {_e(k)}' for k, v in (r.get('n_excluded') or {}).items() if v) or 'none'
+    return [('Data', f"the store: deployment {_e(r.get('deployment'))}'s packets as known at {_e(_when(r.get('as_of')))}, "
+                     f"one row per scored packet, <span id=\"run-packets\">{_e(r.get('n_packets'))}</span> packets; left out: {gone}"),
+            ('Data sha256', f"<code id=\"run-data-sha256\">{_e(r.get('data_sha256'))}</code> (the analysed rows, in any order)"),
+            ('Probability a label was observed', _e(r.get('p_observed')))]
+
 def run_html(result: dict, # a result `run_plan` recorded (with its `run`)
             ) -> str:
-    "Which run this is: its id and time, the plan hash it followed, and the data file with its sha256."
+    "Which run this is: its id and time, the plan hash it followed, and its data: the file with its sha256, or the store as known then."
     r = result.get('run')
     if not r: return ''
     return ('<section id="run"><h2>This run</h2>' + _dl([
         ('Run', f"{_e(r.get('run_id'))}, {_e(_when(r.get('at')))}"),
         ('Plan followed', f"sha256 <code>{_e(r.get('effective_sha256'))}</code> ({_e(r.get('amendments', 0))} amendment"
                           f"{'s' * (r.get('amendments', 0) != 1)})"),
-        ('Data', f"{_e(r.get('data'))}, sha256 <code>{_e(r.get('data_sha256'))}</code>")], 'run-facts') + '</section>')
+        *_run_data(r)], 'run-facts') + '</section>')
 
 def _report_title(result: dict, plan: RegisteredPlan | None, title: str | None) -> str:
     "The heading, after checking the result's design (and that it is the plan's)."
@@ -493,13 +507,28 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f'.{path.name}.tmp')
     tmp.write_text(text, encoding='utf-8'); tmp.replace(path)
 
+def _plan_data(ws: Workspace, engine, plan, columns: list[str], as_of: datetime | None) -> tuple:
+    "The frame a plan analyses and what the run records about it: its file and sha256, or the store dataset's provenance (62_impact_data)."
+    dep = store_deployment(plan)
+    if dep is None:
+        if as_of is not None: raise ImpactError(f"plan {plan.name!r} reads the file {plan.data}: as_of applies to a plan on a deployment's store (data = \"store:<deployment>\")")
+        path = plan_data_path(ws, plan.data)
+        return read_impact_data(path, columns), {'data': str(path), 'data_sha256': _sha256_file(path)}
+    from cde_workbench.deployment import load_deployment
+    from cde_workbench.impact_data import impact_dataset
+    ds = impact_dataset(engine, load_deployment(dep, ws.deployments), as_of)
+    missing = [c for c in dict.fromkeys(columns) if c not in ds.frame.columns]
+    if missing: raise ImpactError(f"plan {plan.name!r}: {plan.data} has no column {', '.join(map(repr, missing))} (columns: {', '.join(ds.frame.columns)})")
+    return ds.frame, {'data': plan.data, **ds.provenance()}
+
 def run_plan(ws: Workspace, # the workspace: its store holds the plan, its reports folder gets the result
              name: str, # the registered plan
              parameters: dict | None = None, # the run's parameters; None: the plan's effective parameters. Any difference is refused
              run_id: str | None = None, # the run's id (a notebook run's ledger id); default a new one
              designs: Sequence[str] | None = None, # designs the caller runs (a pipeline notebook's); None: any
+             as_of: datetime | None = None, # a store plan's analysis time: packets and labels as known then (None: now)
             ) -> dict:
-    "Run a registered plan: check the parameters against it, read its data, estimate, write result.json and report.html under reports/impact/<plan>/<run>/."
+    "Run a registered plan: check the parameters against it, read its data (a file, or its deployment's store as known at `as_of`), estimate, write result.json and report.html under reports/impact/<plan>/<run>/."
     from cde_workbench.store import audit, get_engine
     engine = get_engine(ws.database_url)
     reg = get_plan(engine, name)
@@ -508,8 +537,7 @@ def run_plan(ws: Workspace, # the workspace: its store holds the plan, its repor
         raise ImpactError(f"plan {name!r} is a {design} plan; this notebook runs {' and '.join(designs)} plans ({NOTEBOOKS[design]}.ipynb runs it)")
     params = dict(reg.effective_parameters if parameters is None else parameters)
     check_run_parameters(reg, params)   # before the data are read
-    path = plan_data_path(ws, reg.plan.data)
-    df = read_impact_data(path, analysis_columns(design, params))
+    df, data = _plan_data(ws, engine, reg.plan, analysis_columns(design, params), as_of)
     try: result = ESTIMATORS[design](df, **params)
     except NotEstimable as e: result = not_estimable_result(design, e.reason, params)
     if run_id is None:
@@ -518,12 +546,13 @@ def run_plan(ws: Workspace, # the workspace: its store holds the plan, its repor
     out = ws.reports / 'impact' / name / run_id
     out.mkdir(parents=True, exist_ok=True)
     result['run'] = {'plan': name, 'plan_sha256': reg.sha256, 'effective_sha256': reg.effective_sha256, 'amendments': len(reg.amendments),
-                     'run_id': run_id, 'at': utcnow().isoformat(), 'data': str(path), 'data_sha256': _sha256_file(path),
+                     'run_id': run_id, 'at': utcnow().isoformat(), **data,
                      'result': str(out / 'result.json'), 'report': str(out / 'report.html')}
     _write_atomic(out / 'result.json', json.dumps(result, indent=1, allow_nan=False))
     _write_atomic(out / 'report.html', impact_report_html(result, reg))
     with engine.begin() as c:
-        audit(c, 'impact.run', name, {k: result['run'][k] for k in ('run_id', 'plan_sha256', 'effective_sha256', 'data_sha256', 'report')}
+        audit(c, 'impact.run', name, {k: result['run'][k] for k in ('run_id', 'plan_sha256', 'effective_sha256', 'data_sha256', 'report',
+                                                                    'source', 'deployment', 'as_of', 'n_packets') if k in result['run']}
               | {'estimable': result.get('estimable', True)})
     return result
 

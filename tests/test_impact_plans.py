@@ -4,6 +4,7 @@ and `cde impact plan register|show|list|amend` through the command line."""
 import hashlib
 import io
 import json
+import re
 import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -13,7 +14,7 @@ import sqlalchemy as sa
 
 from cde_workbench.impact import ImpactError
 from cde_workbench.impact_plans import (PlanMismatchError, amend_plan, amendment_hash, check_run_parameters, get_plan, list_plans,
-                                        load_plan, plan_hash, register_plan)
+                                        load_plan, plan_hash, register_plan, store_deployment)
 from cde_workbench.store import analysis_plans, audit_head, audit_log, dispose_engines, get_engine, plan_amendments, verify_audit_chain
 
 PLAN = '''name = "nudge_trial"
@@ -185,4 +186,34 @@ def test_the_command_line(tmp_path, monkeypatch):
     code, _, err = run_cde(monkeypatch, url, 'impact', 'plan', 'show', 'other')
     assert code == 2 and "no registered plan 'other' (registered: nudge_trial)" in err
     assert counts(get_engine(url)) == (1, 1, 2)
+    dispose_engines()
+
+
+def test_a_store_plan_registers_and_reads_back(engine, tmp_path):
+    "A plan on a deployment's own logged data (data = \"store:<deployment>\") is stored and read back as it was; a bad name is one line naming the file and the key."
+    f = tmp_path / 'store_plan.toml'
+    f.write_text(PLAN.replace('"trial.parquet"', '"store:noaf_risk"'))
+    reg = register_plan(engine, load_plan(f), actor='Dr A')
+    back = get_plan(engine, 'nudge_trial')
+    assert back.sha256 == reg.sha256 == plan_hash(load_plan(f)) and store_deployment(back.plan) == 'noaf_risk'
+    for bad, msg in [('store:../noaf', "data 'store:../noaf': the deployment after 'store:' '../noaf' must be a plain identifier"),
+                     ('store:noaf risk', "data 'store:noaf risk': the deployment after 'store:' 'noaf risk' must be a plain identifier"),
+                     ('store:other', "data reads deployment 'other''s store but the plan's deployment is 'noaf_risk'"),
+                     ('trial.xlsx', "data 'trial.xlsx' must be a .csv or .parquet file, or store:<deployment>")]:
+        f.write_text(PLAN.replace('"trial.parquet"', f'"{bad}"'))
+        with pytest.raises(ImpactError, match='^' + re.escape(f'{f}: {msg}')) as e: load_plan(f)
+        assert '\n' not in str(e.value)
+    assert counts(engine) == (1, 0, 1)
+
+
+def test_the_command_line_refuses_a_bad_store_name(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'cde.sqlite'}"
+    f = tmp_path / 'plan.toml'
+    f.write_text(PLAN.replace('"trial.parquet"', '"store:../noaf_risk"'))
+    code, out, err = run_cde(monkeypatch, url, 'impact', 'plan', 'register', str(f))
+    assert code == 2 and out == '' and err.strip() == (f"cde: error: {f}: data 'store:../noaf_risk': the deployment after 'store:' '../noaf_risk' "
+                                                      "must be a plain identifier (ASCII letters, digits and _, not starting with a digit, at most 64 characters)")
+    f.write_text(PLAN.replace('"trial.parquet"', '"store:noaf_risk"'))
+    code, out, _ = run_cde(monkeypatch, url, 'impact', 'plan', 'register', str(f), '--actor', 'Dr A')
+    assert code == 0 and out.strip() == f'nudge_trial  sha256 {plan_hash(load_plan(f))}'
     dispose_engines()

@@ -109,3 +109,97 @@ def test_a_plan_runs_by_its_notebook_and_refuses_other_parameters(cde, tmp_path)
         assert c.execute(sa.select(runs.c.status).where(runs.c.kind == 'impact_rdd').order_by(runs.c.started_at)).scalars().all() == ['succeeded', 'failed']
     assert [p.name for p in (ws.reports / 'impact' / plan.name).iterdir()] == [run_id]
     one_line_error(cde('impact', 'run', 'no_such_plan', env=ws.as_env()), "no registered plan 'no_such_plan'")
+
+
+STORE_DEPLOYMENT = '''name = "hgb_shown"
+description = "A haemoglobin model shown at or above a hand-set threshold"
+
+[task]
+kind = "lab_abnormal"
+component = "HGB"
+
+[split]
+train_years = [2021]
+validation_years = [2022]
+test_years = [2023]
+
+[output]
+mode = "threshold"
+threshold = 0.5
+threshold_reason = "simulated display"
+'''
+
+
+def logged_display(ws, n=600, seed=4):
+    "A deployment shown at its threshold with a simulated log (packets, results, labels) in the workspace's store; its engine, deployment and truth."
+    from cde_workbench.deployment import load_deployment
+    from cde_workbench.impact_data import simulate_logged_display
+    from cde_workbench.registry import register_model
+    from cde_workbench.store import get_engine
+    (ws.deployments / 'hgb_shown').mkdir(parents=True)
+    (ws.deployments / 'hgb_shown' / 'deployment.toml').write_text(STORE_DEPLOYMENT)
+    engine, dep = get_engine(ws.database_url), load_deployment('hgb_shown', ws.deployments)
+    model = register_model(engine, dep.name, {'component': 'HGB'}, {}, {}, 'f' * 64, 'd' * 64, var=ws.var)
+    return engine, dep, simulate_logged_display(engine, dep, model.model_id, n=n, seed=seed)
+
+
+def store_plan(name='shown_rdd', **parameters):
+    from cde_workbench.impact_plans import AnalysisPlan
+    return AnalysisPlan(name=name, design='rdd', population="hgb_shown's scored orders", outcome='an abnormal haemoglobin',
+                        estimand='the effect of showing the score at the threshold', estimator='rdrobust local linear, fuzzy (display as treatment)',
+                        data='store:hgb_shown', deployment='hgb_shown',
+                        parameters={'running': 'score', 'outcome': 'label', 'treatment': 'shown', 'cutoff': 0.5, **parameters})
+
+
+def test_a_store_plan_runs_on_the_deployments_log(store_url, tmp_path):
+    "On each backend: a store plan's run reads the log as known at as_of, equals rdd_analysis on the same frame, and records the store, not a file."
+    import sqlalchemy as sa
+    from cde_workbench.config import Workspace
+    from cde_workbench.impact import rdd_analysis
+    from cde_workbench.impact_data import impact_dataset
+    from cde_workbench.impact_plans import register_plan
+    from cde_workbench.impact_report import run_plan
+    from cde_workbench.store import audit_log, dispose_engines
+    ws = Workspace.under(tmp_path, database_url=store_url)
+    engine, dep, truth = logged_display(ws)
+    register_plan(engine, store_plan(), actor='Dr A')
+    res = run_plan(ws, 'shown_rdd', run_id='run-1', as_of=truth['labels_at'])
+    ds = impact_dataset(engine, dep, truth['labels_at'])
+    assert res['estimate'] == rdd_analysis(ds.frame, running='score', outcome='label', treatment='shown', cutoff=0.5)['estimate']
+    run = res['run']
+    assert (run['source'], run['data'], run['deployment'], run['as_of'], run['n_packets'], run['data_sha256']) == (
+        'store', 'store:hgb_shown', 'hgb_shown', truth['labels_at'].isoformat(), ds.n_packets, ds.sha256)
+    assert run['n_excluded'] == ds.n_excluded and ds.n_packets + ds.n_excluded['cancelled'] == 600 and run['p_observed'].startswith('estimated')
+    page = (ws.reports / 'impact' / 'shown_rdd' / 'run-1' / 'report.html').read_text()
+    assert f'<span id="run-packets">{ds.n_packets}</span>' in page and ds.sha256 in page
+    assert not any(k in page for k in ds.frame['patient_key'].unique().to_list())   # aggregates only: no surrogate id
+    # a run as known earlier sees fewer packets, and says so
+    early = run_plan(ws, 'shown_rdd', run_id='run-0', as_of=truth['first'] + (truth['last'] - truth['first']) * 0.9)
+    assert early['run']['n_packets'] < ds.n_packets and early['run']['data_sha256'] != ds.sha256
+    with engine.connect() as c:
+        details = [json.loads(d) for d in c.execute(sa.select(audit_log.c.detail).where(audit_log.c.action == 'impact.run').order_by(audit_log.c.id)).scalars()]
+    assert [(d['run_id'], d['source'], d['n_packets']) for d in details] == [('run-1', 'store', ds.n_packets), ('run-0', 'store', early['run']['n_packets'])]
+    dispose_engines()
+
+
+@pytest.mark.slow
+def test_cde_impact_run_on_a_store_plan(cde, tmp_path):
+    "`cde impact run PLAN` on a store plan: the pipeline notebook runs by papermill, reads the deployment's log as known now, and records the store."
+    from cde_workbench.config import Workspace
+    from cde_workbench.impact import rdd_analysis
+    from cde_workbench.impact_data import impact_dataset
+    from cde_workbench.impact_plans import register_plan
+    import shutil
+    ws = Workspace.under(tmp_path)
+    engine, dep, truth = logged_display(ws)
+    shutil.copytree(ROOT / 'deployments' / '_pipelines', ws.deployments / '_pipelines')   # the shared pipeline notebooks
+    register_plan(engine, store_plan(), actor='Dr A')
+    r = cde('impact', 'run', 'shown_rdd', env=ws.as_env())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith('shown_rdd: Showing the alert changed '), r.stdout
+    run_id = re.search(r'notebook (\S+\.ipynb)', r.stdout).group(1).split('/')[-2]
+    result = json.loads((ws.reports / 'impact' / 'shown_rdd' / run_id / 'result.json').read_text())
+    ds = impact_dataset(engine, dep, truth['labels_at'])   # everything was known by the label run: the same rows as now
+    assert (result['run']['source'], result['run']['n_packets'], result['run']['data_sha256']) == ('store', ds.n_packets, ds.sha256)
+    assert result['estimate'] == rdd_analysis(ds.frame, running='score', outcome='label', treatment='shown', cutoff=0.5)['estimate']
+    assert 'id="run-packets"' in (ws.reports / 'impact' / 'shown_rdd' / run_id / 'report.html').read_text()
