@@ -38,6 +38,7 @@ __all__ = ['ROLES', 'PAGE_ROLES', 'DashboardAccount', 'users_file', 'token_sha25
 ROLES = ('clinician', 'datascience')
 PAGE_ROLES: dict[str, tuple[str, ...]] = {   # dashboard notebook -> roles that may open it; a page not listed is refused to all
     'monitor.ipynb': ('datascience',),
+    'ward.ipynb': ('clinician', 'datascience'),
 }
 
 @dataclass(frozen=True)
