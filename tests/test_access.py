@@ -96,7 +96,7 @@ def _audit(var):
 
 def test_no_token_or_a_wrong_one_gets_the_login_page(server):
     p = server['port']
-    for path in ('/', '/?token=' + 'x' * 43):
+    for path in ('/', '/voila/render/monitor.ipynb', '/voila/render/ward.ipynb', '/voila/render/monitor.ipynb?token=' + 'x' * 43):
         status, headers, _ = _get(p, path)
         assert status == 302 and headers['Location'].startswith('/login'), (path, status, headers)
     status, _, body = _get(p, '/login')
@@ -112,9 +112,16 @@ def test_no_token_on_any_command_line(server):
 
 
 def test_a_clinician_is_refused_the_health_page_and_the_refusal_is_audited(server):
-    status, _, body = _get(server['port'], '/', {'Authorization': f"token {server['cl']}"})
+    status, _, body = _get(server['port'], '/voila/render/monitor.ipynb', {'Authorization': f"token {server['cl']}"})
     assert status == 403 and 'hgb_abnormal' not in body
     assert ('nurse_ward7', 'dashboard.refused', 'monitor.ipynb') in _audit(server['var'])
+
+
+def test_a_clinician_opens_the_ward_view_at_its_own_address(server):
+    "`cde dashboard` serves every page of the dashboards folder; the ward view is the clinicians' (its content: tests/test_ward.py)."
+    status, _, body = _get(server['port'], '/voila/render/ward.ipynb', {'Authorization': f"token {server['cl']}"})
+    assert status == 200, body[-2000:]
+    assert ('nurse_ward7', 'dashboard.open', 'ward.ipynb') in _audit(server['var'])
 
 
 def test_static_traversal_is_refused(server):
@@ -141,7 +148,7 @@ def test_hostile_values_are_text_in_a_real_browser_and_the_opening_is_audited(se
             page = browser.new_page()
             dialogs = []
             page.on('dialog', lambda d: (dialogs.append(d.message), d.dismiss()))
-            page.goto(f"http://127.0.0.1:{server['port']}/?token={server['ds']}", timeout=90_000)
+            page.goto(f"http://127.0.0.1:{server['port']}/voila/render/monitor.ipynb?token={server['ds']}", timeout=90_000)
             page.wait_for_selector('#packets-hgb_abnormal', state='attached', timeout=120_000)
             page.wait_for_timeout(500)   # let any injected handler fire
             assert page.evaluate('window.__x') is None and not dialogs
@@ -161,7 +168,7 @@ def test_an_execute_request_over_the_kernel_websocket_is_ignored(server, tmp_pat
     from tornado.httpclient import HTTPRequest
     from tornado.websocket import websocket_connect
     auth = {'Authorization': f"token {server['ds']}"}
-    status, _, body = _get(server['port'], '/', auth)   # rendering the page starts its kernel
+    status, _, body = _get(server['port'], '/voila/render/monitor.ipynb', auth)   # rendering the page starts its kernel
     assert status == 200
     kernel = re.search(r'"kernelId":\s*"([0-9a-f-]{36})"', body) or re.search(r'kernel_id["\']?\s*[:=]\s*["\']([0-9a-f-]{36})', body)
     assert kernel, body[-2000:]
