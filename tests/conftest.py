@@ -281,6 +281,21 @@ CHROMIUM = '/usr/bin/chromium'
 CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking']
 
 
+@contextmanager
+def chromium_page():
+    """A new page in Debian's Chromium (Playwright) and the list of messages of any dialog it opened (each dismissed: a
+    dialog is script that ran); the browser is closed on exit."""
+    from playwright.sync_api import sync_playwright
+    assert Path(CHROMIUM).exists(), 'Chromium missing: make test installs it'
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page, dialogs = browser.new_page(), []
+            page.on('dialog', lambda d: (dialogs.append(d.message), d.dismiss()))
+            yield page, dialogs
+        finally: browser.close()
+
+
 def cde(*args, env=None):
     "Run the `cde` command from the repository with extra environment variables; its completed process."
     import subprocess

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CHROMIUM, CHROMIUM_ARGS, free_port  # noqa: E402
+from conftest import chromium_page, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CDE = str(Path(sys.executable).parent / 'cde')
@@ -140,26 +140,18 @@ def test_static_traversal_is_refused(server):
 
 
 def test_hostile_values_are_text_in_a_real_browser_and_the_opening_is_audited(server):
-    from playwright.sync_api import sync_playwright
-    assert Path(CHROMIUM).exists(), 'Chromium missing: make test installs it'
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            dialogs = []
-            page.on('dialog', lambda d: (dialogs.append(d.message), d.dismiss()))
-            page.goto(f"http://127.0.0.1:{server['port']}/voila/render/monitor.ipynb?token={server['ds']}", timeout=90_000)
-            page.wait_for_selector('#packets-hgb_abnormal', state='attached', timeout=120_000)
-            page.wait_for_timeout(500)   # let any injected handler fire
-            assert page.evaluate('window.__x') is None and not dialogs
-            cells = page.locator('td').all_inner_texts()
-            assert XSS in cells and XSS_SCRIPT in cells, cells
-            assert page.locator('img[src="x"]').count() == 0 and page.locator('table script').count() == 0
-            assert 'monitor_view(' not in page.content() and 'CDE_DASHBOARD_USER' not in page.content()   # sources stripped
-            # the token was for the first request: the cookie carries the session from here (the login page sends it on)
-            again = page.request.get(f"http://127.0.0.1:{server['port']}/login", max_redirects=0)
-            assert again.status == 302 and again.headers['location'] == '/', again.status
-        finally: browser.close()
+    with chromium_page() as (page, dialogs):
+        page.goto(f"http://127.0.0.1:{server['port']}/voila/render/monitor.ipynb?token={server['ds']}", timeout=90_000)
+        page.wait_for_selector('#packets-hgb_abnormal', state='attached', timeout=120_000)
+        page.wait_for_timeout(500)   # let any injected handler fire
+        assert page.evaluate('window.__x') is None and not dialogs
+        cells = page.locator('td').all_inner_texts()
+        assert XSS in cells and XSS_SCRIPT in cells, cells
+        assert page.locator('img[src="x"]').count() == 0 and page.locator('table script').count() == 0
+        assert 'monitor_view(' not in page.content() and 'CDE_DASHBOARD_USER' not in page.content()   # sources stripped
+        # the token was for the first request: the cookie carries the session from here (the login page sends it on)
+        again = page.request.get(f"http://127.0.0.1:{server['port']}/login", max_redirects=0)
+        assert again.status == 302 and again.headers['location'] == '/', again.status
     opened = [r for r in _audit(server['var']) if r[1] == 'dashboard.open']
     assert opened[-1:] == [('dr_data', 'dashboard.open', 'monitor.ipynb')]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from conftest import CHROMIUM, CHROMIUM_ARGS, voila_server  # noqa: E402
+from conftest import chromium_page, voila_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 EVIL = '<img src=x onerror=alert(1)>'            # fits the store's 32-character ward column
@@ -103,9 +103,7 @@ def test_the_ward_view_shows_the_stores_numbers_and_escapes_data(tmp_path):
 
 @pytest.mark.slow
 def test_a_clinician_opens_the_ward_view_in_a_browser_and_picks_a_ward(tmp_path):
-    from playwright.sync_api import sync_playwright
     from cde_workbench.store import audit_log, dispose_engines
-    assert Path(CHROMIUM).exists(), 'Chromium missing: make test installs it'
     now = datetime.now(timezone.utc).replace(microsecond=0)
     eng = _store(tmp_path / 'var', now)
     expected = _expected(eng, 'MED1', now)
@@ -113,24 +111,18 @@ def test_a_clinician_opens_the_ward_view_in_a_browser_and_picks_a_ward(tmp_path)
     env = {k: v for k, v in os.environ.items() if k != 'CDE_DATABASE_URL'}
     with voila_server({**env, 'CDE_VAR': str(tmp_path / 'var')}, tmp_path, timeout=90, role='clinician',
                       notebook=ROOT / 'dashboards' / 'ward.ipynb') as (port, token, _):
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page()
-                dialogs = []
-                page.on('dialog', lambda d: (dialogs.append(d.message), d.dismiss()))
-                page.goto(f'http://127.0.0.1:{port}/?token={token}', timeout=90_000)
-                page.wait_for_selector('.cde-ward', state='attached', timeout=120_000)   # the first ward (the hostile name sorts first)
-                assert page.locator('.cde-ward h2').inner_text() == f'Ward {EVIL}'
-                page.locator('select').first.select_option(label='MED1')
-                page.wait_for_selector('text=Ward MED1', timeout=30_000)
-                page.wait_for_timeout(500)   # let any injected handler fire
-                shown = {page.locator(f'#patient-{i}').inner_text(): page.locator(f'#score-hgb_abnormal-{i}').inner_text()
-                         for i in range(page.locator('[id^="patient-"]').count())}
-                assert shown == expected == {'P1': '0.62', 'P2': '0.11', 'P3': '—'}
-                assert not dialogs and page.locator('img[src="x"]').count() == 0      # no script ran
-                page.screenshot(path=str(tmp_path / 'ward.png'), full_page=True)
-            finally: browser.close()
+        with chromium_page() as (page, dialogs):
+            page.goto(f'http://127.0.0.1:{port}/?token={token}', timeout=90_000)
+            page.wait_for_selector('.cde-ward', state='attached', timeout=120_000)   # the first ward (the hostile name sorts first)
+            assert page.locator('.cde-ward h2').inner_text() == f'Ward {EVIL}'
+            page.locator('select').first.select_option(label='MED1')
+            page.wait_for_selector('text=Ward MED1', timeout=30_000)
+            page.wait_for_timeout(500)   # let any injected handler fire
+            shown = {page.locator(f'#patient-{i}').inner_text(): page.locator(f'#score-hgb_abnormal-{i}').inner_text()
+                     for i in range(page.locator('[id^="patient-"]').count())}
+            assert shown == expected == {'P1': '0.62', 'P2': '0.11', 'P3': '—'}
+            assert not dialogs and page.locator('img[src="x"]').count() == 0      # no script ran
+            page.screenshot(path=str(tmp_path / 'ward.png'), full_page=True)
     with eng.connect() as c:
         rows = c.execute(sa.select(audit_log.c.actor, audit_log.c.action, audit_log.c.detail)
                          .where(audit_log.c.action.in_(('dashboard.open', 'dashboard.patient_list'))).order_by(audit_log.c.id)).all()
