@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from contextlib import nullcontext
+from datetime import datetime
 from pathlib import Path
 
 import ipywidgets as widgets
@@ -16,7 +17,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from .access import audit_patient_list
 from .clock import ward_population
-from .config import ConfigError, Workspace, utcnow
+from .config import ConfigError, Workspace, as_utc, utcnow
 from .dashboard import deployment_names, safe_html
 from .deploy import deployment_state, effective_mode
 from .deployment import Deployment, load_deployment
@@ -32,10 +33,9 @@ class WardError(ConfigError):
     "Bad input to the ward view: an unknown ward or deployment, or a clock without a time zone."
 
 def _as_of(as_of) -> datetime:
-    "The page's clock in UTC; a naive or non-datetime value is a `WardError` naming it."
-    if not isinstance(as_of, datetime): raise WardError(f"ward view as_of: expected a date-time, got {type(as_of).__name__}")
-    if as_of.tzinfo is None: raise WardError(f"ward view as_of {as_of.isoformat()} has no time zone; give an aware UTC time")
-    return as_of.astimezone(timezone.utc)
+    "The page's clock in UTC (`config.as_utc`); a naive or unreadable value is a `WardError` naming it."
+    try: return as_utc(as_of, 'ward view as_of')
+    except ConfigError as e: raise WardError(str(e)) from None
 
 # %% ../nbs/51b_ward.ipynb #b51b0009
 def _times(n: int) -> str: return {1: 'once', 2: 'twice'}.get(n, f'{n} times')
@@ -135,6 +135,10 @@ _T = pl.Datetime('us', 'UTC')
 _PACKET = {'patient_key': pl.String, 'prediction_time': _T, 'score': pl.Float64, 'threshold': pl.Float64, 'shown': pl.Boolean,
            'features': pl.String}
 
+_COLUMNS = {'score': pl.Float64, 'time': _T, 'threshold': pl.Float64, 'band': pl.String, 'trend': pl.List(pl.Float64),
+            'shown': pl.Boolean, 'reasons': pl.List(pl.String)}   # per deployment: `<name>:<column>`
+_UNSCORED = {'score': None, 'time': None, 'threshold': None, 'band': 'none', 'trend': [], 'shown': None, 'reasons': []}
+
 def _stay_packets(conn: Connection, name: str, pop: pl.DataFrame, as_of: datetime) -> pl.DataFrame:
     "Packets of `name` for the population's patients as known at `as_of`, from each current stay, oldest first."
     if pop.is_empty(): return pl.DataFrame(schema=_PACKET)
@@ -148,9 +152,7 @@ def _stay_packets(conn: Connection, name: str, pop: pl.DataFrame, as_of: datetim
 
 def _connection(conn_or_engine):
     "A context giving a connection: an engine opens one; an open connection is used as it is."
-    if isinstance(conn_or_engine, Engine): return conn_or_engine.connect()
-    from contextlib import nullcontext
-    return nullcontext(conn_or_engine)
+    return conn_or_engine.connect() if isinstance(conn_or_engine, Engine) else nullcontext(conn_or_engine)
 
 def ward_patients(conn_or_engine: Connection | Engine, # the store (an engine, or an open connection)
                   ward: str, # the ward (one of `ward_names`)
@@ -171,32 +173,27 @@ def ward_patients(conn_or_engine: Connection | Engine, # the store (an engine, o
         for d in deployments:
             pk = _stay_packets(conn, d.name, pop, as_of)
             by = {k: g for (k,), g in pk.group_by('patient_key', maintain_order=True)}
-            cols = {c: [] for c in ('score', 'time', 'threshold', 'band', 'trend', 'shown', 'reasons')}
+            cols = {c: [] for c in _COLUMNS}
             for k in out['patient_key']:
                 g = by.get(k)
-                if g is None:
-                    for c, v in (('score', None), ('time', None), ('threshold', None), ('band', 'none'), ('trend', []), ('shown', None), ('reasons', [])):
-                        cols[c].append(v)
-                    continue
-                last = g.row(-1, named=True)
-                prev = g.row(-2, named=True)['features'] if g.height > 1 else None
-                cols['score'].append(last['score']); cols['time'].append(last['prediction_time']); cols['threshold'].append(last['threshold'])
-                cols['band'].append(score_band(last['score'], last['threshold'])); cols['trend'].append(g['score'].tail(recent).to_list())
-                cols['shown'].append(last['shown'])
-                cols['reasons'].append(plain_reasons(last['features'], prev, d.features.lab_days, d.features.lab_bins))
-            types = {'score': pl.Float64, 'time': _T, 'threshold': pl.Float64, 'band': pl.String, 'trend': pl.List(pl.Float64),
-                     'shown': pl.Boolean, 'reasons': pl.List(pl.String)}
-            out = out.with_columns([pl.Series(f'{d.name}:{c}', v, dtype=types[c]) for c, v in cols.items()])
+                if g is None: row = _UNSCORED
+                else:
+                    last, prev = g.row(-1, named=True), (g.row(-2, named=True)['features'] if g.height > 1 else None)
+                    row = {'score': last['score'], 'time': last['prediction_time'], 'threshold': last['threshold'],
+                           'band': score_band(last['score'], last['threshold']), 'trend': g['score'].tail(recent).to_list(),
+                           'shown': last['shown'], 'reasons': plain_reasons(last['features'], prev, d.features.lab_days, d.features.lab_bins)}
+                for c in cols: cols[c].append(row[c])
+            out = out.with_columns([pl.Series(f'{d.name}:{c}', v, dtype=_COLUMNS[c]) for c, v in cols.items()])
     return out
 
 # %% ../nbs/51b_ward.ipynb #b51b0016
 def _pick(deployments: list[Deployment], names) -> list[Deployment]:
     "The named deployments among `deployments` (None: all); a name not among them is a `WardError`."
     if names is None: return list(deployments)
-    have = {d.name: d for d in deployments}
-    bad = [n for n in ([names] if isinstance(names, str) else names) if n not in have]
+    have, wanted = {d.name: d for d in deployments}, [names] if isinstance(names, str) else list(names)
+    bad = [n for n in wanted if n not in have]
     if bad: raise WardError(f"deployment {bad[0]!r} is not live with its scores shown (live deployments: {', '.join(have) or 'none'})")
-    return [have[n] for n in ([names] if isinstance(names, str) else names)]
+    return [have[n] for n in wanted]
 
 def ward_view_html(engine: Engine, # the store
                    ward: str, # the ward
