@@ -38,6 +38,7 @@ __all__ = ['ROLES', 'PAGE_ROLES', 'DashboardAccount', 'users_file', 'token_sha25
 ROLES = ('clinician', 'datascience')
 PAGE_ROLES: dict[str, tuple[str, ...]] = {   # dashboard notebook -> roles that may open it; a page not listed is refused to all
     'monitor.ipynb': ('datascience',),
+    'ward.ipynb': ('clinician', 'datascience'),
 }
 
 @dataclass(frozen=True)
@@ -228,19 +229,20 @@ c.Voila.token = None
 def voila_command(port: int, # port on `host`, 1024-65535
                   config: Path, # the folder `write_voila_config` wrote
                   host: str = '127.0.0.1', # interface to bind
-                  notebook: Path | None = None, # the page to serve; default the monitoring dashboard
+                  notebook: Path | None = None, # one page to serve alone (at /); default every page of the dashboards folder
                  ) -> list[str]:
-    "The command that serves a dashboard; its settings come from `config`, and no token is among its arguments."
+    "The command that serves the dashboards (each page at /voila/render/<page>) or one page; its settings come from `config`, and no token is among its arguments."
     if not 1024 <= port <= 65535: raise ConfigError(f"port {port} is out of range (1024-65535)")
     if not (Path(config) / 'voila.py').exists(): raise ConfigError(f"Voila settings {Path(config) / 'voila.py'} are missing (write_voila_config)")
-    return [sys.executable, '-m', 'voila', str(notebook or dashboard_notebook()), '--no-browser', f'--port={port}', f'--Voila.ip={host}',
+    return [sys.executable, '-m', 'voila', str(notebook or dashboard_notebook().parent), '--no-browser', f'--port={port}', f'--Voila.ip={host}',
             '--Voila.port_retries=0', f'--Voila.config_file_paths={Path(config).absolute()}']
 
 def dashboard_url(port: int, # port the dashboard serves on
                   host: str = '127.0.0.1', # where it binds
+                  page: str | None = None, # a page of the dashboards folder (e.g. `ward.ipynb`); None: the server's root
                  ) -> str:
-    "Where the dashboard opens (each person adds their own `?token=` once, or types it on the login page)."
-    return f'http://{host}:{port}/'
+    "Where the dashboards, or one page, open (each person adds their own `?token=` once, or types it on the login page)."
+    return f'http://{host}:{port}/' + (f'voila/render/{page}' if page else '')
 
 # %% ../nbs/51a_access.ipynb #a12d0025
 def session_processes(sid: int, # a session id (the pid of the process that started it)

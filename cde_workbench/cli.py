@@ -353,10 +353,10 @@ dashboard_app.add_typer(dashboard_users_app, name='users')
 @dashboard_app.callback(invoke_without_command=True)
 def dashboard(ctx: typer.Context,
               port: int = typer.Option(8866, help='Port on 127.0.0.1.')):
-    "Serve the Voilà monitoring dashboard on 127.0.0.1 until Ctrl-C or SIGTERM, then stop it and every kernel it started."
+    "Serve the Voilà dashboards (model health, ward view) on 127.0.0.1 until Ctrl-C or SIGTERM, then stop them and every kernel started."
     if ctx.invoked_subcommand is not None: return
     import os
-    from cde_workbench.access import dashboard_url, load_users, serve_dashboard, users_file, voila_command, write_voila_config
+    from cde_workbench.access import PAGE_ROLES, dashboard_url, load_users, serve_dashboard, users_file, voila_command, write_voila_config
     from cde_workbench.dashboard import dashboard_notebook
     ws = Workspace.from_env()
     users = users_file(ws)
@@ -364,7 +364,8 @@ def dashboard(ctx: typer.Context,
         raise ConfigError(f'no dashboard users in {users}: add one with `cde dashboard users add NAME --role datascience` (it prints their token)')
     cmd = voila_command(port, write_voila_config(ws.var / 'dashboard', users))
     env = {k: v for k, v in os.environ.items() if k not in ('CDE_DASHBOARD_TOKEN', 'JUPYTER_TOKEN')}   # no token reaches Voilà
-    typer.echo(f'dashboard: {dashboard_url(port)} (open it with your own token: {dashboard_url(port)}?token=…, or type it on the login page)')
+    for page, roles in PAGE_ROLES.items(): typer.echo(f"dashboard: {dashboard_url(port, page=page)} ({', '.join(roles)})")
+    typer.echo(f'dashboard: open a page with your own token (add ?token=… once, or type it on the login page); the pages are listed at {dashboard_url(port)}')
     rc = serve_dashboard(cmd, env=env, cwd=dashboard_notebook().parent)
     typer.echo('dashboard: stopped')
     if rc not in (0, None, -15): raise typer.Exit(1)

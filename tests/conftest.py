@@ -281,6 +281,21 @@ CHROMIUM = '/usr/bin/chromium'
 CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking']
 
 
+@contextmanager
+def chromium_page():
+    """A new page in Debian's Chromium (Playwright) and the list of messages of any dialog it opened (each dismissed: a
+    dialog is script that ran); the browser is closed on exit."""
+    from playwright.sync_api import sync_playwright
+    assert Path(CHROMIUM).exists(), 'Chromium missing: make test installs it'
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page, dialogs = browser.new_page(), []
+            page.on('dialog', lambda d: (dialogs.append(d.message), d.dismiss()))
+            yield page, dialogs
+        finally: browser.close()
+
+
 def cde(*args, env=None):
     "Run the `cde` command from the repository with extra environment variables; its completed process."
     import subprocess
@@ -304,12 +319,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def voila_server(env: dict, base: Path, timeout: float = 60, role: str = 'datascience'):
-    """The monitoring dashboard served by Voilà on 127.0.0.1, as `cde dashboard` serves it (the users file, Voilà's
+def voila_server(env: dict, base: Path, timeout: float = 60, role: str = 'datascience', notebook: Path | None = None):
+    """One dashboard page (default the monitoring one) served alone at / by Voilà on 127.0.0.1, with what `cde dashboard` serves it with (the users file, Voilà's
     settings file, a session of its own): yields (port, token of a new user with `role`, status of an unauthenticated
     GET /); on exit the server and everything it started are ended."""
     import http.client, subprocess, time
     from cde_workbench.access import add_user, stop_session, users_file, voila_command, write_voila_config
+    from cde_workbench.dashboard import dashboard_notebook
     from cde_workbench.config import Workspace
     ws = Workspace.from_env(env)
     port, token = free_port(), 'test-token-' + os.urandom(16).hex()
@@ -318,7 +334,7 @@ def voila_server(env: dict, base: Path, timeout: float = 60, role: str = 'datasc
     env = {k: v for k, v in env.items() if k != 'CDE_DASHBOARD_TOKEN'}
     env = {**env, 'JUPYTER_PLATFORM_DIRS': '1', 'JUPYTER_RUNTIME_DIR': str(base / 'runtime')}
     log = open(base / 'voila.log', 'wb')
-    proc = subprocess.Popen(voila_command(port, write_voila_config(ws.var / 'dashboard', users)), cwd=ROOT / 'dashboards', env=env,
+    proc = subprocess.Popen(voila_command(port, write_voila_config(ws.var / 'dashboard', users), notebook=notebook or dashboard_notebook()), cwd=ROOT / 'dashboards', env=env,
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout

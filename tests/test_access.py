@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CHROMIUM, CHROMIUM_ARGS, free_port  # noqa: E402
+from conftest import chromium_page, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CDE = str(Path(sys.executable).parent / 'cde')
@@ -96,7 +96,7 @@ def _audit(var):
 
 def test_no_token_or_a_wrong_one_gets_the_login_page(server):
     p = server['port']
-    for path in ('/', '/?token=' + 'x' * 43):
+    for path in ('/', '/voila/render/monitor.ipynb', '/voila/render/ward.ipynb', '/voila/render/monitor.ipynb?token=' + 'x' * 43):
         status, headers, _ = _get(p, path)
         assert status == 302 and headers['Location'].startswith('/login'), (path, status, headers)
     status, _, body = _get(p, '/login')
@@ -112,9 +112,16 @@ def test_no_token_on_any_command_line(server):
 
 
 def test_a_clinician_is_refused_the_health_page_and_the_refusal_is_audited(server):
-    status, _, body = _get(server['port'], '/', {'Authorization': f"token {server['cl']}"})
+    status, _, body = _get(server['port'], '/voila/render/monitor.ipynb', {'Authorization': f"token {server['cl']}"})
     assert status == 403 and 'hgb_abnormal' not in body
     assert ('nurse_ward7', 'dashboard.refused', 'monitor.ipynb') in _audit(server['var'])
+
+
+def test_a_clinician_opens_the_ward_view_at_its_own_address(server):
+    "`cde dashboard` serves every page of the dashboards folder; the ward view is the clinicians' (its content: tests/test_ward.py)."
+    status, _, body = _get(server['port'], '/voila/render/ward.ipynb', {'Authorization': f"token {server['cl']}"})
+    assert status == 200, body[-2000:]
+    assert ('nurse_ward7', 'dashboard.open', 'ward.ipynb') in _audit(server['var'])
 
 
 def test_static_traversal_is_refused(server):
@@ -133,26 +140,18 @@ def test_static_traversal_is_refused(server):
 
 
 def test_hostile_values_are_text_in_a_real_browser_and_the_opening_is_audited(server):
-    from playwright.sync_api import sync_playwright
-    assert Path(CHROMIUM).exists(), 'Chromium missing: make test installs it'
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            dialogs = []
-            page.on('dialog', lambda d: (dialogs.append(d.message), d.dismiss()))
-            page.goto(f"http://127.0.0.1:{server['port']}/?token={server['ds']}", timeout=90_000)
-            page.wait_for_selector('#packets-hgb_abnormal', state='attached', timeout=120_000)
-            page.wait_for_timeout(500)   # let any injected handler fire
-            assert page.evaluate('window.__x') is None and not dialogs
-            cells = page.locator('td').all_inner_texts()
-            assert XSS in cells and XSS_SCRIPT in cells, cells
-            assert page.locator('img[src="x"]').count() == 0 and page.locator('table script').count() == 0
-            assert 'monitor_view(' not in page.content() and 'CDE_DASHBOARD_USER' not in page.content()   # sources stripped
-            # the token was for the first request: the cookie carries the session from here (the login page sends it on)
-            again = page.request.get(f"http://127.0.0.1:{server['port']}/login", max_redirects=0)
-            assert again.status == 302 and again.headers['location'] == '/', again.status
-        finally: browser.close()
+    with chromium_page() as (page, dialogs):
+        page.goto(f"http://127.0.0.1:{server['port']}/voila/render/monitor.ipynb?token={server['ds']}", timeout=90_000)
+        page.wait_for_selector('#packets-hgb_abnormal', state='attached', timeout=120_000)
+        page.wait_for_timeout(500)   # let any injected handler fire
+        assert page.evaluate('window.__x') is None and not dialogs
+        cells = page.locator('td').all_inner_texts()
+        assert XSS in cells and XSS_SCRIPT in cells, cells
+        assert page.locator('img[src="x"]').count() == 0 and page.locator('table script').count() == 0
+        assert 'monitor_view(' not in page.content() and 'CDE_DASHBOARD_USER' not in page.content()   # sources stripped
+        # the token was for the first request: the cookie carries the session from here (the login page sends it on)
+        again = page.request.get(f"http://127.0.0.1:{server['port']}/login", max_redirects=0)
+        assert again.status == 302 and again.headers['location'] == '/', again.status
     opened = [r for r in _audit(server['var']) if r[1] == 'dashboard.open']
     assert opened[-1:] == [('dr_data', 'dashboard.open', 'monitor.ipynb')]
 
@@ -161,7 +160,7 @@ def test_an_execute_request_over_the_kernel_websocket_is_ignored(server, tmp_pat
     from tornado.httpclient import HTTPRequest
     from tornado.websocket import websocket_connect
     auth = {'Authorization': f"token {server['ds']}"}
-    status, _, body = _get(server['port'], '/', auth)   # rendering the page starts its kernel
+    status, _, body = _get(server['port'], '/voila/render/monitor.ipynb', auth)   # rendering the page starts its kernel
     assert status == 200
     kernel = re.search(r'"kernelId":\s*"([0-9a-f-]{36})"', body) or re.search(r'kernel_id["\']?\s*[:=]\s*["\']([0-9a-f-]{36})', body)
     assert kernel, body[-2000:]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CHROMIUM, CHROMIUM_ARGS, free_port, voila_server, env_engine  # noqa: E402
+from conftest import chromium_page, free_port, voila_server, env_engine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CDE = str(Path(sys.executable).parent / 'cde')
@@ -42,26 +42,18 @@ def store_with_a_hostile_key(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_hostile_patient_key_is_text_in_the_voila_dashboard(store_with_a_hostile_key):
-    from playwright.sync_api import sync_playwright
     base = store_with_a_hostile_key
-    assert Path(CHROMIUM).exists(), 'Chromium missing: make test installs it'
     with voila_server({**os.environ, 'CDE_VAR': str(base / 'var')}, base, timeout=90) as (port, token, _):
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page()
-                dialogs = []
-                page.on('dialog', lambda d: (dialogs.append(d.message), d.dismiss()))
-                page.goto(f'http://127.0.0.1:{port}/?token={token}', timeout=90_000)
-                page.wait_for_selector('#packets-hgb_abnormal', state='attached', timeout=120_000)
-                page.wait_for_timeout(500)   # let any injected handler fire
-                assert page.evaluate('window.__pwned') is None and not dialogs    # no script ran
-                # the keys appear literally, as text, in the table of latest scores
-                cells = page.locator('td').all_inner_texts()
-                assert EVIL in cells and '"><script>__pwned=2</script>' in cells, cells
-                assert page.locator('img[src="x"]').count() == 0
-                assert page.locator('table script').count() == 0
-            finally: browser.close()
+        with chromium_page() as (page, dialogs):
+            page.goto(f'http://127.0.0.1:{port}/?token={token}', timeout=90_000)
+            page.wait_for_selector('#packets-hgb_abnormal', state='attached', timeout=120_000)
+            page.wait_for_timeout(500)   # let any injected handler fire
+            assert page.evaluate('window.__pwned') is None and not dialogs    # no script ran
+            # the keys appear literally, as text, in the table of latest scores
+            cells = page.locator('td').all_inner_texts()
+            assert EVIL in cells and '"><script>__pwned=2</script>' in cells, cells
+            assert page.locator('img[src="x"]').count() == 0
+            assert page.locator('table script').count() == 0
 
 
 def test_a_dashboard_without_users_is_refused_before_voila_starts(tmp_path):
