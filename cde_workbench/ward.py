@@ -140,11 +140,12 @@ _COLUMNS = {'score': pl.Float64, 'time': _T, 'threshold': pl.Float64, 'band': pl
 _UNSCORED = {'score': None, 'time': None, 'threshold': None, 'band': 'none', 'trend': [], 'shown': None, 'reasons': []}
 
 def _stay_packets(conn: Connection, name: str, pop: pl.DataFrame, as_of: datetime) -> pl.DataFrame:
-    "Packets of `name` for the population's patients as known at `as_of`, from each current stay, oldest first."
+    "Packets of `name` scored in a mode clinicians see, for the population's patients as known at `as_of`, from each current stay, oldest first."
     if pop.is_empty(): return pl.DataFrame(schema=_PACKET)
     i = inferences.c
     q = (sa.select(i.patient_key, i.prediction_time, i.score, i.threshold, i.shown, i.features)
-         .where(i.deployment == name, i.patient_key.in_(pop['patient_key'].to_list()), i.prediction_time <= as_of, i.scored_at <= as_of)
+         .where(i.deployment == name, i.patient_key.in_(pop['patient_key'].to_list()), i.prediction_time <= as_of, i.scored_at <= as_of,
+                i.output_mode.in_(LIVE_MODES))   # silent-trial scores never reach clinicians, even once the model is live
          .order_by(i.patient_key, i.prediction_time, i.inference_id))
     pk = read_frame(conn, q, _PACKET).cast(_PACKET)
     return (pk.join(pop.select('patient_key', 'admit_time'), on='patient_key', how='inner', maintain_order='left')
