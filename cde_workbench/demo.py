@@ -30,15 +30,14 @@ from .config import ConfigError, PipelineError, Workspace, private_dir, private_
 from .deployment import Deployment, load_deployment
 
 # %% auto #0
-__all__ = ['DEMO_DEPLOYMENT', 'CLOCK_DEPLOYMENT', 'DEMO_OPEN_STAYS', 'DEMO_REVIEWER', 'DEMO_DRIFT_SHIFT', 'DEPLOYR_DEPLOYMENTS',
-           'IMPACT_FOLDER', 'StageTimes', 'reset_demo_store', 'worker_threads', 'train_demo_tasks', 'WarmKernels',
-           'trial_weeks', 'label_run_due', 'mllp_receiver', 'demo_impact_plans', 'impact_kernels', 'run_impact_demo',
+__all__ = ['DEMO_DEPLOYMENT', 'CLOCK_DEPLOYMENT', 'DEMO_REVIEWER', 'DEMO_DRIFT_SHIFT', 'DEPLOYR_DEPLOYMENTS', 'IMPACT_FOLDER',
+           'StageTimes', 'reset_demo_store', 'worker_threads', 'train_demo_tasks', 'WarmKernels', 'trial_weeks',
+           'label_run_due', 'mllp_receiver', 'demo_impact_plans', 'impact_kernels', 'run_impact_demo',
            'run_demo_monitoring', 'demo_ward_round', 'DemoResult', 'run_demo']
 
 # %% ../nbs/75_demo.ipynb #07c6b155
 DEMO_DEPLOYMENT = 'hgb_abnormal'   # the one that runs a silent trial
 CLOCK_DEPLOYMENT = 'icu_transfer_24h'   # the time-driven task, scored once on its clock during the silent trial
-DEMO_OPEN_STAYS = 12   # inpatients still in hospital when the feed ends: the ward round after going live scores them
 DEMO_REVIEWER = 'Dr A. Reviewer (demo)'   # who signs its go-live off
 # the hemoglobin analyser change of 15 February 2024 (nbs/11_synth), in g/dL: at the synthetic default (0.35, a fifth of a
 # standard deviation) a month of a 3,000-patient hospital's results moves its mean by less than the month-to-month noise;
@@ -573,7 +572,7 @@ def run_demo(ws: Workspace, # the demo's workspace: the embedded SQLite store in
         echo(f'1/7 synthetic hospital ({patients} patients)')
         # a realistic feed: some messages sent twice, some late, a few garbled, some patients registered twice then merged
         cfg = HospitalConfig(n_patients=patients, seed=seed, duplicate_rate=0.01, late_rate=0.02, merge_rate=0.02, malformed_rate=0.002,
-                             drift_shift=DEMO_DRIFT_SHIFT, open_stays=DEMO_OPEN_STAYS)
+                             drift_shift=DEMO_DRIFT_SHIFT)
         out = ws.var / 'synth'
         with times.stage('synth'):
             h = generate(cfg)
