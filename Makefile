@@ -25,6 +25,11 @@ check-generated: install
 demo: install
 	$(VENV)/bin/cde demo
 
+# Tests run side by side (nbdev_test's two workers; a test beside the servers it started): one OpenMP thread each.
+# Otherwise scikit-learn's histogram boosting spins for cores another process holds: one small training took 56 s
+# instead of 4 s on a busy two-core machine.
+test soak: export OMP_NUM_THREADS ?= 1
+
 test: install system-deps check-generated
 	$(VENV)/bin/nbdev_test --n_workers 2
 	$(VENV)/bin/pytest -q -m "not slow" tests
