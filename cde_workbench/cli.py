@@ -963,19 +963,20 @@ def export_outputs(files: list[Path] = typer.Argument(..., help='Result tables (
 
 # %% ../nbs/80_cli.ipynb #af5ef5e9
 @app.command('lab')
-def lab(port: int = typer.Option(8888, help='Port on 127.0.0.1.')):
+def lab(port: int = typer.Option(8888, help='Port on 127.0.0.1.'),
+        root: Optional[Path] = typer.Option(None, '--root', help="Folder JupyterLab opens on (default the checkout's research/).")):
     "Serve JupyterLab for researchers on 127.0.0.1 (getting-started notebook, pipelines) until Ctrl-C or SIGTERM, then stop it and every kernel started."
     import os
     from cde_workbench.lab import lab_url, serve_lab, start_lab
     given = os.environ.get('CDE_LAB_TOKEN')
     if given is not None and not given.strip(): raise ConfigError('CDE_LAB_TOKEN is empty: give a token of at least 32 URL-safe characters, or unset it for a fresh one')
-    try: cmd, env, token = start_lab(Workspace.from_env(), port, given)
+    try: cmd, env, token = start_lab(Workspace.from_env(), port, given, root)
     except ConfigError as e:
         if given is not None and 'token' in str(e): raise ConfigError(str(e).replace('token:', 'CDE_LAB_TOKEN:', 1)) from None
         raise
     if given is None: typer.echo(f'lab: open {lab_url(port, token=token)}  (a fresh token, shown once)')
     else: typer.echo(f'lab: open {lab_url(port)} and sign in with your token (CDE_LAB_TOKEN)')
-    rc = serve_lab(cmd, env)
+    rc = serve_lab(cmd, env, root_dir=root)
     typer.echo('lab: stopped')
     if rc not in (0, None, -15): raise typer.Exit(1)
 
