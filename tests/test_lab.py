@@ -224,9 +224,17 @@ def test_getting_started_runs_in_jupyterlab_in_chromium(tmp_path):
             page.set_viewport_size({'width': 1400, 'height': 1000})
             page.goto(f'{url}?token={token}', wait_until='domcontentloaded', timeout=90_000)
             page.locator('.jp-Notebook .jp-Cell').first.wait_for(timeout=90_000)
-            page.locator('.jp-Notebook-ExecutionIndicator[data-status="idle"]').first.wait_for(timeout=90_000)
-            page.locator('.lm-MenuBar-itemLabel', has_text='Run').first.click()
-            page.locator('.lm-Menu-itemLabel', has_text='Run All Cells').first.click()
+            page.get_by_text('Python 3 (ipykernel) | Idle').wait_for(timeout=90_000)   # the kernel is up and connected
+            first_prompt = page.locator('.jp-Notebook .jp-CodeCell .jp-InputPrompt').first
+            for attempt in range(3):   # a menu opened while the page still settles may close before the click lands
+                page.locator('.lm-MenuBar-itemLabel', has_text='Run').first.click()
+                page.locator('.lm-Menu-itemLabel', has_text='Run All Cells').first.click()
+                try:
+                    page.wait_for_function('el => /[0-9*]/.test(el.textContent)', arg=first_prompt.element_handle(), timeout=15_000)
+                    break
+                except Exception:
+                    if attempt == 2: raise
+                    page.keyboard.press('Escape')
             last = page.locator('.jp-Notebook .jp-CodeCell').last
             try: last.locator('.jp-OutputArea-output', has_text='test AUROC').wait_for(timeout=240_000)
             finally: page.screenshot(path=str(tmp_path / 'getting_started.png'), full_page=True)
