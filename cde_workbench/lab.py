@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-from .access import stop_session
 from .config import ConfigError, Workspace, private_dir, private_file, project_root
 
 # %% auto #0
@@ -173,6 +172,7 @@ def serve_lab(cmd: list[str], # the server's command (`start_lab`)
              ) -> int:
     """Run JupyterLab until it ends or this process gets SIGTERM or SIGINT; then end it and every kernel it started (each kernel
     runs in a session of its own, so they are tracked as the server's descendants); returns the server's exit status."""
+    from cde_workbench.access import stop_session   # here: the dashboards' module loads the model registry, which `cde lab`'s checks do not need
     stop = []
     def on_signal(signum, frame): stop.append(signum)
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
