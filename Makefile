@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test soak bench dashboard install system-deps check-generated clean-demo
+.PHONY: demo test soak bench dashboard lab install system-deps check-generated clean-demo
 
 $(STAMP): requirements.txt setup.py settings.ini
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -44,3 +44,7 @@ bench: install
 
 dashboard: install
 	$(VENV)/bin/cde dashboard
+
+## JupyterLab for researchers on 127.0.0.1 (research/: the getting-started notebook, the deployments' pipelines)
+lab: install
+	$(VENV)/bin/cde lab

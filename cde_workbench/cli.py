@@ -29,7 +29,8 @@ __all__ = ['app', 'ingest_app', 'dashboard_app', 'dashboard_users_app', 'models_
            'trigger_run', 'audit_verify', 'audit_show', 'serve', 'service_worker_app', 'serve_tokens_add',
            'serve_tokens_list', 'serve_tokens_remove', 'schedule_run', 'schedule_list', 'schedule_once',
            'plan_register', 'plan_show', 'plan_list', 'plan_amend', 'impact_rdd', 'impact_iv', 'impact_run',
-           'monitor_run', 'alerts_list', 'alerts_resolve', 'research_build', 'research_views', 'export_outputs', 'main']
+           'monitor_run', 'alerts_list', 'alerts_resolve', 'research_build', 'research_views', 'export_outputs', 'lab',
+           'main']
 
 # %% ../nbs/80_cli.ipynb #636e4249
 app = typer.Typer(help='cde-workbench: take a clinical model from the research notebook to a silent trial, a report and a dashboard.',
@@ -959,6 +960,25 @@ def export_outputs(files: list[Path] = typer.Argument(..., help='Result tables (
     for f in r.files:
         cut = f" ({f['primary']} small, {f['secondary']} secondary, {f['derived']} derived cells suppressed)" if f['kind'] == 'table' else ''
         typer.echo(f"  {f['name']} sha256 {f['sha256'][:16]}…{cut}")
+
+# %% ../nbs/80_cli.ipynb #af5ef5e9
+@app.command('lab')
+def lab(port: int = typer.Option(8888, help='Port on 127.0.0.1.'),
+        root: Optional[Path] = typer.Option(None, '--root', help="Folder JupyterLab opens on (default the checkout's research/).")):
+    "Serve JupyterLab for researchers on 127.0.0.1 (getting-started notebook, pipelines) until Ctrl-C or SIGTERM, then stop it and every kernel started."
+    import os
+    from cde_workbench.lab import lab_url, serve_lab, start_lab
+    given = os.environ.get('CDE_LAB_TOKEN')
+    if given is not None and not given.strip(): raise ConfigError('CDE_LAB_TOKEN is empty: give a token of at least 32 URL-safe characters, or unset it for a fresh one')
+    try: cmd, env, token = start_lab(Workspace.from_env(), port, given, root)
+    except ConfigError as e:
+        if given is not None and 'token' in str(e): raise ConfigError(str(e).replace('token:', 'CDE_LAB_TOKEN:', 1)) from None
+        raise
+    if given is None: typer.echo(f'lab: open {lab_url(port, token=token)}  (a fresh token, shown once)')
+    else: typer.echo(f'lab: open {lab_url(port)} and sign in with your token (CDE_LAB_TOKEN)')
+    rc = serve_lab(cmd, env, root_dir=root)
+    typer.echo('lab: stopped')
+    if rc not in (0, None, -15): raise typer.Exit(1)
 
 # %% ../nbs/80_cli.ipynb #0eead321
 def _usage_errors() -> tuple:

@@ -3,13 +3,14 @@
 # cde_workbench/ must be what the notebooks export, and every notebook must already be clean.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-paths=(cde_workbench nbs deployments dashboards)
+paths=(cde_workbench nbs deployments dashboards research)
 snapshot() { find "${paths[@]}" -type f -not -path '*/__pycache__/*' -not -path '*/.ipynb_checkpoints/*' -print0 | sort -z | xargs -0 sha256sum; }
 before=$(snapshot)
 .venv/bin/nbdev_export
 .venv/bin/nbdev_clean
 .venv/bin/nbdev_clean --fname deployments
 .venv/bin/nbdev_clean --fname dashboards
+.venv/bin/nbdev_clean --fname research
 after=$(snapshot)
 if [[ "$before" != "$after" ]]; then
   echo "nbdev_export or nbdev_clean changed these files; run them and commit the result:" >&2
