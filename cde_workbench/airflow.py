@@ -99,13 +99,17 @@ def dag_source(ws: Workspace, # the workspace the runs use (store, reports, depl
                cron: str, # the notebook's cron (UTC)
                cde: str, # the workbench's `cde` command, which writes the run ledger
                kernel: str = 'python3', # the Jupyter kernel (of the workbench's environment) the notebook runs in
+               declared: dict | None = None, # the notebook's declared parameters, when already read (`notebook_parameters`)
               ) -> str:
     "The text of the Airflow DAG that runs notebook `kind` of `dep` as the embedded scheduler does."
-    from cde_workbench.schedule import check_parameters, notebook_parameters
+    from cde_workbench.schedule import notebook_parameters
     nb = dep.notebook(kind)
-    declared = notebook_parameters(nb)
-    params = {'deployment': dep.name, 'run_id': None, **({'as_of': None} if 'as_of' in declared else {}), 'workspace': ws.as_params()}
-    check_parameters(nb, {**params, 'run_id': 'x', 'as_of': 'x'} if 'as_of' in params else {**params, 'run_id': 'x'})
+    declared = notebook_parameters(nb) if declared is None else declared
+    params = ['deployment', 'run_id', *(['as_of'] if 'as_of' in declared else []), 'workspace']   # what the embedded scheduler gives
+    missing = sorted(k for k, v in declared.items() if v.strip() == 'None' and k not in params)   # as `check_parameters` refuses them
+    if missing or not {'deployment', 'run_id', 'workspace'} <= set(declared):
+        raise ConfigError(f"{nb}: a scheduled notebook declares deployment, run_id and workspace, and needs no other parameter; "
+                          f"missing: {', '.join(missing or sorted({'deployment', 'run_id', 'workspace'} - set(declared)))}")
     lines = ['            "deployment": DEPLOYMENT,', '            "run_id": RUN_ID,']
     if 'as_of' in params: lines.append('            "as_of": "{{ data_interval_end.isoformat() }}",')
     lines.append('            "workspace": WORKSPACE,')
@@ -126,15 +130,18 @@ def export_airflow(workspace: Workspace | Path, # the workspace, or its deployme
                   ) -> list[Path]:
     "Write one Airflow DAG file per scheduled notebook of each deployment, and the pools file; returns the files written."
     from cde_workbench.deployment import load_deployment
+    from cde_workbench.schedule import notebook_parameters
     ws = workspace if isinstance(workspace, Workspace) else Workspace.under(Path(workspace).parent, deployments=Path(workspace))
     if not Path(ws.deployments).is_dir(): raise ConfigError(f'export-airflow: deployments folder {ws.deployments} does not exist')
     cde = cde or str(Path(sys.executable).with_name('cde'))
     folders = sorted(p.parent for p in Path(ws.deployments).glob('*/deployment.toml'))
     deps = [load_deployment(p.name, ws.deployments) for p in folders]   # every deployment checked before anything is written
-    texts, pools = {}, {}
+    texts, pools, declared = {}, {}, {}
     for dep in deps:
         for kind, cron in sorted(dep.scheduled_runs().items()):
-            texts[f'{dag_id(dep.name, kind)}.py'] = dag_source(ws, dep, kind, cron, cde, kernel)
+            nb = dep.notebook(kind)
+            if nb not in declared: declared[nb] = notebook_parameters(nb)   # read once per notebook (most share _pipelines/)
+            texts[f'{dag_id(dep.name, kind)}.py'] = dag_source(ws, dep, kind, cron, cde, kernel, declared[nb])
             pools[pool_name(dep.name)] = {'slots': 1, 'description': f'{dep.name}: one run at a time (the embedded scheduler\'s run lock)',
                                           'include_deferred': False}
     out = Path(out_dir)
