@@ -184,9 +184,10 @@ def record_airflow_run(event: str, # start, succeeded or failed
         values = {} if event == 'succeeded' else dict(error=(err or 'failed')[:4000], error_name=payload.get('error_name') or 'AirflowTaskFailed',
                                                       error_value=(err or 'failed')[:4000])
         if finish_run(conn, run_id, event, **values): return True
-        if conn.execute(sa.select(runs.c.run_id).where(runs.c.run_id == run_id)).first() is None:   # ended before it started (e.g. refused)
-            conn.execute(runs.insert().values(status=event, finished_at=now, **{**row, **values}))
-        return True
+        if event == 'failed' and conn.execute(sa.select(runs.c.run_id).where(runs.c.run_id == run_id)).first() is None:
+            conn.execute(runs.insert().values(status=event, finished_at=now, **{**row, **values}))   # failed before it started (e.g. its hook)
+            return True
+        return False   # nothing running to end (a skipped run's success callback): nothing recorded
 
 @dataclass
 class RunLedger:
@@ -222,7 +223,8 @@ class RunLedger:
             raise AirflowSkipException(f'{self.deployment} is not silent or live: its scheduled {self.kind} run is passed over')
 
     def succeeded(self, context: dict) -> None:
-        "Success callback: the run succeeded."
+        "Success callback: the run succeeded (Airflow 2 calls it for a skipped task too: nothing ran, nothing is recorded)."
+        if str(getattr(context.get('ti'), 'state', '')) in ('skipped', 'TaskInstanceState.SKIPPED'): return
         self._send('succeeded', self.payload(context))
 
     def failed(self, context: dict) -> None:

@@ -95,3 +95,44 @@ def test_templates_render_the_run(bag):
     assert rendered['as_of'] == '2024-01-01T02:00:00+00:00'
     assert rendered['run_id'] == workbench_run_id('score', due, 'scheduled__2024-01-01T02:00:00+00:00', 1)
     assert env.from_string(task.output_nb).render(**ctx).endswith(f"/na_abnormal/{rendered['run_id']}/score.ipynb")
+
+
+@pytest.fixture(scope='module')
+def airflow_db():
+    "Airflow's own metadata database (SQLite in AIRFLOW_HOME), for runs of the DAGs with `dag.test()`."
+    import subprocess, sys
+    r = subprocess.run([str(Path(sys.executable).with_name('airflow')), 'db', 'migrate'], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def _store(bag) -> Path:
+    url = bag.dags['cde_na_abnormal_score'].get_task('score').parameters['workspace']['database_url']
+    assert url.startswith('sqlite:////'), 'make airflow-test exports the DAGs for a throwaway SQLite workspace'
+    return Path(url.removeprefix('sqlite:///'))
+
+
+def test_run_of_a_deployment_not_scoring_is_skipped(bag, airflow_db):
+    "A real Airflow run: the pre-execute hook asks the workbench's `cde`, which says na_abnormal is not silent or live; the task is skipped, no ledger row."
+    import pendulum, sqlite3
+    dr = bag.dags['cde_na_abnormal_score'].test(execution_date=pendulum.datetime(2024, 1, 1, 2, tz='UTC'))
+    assert [(ti.task_id, str(ti.state)) for ti in dr.get_task_instances()] in ([('score', 'skipped')], [('score', 'TaskInstanceState.SKIPPED')])
+    with sqlite3.connect(_store(bag)) as c: assert c.execute('select count(*) from runs').fetchone()[0] == 0
+
+
+def test_failed_run_is_in_the_ledger(bag, airflow_db):
+    """A real Airflow run of a silent deployment whose notebook cannot run here (Airflow's environment has no kernel with the
+    workbench's packages): the hook records it running, the failure callback records it failed with Airflow's error."""
+    import pendulum, sqlite3
+    from cde_workbench.airflow import workbench_run_id
+    with sqlite3.connect(_store(bag)) as c:
+        c.execute("insert into deployments (name, status, updated_at) values ('na_abnormal', 'silent', '2024-01-01 00:00:00.000000')")
+    due = pendulum.datetime(2024, 1, 8, 2, tz='UTC')
+    dr = bag.dags['cde_na_abnormal_score'].test(execution_date=due)
+    assert str(dr.get_task_instances()[0].state) in ('failed', 'TaskInstanceState.FAILED')
+    with sqlite3.connect(_store(bag)) as c:
+        rows = c.execute('select run_id, deployment, kind, status, started_by, scheduled_for, error_name, error from runs').fetchall()
+    assert len(rows) == 1, rows
+    run_id, dep, kind, status, started_by, scheduled_for, error_name, error = rows[0]
+    assert (dep, kind, status, started_by) == ('na_abnormal', 'score', 'failed', 'airflow')
+    assert run_id == workbench_run_id('score', due, dr.run_id, 1) and scheduled_for.startswith('2024-01-08 02:00:00')
+    assert error_name and error
