@@ -535,7 +535,7 @@ def _silent_trial(ws: Workspace, dep, engine, cfg, feed_path: Path, key: bytes, 
             **({'clock': {'deployment': icu.name, 'due': clock['due'].isoformat(), 'scored': clock['scored']}} if clock else {}),
             'seconds': {'ingest_feed': t_ingest, 'order_trigger': t_trigger, 'scoring_runs': t_score, 'label_runs': t_labels, **({'clock_run': clock['seconds']} if clock else {})}}
 
-def run_demo(ws: Workspace, # the demo's workspace: the embedded SQLite store in `ws.var` (emptied first)
+def run_demo(ws: Workspace, # the demo's workspace: the embedded SQLite store in `ws.var` (emptied first), or an empty PostgreSQL database
              patients: int = 3000, # patients in the synthetic hospital
              seed: int = 7, # random seed of the hospital
              workers: int = 2, # tasks trained at a time
