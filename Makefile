@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test soak bench dashboard lab install system-deps check-generated clean-demo
+.PHONY: demo test soak bench dashboard lab install system-deps check-generated clean-demo airflow-test demo-postgres
 
 $(STAMP): requirements.txt setup.py settings.ini
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -48,3 +48,12 @@ dashboard: install
 ## JupyterLab for researchers on 127.0.0.1 (research/: the getting-started notebook, the deployments' pipelines)
 lab: install
 	$(VENV)/bin/cde lab
+
+## the generated Airflow DAGs (`cde schedule export-airflow`) loaded by Airflow's own DagBag, in a virtual environment of
+## their own (.venv-airflow: Airflow 2.10.5 and its papermill provider). Not part of `make test`: Airflow is large.
+airflow-test: install
+	@bash scripts/airflow-test.sh
+
+## `cde demo`, unchanged, against a throwaway PostgreSQL on 127.0.0.1 (stopped when the demo ends, on SIGTERM or Ctrl-C)
+demo-postgres: install system-deps
+	$(PY) scripts/demo-postgres.py

@@ -28,9 +28,9 @@ __all__ = ['app', 'ingest_app', 'dashboard_app', 'dashboard_users_app', 'models_
            'models_list', 'models_show', 'models_alias', 'demo', 'evaluate', 'trigger_deployments', 'trigger_workers',
            'trigger_run', 'audit_verify', 'audit_show', 'serve', 'service_worker_app', 'serve_tokens_add',
            'serve_tokens_list', 'serve_tokens_remove', 'schedule_run', 'schedule_list', 'schedule_once',
-           'plan_register', 'plan_show', 'plan_list', 'plan_amend', 'impact_rdd', 'impact_iv', 'impact_run',
-           'monitor_run', 'alerts_list', 'alerts_resolve', 'research_build', 'research_views', 'export_outputs', 'lab',
-           'main']
+           'schedule_export_airflow', 'schedule_airflow_ledger', 'plan_register', 'plan_show', 'plan_list',
+           'plan_amend', 'impact_rdd', 'impact_iv', 'impact_run', 'monitor_run', 'alerts_list', 'alerts_resolve',
+           'research_build', 'research_views', 'export_outputs', 'lab', 'main']
 
 # %% ../nbs/80_cli.ipynb #636e4249
 app = typer.Typer(help='cde-workbench: take a clinical model from the research notebook to a silent trial, a report and a dashboard.',
@@ -739,6 +739,27 @@ def schedule_once(deployment: list[str] = _DEPLOYMENT_OPT,
     if failed:
         from cde_workbench.config import PipelineError
         raise PipelineError(f"{len(failed)} of {len(out)} scheduled run(s) failed: " + '; '.join(f'{o.run.deployment} {o.run.kind} {o.run_id}: {o.error}' for o in failed))
+
+# %% ../nbs/80_cli.ipynb #4b13a2ff
+@schedule_app.command('export-airflow')
+def schedule_export_airflow(out: Path = typer.Option(..., '--out', help='The Airflow DAGs folder to write to.'),
+                            cde: Optional[str] = typer.Option(None, '--cde', help="The workbench's `cde` as Airflow's workers see it (default: this one)."),
+                            kernel: str = typer.Option('python3', '--kernel', help="The Jupyter kernel of the workbench's environment the notebooks run in.")):
+    "Write one Airflow DAG per scheduled notebook of each deployment (same notebook, parameters, cron, timeout, retries, no-overlap)."
+    from cde_workbench.airflow import export_airflow
+    files = export_airflow(Workspace.from_env(), out, cde=cde, kernel=kernel)
+    for f in files: typer.echo(str(f))
+    typer.echo(f'{len(files) - 1} DAG(s) and the pools file written to {out}; import the pools with `airflow pools import {out / files[-1].name}`')
+
+@schedule_app.command('airflow-ledger', hidden=True)
+def schedule_airflow_ledger(event: str = typer.Argument(..., help='start, succeeded or failed')):
+    "Record an Airflow run's event (JSON on stdin) in the run ledger; exit 3 at start when the deployment is not silent or live."
+    import sys
+    from cde_workbench.airflow import NOT_SCORING_EXIT, record_airflow_run
+    try: payload = json.loads(sys.stdin.read())
+    except ValueError as e: raise ConfigError(f'airflow-ledger {event}: stdin is not JSON ({e})') from None
+    if not isinstance(payload, dict): raise ConfigError(f'airflow-ledger {event}: stdin must be a JSON object')
+    if not record_airflow_run(event, payload): raise typer.Exit(NOT_SCORING_EXIT)
 
 # %% ../nbs/80_cli.ipynb #1b9a0002
 impact_app = typer.Typer(help='Impact evaluation: regression discontinuity, randomised trials with imperfect compliance, registered analysis plans.', no_args_is_help=True)

@@ -82,15 +82,28 @@ class StageTimes:
         return path
 
 # %% ../nbs/75_demo.ipynb #6d2c7bbb
-def reset_demo_store(ws: Workspace, # the demo's workspace: its SQLite store and `var/` folders are emptied
+def _empty_server_store(ws: Workspace) -> None:
+    "A database server's store (PostgreSQL) is the demo's only when empty: no tables yet (the demo's migrations make them)."
+    import sqlalchemy as sa
+    eng = sa.create_engine(ws.database_url, future=True)
+    try:
+        try:
+            with eng.connect() as c: tables = sa.inspect(c).get_table_names()
+        except sa.exc.SQLAlchemyError as e:
+            raise ConfigError(f"the demo cannot reach the database {ws.redacted_url}: {' '.join(str(getattr(e, 'orig', e)).split())}") from None
+    finally: eng.dispose()
+    if tables: raise ConfigError(f"the demo needs an empty database; {ws.redacted_url} has {len(tables)} table(s) ({', '.join(sorted(tables)[:3])}, ...): "
+                                 "use a new database (`make demo-postgres` starts a throwaway PostgreSQL) or unset CDE_DATABASE_URL")
+
+def reset_demo_store(ws: Workspace, # the demo's workspace: its store (SQLite: emptied; a server: must be empty) and `var/` folders
                     ) -> None:
     "Start the demo from an empty store; refuse to touch a store the demo did not create."
     import sqlalchemy as sa
     from cde_workbench.store import audit_log, dispose_engines, get_engine, inferences
     url = ws.database_url
-    if not url.startswith('sqlite:///'): raise ConfigError('the demo runs on the embedded SQLite store; unset CDE_DATABASE_URL')
-    db = Path(url.removeprefix('sqlite:///'))
-    if db.exists():
+    if not url.startswith('sqlite'): _empty_server_store(ws)
+    elif not url.startswith('sqlite:///'): raise ConfigError(f'the demo needs a SQLite store in a file, not {ws.redacted_url}')
+    elif (db := Path(url.removeprefix('sqlite:///'))).exists():
         eng = get_engine(url)
         with eng.connect() as c:
             ours = c.execute(sa.select(audit_log.c.id).where(audit_log.c.action == 'demo.start')).first()
@@ -522,7 +535,7 @@ def _silent_trial(ws: Workspace, dep, engine, cfg, feed_path: Path, key: bytes, 
             **({'clock': {'deployment': icu.name, 'due': clock['due'].isoformat(), 'scored': clock['scored']}} if clock else {}),
             'seconds': {'ingest_feed': t_ingest, 'order_trigger': t_trigger, 'scoring_runs': t_score, 'label_runs': t_labels, **({'clock_run': clock['seconds']} if clock else {})}}
 
-def run_demo(ws: Workspace, # the demo's workspace: the embedded SQLite store in `ws.var` (emptied first)
+def run_demo(ws: Workspace, # the demo's workspace: the embedded SQLite store in `ws.var` (emptied first), or an empty PostgreSQL database
              patients: int = 3000, # patients in the synthetic hospital
              seed: int = 7, # random seed of the hospital
              workers: int = 2, # tasks trained at a time

@@ -14,6 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pgserver import postgres_available, stop_all, throwaway_postgres  # noqa: E402
 
 
+# tests/airflow runs in its own environment with Airflow installed (`make airflow-test`), never in the workbench's
+collect_ignore = ['airflow']
+
 SHARED = ROOT.parent / 'shared' / 'data'   # ../shared/data: public test data kept outside the repository
 
 
