@@ -206,7 +206,7 @@ def go_live(engine: Engine, # the store
                                                           'gates': report.as_dict()}, actor=who if 0 < len(who) <= 64 else None)
     return report, None
 
-# %% ../nbs/52_gates.ipynb #55bc9902
+# %% ../nbs/52_gates.ipynb #6b4592d8
 def store_gate_figures(engine: Engine, # the store
                        dep: Deployment, # the deployment
                        run_id: str, # the monitoring run the figures belong to (a row of the run ledger)

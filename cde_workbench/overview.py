@@ -336,13 +336,17 @@ def _num(x) -> str:
 STYLE = ('<style>.cde-table{border-collapse:collapse;font-size:13px}.cde-table td,.cde-table th{border:1px solid #ccc;padding:2px 6px}'
          '.cde-chart{margin:6px 0}</style>')
 
+def _reader(workspace: Workspace) -> Engine:
+    "The store for reading: not migrated here (Alembic not even imported). The server's page hook opened it migrated, auditing the opening, before this kernel ran."
+    return get_engine(workspace.database_url, migrate=False)
+
 def overview_page(workspace: Workspace, # whose store and deployments (the dashboard notebook builds it)
                   now: datetime | None = None, # the clock (default now)
                  ):
     "The overview dashboard: one row per deployment (no controls: it is one table)."
     import ipywidgets as widgets
     now = as_utc(now, 'now') if now is not None else utcnow()
-    rows = overview_rows(get_engine(workspace.database_url), workspace.deployments, now)
+    rows = overview_rows(_reader(workspace), workspace.deployments, now)
     if not rows.height: return widgets.HTML('<p>No deployments found.</p>')
     return widgets.HTML(STYLE + overview_html(rows, now))
 
@@ -352,7 +356,7 @@ def health_page(workspace: Workspace, # whose store and deployments
                ):
     "The deployment-health dashboard: a deployment and a window picked with dropdowns; the page redrawn from stored figures."
     import ipywidgets as widgets
-    engine = get_engine(workspace.database_url)
+    engine = _reader(workspace)
     with engine.connect() as conn: have = latest_runs(conn)
     names = sorted(set(deployment_names(workspace.deployments)) | set(have))
     if not names: return widgets.HTML('<p>No deployments found.</p>')
