@@ -5,16 +5,16 @@
   `page.goto` to the health page's figures on screen (`#health-asof` attached), the kernel's start, the imports and
   the store reads included. The page of a fresh server, then two more renders (each a new kernel); the value is the
   first, the other two are in the note. Target: at most 5 s, and at least 3x faster than the baseline.
-- The baseline: recomputing the same figures from packets, as the monitoring run does (`monitoring.run_monitoring`
-  on the deployment the page shows, n_boot = 500, 28-day windows stepped weekly over the year, subgroups, drift, data
-  quality), in this process with its imports already warm (so the baseline leaves out a kernel's start and imports
+- The baseline: recomputing the same figures from packets, as the monitoring run does (`monitoring.run_monitoring`,
+  n_boot = 500, 28-day windows stepped weekly over the year, subgroups, drift, data quality): the fastest of the
+  twelve deployments' runs (the first is the deployment the page shows; the machine is shared), in this process with its imports already warm (so the baseline leaves out a kernel's start and imports
   that the render pays: the ratio is conservative).
 
 The store: twelve deployments (the project's twelve lab deployments), one year of packets each (`PER_DAY` orders a
 day, 2023-03-01 to 2024-03-01), every packet labelled a day or two later, 4,000 patients with sex and birth year, a
 model version per deployment registered with test-year predictions and feature rows (the drift reference); packets,
 labels and patients written in bulk (executemany in chunks of 20,000, one transaction per table). Then one
-monitoring run per deployment stores its figures, as the scheduler would; the first deployment's run is the baseline.
+monitoring run per deployment stores its figures, as the scheduler would; their wall times give the baseline.
 
 Run: .venv/bin/python benchmarks/dashboard.py
 """
@@ -118,12 +118,12 @@ def build_store(var: Path, seed: int = 0) -> tuple:
 
 
 def monitor_all(ws, eng, as_of: datetime) -> tuple[float, int]:
-    "One monitoring run per deployment, through the run ledger as the scheduler runs it; the first's wall time (the baseline) and its figures' count."
+    "One monitoring run per deployment, through the run ledger as the scheduler runs it; each run's wall time and the first's figures' count."
     from cde_workbench.deployment import load_deployment
     from cde_workbench.gates import store_gate_figures
     from cde_workbench.monitoring import run_monitoring
     from cde_workbench.schedule import run_ledger
-    first = None
+    took_all, n_figs = [], None
     for name in DEPLOYMENTS:
         dep = load_deployment(name, ws.deployments)
         with run_ledger(eng, name, 'monitor', {'as_of': as_of.isoformat()}, heartbeat_seconds=None) as run_id:
@@ -131,9 +131,9 @@ def monitor_all(ws, eng, as_of: datetime) -> tuple[float, int]:
             s = run_monitoring(eng, dep, as_of, run_id, n_boot=500)
             took = time.perf_counter() - t0
             store_gate_figures(eng, dep, run_id, as_of)
-        if first is None: first = (took, s.figures.height)
+        took_all.append(took); n_figs = n_figs or s.figures.height
         print(f'  monitoring {name}: {took:.1f} s, {s.figures.height} figures, {s.packets} packets', flush=True)
-    return first
+    return took_all, n_figs
 
 
 def render_seconds(ws, base: Path, renders: int = 3) -> list[float]:
@@ -182,14 +182,16 @@ def bench_dashboard():
         n = PER_DAY * DAYS * len(DEPLOYMENTS)
         print(f'  store: {n:,} packets and labels written in {t_write:.1f} s (setup {time.perf_counter() - t0:.1f} s)', flush=True)
         as_of = START + timedelta(days=DAYS + 3)
-        baseline, n_figs = monitor_all(ws, eng, as_of)
+        took, n_figs = monitor_all(ws, eng, as_of)
+        baseline = min(took)   # the fastest of the twelve runs (same packets per deployment): the machine is shared, a slow run is not the baseline
         dispose_engines()
         r = render_seconds(ws, tmp)
     finally: shutil.rmtree(tmp, ignore_errors=True)
     first = r[0]
     note = (f'{len(DEPLOYMENTS)} deployments x {DAYS} days x {PER_DAY} packets/day ({n:,} packets, written in bulk in {t_write:.1f} s); '
             f'health.ipynb in Chromium via Voila, kernel start included: first {first:.2f} s, then {", ".join(f"{x:.2f}" for x in r[1:])} s; '
-            f'baseline: run_monitoring of {DEPLOYMENTS[0]} from its {PER_DAY * DAYS:,} packets ({n_figs} figures, n_boot 500, warm imports); '
+            f'baseline: the fastest run_monitoring of one deployment from its {PER_DAY * DAYS:,} packets ({n_figs} figures, n_boot 500, warm imports; '
+            f'the page\'s deployment {took[0]:.1f} s, median of the 12 {float(np.median(took)):.1f} s); '
             f'target <= 5 s and ratio >= 3')
     return {'dashboard_render_seconds': {'value': round(first, 2), 'unit': 's', 'baseline': round(baseline, 2), 'ratio': round(baseline / first, 1),
                                          'note': note}}
