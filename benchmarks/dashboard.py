@@ -7,11 +7,12 @@
   first, the other two are in the note. Target: at most 5 s, and at least 3x faster than the baseline.
 - The baseline: recomputing the same figures from packets, as the monitoring run does (`monitoring.run_monitoring`,
   n_boot = 500, 28-day windows stepped weekly over the year, subgroups, drift, data quality): the fastest of the
-  twelve deployments' runs (the first is the deployment the page shows; the machine is shared), in this process with its imports already warm (so the baseline leaves out a kernel's start and imports
-  that the render pays: the ratio is conservative).
+  twelve deployments' runs (the first is the deployment the page shows; the machine is shared), in this process
+  with its imports already warm (so the baseline leaves out a kernel's start and imports that the render pays: the
+  ratio is conservative).
 
 The store: twelve deployments (the project's twelve lab deployments), one year of packets each (`PER_DAY` orders a
-day, 2023-03-01 to 2024-03-01), every packet labelled a day or two later, 4,000 patients with sex and birth year, a
+day, 2023-03-01 to 2024-03-01), every packet labelled 2 to 60 hours later, 4,000 patients with sex and birth year, a
 model version per deployment registered with test-year predictions and feature rows (the drift reference); packets,
 labels and patients written in bulk (executemany in chunks of 20,000, one transaction per table). Then one
 monitoring run per deployment stores its figures, as the scheduler would; their wall times give the baseline.
