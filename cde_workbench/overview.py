@@ -126,7 +126,6 @@ def overview_html(rows: pl.DataFrame, # `overview_rows`
                   now: datetime | None = None, # the clock shown
                  ) -> str:
     "The overview table; every value from data escaped, each cell with an id (`<column>-<row>`) for tests and scrapers."
-    e = safe = esc
     head = ('<tr><th>deployment</th><th>state</th><th>mode</th><th>packets, last 7 days</th><th>packets, all</th>'
             '<th>latest AUROC [95% CI]</th><th>its window (n packets)</th><th>open alerts</th></tr>')
     body = []
@@ -135,8 +134,8 @@ def overview_html(rows: pl.DataFrame, # `overview_rows`
                  ('volume', f"{r['volume_total']:,}"), ('auroc', fmt_ci(r['auroc'], r['auroc_low'], r['auroc_high'])),
                  ('window', f"{r['auroc_window']} (n = {r['auroc_n']})" if r['auroc_window'] else '—'), ('alerts', r['open_alerts'])]
         style = ' style="color:#b00;font-weight:bold"' if r['open_alerts'] else ''
-        tds = ''.join(f'<td id="{c}-{k}"{style if c == "alerts" else ""}>{safe(v)}</td>' for c, v in cells)
-        note = f'<tr><td colspan="8" id="note-{k}"><i>{e(r["note"])}</i></td></tr>' if r['note'] else ''
+        tds = ''.join(f'<td id="{c}-{k}"{style if c == "alerts" else ""}>{esc(v)}</td>' for c, v in cells)
+        note = f'<tr><td colspan="8" id="note-{k}"><i>{esc(r["note"])}</i></td></tr>' if r['note'] else ''
         body.append(f'<tr>{tds}</tr>{note}')
     when = f' Packets counted up to {now:%Y-%m-%d %H:%M} UTC.' if now else ''
     return (f'<div class="cde-overview"><p>Every deployment: its state, how scores reach clinicians (mode), scoring volume, the latest '
