@@ -21,6 +21,9 @@ Figures (each measured in this process, against a baseline measured in the same 
 - impact_coverage_*: coverage of the 95% intervals of the sharp and fuzzy RDD, the ITT (robust and clustered by
   clinician), the CACE and the AUROC weighted under label selection, over 200 simulated samples with known effects
   (benchmarks/impact_coverage.py); the weighted AUROC's baseline is the naive complete-case AUROC on the same samples.
+- dashboard_render_seconds: first render of the deployment-health dashboard in Chromium (Voilà, kernel start included)
+  with one year of packets for twelve deployments, against recomputing its figures from packets with run_monitoring
+  (benchmarks/dashboard.py).
 - demo stage timings: read from var/bench/demo_stages.json when `make demo` has run (no baseline:
   they are the demo's own wall times on this machine).
 """
@@ -66,7 +69,8 @@ def main():
         benches.append(bench_mllp)
     except ImportError: pass
     from service import bench_service
-    benches.append(bench_service)
+    from dashboard import bench_dashboard
+    benches += [bench_service, bench_dashboard]
     figures = {}
     for f in (*benches, demo_stages):
         figures.update(f())

@@ -39,6 +39,8 @@ ROLES = ('clinician', 'datascience')
 PAGE_ROLES: dict[str, tuple[str, ...]] = {   # dashboard notebook -> roles that may open it; a page not listed is refused to all
     'monitor.ipynb': ('datascience',),
     'ward.ipynb': ('clinician', 'datascience'),
+    'overview.ipynb': ('datascience',),
+    'health.ipynb': ('datascience',),
 }
 
 @dataclass(frozen=True)

@@ -454,10 +454,12 @@ def run_demo_monitoring(engine, # the demo's store
                         n_boot: int = 200, # bootstrap resamples per window and group (enough for the demo's figures)
                        ):
     "One monitoring run of `dep` at `as_of` through the run ledger, in process; its summary (figures stored, alerts checked)."
+    from cde_workbench.gates import store_gate_figures
     from cde_workbench.monitoring import run_monitoring
     from cde_workbench.schedule import run_ledger
     with run_ledger(engine, dep.name, 'monitor', {'as_of': as_of.isoformat(), 'n_boot': n_boot}, heartbeat_seconds=None) as run_id:
         summary = run_monitoring(engine, dep, as_of, run_id, n_boot=n_boot)
+        store_gate_figures(engine, dep, run_id, as_of)   # a silent trial's progress, for the health dashboard
     for line in summary.lines(): echo(f'    {line}')
     return summary
 

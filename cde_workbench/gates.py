@@ -20,13 +20,14 @@ from .deployment import Deployment
 from .deploy import TRANSITIONS, DeploymentState, deployment_state, set_status
 from .evaluate import auroc_ci, bootstrap_strata, resampler
 from .monitor import analysis_time, label_status
+from .monitoring import figure, figures_frame, store_results
 from .registry import ModelRecord, get_model, load_bundle, test_predictions
 from .store import audit, inferences
 from .train import data_pipe_figures
 
 # %% auto #0
 __all__ = ['GATE_NAMES', 'Gate', 'GateReport', 'silent_packets', 'retrospective_pipe', 'feature_rows', 'evaluate_gates',
-           'go_live']
+           'go_live', 'store_gate_figures']
 
 # %% ../nbs/52_gates.ipynb #9a7e0005
 GATE_NAMES = ('labelled', 'auroc', 'calibration', 'sparsity', 'missingness', 'reviewer')
@@ -204,3 +205,19 @@ def go_live(engine: Engine, # the store
         audit(conn, 'deployment.live_refused', dep.name, {'model_id': mid, 'reason': reason, 'failing': [g.name for g in report.failing],
                                                           'gates': report.as_dict()}, actor=who if 0 < len(who) <= 64 else None)
     return report, None
+
+# %% ../nbs/52_gates.ipynb #6b4592d8
+def store_gate_figures(engine: Engine, # the store
+                       dep: Deployment, # the deployment
+                       run_id: str, # the monitoring run the figures belong to (a row of the run ledger)
+                       as_of: datetime, # the run's analysis time: labels as known then
+                      ) -> GateReport | None:
+    "A silent trial's gates at `as_of` stored with the run's figures (metric 'gate'; the reviewer's left out); None, and nothing stored, unless silent."
+    with engine.connect() as conn:
+        st = deployment_state(conn, dep.name)
+        if st.status != 'silent' or st.model_id is None: return None
+        rep = evaluate_gates(conn, dep, st.model_id, None, None, as_of)
+    rows = [figure('gate', g.value, None, rep.as_of, group_name='gate', group_value=g.name, figure=g.figure, threshold=g.threshold,
+                   passed=g.passed, note=g.note, model=rep.model) for g in rep.gates if g.name != 'reviewer']
+    with engine.begin() as conn: store_results(conn, run_id, dep.name, rep.as_of, figures_frame(rows))
+    return rep

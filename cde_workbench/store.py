@@ -20,8 +20,6 @@ import polars as pl
 import sqlalchemy as sa
 import sqlalchemy.dialects.postgresql
 import sqlalchemy.dialects.sqlite
-from alembic import command
-from alembic.config import Config
 from sqlalchemy.engine import Connection, Engine
 
 from .config import CDEError, ConfigError, actor_name, as_utc, private_dir, private_file, project_root, utcnow
@@ -541,6 +539,8 @@ def get_engine(url: str, # SQLAlchemy URL of the store (the workspace's `databas
 
 def upgrade(engine: Engine, revision: str = 'head'):
     "Apply Alembic migrations up to `revision`."
+    from alembic import command   # here, not at import: a reader (a dashboard's kernel) that does not migrate never loads Alembic
+    from alembic.config import Config
     cfg = Config()
     cfg.set_main_option('script_location', str(migrations_dir()))
     try:

@@ -117,6 +117,13 @@ def test_a_clinician_is_refused_the_health_page_and_the_refusal_is_audited(serve
     assert ('nurse_ward7', 'dashboard.refused', 'monitor.ipynb') in _audit(server['var'])
 
 
+def test_a_clinician_is_refused_the_overview_and_deployment_health_pages(server):
+    for page in ('overview.ipynb', 'health.ipynb'):
+        status, _, body = _get(server['port'], f'/voila/render/{page}', {'Authorization': f"token {server['cl']}"})
+        assert status == 403 and 'hgb_abnormal' not in body, (page, status)
+        assert ('nurse_ward7', 'dashboard.refused', page) in _audit(server['var'])
+
+
 def test_a_clinician_opens_the_ward_view_at_its_own_address(server):
     "`cde dashboard` serves every page of the dashboards folder; the ward view is the clinicians' (its content: tests/test_ward.py)."
     status, _, body = _get(server['port'], '/voila/render/ward.ipynb', {'Authorization': f"token {server['cl']}"})

@@ -154,6 +154,9 @@ def test_monitor_notebook_and_alert_commands(trial, monkeypatch):
     with engine.connect() as c:
         run = c.execute(sa.text("select run_id, status, notebook from runs where kind = 'monitor' order by started_at desc limit 1")).one()
     assert run.status == 'succeeded' and run.notebook.endswith('monitor.ipynb')
+    from cde_workbench.monitoring import read_results
+    with engine.connect() as c: gates = read_results(c, dep.name, run.run_id, 'gate')   # the silent trial's gates, stored for the health dashboard
+    assert gates['group_value'].to_list() == ['labelled', 'auroc', 'calibration', 'sparsity', 'missingness']
     store.apply(monkeypatch)
     cli = lambda *a: CliRunner().invoke(app, list(a))
     listed = json.loads(cli('alerts', 'list', '--json').stdout)
