@@ -452,20 +452,20 @@ def demo_store_plan() -> 'AnalysisPlan':
 
 def run_store_impact_demo(ws: Workspace, # the demo's workspace
                           engine, # its store, where `demo_store_plan` is registered
-                          as_of: datetime, # the analysis time: packets and labels as known then (the last label run's clock)
+                          as_of: datetime | None = None, # the analysis time: packets and labels as known then (None: now)
                           echo: Callable[[str], None] = print, # told the estimate and the report
                           kernels: WarmKernels | None = None, # where the run's kernel comes from; default one started here
                          ) -> dict:
-    "Run the demo's store plan by its notebook (impact_rdd.ipynb, as `cde impact run PLAN --as-of T`) on the deployment's log as known at `as_of`."
+    "Run the demo's store plan by its notebook (impact_rdd.ipynb, as `cde impact run PLAN [--as-of T]`) on the deployment's log as known at `as_of`."
     from cde_workbench.impact_plans import get_plan
     from cde_workbench.schedule import run_notebook
     reg = get_plan(engine, STORE_PLAN)
     with (nullcontext(kernels) if kernels is not None else impact_kernels(ws)) as kernels:
         run = run_notebook(ws, load_deployment(reg.plan.deployment, ws.deployments), 'impact_rdd',
-                           {'plan': STORE_PLAN, 'parameters': reg.effective_parameters, 'as_of': as_of.isoformat()},
+                           {'plan': STORE_PLAN, 'parameters': reg.effective_parameters, **({'as_of': as_of.isoformat()} if as_of else {})},
                            kernel_manager_class=kernels.manager_class)
     result = json.loads((ws.reports / 'impact' / STORE_PLAN / run.run_id / 'result.json').read_text())
-    echo(f'  {STORE_PLAN} (sha256 {reg.sha256[:12]}…), {DEMO_DEPLOYMENT}\'s log as known at {as_of:%Y-%m-%d %H:%M} UTC: {_impact_line(result, {})}')
+    echo(f"  {STORE_PLAN} (sha256 {reg.sha256[:12]}…), {DEMO_DEPLOYMENT}'s log as known at {result['run']['as_of'][:16].replace('T', ' ')} UTC: {_impact_line(result, {})}")
     echo(f'    report: {result["run"]["report"]}')
     return {'design': reg.plan.design, 'sha256': reg.sha256, 'run_id': run.run_id, 'notebook': run.output,
             'report': Path(result['run']['report']), 'result': result, 'truth': None}
@@ -648,7 +648,9 @@ def run_demo(ws: Workspace, # the demo's workspace: the embedded SQLite store in
                  f"by its notebook (impact_rdd.ipynb, impact_rct.ipynb by papermill); and {STORE_PLAN}, registered before the silent trial, on {dep.name}'s own log")
             with times.stage('impact'):
                 impact = run_impact_demo(ws, engine, seed=seed, echo=echo, kernels=ahead)
-                impact[STORE_PLAN] = run_store_impact_demo(ws, engine, last_labels, echo, ahead)   # its own log, as known at the last label run
+                # its own log as known now, after the last label run: packets and labels carry the wall-clock time they were stored
+                # (the replayed feed's clock is the simulated one), so "as known at" the simulated clock would see none
+                impact[STORE_PLAN] = run_store_impact_demo(ws, engine, None, echo, ahead)
         echo(f'  monitoring: {dep.name} at the last label run\'s clock (figures over rolling windows stored, its alert rules checked)')
         with times.stage('monitoring'): run_demo_monitoring(engine, dep, last_labels, echo)
         with engine.connect() as c: chain = verify_audit_chain(c)
