@@ -887,10 +887,12 @@ def impact_iv(file: Path = typer.Argument(..., help='Data file (.csv or .parquet
                               'categorical': list(categorical), 'cov': cov}, as_json)
 
 @impact_app.command('run')
-def impact_run(plan: str = typer.Argument(..., help='Registered analysis plan (cde impact plan list).')):
+def impact_run(plan: str = typer.Argument(..., help='Registered analysis plan (cde impact plan list).'),
+               as_of: Optional[str] = typer.Option(None, '--as-of', help="A store plan's analysis time: packets and labels as known then (ISO-8601 with offset); default now. Refused for a plan on a file.")):
     "Run a registered plan's impact notebook (impact_rdd or impact_rct, by papermill, kept under reports/); result and report in reports/impact/<plan>/<run>/."
     from cde_workbench.impact_report import headline, run_plan_notebook
-    run, result = run_plan_notebook(Workspace.from_env(), plan)
+    when = None if as_of is None else _as_of(as_of)   # a typo is reported before papermill
+    run, result = run_plan_notebook(Workspace.from_env(), plan, as_of=when)
     typer.echo(f'{plan}: {headline(result)}')
     typer.echo(f"{plan}: run {run.run_id}; notebook {run.output}\nresult: {result['run']['result']}\nreport: {result['run']['report']}")
 

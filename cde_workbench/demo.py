@@ -31,9 +31,9 @@ from .deployment import Deployment, load_deployment
 
 # %% auto #0
 __all__ = ['DEMO_DEPLOYMENT', 'CLOCK_DEPLOYMENT', 'DEMO_REVIEWER', 'DEMO_DRIFT_SHIFT', 'DEPLOYR_DEPLOYMENTS', 'IMPACT_FOLDER',
-           'StageTimes', 'reset_demo_store', 'worker_threads', 'train_demo_tasks', 'WarmKernels', 'trial_weeks',
-           'label_run_due', 'mllp_receiver', 'demo_impact_plans', 'impact_kernels', 'run_impact_demo',
-           'run_demo_monitoring', 'DemoResult', 'run_demo']
+           'STORE_PLAN', 'StageTimes', 'reset_demo_store', 'worker_threads', 'train_demo_tasks', 'WarmKernels',
+           'trial_weeks', 'label_run_due', 'mllp_receiver', 'demo_impact_plans', 'impact_kernels', 'run_impact_demo',
+           'demo_store_plan', 'run_store_impact_demo', 'run_demo_monitoring', 'DemoResult', 'run_demo']
 
 # %% ../nbs/75_demo.ipynb #07c6b155
 DEMO_DEPLOYMENT = 'hgb_abnormal'   # the one that runs a silent trial
@@ -435,10 +435,50 @@ def run_impact_demo(ws: Workspace, # the demo's workspace
             echo(f'    report: {result["run"]["report"]}')
     return out
 
+STORE_PLAN = 'hgb_label_selection'   # the demo's plan on its deployment's own log
+
+def demo_store_plan() -> 'AnalysisPlan':
+    "The demo's plan on hgb_abnormal's own log (`store:hgb_abnormal`): its performance under label selection, registered before the silent trial."
+    from cde_workbench.impact_data import DESIGN_COLUMNS
+    from cde_workbench.impact_plans import AnalysisPlan
+    return AnalysisPlan(name=STORE_PLAN, design='label_selection', deployment=DEMO_DEPLOYMENT,
+                        population=f"{DEMO_DEPLOYMENT}'s scored orders in its silent trial, as logged in the store (one row per packet)",
+                        outcome='an abnormal haemoglobin (the label), where a result was observed in the label window',
+                        estimand='AUROC and calibration of the score over every scored order, not only those whose label was observed',
+                        estimator='AUROC and calibration weighted by 1 / the logged probability that the label was observed, beside the naive '
+                                  'complete-case figures; bootstrap by patient',
+                        data=f'store:{DEMO_DEPLOYMENT}', parameters={**DESIGN_COLUMNS['label_selection'], 'n_boot': 500, 'seed': 7},
+                        description='The demo: registered when the deployment enters its silent trial, before any of its labels exist.')
+
+def run_store_impact_demo(ws: Workspace, # the demo's workspace
+                          engine, # its store, where `demo_store_plan` is registered
+                          as_of: datetime | None = None, # the analysis time: packets and labels as known then (None: now)
+                          echo: Callable[[str], None] = print, # told the estimate and the report
+                          kernels: WarmKernels | None = None, # where the run's kernel comes from; default one started here
+                         ) -> dict:
+    "Run the demo's store plan by its notebook (impact_rdd.ipynb, as `cde impact run PLAN [--as-of T]`) on the deployment's log as known at `as_of`."
+    from cde_workbench.impact_plans import get_plan
+    from cde_workbench.schedule import run_notebook
+    reg = get_plan(engine, STORE_PLAN)
+    with (nullcontext(kernels) if kernels is not None else impact_kernels(ws)) as kernels:
+        run = run_notebook(ws, load_deployment(reg.plan.deployment, ws.deployments), 'impact_rdd',
+                           {'plan': STORE_PLAN, 'parameters': reg.effective_parameters, **({'as_of': as_of.isoformat()} if as_of else {})},
+                           kernel_manager_class=kernels.manager_class)
+    result = json.loads((ws.reports / 'impact' / STORE_PLAN / run.run_id / 'result.json').read_text())
+    echo(f"  {STORE_PLAN} (sha256 {reg.sha256[:12]}…), {DEMO_DEPLOYMENT}'s log as known at {result['run']['as_of'][:16].replace('T', ' ')} UTC: {_impact_line(result, {})}")
+    echo(f'    report: {result["run"]["report"]}')
+    return {'design': reg.plan.design, 'sha256': reg.sha256, 'run_id': run.run_id, 'notebook': run.output,
+            'report': Path(result['run']['report']), 'result': result, 'truth': None}
+
 def _impact_line(result: dict, truth: dict) -> str:
-    "An estimate with its interval beside the simulated truth."
+    "An estimate with its interval beside the simulated truth (a store plan's: its packets, no truth)."
     ci = lambda e: f"{e['coef']:.3f} (95% CI {e['ci'][0]:.3f} to {e['ci'][1]:.3f})"
     if result.get('estimable', True) is False: return f"not estimable: {result['reason']}"
+    if result['design'] == 'label_selection':
+        f = lambda v: '—' if v is None else f'{v:.3f}'
+        m = lambda k: (lambda a: f"{f(a.get('value'))} (95% CI {f((a.get('ci') or [None, None])[0])} to {f((a.get('ci') or [None, None])[1])})")(result[k].get('auroc') or {})
+        return (f"{result['run']['n_packets']} packets, {result['n_observed']} labelled; AUROC weighted by 1/p(label observed) {m('weighted')}, "
+                f"naive complete-case {m('naive')}")
     if result['design'] == 'rdd':
         est = result['estimate']
         return (f"effect of showing the score {est['conventional']['coef']:.3f} (95% robust CI {est['robust']['ci'][0]:.3f} to "
@@ -577,6 +617,10 @@ def run_demo(ws: Workspace, # the demo's workspace: the embedded SQLite store in
             with engine.connect() as c: rec, icu = get_model(c, dep.name), get_model(c, CLOCK_DEPLOYMENT)
             set_status(engine, dep.name, 'silent', rec.model_id, 'demo: silent trial')
             set_status(engine, CLOCK_DEPLOYMENT, 'silent', icu.model_id, 'demo: silent trial on its clock')
+        # the analysis of the deployment's own log is registered now, before the silent trial logs any packet or label
+        from cde_workbench.impact_plans import register_plan
+        reg = register_plan(engine, demo_store_plan(), actor=DEMO_REVIEWER)
+        echo(f"  registered before any outcome exists: {STORE_PLAN} (sha256 {reg.sha256[:12]}…), {dep.name}'s performance under label selection on its own log")
         echo('4/7 silent trial: the feed sent week by week over MLLP to `cde ingest mllp`, new orders scored by the order trigger, score.ipynb after each week as catch-up')
         t0, c0 = time.perf_counter(), _cpu_seconds()
         feed = _silent_trial(ws, dep, engine, cfg, out / 'feed.hl7', key, echo, progress, icu=load_deployment(CLOCK_DEPLOYMENT, ws.deployments))
@@ -589,6 +633,7 @@ def run_demo(ws: Workspace, # the demo's workspace: the embedded SQLite store in
         echo(f"  {feed['clock']['deployment']} on its clock: {feed['clock']['scored']} inpatients scored at {feed['clock']['due']}")
         for k, v in feed.pop('seconds').items(): times.seconds[k] = round(v, 2)
         times.add('silent_trial', time.perf_counter() - t0, _cpu_seconds() - c0)
+        last_labels = datetime.fromisoformat(cfg.end).replace(tzinfo=timezone.utc) + timedelta(days=2)   # the last label run's clock
         echo('5/7 report (report.ipynb by papermill, nbconvert)')
         # the impact runs' kernel starts, and imports the estimators, while the report renders and the gates are checked
         with impact_kernels(ws) as ahead:
@@ -602,10 +647,14 @@ def run_demo(ws: Workspace, # the demo's workspace: the embedded SQLite store in
             echo(f'  {dep.name}: live on {report.model}' if live else
                  f"  {dep.name} stays silent: refused by {', '.join(f'{g.name} ({g.figure}; needs {g.threshold})' for g in report.failing)}")
             echo('6/7 impact evaluation: two simulated interventions with known effects, each analysis registered as a plan, then run '
-                 'by its notebook (impact_rdd.ipynb, impact_rct.ipynb by papermill)')
-            with times.stage('impact'): impact = run_impact_demo(ws, engine, seed=seed, echo=echo, kernels=ahead)
+                 f"by its notebook (impact_rdd.ipynb, impact_rct.ipynb by papermill); and {STORE_PLAN}, registered before the silent trial, on {dep.name}'s own log")
+            with times.stage('impact'):
+                impact = run_impact_demo(ws, engine, seed=seed, echo=echo, kernels=ahead)
+                # its own log as known now, after the last label run: packets and labels carry the wall-clock time they were stored
+                # (the replayed feed's clock is the simulated one), so "as known at" the simulated clock would see none
+                impact[STORE_PLAN] = run_store_impact_demo(ws, engine, None, echo, ahead)
         echo(f'  monitoring: {dep.name} at the last label run\'s clock (figures over rolling windows stored, its alert rules checked)')
-        with times.stage('monitoring'): run_demo_monitoring(engine, dep, datetime.fromisoformat(cfg.end).replace(tzinfo=timezone.utc) + timedelta(days=2), echo)
+        with times.stage('monitoring'): run_demo_monitoring(engine, dep, last_labels, echo)
         with engine.connect() as c: chain = verify_audit_chain(c)
         echo(f'  audit log: {chain.rows} rows checked, ' + ('hash chain intact' if chain.ok else f"{len(chain.problems)} problems: {'; '.join(chain.problems)}"))
         echo('7/7 summary')

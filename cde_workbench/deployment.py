@@ -259,7 +259,7 @@ class ChecksSpec:
 TRIGGER_KINDS = ('order', 'hook', 'schedule')
 CDS_HOOKS = ('order-sign', 'patient-view')   # the CDS Hooks the scoring service answers
 CATCH_UP = ('skip', 'latest', 'all')         # missed scheduled times after downtime
-PIPELINE_KINDS = ('score', 'labels', 'monitor', 'report', 'train', 'evaluate')   # notebooks the scheduler may run
+PIPELINE_KINDS = ('score', 'labels', 'monitor', 'report', 'train', 'evaluate', 'impact')   # notebooks the scheduler may run (impact: the deployment's registered store plans, 76_impact_report)
 RANDOMISATION_UNITS = ('patient', 'encounter')
 # what a monitoring run (50b_monitoring) computes over a rule's window, so every rule can be checked:
 ALERT_METRICS = ('auroc', 'oe', 'slope', 'prevalence',          # labelled packets: AUROC, observed/expected, calibration slope, abnormal share

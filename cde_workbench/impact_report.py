@@ -24,7 +24,7 @@ __all__ = ['ESTIMATORS', 'NOTEBOOKS', 'effect_sentence', 'plan_html', 'rd_plot_h
            'flow_diagram_html', 'compliance_html', 'iv_sentences', 'iv_html', 'selection_sentence',
            'label_selection_html', 'not_estimable_result', 'run_html', 'impact_report_body', 'headline',
            'impact_report_html', 'read_impact_data', 'analysis_columns', 'plan_data_path', 'run_plan',
-           'show_impact_report', 'run_plan_notebook']
+           'show_impact_report', 'run_plan_notebook', 'deployment_store_plans', 'run_deployment_plans']
 
 # %% ../nbs/76_impact_report.ipynb #r1100005
 def _level_text(result: dict) -> str:
@@ -568,16 +568,43 @@ def show_impact_report(result: dict, # what `run_plan` returned
 def run_plan_notebook(ws: Workspace, # the workspace
                       name: str, # the registered plan
                       kernel_manager_class: type | None = None, # where the run's kernel comes from (the demo's warm kernels); default a new one
+                      as_of: datetime | None = None, # a store plan's analysis time: packets and labels as known then (None: now); refused for a file plan
                      ) -> tuple:
     "Run a registered plan's pipeline notebook with papermill under its deployment; returns the `NotebookRun` and the result."
+    from cde_workbench.config import as_utc
     from cde_workbench.deployment import load_deployment
     from cde_workbench.schedule import run_notebook
     from cde_workbench.store import get_engine
     reg = get_plan(get_engine(ws.database_url), name)
+    if as_of is not None and store_deployment(reg.plan) is None:   # refused, not ignored: a file is what it is, whatever the time
+        raise ImpactError(f"plan {name!r} reads the file {reg.plan.data}: --as-of applies only to a plan on a deployment's store (data = \"store:<deployment>\")")
     if not reg.plan.deployment:
         raise ImpactError(f"plan {name!r} names no deployment: `cde impact run` records its run in a deployment's run ledger; "
                           "register the analysis with `deployment = …` (or call run_plan from a notebook)")
     dep = load_deployment(reg.plan.deployment, ws.deployments)
-    run = run_notebook(ws, dep, NOTEBOOKS[reg.plan.design], {'plan': name, 'parameters': reg.effective_parameters},
-                       kernel_manager_class=kernel_manager_class)
+    params = {'plan': name, 'parameters': reg.effective_parameters} | ({'as_of': as_utc(as_of, 'as_of').isoformat()} if as_of is not None else {})
+    run = run_notebook(ws, dep, NOTEBOOKS[reg.plan.design], params, kernel_manager_class=kernel_manager_class)
     return run, json.loads((ws.reports / 'impact' / name / run.run_id / 'result.json').read_text())
+
+def deployment_store_plans(ws: Workspace, # the workspace
+                           deployment: str, # the deployment
+                          ) -> list[RegisteredPlan]:
+    "The registered plans a deployment's scheduled impact run runs: those filed under it that analyse its own log (`data = \"store:<deployment>\"`)."
+    from cde_workbench.impact_plans import list_plans
+    from cde_workbench.store import get_engine
+    return [r for r in list_plans(get_engine(ws.database_url)) if r.plan.deployment == deployment and store_deployment(r.plan) == deployment]
+
+def run_deployment_plans(ws: Workspace, # the workspace
+                         deployment: str, # the deployment whose store plans run
+                         run_id: str, # the run ledger id (the scheduled `impact` notebook's): each plan's result lands in reports/impact/<plan>/<run_id>/
+                         as_of: datetime, # the analysis time (the cron time): packets and labels as known then
+                        ) -> list[dict]:
+    """Run every store plan of a deployment as known at `as_of` (the scheduled `impact` notebook): each plan is checked against its
+    registration and reported on its own; a plan that fails does not stop the others, and the run then fails naming each failure."""
+    from cde_workbench.config import CDEError
+    results, failed = [], []
+    for reg in deployment_store_plans(ws, deployment):
+        try: results.append(run_plan(ws, reg.plan.name, None, run_id, as_of=as_of))
+        except CDEError as e: failed.append(f'{reg.plan.name}: {e}')
+    if failed: raise ImpactError(f"{len(failed)} of {len(failed) + len(results)} impact plan(s) of {deployment!r} failed: " + '; '.join(failed))
+    return results

@@ -132,3 +132,18 @@ def test_ledger_command_records_airflow_runs(tmp_path):
     r = ledger('start', '{"deployment": "na_abnormal"}')
     assert isinstance(r.exception, CDEError) and 'missing workspace, kind, run_id' in str(r.exception)
     dispose_engines()
+
+
+def test_a_scheduled_impact_run_exports_like_any_scheduled_notebook(tmp_path):
+    "`[schedule] impact = \"<cron>\"` (the deployment's registered store plans, nbs/76_impact_report): one DAG, its as_of the interval's end, as the embedded scheduler gives it."
+    from cde_workbench.airflow import export_airflow
+    from cde_workbench.config import Workspace
+    shutil.copytree(ROOT / 'deployments', tmp_path / 'deployments')
+    toml = tmp_path / 'deployments' / 'hgb_abnormal' / 'deployment.toml'
+    toml.write_text(toml.read_text().replace('labels = "30 2 * * *"', 'labels = "30 2 * * *"\nimpact = "0 3 1 * *"'))
+    export_airflow(Workspace.under(tmp_path / 'site', deployments=tmp_path / 'deployments'), tmp_path / 'dags', cde='/opt/cde/bin/cde')
+    src = (tmp_path / 'dags' / 'cde_hgb_abnormal_impact.py').read_text()
+    c = constants(src)
+    assert (c['DEPLOYMENT'], c['KIND'], c['CRON']) == ('hgb_abnormal', 'impact', '0 3 1 * *')
+    assert '"as_of": "{{ data_interval_end.isoformat() }}"' in src and str(tmp_path / 'deployments' / '_pipelines' / 'impact.ipynb') in src
+    compile(src, 'cde_hgb_abnormal_impact.py', 'exec')

@@ -1,5 +1,6 @@
 """The walking skeleton end to end, as a user runs it: `cde demo` in its own process, then the store,
 the report, a repeated scoring run, and the Voilà dashboard in Chromium."""
+import json
 import re
 import subprocess
 import sys
@@ -127,4 +128,18 @@ def test_demo_leaves_both_impact_reports(demo):
         assert 'id="plan-sha256"' in page and 'id="headline"' in page and 'data:image/png;base64' in page
     assert re.search(r'hgb_display_rdd \(sha256 \w+…\): effect of showing the score -?\d+\.\d{3} \(95% robust CI -?\d+\.\d{3} to -?\d+\.\d{3}\); simulated truth', out)
     assert re.search(r'electrolyte_nudge \(sha256 \w+…\): ITT -?\d+\.\d{3} \(95% CI .*\), truth -?\d+\.\d{3}; CACE', out)
-    assert q(demo['engine'], "select count(*) from audit_log where action = 'impact.run'")[0][0] == 2
+    assert q(demo['engine'], "select count(*) from audit_log where action = 'impact.run'")[0][0] == 3
+
+
+def test_demo_runs_a_plan_registered_on_its_own_log(demo):
+    "hgb_label_selection: registered before the silent trial logged anything, run at the end on hgb_abnormal's log as known at the last label run."
+    out, eng = demo['out'], demo['engine']
+    m = re.search(r'Impact report \(hgb_label_selection\): (\S+/report\.html)', out)
+    assert m, out[-2000:]
+    result = json.loads((Path(m.group(1)).parent / 'result.json').read_text())
+    assert (result['design'], result['run']['source'], result['run']['deployment']) == ('label_selection', 'store', 'hgb_abnormal')
+    (registered,), = q(eng, "select registered_at from analysis_plans where name = 'hgb_label_selection'")
+    (first,), = q(eng, "select min(started_at) from runs where deployment = 'hgb_abnormal' and kind = 'score'")
+    assert str(registered) < str(first)   # the plan came before the silent trial's first scoring run, let alone a label
+    assert result['run']['n_packets'] > 0 and result['n_observed'] > 0
+    assert re.search(r'hgb_label_selection \(sha256 \w+…\), hgb_abnormal\'s log as known at .*: \d+ packets, \d+ labelled; AUROC weighted', out)

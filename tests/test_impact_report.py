@@ -3,6 +3,7 @@ estimators on the same data, bad input is one line, and a registered plan's note
 executed copy, and refuses parameters that differ from the plan."""
 import json
 import re
+from datetime import datetime
 import subprocess
 import sys
 
@@ -109,6 +110,11 @@ def test_a_plan_runs_by_its_notebook_and_refuses_other_parameters(cde, tmp_path)
         assert c.execute(sa.select(runs.c.status).where(runs.c.kind == 'impact_rdd').order_by(runs.c.started_at)).scalars().all() == ['succeeded', 'failed']
     assert [p.name for p in (ws.reports / 'impact' / plan.name).iterdir()] == [run_id]
     one_line_error(cde('impact', 'run', 'no_such_plan', env=ws.as_env()), "no registered plan 'no_such_plan'")
+    # --as-of on a plan that reads a file: refused (a file is what it is at any time), before papermill runs anything
+    one_line_error(cde('impact', 'run', plan.name, '--as-of', '2024-01-01T00:00:00+00:00', env=ws.as_env()),
+                   f"plan {plan.name!r} reads the file {plan.data}: --as-of applies only to a plan on a deployment's store")
+    one_line_error(cde('impact', 'run', plan.name, '--as-of', 'yesterday', env=ws.as_env()), '--as-of')
+    assert [p.name for p in (ws.reports / 'impact' / plan.name).iterdir()] == [run_id]
 
 
 STORE_DEPLOYMENT = '''name = "hgb_shown"
@@ -176,6 +182,8 @@ def test_a_store_plan_runs_on_the_deployments_log(store_url, tmp_path):
     # a run as known earlier sees fewer packets, and says so
     early = run_plan(ws, 'shown_rdd', run_id='run-0', as_of=truth['first'] + (truth['last'] - truth['first']) * 0.9)
     assert early['run']['n_packets'] < ds.n_packets and early['run']['data_sha256'] != ds.sha256
+    de = impact_dataset(engine, dep, datetime.fromisoformat(early['run']['as_of']))   # exactly the rows known then
+    assert (early['run']['n_packets'], early['run']['data_sha256'], early['run']['n_excluded']) == (de.n_packets, de.sha256, de.n_excluded)
     with engine.connect() as c:
         details = [json.loads(d) for d in c.execute(sa.select(audit_log.c.detail).where(audit_log.c.action == 'impact.run').order_by(audit_log.c.id)).scalars()]
     assert [(d['run_id'], d['source'], d['n_packets']) for d in details] == [('run-1', 'store', ds.n_packets), ('run-0', 'store', early['run']['n_packets'])]
@@ -203,3 +211,58 @@ def test_cde_impact_run_on_a_store_plan(cde, tmp_path):
     assert (result['run']['source'], result['run']['n_packets'], result['run']['data_sha256']) == ('store', ds.n_packets, ds.sha256)
     assert result['estimate'] == rdd_analysis(ds.frame, running='score', outcome='label', treatment='shown', cutoff=0.5)['estimate']
     assert 'id="run-packets"' in (ws.reports / 'impact' / 'shown_rdd' / run_id / 'report.html').read_text()
+    # --as-of T: the notebook gets T as a parameter and reads the log as known then: fewer packets and labels, as impact_dataset at T
+    t = truth['first'] + (truth['last'] - truth['first']) * 0.8
+    r = cde('impact', 'run', 'shown_rdd', '--as-of', t.isoformat(), env=ws.as_env())
+    assert r.returncode == 0, r.stderr
+    executed = re.search(r'notebook (\S+\.ipynb)', r.stdout).group(1)
+    early = json.loads((ws.reports / 'impact' / 'shown_rdd' / executed.split('/')[-2] / 'result.json').read_text())
+    de = impact_dataset(engine, dep, t)
+    assert (early['run']['as_of'], early['run']['n_packets'], early['run']['data_sha256']) == (t.isoformat(), de.n_packets, de.sha256)
+    assert de.n_packets < ds.n_packets
+    injected = next(''.join(c['source']) for c in json.loads(open(executed).read())['cells'] if 'injected-parameters' in c['metadata'].get('tags', []))
+    assert f'as_of = "{t.isoformat()}"' in injected
+
+
+@pytest.mark.slow
+def test_a_scheduled_impact_run_runs_the_deployments_store_plans_as_of_its_cron_time(tmp_path):
+    "`[schedule] impact = \"<cron>\"`: the scheduler runs the deployment's store plans at the cron time, as_of = that time, in the run ledger, each with its report."
+    import shutil
+    from datetime import timedelta
+    import sqlalchemy as sa
+    from cde_workbench.config import Workspace
+    from cde_workbench.deploy import set_status
+    from cde_workbench.deployment import load_deployment
+    from cde_workbench.impact_data import impact_dataset
+    from cde_workbench.impact_plans import AnalysisPlan, register_plan
+    from cde_workbench.schedule import Scheduler
+    from cde_workbench.store import runs
+    ws = Workspace.under(tmp_path)
+    engine, dep, truth = logged_display(ws)
+    shutil.copytree(ROOT / 'deployments' / '_pipelines', ws.deployments / '_pipelines')
+    due = (truth['first'] + (truth['last'] - truth['first']) * 0.8).replace(minute=0, second=0, microsecond=0)
+    toml = ws.deployments / 'hgb_shown' / 'deployment.toml'
+    toml.write_text(toml.read_text() + f'\n[schedule]\nimpact = "0 {due.hour} * * *"\n')
+    dep = load_deployment('hgb_shown', ws.deployments)
+    assert dep.scheduled_runs() == {'impact': f'0 {due.hour} * * *'}
+    register_plan(engine, store_plan(), actor='Dr A')
+    # a plan filed under the deployment that reads a file: not scheduled (its data do not change with time); were it run, it would fail
+    register_plan(engine, AnalysisPlan(name='shown_file', design='rdd', population='an extract', outcome='o', estimand='e', estimator='rdrobust',
+                                       data='impact/absent.csv', deployment='hgb_shown', parameters={'running': 'score', 'outcome': 'label', 'cutoff': 0.5}), actor='Dr A')
+    from cde_workbench.registry import get_model
+    with engine.connect() as c: model_id = get_model(c, 'hgb_shown').model_id
+    set_status(engine, 'hgb_shown', 'silent', model_id, 'test: scheduled impact')
+    s = Scheduler(ws, [dep], clock=lambda: due + timedelta(minutes=1))
+    out = s.tick(wait=True)
+    assert [(o.run.kind, o.run.due, o.status) for o in out] == [('impact', due, 'succeeded')], [o.error for o in out]
+    with engine.connect() as c:
+        run_id, params, sched, by, nb = c.execute(sa.select(runs.c.run_id, runs.c.parameters, runs.c.scheduled_for, runs.c.started_by, runs.c.notebook)
+                                                  .where(runs.c.kind == 'impact')).one()
+    assert json.loads(params)['as_of'] == due.isoformat() and by == 'schedule' and nb.endswith(f'hgb_shown/{run_id}/impact.ipynb')
+    result = json.loads((ws.reports / 'impact' / 'shown_rdd' / run_id / 'result.json').read_text())
+    ds = impact_dataset(engine, dep, due)   # the log as known at the cron time: fewer packets than were logged in all
+    assert (result['run']['as_of'], result['run']['n_packets'], result['run']['data_sha256']) == (due.isoformat(), ds.n_packets, ds.sha256)
+    assert ds.n_packets + ds.n_excluded['cancelled'] < 600
+    assert f'<span id="run-packets">{ds.n_packets}</span>' in (ws.reports / 'impact' / 'shown_rdd' / run_id / 'report.html').read_text()
+    assert not (ws.reports / 'impact' / 'shown_file').exists()
+    assert s.tick(wait=True) == []   # the same clock again: nothing more is due
