@@ -26,7 +26,8 @@ def test_demo_says_where_the_report_and_dashboard_are(demo):
 
 def test_exactly_one_packet_per_scored_order(demo):
     eng = demo['engine']
-    n, distinct = q(eng, "select count(*), count(distinct order_id) from inferences where deployment='hgb_abnormal'")[0]
+    # packets of orders (the ward round after going live scores patient-view points, not orders: see the ward view's test)
+    n, distinct = q(eng, "select count(*), count(distinct order_id) from inferences where deployment='hgb_abnormal' and \"trigger\" != 'hook'")[0]
     due = q(eng, "select count(*) from lab_orders where panel='CBC' and event_time >= '2024-01-01'")[0][0]
     # every such order has a packet, except orders whose cancellation was stored before their scoring run
     missed = q(eng, "select count(*) from lab_orders o where panel='CBC' and event_time >= '2024-01-01' and status != 'cancelled' "
@@ -35,7 +36,7 @@ def test_exactly_one_packet_per_scored_order(demo):
     # every packet was scored at its order's time, with the model the deployment serves
     mism = q(eng, "select count(*) from inferences i join lab_orders o using (order_id) where i.prediction_time != o.event_time")[0][0]
     assert mism == 0
-    assert q(eng, "select count(distinct model_id) from inferences where deployment='hgb_abnormal'")[0][0] == 1
+    assert q(eng, "select count(distinct model_id) from inferences where deployment='hgb_abnormal'")[0][0] == 1   # the ward round's too
     # labels: every packet whose hemoglobin result arrived has one (in one or more versions: corrected results add versions)
     labelled = q(eng, "select count(distinct inference_id) from inference_labels")[0][0]
     resulted = q(eng, "select count(distinct i.inference_id) from inferences i join lab_results r on r.order_id = i.order_id and r.component = 'HGB'")[0][0]
@@ -128,3 +129,23 @@ def test_demo_leaves_both_impact_reports(demo):
     assert re.search(r'hgb_display_rdd \(sha256 \w+…\): effect of showing the score -?\d+\.\d{3} \(95% robust CI -?\d+\.\d{3} to -?\d+\.\d{3}\); simulated truth', out)
     assert re.search(r'electrolyte_nudge \(sha256 \w+…\): ITT -?\d+\.\d{3} \(95% CI .*\), truth -?\d+\.\d{3}; CACE', out)
     assert q(demo['engine'], "select count(*) from audit_log where action = 'impact.run'")[0][0] == 2
+
+
+def test_the_demo_leaves_the_ward_view_with_live_scores(demo):
+    "hgb_abnormal went live through its gates; the ward round scored every current inpatient; the ward view shows those scores only."
+    from cde_workbench.config import utcnow
+    from cde_workbench.ward import live_deployments, ward_names, ward_patients
+    eng = demo['engine']
+    assert q(eng, "select status from deployments where name='hgb_abnormal'")[0][0] == 'live', demo['out'][-2000:]
+    m = re.search(r'ward round: (\d+) current inpatients on (\d+) wards scored live', demo['out'])
+    assert m and int(m.group(1)) > 0, demo['out'][-2000:]
+    hook = q(eng, "select count(*), count(distinct output_mode), min(output_mode) from inferences where \"trigger\" = 'hook'")[0]
+    assert hook[0] == int(m.group(1)) and hook[1:] == (1, 'threshold')
+    deps = live_deployments(eng, ROOT / 'deployments')
+    assert [d.name for d in deps] == ['hgb_abnormal']
+    now = utcnow()
+    wards = ward_names(eng, now)
+    assert len(wards) == int(m.group(2))
+    rows = [ward_patients(eng, w, now, deps) for w in wards]
+    scores = [s for df in rows for s in df['hgb_abnormal:score'].to_list()]
+    assert len(scores) == int(m.group(1)) and all(s is not None for s in scores)   # every current inpatient, with a live score
