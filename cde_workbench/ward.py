@@ -188,7 +188,7 @@ def ward_patients(conn_or_engine: Connection | Engine, # the store (an engine, o
             out = out.with_columns([pl.Series(f'{d.name}:{c}', v, dtype=_COLUMNS[c]) for c, v in cols.items()])
     return out
 
-# %% ../nbs/51b_ward.ipynb #8912fcbd
+# %% ../nbs/51b_ward.ipynb #3bdaf10f
 STALE_FEED = timedelta(hours=1)   # an ADT feed silent for longer than this is named on the page (hospital ADT flows every few minutes)
 
 def feed_last_stored(conn_or_engine: Connection | Engine, # the store

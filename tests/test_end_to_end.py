@@ -132,20 +132,28 @@ def test_demo_leaves_both_impact_reports(demo):
 
 
 def test_the_demo_leaves_the_ward_view_with_live_scores(demo):
-    "hgb_abnormal went live through its gates; the ward round scored every current inpatient; the ward view shows those scores only."
-    from cde_workbench.config import utcnow
-    from cde_workbench.ward import live_deployments, ward_names, ward_patients
+    """hgb_abnormal went live through its gates; the ward round scored every current inpatient at the feed's last message;
+    the ward view, at the wall clock as the dashboard opens it, shows those scores (the store's), and says the feed stopped."""
+    from cde_workbench.config import as_utc, utcnow
+    from cde_workbench.store import inferences
+    from cde_workbench.ward import live_deployments, ward_names, ward_patients, ward_view_html
     eng = demo['engine']
     assert q(eng, "select status from deployments where name='hgb_abnormal'")[0][0] == 'live', demo['out'][-2000:]
-    m = re.search(r'ward round: (\d+) current inpatients on (\d+) wards scored live', demo['out'])
+    m = re.search(r'ward round: (\d+) current inpatients on (\d+) wards scored live at (\S+) ', demo['out'])
     assert m and int(m.group(1)) > 0, demo['out'][-2000:]
     hook = q(eng, "select count(*), count(distinct output_mode), min(output_mode) from inferences where \"trigger\" = 'hook'")[0]
     assert hook[0] == int(m.group(1)) and hook[1:] == (1, 'threshold')
     deps = live_deployments(eng, ROOT / 'deployments')
     assert [d.name for d in deps] == ['hgb_abnormal']
+    with eng.connect() as c: at = as_utc(c.execute(sa.select(sa.func.max(inferences.c.prediction_time)).where(inferences.c.trigger == 'hook')).scalar())
+    assert f'{at:%Y-%m-%dT%H:%M}' == m.group(3)
     now = utcnow()
     wards = ward_names(eng, now)
-    assert len(wards) == int(m.group(2))
-    rows = [ward_patients(eng, w, now, deps) for w in wards]
-    scores = [s for df in rows for s in df['hgb_abnormal:score'].to_list()]
-    assert len(scores) == int(m.group(1)) and all(s is not None for s in scores)   # every current inpatient, with a live score
+    assert len(wards) == int(m.group(2)) and wards == ward_names(eng, at)   # nothing admitted or discharged after the feed's last message
+    shown = {}
+    for w in wards:
+        df = ward_patients(eng, w, now, deps)
+        shown |= dict(zip(df['patient_key'], df['hgb_abnormal:score']))
+        assert f'ADT feed has been silent since {at:%Y-%m-%d %H:%M} UTC' in ward_view_html(eng, w, now, deps, 'e2e test')
+    stored = dict(q(eng, "select patient_key, score from inferences where \"trigger\" = 'hook'"))
+    assert len(shown) == int(m.group(1)) and shown == stored   # every current inpatient, with the live score the store holds
