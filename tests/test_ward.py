@@ -122,6 +122,8 @@ def test_a_clinician_opens_the_ward_view_in_a_browser_and_picks_a_ward(tmp_path)
                      for i in range(page.locator('[id^="patient-"]').count())}
             assert shown == expected == {'P1': '0.62', 'P2': '0.11', 'P3': '—'}
             assert not dialogs and page.locator('img[src="x"]').count() == 0      # no script ran
+            last = now - timedelta(hours=10)   # P5's discharge, the feed's latest message: the page's clock is the wall clock, and it says so
+            assert f'ADT feed has been silent since {last:%Y-%m-%d %H:%M} UTC (10 hours before' in page.locator('.cde-ward').inner_text()
             page.screenshot(path=str(tmp_path / 'ward.png'), full_page=True)
     with eng.connect() as c:
         rows = c.execute(sa.select(audit_log.c.actor, audit_log.c.action, audit_log.c.detail)
