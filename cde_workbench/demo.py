@@ -33,7 +33,7 @@ from .deployment import Deployment, load_deployment
 __all__ = ['DEMO_DEPLOYMENT', 'CLOCK_DEPLOYMENT', 'DEMO_OPEN_STAYS', 'DEMO_REVIEWER', 'DEMO_DRIFT_SHIFT', 'DEPLOYR_DEPLOYMENTS',
            'IMPACT_FOLDER', 'StageTimes', 'reset_demo_store', 'worker_threads', 'train_demo_tasks', 'WarmKernels',
            'trial_weeks', 'label_run_due', 'mllp_receiver', 'demo_impact_plans', 'impact_kernels', 'run_impact_demo',
-           'run_demo_monitoring', 'demo_ward_round', 'DemoResult', 'run_demo']
+           'run_demo_monitoring', 'demo_ward_census', 'demo_ward_round', 'DemoResult', 'run_demo']
 
 # %% ../nbs/75_demo.ipynb #07c6b155
 DEMO_DEPLOYMENT = 'hgb_abnormal'   # the one that runs a silent trial
@@ -463,27 +463,33 @@ def run_demo_monitoring(engine, # the demo's store
     return summary
 
 # %% ../nbs/75_demo.ipynb #w12d0002
-def demo_ward_round(engine, # the demo's store
-                    dep: Deployment, # the deployment, now live
-                   ) -> dict:
-    "Score every current inpatient live, as a patient-view hook would, at the last time the store knows; how many, and how many shown."
+def demo_ward_census(engine) -> dict:
+    "The current inpatients when the feed stops (the latest ADT stored time): when, the population, its wards."
     import sqlalchemy as sa
     from cde_workbench.clock import ward_population
     from cde_workbench.config import as_utc
-    from cde_workbench.schedule import run_ledger
-    from cde_workbench.serve import score_point, serving_model
-    from cde_workbench.service import point_id
     from cde_workbench.store import adt_events
     with engine.connect() as c:
         when = as_utc(c.execute(sa.select(sa.func.max(adt_events.c.stored_time))).scalar_one(), 'the ward round: latest ADT stored time')
         pop = ward_population(c, when)
+    return {'at': when, 'population': pop, 'wards': sorted(set(pop['ward'].drop_nulls()))}
+
+def demo_ward_round(engine, # the demo's store
+                    dep: Deployment, # the deployment, now live
+                   ) -> dict:
+    "Score every current inpatient live, as a patient-view hook would, at the last time the store knows; how many, and how many shown."
+    from cde_workbench.schedule import run_ledger
+    from cde_workbench.serve import score_point, serving_model
+    from cde_workbench.service import point_id
+    census = demo_ward_census(engine)
+    when, pop = census['at'], census['population']
     model, shown = serving_model(engine, dep), 0
     with run_ledger(engine, dep.name, 'hook', {'as_of': when.isoformat(), 'demo': 'ward round'}, heartbeat_seconds=None) as run_id:
         for r in pop.iter_rows(named=True):
             p = score_point(engine, dep, patient_key=r['patient_key'], when=when, order_id=point_id('pv', f"{r['encounter_id']}@{when:%Y%m%dT%H%M}"),
                             trigger='hook', run_id=run_id, encounter_id=r['encounter_id'], ward=r['ward'], model=model)
             shown += bool(p.shown)
-    return {'at': when.isoformat(), 'scored': pop.height, 'shown': shown, 'wards': sorted(set(pop['ward'].drop_nulls()))}
+    return {'at': when.isoformat(), 'scored': pop.height, 'shown': shown, 'wards': census['wards']}
 
 # %% ../nbs/75_demo.ipynb #bc717171
 @dataclass
@@ -629,6 +635,10 @@ def run_demo(ws: Workspace, # the demo's workspace: the embedded SQLite store in
                 with times.stage('ward_round'): ward = demo_ward_round(engine, dep)
                 echo(f"  ward round: {ward['scored']} current inpatients on {len(ward['wards'])} wards scored live at {ward['at'][:16]} "
                      f"(patient-view), {ward['shown']} shown by its {dep.output.mode} mode; the ward view shows them")
+            else:   # no live deployment: the ward view lists the patients, without scores, and says why
+                census = demo_ward_census(engine)
+                echo(f"  ward view: {census['population'].height} current inpatients on {len(census['wards'])} wards when the feed stops "
+                     f"({census['at']:%Y-%m-%dT%H:%M}), listed without scores: no deployment is live")
             echo('6/7 impact evaluation: two simulated interventions with known effects, each analysis registered as a plan, then run '
                  'by its notebook (impact_rdd.ipynb, impact_rct.ipynb by papermill)')
             with times.stage('impact'): impact = run_impact_demo(ws, engine, seed=seed, echo=echo, kernels=ahead)

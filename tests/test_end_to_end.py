@@ -131,29 +131,37 @@ def test_demo_leaves_both_impact_reports(demo):
     assert q(demo['engine'], "select count(*) from audit_log where action = 'impact.run'")[0][0] == 2
 
 
-def test_the_demo_leaves_the_ward_view_with_live_scores(demo):
-    """hgb_abnormal went live through its gates; the ward round scored every current inpatient at the feed's last message;
-    the ward view, at the wall clock as the dashboard opens it, shows those scores (the store's), and says the feed stopped."""
+def test_the_demo_leaves_the_ward_view_with_its_patients(demo):
+    """The ward view, at the wall clock as the dashboard opens it, lists each ward's current inpatients (the hospital's open
+    stays), names the feed's last message, and shows scores only if a deployment went live through its gates: then the ward
+    round scored every current inpatient and the page's scores are the store's. On this demo's data the calibration gate
+    refuses hgb_abnormal (README, Going live): no ward round, no scores, and the page says no deployment is live."""
     from cde_workbench.config import as_utc, utcnow
-    from cde_workbench.store import inferences
+    from cde_workbench.demo import DEMO_OPEN_STAYS
+    from cde_workbench.store import adt_events
     from cde_workbench.ward import live_deployments, ward_names, ward_patients, ward_view_html
     eng = demo['engine']
-    assert q(eng, "select status from deployments where name='hgb_abnormal'")[0][0] == 'live', demo['out'][-2000:]
-    m = re.search(r'ward round: (\d+) current inpatients on (\d+) wards scored live at (\S+) ', demo['out'])
-    assert m and int(m.group(1)) > 0, demo['out'][-2000:]
-    hook = q(eng, "select count(*), count(distinct output_mode), min(output_mode) from inferences where \"trigger\" = 'hook'")[0]
-    assert hook[0] == int(m.group(1)) and hook[1:] == (1, 'threshold')
+    status = q(eng, "select status from deployments where name='hgb_abnormal'")[0][0]
     deps = live_deployments(eng, ROOT / 'deployments')
-    assert [d.name for d in deps] == ['hgb_abnormal']
-    with eng.connect() as c: at = as_utc(c.execute(sa.select(sa.func.max(inferences.c.prediction_time)).where(inferences.c.trigger == 'hook')).scalar())
-    assert f'{at:%Y-%m-%dT%H:%M}' == m.group(3)
+    assert [d.name for d in deps] == (['hgb_abnormal'] if status == 'live' else []), status
+    with eng.connect() as c: at = as_utc(c.execute(sa.select(sa.func.max(adt_events.c.stored_time))).scalar())
     now = utcnow()
     wards = ward_names(eng, now)
-    assert len(wards) == int(m.group(2)) and wards == ward_names(eng, at)   # nothing admitted or discharged after the feed's last message
-    shown = {}
+    assert wards == ward_names(eng, at)   # nothing admitted or discharged after the feed's last message
+    shown, pages = {}, []
     for w in wards:
         df = ward_patients(eng, w, now, deps)
-        shown |= dict(zip(df['patient_key'], df['hgb_abnormal:score']))
-        assert f'ADT feed has been silent since {at:%Y-%m-%d %H:%M} UTC' in ward_view_html(eng, w, now, deps, 'e2e test')
-    stored = dict(q(eng, "select patient_key, score from inferences where \"trigger\" = 'hook'"))
-    assert len(shown) == int(m.group(1)) and shown == stored   # every current inpatient, with the live score the store holds
+        shown |= dict(zip(df['patient_key'], df['hgb_abnormal:score'] if deps else [None] * df.height))
+        pages.append(ward_view_html(eng, w, now, deps, 'e2e test'))
+        assert f'ADT feed has been silent since {at:%Y-%m-%d %H:%M} UTC' in pages[-1]
+    assert len(shown) >= DEMO_OPEN_STAYS   # the open stays at least (a garbled discharge message may leave another stay open)
+    hook = dict(q(eng, "select patient_key, score from inferences where \"trigger\" = 'hook'"))
+    if status == 'live':
+        m = re.search(r'ward round: (\d+) current inpatients on (\d+) wards scored live at (\S+) ', demo['out'])
+        assert m and (int(m.group(1)), int(m.group(2)), m.group(3)) == (len(shown), len(wards), f'{at:%Y-%m-%dT%H:%M}'), demo['out'][-2000:]
+        assert shown == hook and q(eng, "select distinct output_mode from inferences where \"trigger\" = 'hook'") == [('threshold',)]
+    else:
+        assert re.search(r'hgb_abnormal stays silent: refused by ', demo['out'])
+        m = re.search(r'ward view: (\d+) current inpatients on (\d+) wards when the feed stops \((\S+)\), listed without scores', demo['out'])
+        assert m and (int(m.group(1)), int(m.group(2)), m.group(3)) == (len(shown), len(wards), f'{at:%Y-%m-%dT%H:%M}'), demo['out'][-2000:]
+        assert hook == {} and all('No deployment is live' in p for p in pages)
