@@ -25,7 +25,7 @@ from .store import adt_events, get_engine, inferences, read_frame
 from .terminology import LABS, reference_range
 
 # %% auto #0
-__all__ = ['BANDS', 'LIVE_MODES', 'STALE_FEED', 'ALL_LIVE', 'WardError', 'plain_reasons', 'score_band', 'trend_html',
+__all__ = ['BANDS', 'LIVE_MODES', 'STALE_FEED', 'NO_LIVE', 'ALL_LIVE', 'WardError', 'plain_reasons', 'score_band', 'trend_html',
            'live_deployments', 'ward_names', 'ward_patients', 'feed_last_stored', 'feed_note', 'ward_view_html',
            'ward_page']
 
@@ -223,6 +223,8 @@ def _pick(deployments: list[Deployment], names) -> list[Deployment]:
     if bad: raise WardError(f"deployment {bad[0]!r} is not live with its scores shown (live deployments: {', '.join(have) or 'none'})")
     return [have[n] for n in wanted]
 
+NO_LIVE = '(no live deployment)'   # the audit target of a patient list shown without scores
+
 def ward_view_html(engine: Engine, # the store
                    ward: str, # the ward
                    as_of: datetime, # the clock
@@ -234,7 +236,8 @@ def ward_view_html(engine: Engine, # the store
     as_of, e = _as_of(as_of), safe_html
     if not user: raise WardError('ward view user: the user is empty: a patient list is shown to someone')
     df = ward_patients(engine, ward, as_of, deployments, recent)
-    for d in deployments: audit_patient_list(engine, user, d.name, ward, df['patient_key'].to_list())
+    for d in deployments or [None]:   # a list without scores is a list of patients shown too
+        audit_patient_list(engine, user, d.name if d else NO_LIVE, ward, df['patient_key'].to_list())
     head = '<th>patient (surrogate id)</th><th>admitted</th>' + ''.join(
         f'<th>{e(d.name)}: risk</th><th>trend</th><th>shown</th><th>why</th>' for d in deployments)
     rows = []
