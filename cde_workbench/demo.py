@@ -30,14 +30,16 @@ from .config import ConfigError, PipelineError, Workspace, private_dir, private_
 from .deployment import Deployment, load_deployment
 
 # %% auto #0
-__all__ = ['DEMO_DEPLOYMENT', 'CLOCK_DEPLOYMENT', 'DEMO_REVIEWER', 'DEMO_DRIFT_SHIFT', 'DEPLOYR_DEPLOYMENTS', 'IMPACT_FOLDER',
-           'STORE_PLAN', 'StageTimes', 'reset_demo_store', 'worker_threads', 'train_demo_tasks', 'WarmKernels',
-           'trial_weeks', 'label_run_due', 'mllp_receiver', 'demo_impact_plans', 'impact_kernels', 'run_impact_demo',
-           'demo_store_plan', 'run_store_impact_demo', 'run_demo_monitoring', 'DemoResult', 'run_demo']
+__all__ = ['DEMO_DEPLOYMENT', 'CLOCK_DEPLOYMENT', 'DEMO_OPEN_STAYS', 'DEMO_REVIEWER', 'DEMO_DRIFT_SHIFT', 'DEPLOYR_DEPLOYMENTS',
+           'IMPACT_FOLDER', 'STORE_PLAN', 'StageTimes', 'reset_demo_store', 'worker_threads', 'train_demo_tasks',
+           'WarmKernels', 'trial_weeks', 'label_run_due', 'mllp_receiver', 'demo_impact_plans', 'impact_kernels',
+           'run_impact_demo', 'demo_store_plan', 'run_store_impact_demo', 'run_demo_monitoring', 'demo_ward_census',
+           'demo_ward_round', 'DemoResult', 'run_demo']
 
 # %% ../nbs/75_demo.ipynb #07c6b155
 DEMO_DEPLOYMENT = 'hgb_abnormal'   # the one that runs a silent trial
 CLOCK_DEPLOYMENT = 'icu_transfer_24h'   # the time-driven task, scored once on its clock during the silent trial
+DEMO_OPEN_STAYS = 12   # inpatients still in hospital when the feed ends: the ward round after going live scores them
 DEMO_REVIEWER = 'Dr A. Reviewer (demo)'   # who signs its go-live off
 # the hemoglobin analyser change of 15 February 2024 (nbs/11_synth), in g/dL: at the synthetic default (0.35, a fifth of a
 # standard deviation) a month of a 3,000-patient hospital's results moves its mean by less than the month-to-month noise;
@@ -503,6 +505,35 @@ def run_demo_monitoring(engine, # the demo's store
     for line in summary.lines(): echo(f'    {line}')
     return summary
 
+# %% ../nbs/75_demo.ipynb #w12d0002
+def demo_ward_census(engine) -> dict:
+    "The current inpatients when the feed stops (the latest ADT stored time): when, the population, its wards."
+    import sqlalchemy as sa
+    from cde_workbench.clock import ward_population
+    from cde_workbench.config import as_utc
+    from cde_workbench.store import adt_events
+    with engine.connect() as c:
+        when = as_utc(c.execute(sa.select(sa.func.max(adt_events.c.stored_time))).scalar_one(), 'the ward round: latest ADT stored time')
+        pop = ward_population(c, when)
+    return {'at': when, 'population': pop, 'wards': sorted(set(pop['ward'].drop_nulls()))}
+
+def demo_ward_round(engine, # the demo's store
+                    dep: Deployment, # the deployment, now live
+                   ) -> dict:
+    "Score every current inpatient live, as a patient-view hook would, at the last time the store knows; how many, and how many shown."
+    from cde_workbench.schedule import run_ledger
+    from cde_workbench.serve import score_point, serving_model
+    from cde_workbench.service import point_id
+    census = demo_ward_census(engine)
+    when, pop = census['at'], census['population']
+    model, shown = serving_model(engine, dep), 0
+    with run_ledger(engine, dep.name, 'hook', {'as_of': when.isoformat(), 'demo': 'ward round'}, heartbeat_seconds=None) as run_id:
+        for r in pop.iter_rows(named=True):
+            p = score_point(engine, dep, patient_key=r['patient_key'], when=when, order_id=point_id('pv', f"{r['encounter_id']}@{when:%Y%m%dT%H%M}"),
+                            trigger='hook', run_id=run_id, encounter_id=r['encounter_id'], ward=r['ward'], model=model)
+            shown += bool(p.shown)
+    return {'at': when.isoformat(), 'scored': pop.height, 'shown': shown, 'wards': census['wards']}
+
 # %% ../nbs/75_demo.ipynb #bc717171
 @dataclass
 class DemoResult:
@@ -514,6 +545,7 @@ class DemoResult:
     gates: dict | None = None # the go-live gates of the silent deployment (`GateReport.as_dict()`) and whether it went live
     audit: dict | None = None # the audit log's hash chain checked at the end: rows, problems, ok
     impact: dict | None = None # per registered impact plan: design, sha256, run_id, notebook, report, result, truth
+    ward_round: dict | None = None # the live ward round after going live (`demo_ward_round`): when, scored, shown, wards
 
     @property
     def seconds(self) -> float: return self.stages.seconds['total']
@@ -604,7 +636,7 @@ def run_demo(ws: Workspace, # the demo's workspace: the embedded SQLite store in
         echo(f'1/7 synthetic hospital ({patients} patients)')
         # a realistic feed: some messages sent twice, some late, a few garbled, some patients registered twice then merged
         cfg = HospitalConfig(n_patients=patients, seed=seed, duplicate_rate=0.01, late_rate=0.02, merge_rate=0.02, malformed_rate=0.002,
-                             drift_shift=DEMO_DRIFT_SHIFT)
+                             drift_shift=DEMO_DRIFT_SHIFT, open_stays=DEMO_OPEN_STAYS)
         out = ws.var / 'synth'
         with times.stage('synth'):
             h = generate(cfg)
@@ -646,6 +678,15 @@ def run_demo(ws: Workspace, # the demo's workspace: the embedded SQLite store in
             for line in report.lines()[1:]: echo(f'    {line}')
             echo(f'  {dep.name}: live on {report.model}' if live else
                  f"  {dep.name} stays silent: refused by {', '.join(f'{g.name} ({g.figure}; needs {g.threshold})' for g in report.failing)}")
+            ward = None
+            if live:   # the first live moment: the clinicians' ward view gets scores it may show
+                with times.stage('ward_round'): ward = demo_ward_round(engine, dep)
+                echo(f"  ward round: {ward['scored']} current inpatients on {len(ward['wards'])} wards scored live at {ward['at'][:16]} "
+                     f"(patient-view), {ward['shown']} shown by its {dep.output.mode} mode; the ward view shows them")
+            else:   # no live deployment: the ward view lists the patients, without scores, and says why
+                census = demo_ward_census(engine)
+                echo(f"  ward view: {census['population'].height} current inpatients on {len(census['wards'])} wards when the feed stops "
+                     f"({census['at']:%Y-%m-%dT%H:%M}), listed without scores: no deployment is live")
             echo('6/7 impact evaluation: two simulated interventions with known effects, each analysis registered as a plan, then run '
                  f"by its notebook (impact_rdd.ipynb, impact_rct.ipynb by papermill); and {STORE_PLAN}, registered before the silent trial, on {dep.name}'s own log")
             with times.stage('impact'):
@@ -663,4 +704,4 @@ def run_demo(ws: Workspace, # the demo's workspace: the embedded SQLite store in
     times.cpu_seconds['total'] = round(_cpu_seconds() - c_all, 2)
     times.write(ws.var / 'bench' / 'demo_stages.json', patients=patients)
     return DemoResult(path, rows, feed, times, {**report.as_dict(), 'live': live is not None},
-                      {'rows': chain.rows, 'problems': chain.problems, 'ok': chain.ok}, impact)
+                      {'rows': chain.rows, 'problems': chain.problems, 'ok': chain.ok}, impact, ward)

@@ -98,6 +98,7 @@ class HospitalConfig:
     # clinical revisions in the feed (on by default, at rates a 3,000-patient demo shows a few of): see `feed_revisions`
     cancel_rate: float = 0.05          # prospective lab orders cancelled (ORM^O01, ORC-1 CA) before any result
     correction_rate: float = 0.03      # resulted prospective orders whose result is later corrected (ORU^R01, OBX-11 C)
+    open_stays: int = 0                # patients admitted in the last days and still in hospital at `end` (a ward has current patients)
 
     def check(self):
         "Validate the configuration; a `ConfigError` names the bad setting."
@@ -107,6 +108,8 @@ class HospitalConfig:
         if self.n_patients < 10: raise ConfigError(f"n_patients must be at least 10, got {self.n_patients}")
         for k in ('duplicate_rate', 'late_rate', 'merge_rate', 'malformed_rate', 'cancel_rate', 'correction_rate'):
             if not 0 <= getattr(self, k) <= 0.5: raise ConfigError(f"{k} must be between 0 and 0.5, got {getattr(self, k)}")
+        if not isinstance(self.open_stays, int) or not 0 <= self.open_stays <= self.n_patients // 10:
+            raise ConfigError(f"open_stays must be a whole number from 0 to a tenth of n_patients ({self.n_patients // 10}), got {self.open_stays!r}")
         if self.drift_component is not None and self.drift_component not in LABS:
             raise ConfigError(f"drift_component {self.drift_component!r} unknown (known: {', '.join(LABS)})")
         return self
@@ -237,8 +240,29 @@ def generate(cfg: HospitalConfig | None = None, # settings; default `HospitalCon
     results = _lab_values(cfg, rng, adm, pts, orders)
     orders = orders.select('order_id', 'mrn', 'encounter_id', 'panel', 'event_time', 'result_time')
     patients = pts.select('mrn', 'family_name', 'given_name', 'birth_date', 'sex', 'race_ethnicity')
-    return Hospital(cfg, patients, adm.select('mrn', 'encounter_id', 'admit_time', 'discharge_time', 'ward', 'acute', 'severity'),
-                    adt, dx, meds, orders, results)
+    adm = adm.select('mrn', 'encounter_id', 'admit_time', 'discharge_time', 'ward', 'acute', 'severity')
+    if cfg.open_stays:
+        stays = _open_stays(cfg, adm)
+        adm = pl.concat([adm, stays])
+        adt = pl.concat([adt, stays.select('mrn', 'encounter_id', pl.lit('A01').alias('event_type'), 'ward',
+                                           pl.col('admit_time').alias('event_time'))]).sort('event_time')
+    return Hospital(cfg, patients, adm, adt, dx, meds, orders, results)
+
+def _open_stays(cfg, adm):
+    """Stays still open at `end`: the generator's own stays all end before it, but a hospital always has inpatients.
+    Drawn with their own random stream (so the rest of the hospital is the same with or without them) among patients who
+    had a prospective stay already and are out of hospital in the last three days; admitted then, not yet discharged."""
+    rng, end = np.random.default_rng(cfg.seed + 11), _utc(cfg.end)
+    window = end - timedelta(days=3)
+    busy = set(adm.filter(pl.col('discharge_time') >= window)['mrn'])
+    pool = sorted(set(adm.filter(pl.col('admit_time') >= _utc(cfg.cutover))['mrn']) - busy)
+    pick = [pool[i] for i in sorted(rng.choice(len(pool), min(cfg.open_stays, len(pool)), replace=False))]
+    first = int(adm['encounter_id'].str.slice(3).cast(pl.Int64).max()) + 1
+    admit = [window + timedelta(seconds=float(s)) for s in np.sort(rng.uniform(0, (3 * 86400 - 7200), len(pick)))]
+    return pl.DataFrame({'mrn': pick, 'encounter_id': [f'ENC{first + j}' for j in range(len(pick))], 'admit_time': admit,
+                         'discharge_time': [None] * len(pick), 'ward': list(rng.choice(WARDS[:4], len(pick))),
+                         'acute': [None] * len(pick), 'severity': [None] * len(pick)},
+                        schema=adm.schema)
 
 def _lab_values(cfg, rng, adm, pts, orders):
     n_pat, n_adm = len(pts), len(adm)

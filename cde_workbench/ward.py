@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from contextlib import nullcontext
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import ipywidgets as widgets
@@ -21,12 +21,13 @@ from .config import ConfigError, Workspace, as_utc, utcnow
 from .dashboard import deployment_names, safe_html
 from .deploy import deployment_state, effective_mode
 from .deployment import Deployment, load_deployment
-from .store import get_engine, inferences, read_frame
+from .store import adt_events, get_engine, inferences, read_frame
 from .terminology import LABS, reference_range
 
 # %% auto #0
-__all__ = ['BANDS', 'LIVE_MODES', 'ALL_LIVE', 'WardError', 'plain_reasons', 'score_band', 'trend_html', 'live_deployments',
-           'ward_names', 'ward_patients', 'ward_view_html', 'ward_page']
+__all__ = ['BANDS', 'LIVE_MODES', 'STALE_FEED', 'NO_LIVE', 'ALL_LIVE', 'WardError', 'plain_reasons', 'score_band', 'trend_html',
+           'live_deployments', 'ward_names', 'ward_patients', 'feed_last_stored', 'feed_note', 'ward_view_html',
+           'ward_page']
 
 # %% ../nbs/51b_ward.ipynb #b51b0006
 class WardError(ConfigError):
@@ -187,6 +188,32 @@ def ward_patients(conn_or_engine: Connection | Engine, # the store (an engine, o
             out = out.with_columns([pl.Series(f'{d.name}:{c}', v, dtype=_COLUMNS[c]) for c, v in cols.items()])
     return out
 
+# %% ../nbs/51b_ward.ipynb #3bdaf10f
+STALE_FEED = timedelta(hours=1)   # an ADT feed silent for longer than this is named on the page (hospital ADT flows every few minutes)
+
+def feed_last_stored(conn_or_engine: Connection | Engine, # the store
+                     as_of: datetime, # the clock
+                    ) -> datetime | None:
+    "The latest ADT event's stored time at or before `as_of` (None: no ADT event known then)."
+    as_of, a = _as_of(as_of), adt_events.c
+    with _connection(conn_or_engine) as conn:
+        t = conn.execute(sa.select(sa.func.max(a.stored_time)).where(a.stored_time <= as_of)).scalar()
+    return None if t is None else as_utc(t)
+
+def feed_note(conn_or_engine: Connection | Engine, # the store
+              as_of: datetime, # the page's clock
+              stale: timedelta = STALE_FEED, # longer than this since the feed's last message: say so
+             ) -> str:
+    "A warning (HTML) when the ADT feed's last message is older than `stale` at `as_of`; empty while it flows."
+    as_of = _as_of(as_of)
+    last = feed_last_stored(conn_or_engine, as_of)
+    if last is None: return '<p class="cde-feed-stale"><b>No ADT message is stored: no ward has a known population.</b></p>'
+    if as_of - last <= stale: return ''
+    gap = as_of - last
+    ago = f'{gap.days} days' if gap.days >= 2 else f'{gap.total_seconds() / 3600:.0f} hours'
+    return (f'<p class="cde-feed-stale"><b>The ADT feed has been silent since {last:%Y-%m-%d %H:%M} UTC ({ago} before this page\'s '
+            f'clock): the patients listed are those in hospital as of then; admissions, transfers and discharges since are not known.</b></p>')
+
 # %% ../nbs/51b_ward.ipynb #b51b0016
 def _pick(deployments: list[Deployment], names) -> list[Deployment]:
     "The named deployments among `deployments` (None: all); a name not among them is a `WardError`."
@@ -195,6 +222,8 @@ def _pick(deployments: list[Deployment], names) -> list[Deployment]:
     bad = [n for n in wanted if n not in have]
     if bad: raise WardError(f"deployment {bad[0]!r} is not live with its scores shown (live deployments: {', '.join(have) or 'none'})")
     return [have[n] for n in wanted]
+
+NO_LIVE = '(no live deployment)'   # the audit target of a patient list shown without scores
 
 def ward_view_html(engine: Engine, # the store
                    ward: str, # the ward
@@ -207,7 +236,8 @@ def ward_view_html(engine: Engine, # the store
     as_of, e = _as_of(as_of), safe_html
     if not user: raise WardError('ward view user: the user is empty: a patient list is shown to someone')
     df = ward_patients(engine, ward, as_of, deployments, recent)
-    for d in deployments: audit_patient_list(engine, user, d.name, ward, df['patient_key'].to_list())
+    for d in deployments or [None]:   # a list without scores is a list of patients shown too
+        audit_patient_list(engine, user, d.name if d else NO_LIVE, ward, df['patient_key'].to_list())
     head = '<th>patient (surrogate id)</th><th>admitted</th>' + ''.join(
         f'<th>{e(d.name)}: risk</th><th>trend</th><th>shown</th><th>why</th>' for d in deployments)
     rows = []
@@ -224,7 +254,7 @@ def ward_view_html(engine: Engine, # the store
     note = '' if deployments else '<p><b>No deployment is live with its scores shown (live or threshold mode).</b></p>'
     return (f'<div class="cde-ward"><h2>Ward {e(ward)}</h2><p>{df.height} current patients as known at {as_of:%Y-%m-%d %H:%M} UTC; '
             f'risk at or above the display threshold is red, within a quarter below it amber. The reasons are the '
-            f'abnormal results the model was given, not its weights.</p>{note}'
+            f'abnormal results the model was given, not its weights.</p>{feed_note(engine, as_of)}{note}'
             f'<table><tr>{head}</tr>{"".join(rows)}</table></div>')
 
 # %% ../nbs/51b_ward.ipynb #b51b0018
@@ -245,7 +275,7 @@ def ward_page(workspace: Workspace, # whose store and deployments (the dashboard
     out = widgets.HTML()
     def show(_=None):
         if ward.value is None:
-            out.value = f'<p>No ward has current inpatients as known at {when:%Y-%m-%d %H:%M} UTC.</p>'; return
+            out.value = f'<p>No ward has current inpatients as known at {when:%Y-%m-%d %H:%M} UTC.</p>' + feed_note(engine, when); return
         try: out.value = ward_view_html(engine, ward.value, when, _pick(deps, None if dep.value == ALL_LIVE else dep.value), user, recent)
         except WardError as err: out.value = f'<p class="cde-error"><b>{safe_html(err)}</b></p>'
     ward.observe(show, names='value'); dep.observe(show, names='value')

@@ -27,7 +27,8 @@ def test_demo_says_where_the_report_and_dashboard_are(demo):
 
 def test_exactly_one_packet_per_scored_order(demo):
     eng = demo['engine']
-    n, distinct = q(eng, "select count(*), count(distinct order_id) from inferences where deployment='hgb_abnormal'")[0]
+    # packets of orders (the ward round after going live scores patient-view points, not orders: see the ward view's test)
+    n, distinct = q(eng, "select count(*), count(distinct order_id) from inferences where deployment='hgb_abnormal' and \"trigger\" != 'hook'")[0]
     due = q(eng, "select count(*) from lab_orders where panel='CBC' and event_time >= '2024-01-01'")[0][0]
     # every such order has a packet, except orders whose cancellation was stored before their scoring run
     missed = q(eng, "select count(*) from lab_orders o where panel='CBC' and event_time >= '2024-01-01' and status != 'cancelled' "
@@ -36,7 +37,7 @@ def test_exactly_one_packet_per_scored_order(demo):
     # every packet was scored at its order's time, with the model the deployment serves
     mism = q(eng, "select count(*) from inferences i join lab_orders o using (order_id) where i.prediction_time != o.event_time")[0][0]
     assert mism == 0
-    assert q(eng, "select count(distinct model_id) from inferences where deployment='hgb_abnormal'")[0][0] == 1
+    assert q(eng, "select count(distinct model_id) from inferences where deployment='hgb_abnormal'")[0][0] == 1   # the ward round's too
     # labels: every packet whose hemoglobin result arrived has one (in one or more versions: corrected results add versions)
     labelled = q(eng, "select count(distinct inference_id) from inference_labels")[0][0]
     resulted = q(eng, "select count(distinct i.inference_id) from inferences i join lab_results r on r.order_id = i.order_id and r.component = 'HGB'")[0][0]
@@ -143,3 +144,40 @@ def test_demo_runs_a_plan_registered_on_its_own_log(demo):
     assert str(registered) < str(first)   # the plan came before the silent trial's first scoring run, let alone a label
     assert result['run']['n_packets'] > 0 and result['n_observed'] > 0
     assert re.search(r'hgb_label_selection \(sha256 \w+…\), hgb_abnormal\'s log as known at .*: \d+ packets, \d+ labelled; AUROC weighted', out)
+
+
+
+def test_the_demo_leaves_the_ward_view_with_its_patients(demo):
+    """The ward view, at the wall clock as the dashboard opens it, lists each ward's current inpatients (the hospital's open
+    stays), names the feed's last message, and shows scores only if a deployment went live through its gates: then the ward
+    round scored every current inpatient and the page's scores are the store's. On this demo's data the calibration gate
+    refuses hgb_abnormal (README, Going live): no ward round, no scores, and the page says no deployment is live."""
+    from cde_workbench.config import as_utc, utcnow
+    from cde_workbench.demo import DEMO_OPEN_STAYS
+    from cde_workbench.store import adt_events
+    from cde_workbench.ward import live_deployments, ward_names, ward_patients, ward_view_html
+    eng = demo['engine']
+    status = q(eng, "select status from deployments where name='hgb_abnormal'")[0][0]
+    deps = live_deployments(eng, ROOT / 'deployments')
+    assert [d.name for d in deps] == (['hgb_abnormal'] if status == 'live' else []), status
+    with eng.connect() as c: at = as_utc(c.execute(sa.select(sa.func.max(adt_events.c.stored_time))).scalar())
+    now = utcnow()
+    wards = ward_names(eng, now)
+    assert wards == ward_names(eng, at)   # nothing admitted or discharged after the feed's last message
+    shown, pages = {}, []
+    for w in wards:
+        df = ward_patients(eng, w, now, deps)
+        shown |= dict(zip(df['patient_key'], df['hgb_abnormal:score'] if deps else [None] * df.height))
+        pages.append(ward_view_html(eng, w, now, deps, 'e2e test'))
+        assert f'ADT feed has been silent since {at:%Y-%m-%d %H:%M} UTC' in pages[-1]
+    assert len(shown) >= DEMO_OPEN_STAYS   # the open stays at least (a garbled discharge message may leave another stay open)
+    hook = dict(q(eng, "select patient_key, score from inferences where \"trigger\" = 'hook'"))
+    if status == 'live':
+        m = re.search(r'ward round: (\d+) current inpatients on (\d+) wards scored live at (\S+) ', demo['out'])
+        assert m and (int(m.group(1)), int(m.group(2)), m.group(3)) == (len(shown), len(wards), f'{at:%Y-%m-%dT%H:%M}'), demo['out'][-2000:]
+        assert shown == hook and q(eng, "select distinct output_mode from inferences where \"trigger\" = 'hook'") == [('threshold',)]
+    else:
+        assert re.search(r'hgb_abnormal stays silent: refused by ', demo['out'])
+        m = re.search(r'ward view: (\d+) current inpatients on (\d+) wards when the feed stops \((\S+)\), listed without scores', demo['out'])
+        assert m and (int(m.group(1)), int(m.group(2)), m.group(3)) == (len(shown), len(wards), f'{at:%Y-%m-%dT%H:%M}'), demo['out'][-2000:]
+        assert hook == {} and all('No deployment is live' in p for p in pages)

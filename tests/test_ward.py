@@ -122,6 +122,8 @@ def test_a_clinician_opens_the_ward_view_in_a_browser_and_picks_a_ward(tmp_path)
                      for i in range(page.locator('[id^="patient-"]').count())}
             assert shown == expected == {'P1': '0.62', 'P2': '0.11', 'P3': '—'}
             assert not dialogs and page.locator('img[src="x"]').count() == 0      # no script ran
+            last = now - timedelta(hours=10)   # P5's discharge, the feed's latest message: the page's clock is the wall clock, and it says so
+            assert f'ADT feed has been silent since {last:%Y-%m-%d %H:%M} UTC (10 hours before' in page.locator('.cde-ward').inner_text()
             page.screenshot(path=str(tmp_path / 'ward.png'), full_page=True)
     with eng.connect() as c:
         rows = c.execute(sa.select(audit_log.c.actor, audit_log.c.action, audit_log.c.detail)
@@ -131,3 +133,43 @@ def test_a_clinician_opens_the_ward_view_in_a_browser_and_picks_a_ward(tmp_path)
         (rows[0][0], 'ward.ipynb', 'clinician')]
     assert [json.loads(d)['ward'] for a, act, d in rows if act == 'dashboard.patient_list'] == [EVIL, 'MED1']
     assert {a for a, _, _ in rows} == {rows[0][0]} and rows[0][0].startswith('tester-')
+
+
+def test_the_demos_ward_round_fills_the_ward_view_with_the_stores_scores(small_store):
+    """The demo's ward round on the small hospital with open stays (its warehouse extract is the same with or without them:
+    the open stays are prospective): after going live, every current inpatient has a live score on the ward view, equal
+    to the store's packet, and the page names the stopped feed's last message (the hospital ends in 2024)."""
+    from cde_workbench.config import Workspace, utcnow
+    from cde_workbench.demo import demo_ward_round
+    from cde_workbench.deploy import set_status
+    from cde_workbench.deployment import load_deployment
+    from cde_workbench.events import process_pending
+    from cde_workbench.ids import store_messages
+    from cde_workbench.pseudonyms import site_key
+    from cde_workbench.registry import get_model
+    from cde_workbench.store import get_engine, inferences
+    from cde_workbench.synth import HospitalConfig, generate, hl7_feed
+    from cde_workbench.ward import live_deployments, ward_names, ward_patients, ward_view_html
+    ws = Workspace.from_env()
+    eng = get_engine(ws.database_url)
+    store_messages(eng, [(m, t, 'test') for t, m in hl7_feed(generate(HospitalConfig(n_patients=200, seed=5, open_stays=12)))])
+    process_pending(eng, key=site_key(ws.site_key_file))
+    dep = load_deployment('hgb_abnormal', ws.deployments)
+    with eng.connect() as c: rec = get_model(c, dep.name)
+    for s in ('silent', 'live'): set_status(eng, dep.name, s, rec.model_id, 'test')
+    w = demo_ward_round(eng, dep)
+    assert w['scored'] == 12 and w['at'].startswith('2024-03-31'), w   # the 12 open stays, at the feed's last message
+    now = utcnow()
+    deps = live_deployments(eng, ws.deployments)
+    assert [d.name for d in deps] == ['hgb_abnormal'] and ward_names(eng, now) == w['wards']
+    i = inferences.c
+    with eng.connect() as c:
+        stored = dict(c.execute(sa.select(i.patient_key, i.score).where(i.trigger == 'hook', i.output_mode == 'threshold')).all())
+    shown = {}
+    for ward in w['wards']:
+        df = ward_patients(eng, ward, now, deps)
+        shown |= dict(zip(df['patient_key'], df['hgb_abnormal:score']))
+        page = ward_view_html(eng, ward, now, deps, 'nurse_a')
+        assert _on_page(page) == {k: f'{v:.2f}' for k, v in zip(df['patient_key'], df['hgb_abnormal:score'])}
+        assert f"ADT feed has been silent since {w['at'][:10]} {w['at'][11:16]} UTC" in page
+    assert shown == stored and len(shown) == 12 and all(v is not None for v in shown.values())
