@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test soak bench dashboard install system-deps check-generated clean-demo
+.PHONY: demo test soak bench dashboard install system-deps check-generated clean-demo wheels docker-test
 
 $(STAMP): requirements.txt setup.py settings.ini
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -39,3 +39,15 @@ bench: install
 
 dashboard: install
 	$(VENV)/bin/cde dashboard
+
+## the wheelhouse the images install from, offline (pip --no-index): every requirement and the workbench's own wheel
+wheels: install
+	$(PY) -m pip wheel --quiet --disable-pip-version-check -r requirements.txt -w wheelhouse
+	rm -f wheelhouse/cde_workbench-*.whl
+	$(PY) -m pip wheel --quiet --disable-pip-version-check --no-deps . -w wheelhouse
+	cp requirements.txt wheelhouse/requirements.txt
+
+## the images and the stack on a local dockerd, from a debootstrap'ed Debian base (no registry): up, score, dashboard,
+## JupyterLab, down. Long (minutes), so outside `make test`; needs root for dockerd and debootstrap.
+docker-test: wheels system-deps
+	bash scripts/docker-test.sh
