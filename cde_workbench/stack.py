@@ -248,8 +248,9 @@ class Stack:
                                          target=b.get('target'), tag=s.image, buildargs={'BASE': base} if base else None,
                                          network_mode='none', rm=True, forcerm=True)
             except BuildError as e:   # the last line the build printed, and the failing step's exit code
-                lines = [l.strip() for x in e.build_log if isinstance(x, dict) for l in x.get('stream', '').splitlines() if l.strip()]
-                last = next((l for l in reversed(lines) if not l.startswith(('Step ', '--->', 'Removing intermediate'))), '')
+                lines = [re.sub(r'\x1b\[[0-9;]*m', '', l).strip() for x in e.build_log if isinstance(x, dict) for l in x.get('stream', '').splitlines()]
+                lines = [l for l in lines if l and not l.startswith(('Step ', '--->', 'Removing intermediate'))]
+                last = next((l for l in reversed(lines) if 'ERROR' in l or 'error' in l), lines[-1] if lines else '')
                 code = re.search(r'returned a non-zero code: \d+', str(e))
                 raise StackError(f"image {s.image}: build failed: {' '.join(last.split())[:300]}" + (f' ({code[0]})' if code else ''))
             except APIError as e: raise StackError(f'image {s.image}: build failed: {" ".join(str(e.explanation or e).split())[:300]}')
