@@ -55,5 +55,5 @@ wheels: install
 
 ## the images and the stack on a local dockerd, from a debootstrap'ed Debian base (no registry): up, score, dashboard,
 ## JupyterLab, down. Long (minutes), so outside `make test`; needs root for dockerd and debootstrap.
-docker-test: wheels system-deps
+docker-test: wheels
 	bash scripts/docker-test.sh
