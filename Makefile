@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test soak bench dashboard lab install system-deps check-generated clean-demo airflow-test demo-postgres
+.PHONY: demo test soak bench dashboard lab install system-deps check-generated clean-demo airflow-test demo-postgres wheels docker-test
 
 $(STAMP): requirements.txt setup.py settings.ini
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -57,3 +57,21 @@ airflow-test: install
 ## `cde demo`, unchanged, against a throwaway PostgreSQL on 127.0.0.1 (stopped when the demo ends, on SIGTERM or Ctrl-C)
 demo-postgres: install system-deps
 	$(PY) scripts/demo-postgres.py
+
+## the wheelhouse the images install from, offline (pip --no-index): every requirement and the workbench's own wheel
+## WHEELS_PYTHON: the oldest Python the images run (Debian bookworm's 3.11.2): wheels that need a newer one are joined by
+## versions that fit it (pip download for that version and the manylinux platforms), so any 3.11 base installs offline
+WHEELS_PYTHON ?= 3.11.2
+WHEELS_PLATFORMS := $(foreach v,5 12 17 24 27 28 31 34 35 36,--platform manylinux_2_$(v)_x86_64) --platform manylinux2014_x86_64 --platform linux_x86_64
+wheels: install
+	$(PY) -m pip wheel --quiet --disable-pip-version-check -r requirements.txt -w wheelhouse
+	$(PY) -m pip download --quiet --disable-pip-version-check --only-binary=:all: --python-version $(WHEELS_PYTHON) --implementation cp \
+	  --abi cp311 --abi abi3 --abi none $(WHEELS_PLATFORMS) --find-links wheelhouse -d wheelhouse -r requirements.txt
+	rm -f wheelhouse/cde_workbench-*.whl
+	$(PY) -m pip wheel --quiet --disable-pip-version-check --no-deps . -w wheelhouse
+	cp requirements.txt wheelhouse/requirements.txt
+
+## the images and the stack on a local dockerd, from a debootstrap'ed Debian base (no registry): up, score, dashboard,
+## JupyterLab, down. Long (minutes), so outside `make test`; needs root for dockerd and debootstrap.
+docker-test: wheels
+	bash scripts/docker-test.sh

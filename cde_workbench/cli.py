@@ -21,16 +21,17 @@ from .deployment import load_deployment
 
 # %% auto #0
 __all__ = ['app', 'ingest_app', 'dashboard_app', 'dashboard_users_app', 'models_app', 'trigger_app', 'audit_app', 'serve_app',
-           'tokens_app', 'schedule_app', 'impact_app', 'plan_app', 'monitor_app', 'alerts_app', 'research_app', 'synth',
-           'ingest_warehouse', 'feed_with_times', 'ingest_synthea', 'ingest_fhir', 'ingest_file', 'ingest_mllp',
-           'ingest_process', 'ingest_replay', 'ingest_redrive', 'ingest_status', 'train', 'deploy', 'score', 'labels',
-           'report', 'dashboard', 'dashboard_users_add', 'dashboard_users_list', 'dashboard_users_remove',
-           'models_list', 'models_show', 'models_alias', 'demo', 'evaluate', 'trigger_deployments', 'trigger_workers',
-           'trigger_run', 'audit_verify', 'audit_show', 'serve', 'service_worker_app', 'serve_tokens_add',
-           'serve_tokens_list', 'serve_tokens_remove', 'schedule_run', 'schedule_list', 'schedule_once',
-           'schedule_export_airflow', 'schedule_airflow_ledger', 'plan_register', 'plan_show', 'plan_list',
-           'plan_amend', 'impact_rdd', 'impact_iv', 'impact_run', 'monitor_run', 'alerts_list', 'alerts_resolve',
-           'research_build', 'research_views', 'export_outputs', 'lab', 'main']
+           'tokens_app', 'schedule_app', 'impact_app', 'plan_app', 'monitor_app', 'alerts_app', 'research_app',
+           'stack_app', 'synth', 'ingest_warehouse', 'feed_with_times', 'ingest_synthea', 'ingest_fhir', 'ingest_file',
+           'ingest_mllp', 'ingest_process', 'ingest_replay', 'ingest_redrive', 'ingest_status', 'train', 'deploy',
+           'score', 'labels', 'report', 'dashboard', 'dashboard_users_add', 'dashboard_users_list',
+           'dashboard_users_remove', 'models_list', 'models_show', 'models_alias', 'demo', 'evaluate',
+           'trigger_deployments', 'trigger_workers', 'trigger_run', 'audit_verify', 'audit_show', 'serve',
+           'service_worker_app', 'serve_tokens_add', 'serve_tokens_list', 'serve_tokens_remove', 'schedule_run',
+           'schedule_list', 'schedule_once', 'schedule_export_airflow', 'schedule_airflow_ledger', 'plan_register',
+           'plan_show', 'plan_list', 'plan_amend', 'impact_rdd', 'impact_iv', 'impact_run', 'monitor_run',
+           'alerts_list', 'alerts_resolve', 'research_build', 'research_views', 'export_outputs', 'lab', 'main',
+           'stack_up', 'stack_down', 'stack_status', 'stack_logs', 'stack_dashboard']
 
 # %% ../nbs/80_cli.ipynb #636e4249
 app = typer.Typer(help='cde-workbench: take a clinical model from the research notebook to a silent trial, a report and a dashboard.',
@@ -1033,3 +1034,52 @@ def main():
     except KeyboardInterrupt:
         typer.echo('cde: interrupted', err=True); sys.exit(130)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+# %% ../nbs/80_cli.ipynb #b552518f
+stack_app = typer.Typer(help='The container stack (docker/compose.yaml: PostgreSQL, scoring, scheduler, dashboards, JupyterLab) through the Docker SDK.',
+                        no_args_is_help=True)
+app.add_typer(stack_app, name='stack')
+
+def _stack():
+    "The stack of the compose file, on the engine DOCKER_HOST names; its secrets from the environment over var/stack.env."
+    from cde_workbench.stack import Stack, engine, stack_env
+    client = engine()   # no engine: the first and only error
+    return Stack.from_compose(stack_env(Workspace.from_env()), client=client, echo=typer.echo)
+
+@stack_app.command('up')
+def stack_up(build: bool = typer.Option(False, '--build', help='Build the images first, offline, from wheelhouse/ (`make wheels` fills it).'),
+             base: Optional[str] = typer.Option(None, '--base', help='Base image of the build (default python:3.11-slim).'),
+             timeout: float = typer.Option(300, min=1, help='Seconds to wait for each service to be healthy.')):
+    "Start the services not running, in order, and wait until each is healthy."
+    s = _stack()
+    s.up(build=build, base=base, timeout=timeout)
+    typer.echo(f"stack: up; JupyterLab's token and the database password are in {Workspace.from_env().var / 'stack.env'} (owner-only)")
+
+@stack_app.command('down')
+def stack_down(volumes: bool = typer.Option(False, '--volumes', help='Also remove the named volumes: the store, var/, reports, research work.')):
+    "Stop and remove the containers and the network (the volumes stay unless --volumes)."
+    n = _stack().down(volumes=volumes)
+    typer.echo(f'stack: down ({n} container(s) removed)')
+
+@stack_app.command('status')
+def stack_status():
+    "Each service: container, state, health, published ports."
+    for r in _stack().status():
+        typer.echo(f"{r['service']:<11} {r['container']:<18} {r['state']:<12} {r['health']:<10} {r['ports']}")
+
+@stack_app.command('logs')
+def stack_logs(service: str = typer.Argument(..., help='A service of the compose file (postgres, scoring, scheduler, dashboards, research).'),
+               tail: int = typer.Option(100, min=0, help='Last lines (0: all).'),
+               follow: bool = typer.Option(False, '--follow', '-f', help='Keep printing until Ctrl-C.')):
+    "A service's container output."
+    out = _stack().logs(service, tail=tail, follow=follow)
+    if isinstance(out, str): typer.echo(out, nl=False); return
+    for chunk in out: typer.echo(chunk.decode('utf-8', 'replace'), nl=False)
+
+@stack_app.command('dashboard')
+def stack_dashboard(host: str = typer.Option('0.0.0.0', help="Interface inside the container (compose publishes the port on the host's 127.0.0.1)."),
+                    port: int = typer.Option(8866, help='Port inside the container.')):
+    "The dashboards image's command: serve the dashboards inside a container until SIGTERM (readers can be added while it runs)."
+    from cde_workbench.stack import container_dashboard
+    rc = container_dashboard(Workspace.from_env(), host=host, port=port, echo=typer.echo)
+    if rc not in (0, None, -15): raise typer.Exit(1)
