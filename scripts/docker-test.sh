@@ -4,8 +4,12 @@
 #  2. a dockerd of its own (data under $CDE_DOCKER_TEST_DIR, a unix socket there; stopped on exit, whatever happens);
 #  3. a base image from `debootstrap bookworm` (python3, venv, PostgreSQL 15) imported with `docker import` (kept between runs);
 #  4. `cde stack up --build --base` that image (images built offline from wheelhouse/), PostgreSQL from the same base;
-#  5. a scoring request (a token added in the container), the dashboards' login page, JupyterLab with its token;
-#  6. `cde stack down --volumes`.
+#  5. a deployment that scores, made with the workbench's own CLI inside the containers: a small synthetic hospital
+#     (`cde synth --patients 200`) loaded into the stack's PostgreSQL (`cde ingest warehouse`), `cde train hgb_abnormal`,
+#     `cde deploy hgb_abnormal silent` (silent: the service scores and keeps a packet, a clinician sees nothing);
+#  6. a scoring request for a patient in the stack's store (a token added in the container): a score in [0, 1], its
+#     packet in PostgreSQL; the dashboards' login page, JupyterLab with its token;
+#  7. `cde stack down --volumes`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -76,27 +80,49 @@ t=$(date +%s)
 say "stack up in $(( $(date +%s) - t )) s"
 "$CDE" stack status
 
+# a deployment to score with, through the CLI inside the scoring container (its var/ volume is shared with the
+# scheduler and the dashboards; the store is the stack's PostgreSQL)
+in_stack() { docker exec cde-scoring-1 cde "$@"; }
+psql_stack() { docker exec cde-postgres-1 psql -U cde -d cde -v ON_ERROR_STOP=1 -tAc "$1"; }
+t=$(date +%s)
+say "cde synth --patients 200 (in cde-scoring-1)"
+in_stack synth --patients 200 --out /var/lib/cde/var/synth
+say "cde ingest warehouse"
+in_stack ingest warehouse /var/lib/cde/var/synth/warehouse
+say "cde train hgb_abnormal"
+in_stack train hgb_abnormal
+in_stack deploy hgb_abnormal silent --reason "make docker-test"
+say "a silent deployment in $(( $(date +%s) - t )) s"
+PATIENT=$(psql_stack "select patient_key from patients order by patient_key limit 1")
+[[ -n "$PATIENT" ]] || { say "no patient in the stack's store"; exit 1; }
+
 # a scoring request: an API token added inside the container, the service restarted to read it
 TOKEN=$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')
 echo "$TOKEN" | docker exec -i cde-scoring-1 cde serve tokens add docker-test --from-stdin
 docker restart cde-scoring-1 >/dev/null
 JUPYTER_TOKEN=$(sed -n 's/^JUPYTER_TOKEN=//p' "$CDE_VAR/stack.env")
-"$ROOT/.venv/bin/python" - "$TOKEN" "$JUPYTER_TOKEN" <<'PY'
+"$ROOT/.venv/bin/python" - "$TOKEN" "$JUPYTER_TOKEN" "$PATIENT" "$DIR/packet.json" <<'PY'
 import json, os, sys, time, httpx
-token, lab_token = sys.argv[1:3]
+token, lab_token, patient, packet_file = sys.argv[1:5]
 S, D, L = (f"http://127.0.0.1:{os.environ[k]}" for k in ('CDE_SCORING_PORT', 'CDE_DASHBOARD_PORT', 'CDE_LAB_PORT'))
 for _ in range(120):   # the scoring service after its restart
     try:
         if httpx.get(f'{S}/healthz', timeout=2).status_code == 200: break
     except httpx.HTTPError: pass
     time.sleep(1)
-r = httpx.post(f'{S}/v1/deployments/icu_transfer_24h/score', json={'patient_key': 'P000001'}, timeout=30)
+url, body = f'{S}/v1/deployments/hgb_abnormal/score', {'patient_key': patient, 'request_id': 'docker-test-1'}
+r = httpx.post(url, json=body, timeout=30)
 assert r.status_code == 401, (r.status_code, r.text)   # no token: refused
-r = httpx.post(f'{S}/v1/deployments/icu_transfer_24h/score', json={'patient_key': 'P000001'},
-               headers={'Authorization': f'Bearer {token}'}, timeout=30)
-print(f'docker-test: scoring request -> {r.status_code} {r.text[:200]}')
-assert r.status_code < 500 and r.status_code != 401, (r.status_code, r.text)
-assert r.headers['content-type'].startswith('application/json')
+r = httpx.post(url, json=body, headers={'Authorization': f'Bearer {token}'}, timeout=60)
+print(f'docker-test: scoring request for {patient} -> {r.status_code} {r.text[:400]}')
+assert r.status_code == 200 and r.headers['content-type'].startswith('application/json'), (r.status_code, r.text)
+a = r.json()
+assert a['patient_key'] == patient and a['deployment'] == 'hgb_abnormal', a
+assert isinstance(a['score'], float) and 0 <= a['score'] <= 1, a['score']
+assert a['output_mode'] == 'silent' and a['shown'] is False, a   # silent: scored and kept, shown to no one
+r2 = httpx.post(url, json=body, headers={'Authorization': f'Bearer {token}'}, timeout=60)   # a retry: the same packet
+assert r2.status_code == 200 and r2.json()['packet_id'] == a['packet_id'] and r2.json()['score'] == a['score'], r2.text
+open(packet_file, 'w').write(json.dumps(a))
 r = httpx.get(f'{D}/login', timeout=30)
 assert r.status_code == 200 and 'password' in r.text.lower(), (r.status_code, r.text[:300])
 print(f'docker-test: dashboards login page -> {r.status_code}')
@@ -108,6 +134,17 @@ print(f'docker-test: JupyterLab with its token -> {r.status_code}')
 r = httpx.get(f'{L}/lab', timeout=30, follow_redirects=True)
 assert r.status_code == 200 and '/login' in str(r.url), (r.status_code, r.url)
 print('docker-test: JupyterLab without a token -> login page')
+PY
+# the packet in the stack's PostgreSQL, as the service answered it
+read -r PACKET SCORE < <(python3 -c 'import json, sys; a = json.load(open(sys.argv[1])); print(a["packet_id"], repr(a["score"]))' "$DIR/packet.json")
+ROW=$(psql_stack "select deployment, patient_key, trigger, output_mode, score from inferences where inference_id = $PACKET")
+say "packet $PACKET in the store: $ROW"
+python3 - "$ROW" "$PATIENT" "$SCORE" <<'PY'
+import sys
+row, patient, score = sys.argv[1:4]
+dep, pk, trig, mode, s = row.split('|')
+assert (dep, pk, trig, mode) == ('hgb_abnormal', patient, 'api', 'silent'), row
+assert abs(float(s) - float(score)) < 1e-12, (s, score)
 PY
 say "cde stack down --volumes"
 "$CDE" stack down --volumes
