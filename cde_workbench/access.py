@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlencode
 
 from jupyter_server.auth.identity import IdentityProvider, User
 from tornado import web
@@ -30,9 +31,9 @@ from .store import audit, get_engine
 
 # %% auto #0
 __all__ = ['ROLES', 'PAGE_ROLES', 'DashboardAccount', 'users_file', 'token_sha256', 'load_users', 'add_user', 'remove_user',
-           'find_user', 'DashboardUser', 'DashboardIdentityProvider', 'page_hook', 'audit_patient_list',
-           'write_voila_config', 'voila_command', 'dashboard_url', 'session_processes', 'stop_session',
-           'serve_dashboard']
+           'find_user', 'DashboardUser', 'DashboardIdentityProvider', 'address_without_token', 'page_hook',
+           'audit_patient_list', 'write_voila_config', 'voila_command', 'dashboard_url', 'session_processes',
+           'stop_session', 'serve_dashboard']
 
 # %% ../nbs/51a_access.ipynb #a12d0007
 ROLES = ('clinician', 'datascience')
@@ -175,12 +176,27 @@ class DashboardIdentityProvider(IdentityProvider):
         return DashboardUser(username=acc.name, role=acc.role)
 
 # %% ../nbs/51a_access.ipynb #a12d0017
+def address_without_token(request, # the request (tornado's `HTTPServerRequest`): its `path` and `query_arguments`
+                         ) -> str | None:
+    "The request's address without its `token` argument; None when it carries none."
+    args = getattr(request, 'query_arguments', None) or {}
+    if 'token' not in args: return None
+    rest = [(k, v.decode()) for k, values in args.items() if k != 'token' for v in values]
+    return request.path + ('?' + urlencode(rest) if rest else '')
+
 def page_hook(workspace: Workspace, # whose store receives the audit rows
              ) -> Callable:
     "Voilà's prelaunch hook: refuse a role the page is not for (403), audit each opening, and give the page its user."
     import nbformat
     engine = get_engine(workspace.database_url)
     def hook(req: web.RequestHandler, notebook, cwd: str):
+        bare = address_without_token(req.request)
+        if bare is not None:
+            # a `?token=` opening has set the session cookie: the same page again without the token, so the token leaves
+            # the address bar and the history, and never reaches the kernel (Voilà passes the query string into its
+            # environment); the page is audited when that second request opens it
+            req.redirect(bare)
+            raise web.Finish()
         user = req.current_user
         page = Path(getattr(req, 'notebook_path', None) or (req.path_args[0] if req.path_args else '')).name
         allowed = PAGE_ROLES.get(page, ())

@@ -150,6 +150,7 @@ def test_hostile_values_are_text_in_a_real_browser_and_the_opening_is_audited(se
     with chromium_page() as (page, dialogs):
         page.goto(f"http://127.0.0.1:{server['port']}/voila/render/monitor.ipynb?token={server['ds']}", timeout=90_000)
         page.wait_for_selector('#packets-hgb_abnormal', state='attached', timeout=120_000)
+        assert 'token' not in page.url and page.url.endswith('/voila/render/monitor.ipynb'), page.url   # out of the address bar
         page.wait_for_timeout(500)   # let any injected handler fire
         assert page.evaluate('window.__x') is None and not dialogs
         cells = page.locator('td').all_inner_texts()
