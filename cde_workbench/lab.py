@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 from .config import ConfigError, Workspace, private_dir, private_file, project_root
 
 # %% auto #0
@@ -127,41 +129,29 @@ def start_lab(ws: Workspace, # the workspace (its `var/lab/` keeps the settings 
     cfg = write_lab_config(ws.var / 'lab', token, root_dir)
     return lab_command(port, cfg), lab_env(ws), token
 
-def _proc_table() -> dict[int, tuple[int, int]]:
-    "pid -> (parent pid, start time in clock ticks) of every live process (not zombies), from /proc; empty where there is none."
-    out = {}
-    for d in Path('/proc').glob('[0-9]*'):
-        try: fields = (d / 'stat').read_text().rsplit(')', 1)[1].split()   # after "pid (comm)": state, ppid, ..., starttime (22nd)
-        except (OSError, IndexError): continue   # ended while we looked
-        if fields[0] != 'Z': out[int(d.name)] = (int(fields[1]), int(fields[19]))
-    return out
+def _running(p: psutil.Process) -> bool:
+    "Still running (not a zombie), and the same process: psutil compares the start time, so a reused pid is not taken for it."
+    try: return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess: return False
 
 def descendants(pid: int, # a process
-               ) -> dict[int, int]:
-    "Every live process below `pid` (children, theirs, ...): pid -> start time, so that a reused pid is never mistaken for one of them."
-    table, found, todo = _proc_table(), {}, [pid]
-    kids = {}
-    for p, (pp, _) in table.items(): kids.setdefault(pp, []).append(p)
-    while todo:
-        for c in kids.get(todo.pop(), ()):
-            if c not in found: found[c] = table[c][1]; todo.append(c)
-    return found
+               ) -> dict[int, psutil.Process]:
+    "Every live process below `pid` (children, theirs, ...): pid -> its psutil handle, which knows when it started."
+    try: below = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess: return {}
+    return {p.pid: p for p in below if _running(p)}
 
-def end_processes(procs: dict[int, int], # pid -> start time, as `descendants` gave them
+def end_processes(procs: dict[int, psutil.Process], # as `descendants` gave them
                   wait: float = 5, # seconds between SIGTERM and SIGKILL
                  ) -> list[int]:
-    "SIGTERM, then SIGKILL, the processes of `procs` that still run (same pid and start time); returns those that had to be ended."
-    def alive():
-        table = _proc_table()
-        return [p for p, st in procs.items() if p in table and table[p][1] == st]
-    left = alive()
-    ended = list(left)
-    for sig, pause in ((signal.SIGTERM, wait), (signal.SIGKILL, wait)):
+    "SIGTERM, then SIGKILL, the processes of `procs` that still run; returns the pids of those that had to be ended."
+    left = [p for p in procs.values() if _running(p)]
+    ended = [p.pid for p in left]
+    for stop in (psutil.Process.terminate, psutil.Process.kill):
         for p in left:
-            try: os.kill(p, sig)
-            except ProcessLookupError: pass
-        end = time.monotonic() + pause
-        while left and time.monotonic() < end: time.sleep(0.05); left = alive()
+            try: stop(p)
+            except psutil.NoSuchProcess: pass
+        left = [p for p in psutil.wait_procs(left, timeout=wait)[1] if _running(p)]
         if not left: break
     return ended
 
@@ -178,7 +168,7 @@ def serve_lab(cmd: list[str], # the server's command (`start_lab`)
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         proc = subprocess.Popen(cmd, env=env, cwd=root_dir or research_root(), stdin=subprocess.DEVNULL, start_new_session=True)
-        seen: dict[int, int] = {}
+        seen: dict[int, psutil.Process] = {}
         try:
             while not stop and proc.poll() is None:
                 seen.update(descendants(proc.pid)); time.sleep(0.5)
