@@ -5,6 +5,7 @@
 # %% ../nbs/00_config.ipynb #dc1872af
 from __future__ import annotations
 
+import html
 import os
 import re
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['CDEError', 'ConfigError', 'SchemaError', 'IngestError', 'PipelineError', 'project_root', 'Workspace', 'private_dir',
-           'private_file', 'utcnow', 'as_utc', 'actor_name']
+           'private_file', 'utcnow', 'as_utc', 'actor_name', 'safe_html']
 
 # %% ../nbs/00_config.ipynb #1a642814
 class CDEError(Exception):
@@ -184,3 +185,9 @@ def actor_name(actor: str | None = None, # who acts, as given by the caller; Non
     if len(who) > 64: raise error(f'{what} name must be at most 64 characters, got {len(who)}')
     if not who.isprintable(): raise error(f'{what} name contains control characters')
     return who
+
+# %% ../nbs/00_config.ipynb #a9976aae
+def safe_html(value, # any value from data: a key, a name, a message, a number
+             ) -> str:
+    "The value as text safe inside HTML elements and quoted attributes (`<`, `>`, `&`, `\"`, `'` escaped)."
+    return html.escape(str(value), quote=True)

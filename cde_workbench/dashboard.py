@@ -5,7 +5,6 @@
 # %% ../nbs/51_dashboard.ipynb #ecf0ec8a
 from __future__ import annotations
 
-import html
 import io
 import base64
 import os
@@ -15,21 +14,16 @@ from pathlib import Path
 import ipywidgets as widgets
 import polars as pl
 
-from .config import ConfigError, Workspace, project_root
-from .deployment import load_deployment
+from .config import ConfigError, Workspace, project_root, safe_html
+from .deployment import deployment_names, load_deployment
 from .deploy import deployment_state
 from .monitor import Health, health, packets, weekly
 from .store import get_engine
 
 # %% auto #0
-__all__ = ['safe_html', 'health_html', 'scores_html', 'deployment_names', 'monitor_view', 'check_token', 'dashboard_notebook']
+__all__ = ['health_html', 'scores_html', 'monitor_view', 'check_token', 'dashboard_notebook']
 
 # %% ../nbs/51_dashboard.ipynb #046d1523
-def safe_html(value, # any value from data: a key, a name, a message, a number
-             ) -> str:
-    "The value as text safe inside HTML elements and quoted attributes (`<`, `>`, `&`, `\"`, `'` escaped)."
-    return html.escape(str(value), quote=True)
-
 def _fmt(e) -> str: return '—' if e is None else f'{e.estimate:.2f} [{e.low:.2f}, {e.high:.2f}]'
 
 def health_html(h: Health) -> str:
@@ -64,13 +58,6 @@ def _trend_png(w: pl.DataFrame) -> str:
     ax.set_ylim(0, 1); ax.legend(loc='lower left', fontsize=8); ax.set_title('Weekly: predicted against observed', fontsize=9)
     fig.autofmt_xdate(); buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=90, bbox_inches='tight'); plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
-
-# %% ../nbs/51_dashboard.ipynb #291bc3a0
-def deployment_names(folder: Path, # the workspace's deployments folder (`Workspace.deployments`)
-                    ) -> list[str]:
-    "Deployments that have a `deployment.toml`."
-    d = Path(folder)
-    return sorted(p.parent.name for p in d.glob('*/deployment.toml')) if d.exists() else []
 
 # %% ../nbs/51_dashboard.ipynb #c5f91509
 def monitor_view(workspace: Workspace, # whose store and deployments (the dashboard notebook builds it, like the command line)

@@ -21,7 +21,7 @@ __all__ = ['TASK_KINDS', 'EVENT_TABLE_NAMES', 'FEATURE_CODE_VERSION', 'KIND_TABL
            'PIPELINE_KINDS', 'RANDOMISATION_UNITS', 'ALERT_METRICS', 'PIPELINES_FOLDER', 'Task', 'FeatureSet',
            'ModelSpec', 'SplitSpec', 'OutputSpec', 'ScheduleSpec', 'EvaluationSpec', 'LabelsSpec', 'ChecksSpec',
            'TriggerSpec', 'RandomisationSpec', 'GatesSpec', 'AlertRule', 'WritebackSpec', 'Deployment',
-           'load_deployment']
+           'load_deployment', 'deployment_names']
 
 # %% ../nbs/03_deployment.ipynb #a03ca148
 TASK_KINDS = ('lab_abnormal', 'event_within')
@@ -557,3 +557,10 @@ def load_deployment(name_or_path: str | Path, # deployment name (a folder under 
                       split=SplitSpec(*(tuple(sec['split'][k]) for k in ('train_years', 'validation_years', 'test_years'))),
                       model=model, output=OutputSpec(**out), schedule=schedule, trigger=trigger, randomisation=rnd, gates=gates, alerts=alerts, writeback=wb,
                       evaluation=EvaluationSpec(**ev), labels=labels, checks=ChecksSpec(**chk))
+
+# %% ../nbs/03_deployment.ipynb #8d7a1ee4
+def deployment_names(folder: Path, # the workspace's deployments folder (`Workspace.deployments`)
+                    ) -> list[str]:
+    "Deployments that have a `deployment.toml`, sorted (names as folders; `load_deployment` checks each)."
+    d = Path(folder)
+    return sorted(p.parent.name for p in d.glob('*/deployment.toml')) if d.exists() else []

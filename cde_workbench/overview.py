@@ -5,7 +5,6 @@
 # %% ../nbs/51c_overview.ipynb #7f28977f
 from __future__ import annotations
 
-import html
 import json
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -14,30 +13,19 @@ import polars as pl
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from .config import CDEError, ConfigError, Workspace, as_utc, utcnow
-from .deployment import load_deployment
+from .config import CDEError, ConfigError, Workspace, as_utc, safe_html as esc, utcnow
+from .deployment import deployment_names, load_deployment
 from .deploy import deployment_state, effective_mode
 from .store import alerts, get_engine, inferences, monitoring_results, read_frame, runs
 
 # %% auto #0
-__all__ = ['FIGURE_SCHEMA', 'OVERVIEW_COLUMNS', 'WINDOWS', 'PSI_LARGE', 'CHARTS', 'STYLE', 'OverviewError', 'esc',
-           'deployment_names', 'latest_runs', 'stored_figures', 'overview_rows', 'fmt_ci', 'overview_html', 'svg_chart',
-           'health_data', 'health_html', 'overview_page', 'health_page']
+__all__ = ['FIGURE_SCHEMA', 'OVERVIEW_COLUMNS', 'WINDOWS', 'PSI_LARGE', 'CHARTS', 'STYLE', 'OverviewError', 'latest_runs',
+           'stored_figures', 'overview_rows', 'fmt_ci', 'overview_html', 'svg_chart', 'health_data', 'health_html',
+           'overview_page', 'health_page']
 
 # %% ../nbs/51c_overview.ipynb #35ed4b79
 class OverviewError(CDEError):
     "A dashboard request refused (an unknown deployment, a bad window): names the input and the problem."
-
-def esc(value, # any value from data: a key, a name, alert text, a group value
-       ) -> str:
-    "The value as text safe inside HTML elements and quoted attributes."
-    return html.escape(str(value), quote=True)
-
-def deployment_names(folder: Path, # the workspace's deployments folder
-                    ) -> list[str]:
-    "Deployments that have a `deployment.toml`, sorted."
-    d = Path(folder)
-    return sorted(p.parent.name for p in d.glob('*/deployment.toml')) if d.exists() else []
 
 FIGURE_SCHEMA = {'run_id': pl.String, 'as_of': pl.Datetime('us', 'UTC'), 'metric': pl.String, 'group_name': pl.String, 'group_value': pl.String,
                  'window_start': pl.Datetime('us', 'UTC'), 'window_end': pl.Datetime('us', 'UTC'), 'value': pl.Float64,

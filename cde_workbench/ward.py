@@ -17,10 +17,9 @@ from sqlalchemy.engine import Connection, Engine
 
 from .access import audit_patient_list
 from .clock import ward_population
-from .config import ConfigError, Workspace, as_utc, utcnow
-from .dashboard import deployment_names, safe_html
+from .config import ConfigError, Workspace, as_utc, safe_html, utcnow
 from .deploy import deployment_state, effective_mode
-from .deployment import Deployment, load_deployment
+from .deployment import Deployment, deployment_names, load_deployment
 from .store import adt_events, get_engine, inferences, read_frame
 from .terminology import LABS, reference_range
 
