@@ -72,11 +72,13 @@ def main():
     from dashboard import bench_dashboard
     benches += [bench_service, bench_dashboard]
     figures = {}
+    # each figure is printed as soon as its benchmark ends, so a failure late in a long run loses none of the earlier ones
     for f in (*benches, demo_stages):
-        figures.update(f())
-    for name, v in figures.items():
-        ratio = f"  ratio {v['ratio']}x (baseline {v['baseline']} {v['unit']})" if v['ratio'] else ''
-        print(f"{name:34s} {v['value']:>9} {v['unit']}{ratio}   [{v['note']}]")
+        new = f()
+        figures.update(new)
+        for name, v in new.items():
+            ratio = f"  ratio {v['ratio']}x (baseline {v['baseline']} {v['unit']})" if v['ratio'] else ''
+            print(f"{name:34s} {v['value']:>9} {v['unit']}{ratio}   [{v['note']}]", flush=True)
     out = _bench_dir() / 'latest.json'
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(figures, indent=1)); private_file(out)
