@@ -19,9 +19,9 @@ from .deploy import deployment_state, effective_mode
 from .store import alerts, get_engine, inferences, monitoring_results, read_frame, runs
 
 # %% auto #0
-__all__ = ['FIGURE_SCHEMA', 'OVERVIEW_COLUMNS', 'WINDOWS', 'PSI_LARGE', 'CHARTS', 'STYLE', 'OverviewError', 'latest_runs',
-           'stored_figures', 'overview_rows', 'fmt_ci', 'overview_html', 'svg_chart', 'health_data', 'health_html',
-           'overview_page', 'health_page']
+__all__ = ['FIGURE_SCHEMA', 'OVERVIEW_COLUMNS', 'WINDOWS', 'PSI_LARGE', 'CHARTS', 'PERFORMANCE', 'SUBGROUP_NAMES', 'STYLE',
+           'OverviewError', 'latest_runs', 'stored_figures', 'overview_rows', 'fmt_ci', 'overview_html', 'svg_chart',
+           'health_data', 'subgroups', 'health_html', 'overview_page', 'health_page']
 
 # %% ../nbs/51c_overview.ipynb #35ed4b79
 class OverviewError(CDEError):
@@ -179,12 +179,11 @@ def svg_chart(series: list[tuple[str, pl.DataFrame]], # (label, frame with windo
 # %% ../nbs/51c_overview.ipynb #3a9e212a
 WINDOWS = {'last 90 days': 90, 'last 180 days': 180, 'last 365 days': 365}
 PSI_LARGE = 0.2   # PSI at or above this is a large shift (drift.feature_drift's default)
-# (metric, title with unit, thresholds) for the charts of everyone's figures, in page order
-CHARTS = (('auroc', 'AUROC with 95% CI (patient-level bootstrap)', ((0.5, 'chance'),)),
+# (metric, title with unit, thresholds) for the charts, in page order; PERFORMANCE's also for the subgroup picked
+CHARTS = (('auroc', 'AUROC with 95% CI (patient-level bootstrap), realised and estimated from scores alone', ((0.5, 'chance'),)),
           ('oe', 'Calibration-in-the-large: observed / expected abnormal, 95% CI', ((1.0, 'calibrated'),)),
           ('slope', 'Calibration slope, 95% CI', ((1.0, 'ideal'),)),
           ('prevalence', 'Prevalence: share of labelled packets abnormal, 95% CI', ()),
-          ('cbpe_auroc', 'AUROC estimated from scores alone (CBPE, before labels), 95% CI', ()),
           ('psi_score', 'Score drift: PSI against the test years', ((PSI_LARGE, 'PSI 0.2'),)),
           ('psi_max_feature', 'Feature drift: largest feature PSI', ((PSI_LARGE, 'PSI 0.2'),)),
           ('result_shift', "Task's result: mean minus the test years', in its unit, 95% CI", ((0.0, 'no shift'),)),
@@ -194,6 +193,9 @@ CHARTS = (('auroc', 'AUROC with 95% CI (patient-level bootstrap)', ((0.5, 'chanc
           ('labelled_share', 'Share of due packets labelled', ()),
           ('error_rate', 'Scoring errors: share of queued orders failed', ()),
           ('failed_runs', 'Failed pipeline runs per window (count)', ()))
+
+PERFORMANCE = ('auroc', 'oe', 'slope', 'prevalence')   # the metrics stored by subgroup too
+SUBGROUP_NAMES = ('sex', 'age_band', 'ward')
 
 def health_data(engine: Engine, # the store
                 deployment: str, # which deployment
@@ -222,6 +224,12 @@ def health_data(engine: Engine, # the store
     return {'deployment': deployment, 'state': state.status or 'unregistered', 'as_of': as_of, 'run_id': figs['run_id'][0] if figs.height else None,
             'days': days, 'window_days': main, 'figures': shown, 'alerts': al, 'runs': ledger}
 
+def subgroups(d: dict, # `health_data`
+             ) -> list[tuple[str, str]]:
+    "The (group, value) pairs the run stored performance for over time (sex, age band, ward), in order: the subgroup control's choices."
+    f = d['figures'].filter(pl.col('metric') == 'auroc', pl.col('group_name').is_in(SUBGROUP_NAMES))
+    return sorted(set(zip(f['group_name'].to_list(), f['group_value'].to_list())), key=lambda g: (SUBGROUP_NAMES.index(g[0]), g[1]))
+
 def _series(f: pl.DataFrame, metric: str, group_name: str = 'all', group_value: str = 'all') -> pl.DataFrame:
     return f.filter(pl.col('metric') == metric, pl.col('group_name') == group_name, pl.col('group_value') == group_value,
                     pl.col('window_end').is_not_null()).sort('window_end')
@@ -239,10 +247,33 @@ def _table(head: list[str], rows: list[list], prefix: str) -> str:
 # %% ../nbs/51c_overview.ipynb #0140c296
 def _t(x) -> str: return '—' if x is None else f'{as_utc(x):%Y-%m-%d %H:%M}'
 
+def _estimate_rows(d: dict) -> list[tuple[str, str, str, str]]:
+    "The estimate from scores alone for the latest window's packets still awaiting labels, and whether it can be trusted: (label, id, value, window)."
+    f = d['figures']
+    e, rel = _latest(f, 'cbpe_auroc', 'label_state', 'awaiting'), _latest(f, 'cbpe_reliable')
+    out = [('Estimated AUROC of the packets awaiting labels (CBPE)', 'cbpe_awaiting', '—' if e is None else fmt_ci(e['value'], e['ci_low'], e['ci_high']),
+            'no packet awaits its label' if e is None else f"{e['window_start']:%Y-%m-%d} to {e['window_end']:%Y-%m-%d}, n = {e['n']} awaiting")]
+    if rel is not None and rel['value'] is not None:
+        why = json.loads(rel['detail']).get('reason') or ''
+        out.append(('Estimate reliable (model still calibrated, no concept drift)', 'cbpe_reliable',
+                    'yes' if rel['value'] >= 0.5 else 'no: do not trust the estimate', why))
+    return out
+
+def _performance_series(d: dict, metric: str, subgroup: tuple[str, str] | None) -> list[tuple[str, pl.DataFrame]]:
+    "A performance chart's lines: everyone, the subgroup picked, and for AUROC everyone's estimate from the scores alone (CBPE), beside the realised."
+    f = d['figures']
+    out = [('everyone' if subgroup or metric == 'auroc' else metric, _series(f, metric))]
+    if subgroup: out.append((f'{subgroup[0]} {subgroup[1]}', _series(f, metric, *subgroup)))
+    if metric == 'auroc': out.append(('estimated from scores alone (CBPE)', _series(f, 'cbpe_auroc')))
+    return out
+
 def health_html(d: dict, # `health_data`
+                subgroup: tuple[str, str] | None = None, # (group, value) drawn beside everyone in the performance charts
                ) -> str:
     "The deployment-health page: latest figures, charts over time, drift tests, data quality, subgroups, gates, alerts and the run ledger."
     name, f = d['deployment'], d['figures']
+    if subgroup is not None and subgroup not in subgroups(d):
+        raise OverviewError(f'subgroup: {subgroup!r} has no stored figures for {name} in this window')
     if d['run_id'] is None:
         return (f'<div class="cde-health2"><h2>{esc(name)}</h2><p id="health-empty">No monitoring run has stored figures for this deployment yet '
                 f'(<code>cde monitor run {esc(name)}</code>, or the scheduler).</p></div>')
@@ -254,11 +285,12 @@ def health_html(d: dict, # `health_data`
     # the latest window's headline numbers
     head = []
     for m, label in (('auroc', 'AUROC'), ('oe', 'Observed / expected'), ('slope', 'Calibration slope'), ('prevalence', 'Prevalence'),
-                     ('cbpe_auroc', 'Estimated AUROC (CBPE)'), ('psi_score', 'Score PSI'), ('scoring_volume', 'Packets per day'),
+                     ('cbpe_auroc', 'Estimated AUROC from scores alone (CBPE)'), ('psi_score', 'Score PSI'), ('scoring_volume', 'Packets per day'),
                      ('labelled_share', 'Labelled share')):
         r = _latest(f, m)
         head.append((label, m, '—' if r is None else fmt_ci(r['value'], r['ci_low'], r['ci_high'], 3 if m in ('psi_score',) else 2),
                      '' if r is None else f"{r['window_start']:%Y-%m-%d} to {r['window_end']:%Y-%m-%d}, n = {r['n']}"))
+    head += [(l, m, v, w) for l, m, v, w in _estimate_rows(d)]
     out.append('<h3>Latest window</h3><table class="cde-table">' + ''.join(
         f'<tr><th style="text-align:left">{esc(l)}</th><td id="latest-{m}">{esc(v)}</td><td>{esc(w)}</td></tr>' for l, m, v, w in head) + '</table>')
     # open alerts
@@ -269,9 +301,11 @@ def health_html(d: dict, # `health_data`
                           [[a.alert_id, a.metric, '—' if a.last_value is None else f'{a.last_value:.3g}', f'{a.direction} {a.threshold:g}', a.n,
                             _t(a.first_seen), _t(a.last_seen)] for a in al], 'alert'))
     # charts over time
+    who = f'; everyone and {subgroup[0]} {subgroup[1]}' if subgroup else ''
     out.append(f'<h3>Over time ({esc(win)}; {esc(span)})</h3>')
     for m, title, th in CHARTS:
-        out.append(svg_chart([(m, _series(f, m))], f'{title}; {win}', list(th)))
+        series = _performance_series(d, m, subgroup) if m in PERFORMANCE else [(m, _series(f, m))]
+        out.append(svg_chart(series, f'{title}; {win}{who if m in PERFORMANCE else ""}', list(th)))
     shares = [(s, _series(f, 'label_state_share', 'label_state', s)) for s in ('labelled', 'awaiting', 'cancelled', 'censored')]
     out.append(svg_chart(shares, f'Label states: share of packets labelled, awaiting, cancelled, censored; {win}'))
     # drift tests of the latest window
@@ -341,7 +375,7 @@ def health_page(workspace: Workspace, # whose store and deployments
                 deployment: str | None = None, # shown first (default: the first with stored figures)
                 days: int = 180, # the window shown first
                ):
-    "The deployment-health dashboard: a deployment and a window picked with dropdowns; the page redrawn from stored figures."
+    "The deployment-health dashboard: a deployment, a window and a subgroup picked with dropdowns; the page redrawn from stored figures."
     import ipywidgets as widgets
     engine = _reader(workspace)
     with engine.connect() as conn: have = latest_runs(conn)
@@ -352,9 +386,21 @@ def health_page(workspace: Workspace, # whose store and deployments
     label = {v: k for k, v in WINDOWS.items()}
     win = widgets.Dropdown(options=list(WINDOWS.items()) if days in label else [(f'last {days} days', days), *WINDOWS.items()], value=days,
                            description='Window')
+    group = widgets.Dropdown(options=[('everyone', None)], value=None, description='Subgroup')
     out = widgets.HTML()
-    def draw(*_):
-        out.value = STYLE + health_html(health_data(engine, pick.value, win.value))
-    pick.observe(draw, 'value'); win.observe(draw, 'value')
+    drawing = []   # set while the subgroup's choices are replaced: those changes redraw nothing
+    def draw(change=None):
+        if drawing: return
+        drawing.append(True)
+        try:
+            d = health_data(engine, pick.value, win.value)
+            # the subgroup's choices are the ones this deployment stored in this window; a choice it lacks falls back to everyone
+            choices = [('everyone', None)] + [(f'{g}: {v}', (g, v)) for g, v in subgroups(d)]
+            keep = group.value if group.value in [v for _, v in choices] else None
+            if tuple(group.options) != tuple(choices): group.options = choices
+            group.value = keep
+            out.value = STYLE + health_html(d, group.value)
+        finally: drawing.clear()
+    for w in (pick, win, group): w.observe(draw, 'value')
     draw()
-    return widgets.VBox([widgets.HBox([pick, win]), out])
+    return widgets.VBox([widgets.HBox([pick, win, group]), out])

@@ -299,6 +299,15 @@ def chromium_page():
         finally: browser.close()
 
 
+def screenshot(page, name: str) -> Path:
+    """A full-page screenshot kept as a test artefact: var/test-artefacts/screenshots/<name>.png under the repository (or under
+    $CDE_TEST_ARTEFACTS), where a reviewer or CI finds it after the run; the path."""
+    out = Path(os.environ.get('CDE_TEST_ARTEFACTS') or ROOT / 'var' / 'test-artefacts') / 'screenshots' / f'{name}.png'
+    out.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(out), full_page=True)
+    return out
+
+
 def cde(*args, env=None):
     "Run the `cde` command from the repository with extra environment variables; its completed process."
     import subprocess

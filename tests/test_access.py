@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import chromium_page, free_port  # noqa: E402
+from conftest import chromium_page, free_port, screenshot  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CDE = str(Path(sys.executable).parent / 'cde')
@@ -153,6 +153,7 @@ def test_hostile_values_are_text_in_a_real_browser_and_the_opening_is_audited(se
         assert 'token' not in page.url and page.url.endswith('/voila/render/monitor.ipynb'), page.url   # out of the address bar
         page.wait_for_timeout(500)   # let any injected handler fire
         assert page.evaluate('window.__x') is None and not dialogs
+        screenshot(page, 'monitor-hostile-values')
         cells = page.locator('td').all_inner_texts()
         assert XSS in cells and XSS_SCRIPT in cells, cells
         assert page.locator('img[src="x"]').count() == 0 and page.locator('table script').count() == 0

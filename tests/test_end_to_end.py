@@ -8,7 +8,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from conftest import CHROMIUM, CHROMIUM_ARGS, voila_server  # noqa: E402
+from conftest import CHROMIUM, CHROMIUM_ARGS, chromium_page, screenshot, voila_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CDE = str(Path(sys.executable).parent / 'cde')
@@ -80,7 +80,7 @@ def test_dashboard_in_chromium_shows_the_store_count(demo):
                 assert int(cell.inner_text()) == packets
                 status = q(demo['engine'], "select status from deployments where name='hgb_abnormal'")[0][0]   # live if its gates passed
                 assert status in ('silent', 'live') and page.inner_text('#status-hgb_abnormal') == status
-                page.screenshot(path=str(demo['base'] / 'dashboard.png'), full_page=True)
+                screenshot(page, 'demo-monitor')
             finally: browser.close()
 
 
@@ -181,3 +181,51 @@ def test_the_demo_leaves_the_ward_view_with_its_patients(demo):
         m = re.search(r'ward view: (\d+) current inpatients on (\d+) wards when the feed stops \((\S+)\), listed without scores', demo['out'])
         assert m and (int(m.group(1)), int(m.group(2)), m.group(3)) == (len(shown), len(wards), f'{at:%Y-%m-%dT%H:%M}'), demo['out'][-2000:]
         assert hook == {} and all('No deployment is live' in p for p in pages)
+
+
+def test_every_dashboard_page_shows_the_demos_store(demo):
+    """After the demo, `cde dashboard`'s folder in Chromium with a data-science token: the overview's row, hgb_abnormal's
+    health (its open alerts, the hemoglobin drift's among them; its latest figures) and the ward view's current patients
+    are the store's, each page screenshotted (var/test-artefacts/screenshots/demo-*.png)."""
+    from cde_workbench.config import Workspace, utcnow
+    from cde_workbench.overview import health_data, health_html
+    from cde_workbench.ward import live_deployments, ward_names, ward_patients
+    eng = demo['engine']
+    ws = Workspace.from_env(demo['env'])
+    packets = q(eng, "select count(*) from inferences where deployment='hgb_abnormal'")[0][0]
+    status = q(eng, "select status from deployments where name='hgb_abnormal'")[0][0]
+    n_open = q(eng, "select count(*) from alerts where deployment='hgb_abnormal' and status='open'")[0][0]
+    expected = health_html(health_data(eng, 'hgb_abnormal'))
+    latest = {m: re.search(rf'id="latest-{m}">(.*?)</td>', expected)[1] for m in ('auroc', 'oe', 'psi_score')}
+    assert n_open >= 1 and re.fullmatch(r'0\.\d\d \[0\.\d\d, [01]\.\d\d\]', latest['auroc']), (n_open, latest)
+    with voila_server(demo['env'], demo['base'], timeout=90, notebook=ROOT / 'dashboards') as (port, token, _):
+        with chromium_page() as (page, dialogs):
+            page.goto(f'http://127.0.0.1:{port}/voila/render/overview.ipynb?token={token}', timeout=90_000)
+            page.wait_for_selector('.cde-overview', state='attached', timeout=120_000)
+            row = {page.locator(f'#deployment-{i}').inner_text(): i for i in range(page.locator('[id^="deployment-"]').count())}['hgb_abnormal']
+            assert [page.locator(f'#{c}-{row}').inner_text() for c in ('state', 'volume', 'alerts')] == [status, f'{packets:,}', str(n_open)]
+            screenshot(page, 'demo-overview')
+            page.goto(f'http://127.0.0.1:{port}/voila/render/health.ipynb', timeout=90_000)   # the session cookie carries the login
+            page.wait_for_selector('#health-asof', state='attached', timeout=120_000)
+            if page.locator('.cde-health2 h2').inner_text() != 'hgb_abnormal':
+                page.locator('select').first.select_option(label='hgb_abnormal')
+                page.wait_for_selector('.cde-health2 h2:text-is("hgb_abnormal")', timeout=30_000)
+            assert {m: page.locator(f'#latest-{m}').inner_text() for m in latest} == latest
+            assert page.locator('#alerts-open').inner_text() == str(n_open)
+            assert 'result_shift' in page.locator('[id^="alert-"]').all_inner_texts()   # the hemoglobin drift's alert
+            screenshot(page, 'demo-health')
+            page.goto(f'http://127.0.0.1:{port}/voila/render/ward.ipynb', timeout=90_000)
+            page.wait_for_selector('.cde-ward', state='attached', timeout=120_000)
+            now = utcnow()
+            ward = page.locator('.cde-ward h2').inner_text().removeprefix('Ward ')
+            deps = live_deployments(eng, ws.deployments)
+            assert ward in ward_names(eng, now)
+            want = ward_patients(eng, ward, now, deps)
+            assert page.locator('[id^="patient-"]').all_inner_texts() == want['patient_key'].to_list() != []   # the demo leaves open stays
+            if deps:   # hgb_abnormal went live (it does at 3,000 patients): each current patient's live score
+                assert [page.locator(f'#score-hgb_abnormal-{i}').inner_text() for i in range(want.height)] == [
+                    '—' if s is None else f'{s:.2f}' for s in want['hgb_abnormal:score']]
+            else:
+                assert 'No deployment is live' in page.locator('.cde-ward').inner_text()
+            screenshot(page, 'demo-ward')
+            assert not dialogs

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import CDE, ROOT, chromium_page, cde, free_port, one_line_error
+from conftest import CDE, ROOT, chromium_page, cde, free_port, one_line_error, screenshot
 
 NOTEBOOK = ROOT / 'research' / 'getting_started.ipynb'
 
@@ -237,7 +237,7 @@ def test_getting_started_runs_in_jupyterlab_in_chromium(tmp_path):
                     page.keyboard.press('Escape')
             last = page.locator('.jp-Notebook .jp-CodeCell').last
             try: last.locator('.jp-OutputArea-output', has_text='test AUROC').wait_for(timeout=240_000)
-            finally: page.screenshot(path=str(tmp_path / 'getting_started.png'), full_page=True)
+            finally: screenshot(page, 'lab-getting-started')
             errors = page.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]', has_text='Traceback')
             assert errors.count() == 0
             last.scroll_into_view_if_needed()

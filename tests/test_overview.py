@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from conftest import chromium_page, voila_server  # noqa: E402
+from conftest import chromium_page, screenshot, voila_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 EVIL = '<img src=x onerror=alert(1)>'            # a deployment's name in the store, a ward, a feature, an alert's metric, an error
@@ -59,11 +59,18 @@ def _store(base: Path, now: datetime):
                 we = as_of - 7 * w * day
                 v = 0.80 - 0.002 * w - 0.01 * k - shift
                 rows += [figure('auroc', v, we - 28 * day, we, ci_low=v - 0.05, ci_high=v + 0.04, n=200 + w)] * (k != 1 or w > 0)   # k_abnormal: none in the newest
+                rows += [figure('auroc', v - 0.03, we - 28 * day, we, group_name='sex', group_value='F', ci_low=v - 0.1, ci_high=v + 0.05, n=100 + w)]
                 rows += [figure('oe', 1 + 0.01 * w, we - 28 * day, we, ci_low=0.9, ci_high=1.2, n=200 + w),
                          figure('psi_score', 0.05 + 0.01 * (w % 5), we - 28 * day, we, n=200 + w, test='ks', statistic=0.1, p=0.2),
                          figure('scoring_volume', 7.0 + w % 3, we - 28 * day, we, n=200 + w, per='day'),
                          *[figure('label_state_share', x, we - 28 * day, we, group_name='label_state', group_value=s, n=200 + w)
                            for s, x in (('labelled', 0.7), ('awaiting', 0.2), ('cancelled', 0.05), ('censored', 0.05))]]
+            # what the run estimated from scores alone: each window's, the latest window's awaiting packets', and whether to trust it
+            rows += [figure('cbpe_auroc', 0.78 - 0.001 * w - shift, as_of - 7 * w * day - 28 * day, as_of - 7 * w * day, ci_low=0.7, ci_high=0.85, n=200 + w)
+                     for w in range(60)]
+            rows += [figure('cbpe_auroc', 0.77 - shift, as_of - 28 * day, as_of, group_name='label_state', group_value='awaiting',
+                            ci_low=0.70, ci_high=0.84, n=12),
+                     figure('cbpe_reliable', 1.0, as_of - 28 * day, as_of, n=150, reason='')]
             rows += [figure('auroc', None, as_of - 28 * day, as_of, n=3, reason='one class') if k == 1 else
                      figure('auroc', 0.7, as_of - 28 * day, as_of, group_name='ward', group_value=EVIL, ci_low=0.6, ci_high=0.8, n=50),
                      figure('psi', 0.3, as_of - 28 * day, as_of, group_name='feature', group_value=f'lab:{EVIL}', n=200, test='ks', statistic=0.3,
@@ -125,6 +132,17 @@ def test_the_overview_and_health_pages_show_the_stores_numbers_and_escape_data(t
         assert re.search(r'id="latest-auroc">(.*?)</td>', h)[1] == f'{v:.2f} [{lo:.2f}, {hi:.2f}]'
         assert d['figures'].filter(metric='auroc', group_name='all').height == n90 == 13
         assert 'id="alerts-open">2</span>' in h and 'window ends in the 90 days' in h and '28-day rolling windows' in h
+        # the estimate from scores alone, for the latest window and for its packets awaiting labels, and the verdict on it
+        with eng.connect() as c:
+            est = {gv: c.execute(sa.select(m.value, m.ci_low, m.ci_high).where(m.deployment == DEPS[0], m.run_id == 'm0', m.metric == 'cbpe_auroc',
+                                                                              m.group_value == gv).order_by(m.window_end.desc()).limit(1)).first()
+                   for gv in ('all', 'awaiting')}
+        for cell, gv in (('cbpe_auroc', 'all'), ('cbpe_awaiting', 'awaiting')):
+            v, lo, hi = est[gv]
+            assert re.search(rf'id="latest-{cell}">(.*?)</td>', h)[1] == f'{v:.2f} [{lo:.2f}, {hi:.2f}]'
+        assert 'id="latest-cbpe_reliable">yes</td>' in h and 'estimated from scores alone (CBPE)' in h
+        from cde_workbench.overview import subgroups
+        assert subgroups(d) == [('sex', 'F'), ('ward', EVIL)] and 'everyone and sex F' in health_html(d, ('sex', 'F'))
         assert d['run_id'] == 'm0' and [r.run_id for r in d['runs']][:2] == ['m0', 'f0']
     finally: dispose_engines()
 
@@ -155,7 +173,7 @@ def test_data_science_opens_overview_and_health_in_a_browser_a_clinician_is_refu
             page.wait_for_timeout(500)   # let any injected handler fire
             shown = {page.locator(f'#deployment-{i}').inner_text(): tuple(page.locator(f'#{c}-{i}').inner_text() for c in ('volume7', 'volume', 'auroc', 'alerts'))
                      for i in range(page.locator('[id^="deployment-"]').count())}
-            page.screenshot(path=str(tmp_path / 'overview.png'), full_page=True)
+            screenshot(page, 'overview')
             assert not dialogs and page.locator('img[src="x"]').count() == 0
     # packets counted up to the page's own clock: a minute later, the same counts (none is newer than `now`)
     assert shown == expected
@@ -174,10 +192,17 @@ def test_data_science_opens_overview_and_health_in_a_browser_a_clinician_is_refu
             n180 = page.locator('.cde-chart').first.locator('circle').count()
             page.locator('select').nth(1).select_option(label='last 365 days')
             page.wait_for_selector('text=window ends in the 365 days', timeout=30_000)
-            assert page.locator('.cde-chart').first.locator('circle').count() == 52 > n180 == 25   # window ends weekly: 52 in a year
+            # window ends weekly: 52 realised AUROCs in a year (its newest window has none), 53 estimated from scores alone
+            assert page.locator('.cde-chart').first.locator('circle').count() == 52 + 53 > n180 == 25 + 26
             page.locator('select').first.select_option(label=DEPS[0])
             page.wait_for_selector(f'.cde-health2 h2:text-is("{DEPS[0]}")', timeout=30_000)
             assert page.locator('#alerts-open').inner_text() == expected[DEPS[0]][3] == '2'
+            auroc_points = page.locator('.cde-chart').first.locator('circle').count()
+            page.locator('select').nth(2).select_option(label='sex: F')   # a subgroup beside everyone
+            page.wait_for_selector('text=everyone and sex F', timeout=30_000)
+            # window ends weekly, 53 of them in 365 days: everyone's realised and estimated AUROC, then F's too
+            assert (auroc_points, page.locator('.cde-chart').first.locator('circle').count()) == (53 + 53, 53 + 53 + 53)
+            assert page.locator('#latest-cbpe_awaiting').inner_text() == '0.77 [0.70, 0.84]'
             page.wait_for_timeout(500)
-            page.screenshot(path=str(tmp_path / 'health.png'), full_page=True)
+            screenshot(page, 'health')
             assert not dialogs and page.locator('img[src="x"]').count() == 0

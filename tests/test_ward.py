@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from conftest import chromium_page, voila_server  # noqa: E402
+from conftest import chromium_page, screenshot, voila_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 EVIL = '<img src=x onerror=alert(1)>'            # fits the store's 32-character ward column
@@ -124,7 +124,7 @@ def test_a_clinician_opens_the_ward_view_in_a_browser_and_picks_a_ward(tmp_path)
             assert not dialogs and page.locator('img[src="x"]').count() == 0      # no script ran
             last = now - timedelta(hours=10)   # P5's discharge, the feed's latest message: the page's clock is the wall clock, and it says so
             assert f'ADT feed has been silent since {last:%Y-%m-%d %H:%M} UTC (10 hours before' in page.locator('.cde-ward').inner_text()
-            page.screenshot(path=str(tmp_path / 'ward.png'), full_page=True)
+            screenshot(page, 'ward')
     with eng.connect() as c:
         rows = c.execute(sa.select(audit_log.c.actor, audit_log.c.action, audit_log.c.detail)
                          .where(audit_log.c.action.in_(('dashboard.open', 'dashboard.patient_list'))).order_by(audit_log.c.id)).all()
