@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from .config import CDEError, private_dir, private_file, utcnow
-from .store import (_sqlite_file, adt_events, diagnoses, encounters, insert_ignore, lab_orders, lab_results,
+from .store import (sqlite_file, adt_events, diagnoses, encounters, insert_ignore, lab_orders, lab_results,
                                  location_visits, medication_orders, patients, redact_url, research_ids)
 
 # %% auto #0
@@ -100,7 +100,7 @@ def build_research_copy(engine: Engine, # the store (SQLite)
                         dest: Path, # the copy to (re)build, e.g. `var/research/research.sqlite`
                        ) -> dict[str, int]:
     "Refresh the surrogates and write the research views into a new SQLite file at `dest` (replaced whole); returns rows per view."
-    store = _sqlite_file(engine.url.render_as_string(hide_password=False))
+    store = sqlite_file(engine.url.render_as_string(hide_password=False))
     if store is None:
         raise ResearchError(f"the research copy is built from a SQLite store; {redact_url(engine.url)} is not one "
                             f"(on PostgreSQL researchers read the views through the {RESEARCH_ROLE} role: `cde research build`)")

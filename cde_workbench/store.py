@@ -32,9 +32,9 @@ __all__ = ['metadata', 'T', 'patients', 'patient_identity', 'adt_events', 'diagn
            'score_queue', 'outbound_messages', 'token_uses', 'allocations', 'run_locks', 'schedule_state',
            'deployment_history', 'inference_labels', 'analysis_plans', 'plan_amendments', 'monitoring_results',
            'alerts', 'research_ids', 'audit_log', 'audit_head', 'AUDIT_GENESIS', 'UTCDateTime', 'migrations_dir',
-           'redact_url', 'get_engine', 'upgrade', 'engine_variant', 'dispose_engines', 'audit_row_hash', 'audit',
-           'AuditVerification', 'verify_audit_chain', 'read_frame', 'insert_ignoring', 'insert_ignore', 'bulk_insert',
-           'insert_frame']
+           'redact_url', 'sqlite_file', 'get_engine', 'upgrade', 'engine_variant', 'dispose_engines', 'audit_row_hash',
+           'audit', 'AuditVerification', 'verify_audit_chain', 'read_frame', 'insert_ignoring', 'insert_ignore',
+           'bulk_insert', 'insert_frame']
 
 # %% ../nbs/01_store.ipynb #60a7e206
 class UTCDateTime(sa.types.TypeDecorator):
@@ -504,7 +504,7 @@ def _redact(text, url) -> str:
     for s in {v for s in found for v in (s, quote(s, safe=''), unquote(s))}: text = text.replace(s, '***')
     return text
 
-def _sqlite_file(url: str) -> Path | None:
+def sqlite_file(url: str) -> Path | None:
     "The database file of a SQLite URL; None for another database, an in-memory store or a `file:` URI."
     try: u = sa.engine.make_url(url)
     except Exception: return None
@@ -529,7 +529,7 @@ def get_engine(url: str, # SQLAlchemy URL of the store (the workspace's `databas
     "An engine for the store (cached per URL), migrated to the newest schema."
     if not isinstance(url, str) or not url: raise ConfigError(f'database URL {url!r}: give the SQLAlchemy URL of the store (the workspace\'s database_url)')
     if url in _engines: return _engines[url]
-    if (db := _sqlite_file(url)) is not None: _private_sqlite(db)
+    if (db := sqlite_file(url)) is not None: _private_sqlite(db)
     try: engine = sa.create_engine(url, future=True)
     except Exception as e: raise ConfigError(_redact(f"database URL {redact_url(url)!r} is not usable: {e}", url)) from None
     if engine.dialect.name == 'sqlite': sa.event.listen(engine, 'connect', _sqlite_pragmas)
