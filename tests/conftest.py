@@ -307,7 +307,13 @@ def screenshot(page, name: str) -> Path:
     $CDE_TEST_ARTEFACTS), where a reviewer or CI finds it after the run; the path."""
     out = Path(os.environ.get('CDE_TEST_ARTEFACTS') or ROOT / 'var' / 'test-artefacts') / 'screenshots' / f'{name}.png'
     out.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(out), full_page=True)
+    # Voila and JupyterLab scroll inside a container, so a full-page shot would stop at the window: the window is made as
+    # tall as the tallest scrolling content for the shot (at most 12,000 pixels), then restored
+    size = page.viewport_size
+    tall = page.evaluate('Math.max(document.body.scrollHeight, ...[...document.querySelectorAll("*")].map(e => e.scrollHeight))')
+    page.set_viewport_size({'width': size['width'], 'height': max(size['height'], min(int(tall) + 40, 12_000))})
+    try: page.screenshot(path=str(out), full_page=True)
+    finally: page.set_viewport_size(size)
     return out
 
 

@@ -140,7 +140,7 @@ def test_the_overview_and_health_pages_show_the_stores_numbers_and_escape_data(t
         for cell, gv in (('cbpe_auroc', 'all'), ('cbpe_awaiting', 'awaiting')):
             v, lo, hi = est[gv]
             assert re.search(rf'id="latest-{cell}">(.*?)</td>', h)[1] == f'{v:.2f} [{lo:.2f}, {hi:.2f}]'
-        assert 'id="latest-cbpe_reliable">yes</td>' in h and 'estimated from scores alone (CBPE)' in h
+        assert 'id="latest-cbpe_reliable">yes</td>' in h and '>estimate (CBPE)</text>' in h
         from cde_workbench.overview import subgroups
         assert subgroups(d) == [('sex', 'F'), ('ward', EVIL)] and 'everyone and sex F' in health_html(d, ('sex', 'F'))
         assert d['run_id'] == 'm0' and [r.run_id for r in d['runs']][:2] == ['m0', 'f0']
