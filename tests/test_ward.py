@@ -1,5 +1,5 @@
 """The ward view (nbs/51b_ward) against a small store: the numbers on the page are the store's, values from data are
-text, silent deployments stay off the page; and, in the slow tier, the real page served by Voilà, opened in Chromium by
+text, silent deployments stay off the page; and the real page served by Voilà, opened in Chromium by
 a clinician who picks a ward."""
 import html
 import json
@@ -8,7 +8,6 @@ import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import pytest
 import sqlalchemy as sa
 
 from conftest import chromium_page, screenshot, voila_server  # noqa: E402
@@ -101,7 +100,6 @@ def test_the_ward_view_shows_the_stores_numbers_and_escapes_data(tmp_path):
     finally: dispose_engines()
 
 
-@pytest.mark.slow
 def test_a_clinician_opens_the_ward_view_in_a_browser_and_picks_a_ward(tmp_path):
     from cde_workbench.store import audit_log, dispose_engines
     now = datetime.now(timezone.utc).replace(microsecond=0)
