@@ -125,9 +125,10 @@ def overview_html(rows: pl.DataFrame, # `overview_rows`
         tds = ''.join(f'<td id="{c}-{k}"{style if c == "alerts" else ""}>{esc(v)}</td>' for c, v in cells)
         note = f'<tr><td colspan="8" id="note-{k}"><i>{esc(r["note"])}</i></td></tr>' if r['note'] else ''
         body.append(f'<tr>{tds}</tr>{note}')
-    when = f' Packets counted up to {now:%Y-%m-%d %H:%M} UTC.' if now else ''
-    return (f'<div class="cde-overview"><p>Every deployment: its state, how scores reach clinicians (mode), scoring volume, the latest '
-            f'stored AUROC with its patient-level 95% interval (from the latest monitoring run), and open alerts.{when}</p>'
+    # the page's own heading says what the table is; this line says how fresh it is
+    when = f'Packets counted up to {now:%Y-%m-%d %H:%M} UTC; the mode' if now else 'The mode'
+    return (f'<div class="cde-overview"><p>{when} is how scores reach clinicians; each AUROC is from the deployment\'s latest '
+            f'monitoring run, with its patient-level 95% interval.</p>'
             f'<table class="cde-table">{head}{"".join(body)}</table></div>')
 
 # %% ../nbs/51c_overview.ipynb #3b345752
@@ -386,7 +387,8 @@ def health_page(workspace: Workspace, # whose store and deployments
     label = {v: k for k, v in WINDOWS.items()}
     win = widgets.Dropdown(options=list(WINDOWS.items()) if days in label else [(f'last {days} days', days), *WINDOWS.items()], value=days,
                            description='Window')
-    group = widgets.Dropdown(options=[('everyone', None)], value=None, description='Subgroup')
+    everyone = ('all', 'all')   # the figures' own name for everyone (a None value would show as an empty choice)
+    group = widgets.Dropdown(options=[('everyone', everyone)], value=everyone, description='Subgroup')
     out = widgets.HTML()
     drawing = []   # set while the subgroup's choices are replaced: those changes redraw nothing
     def draw(change=None):
@@ -395,11 +397,11 @@ def health_page(workspace: Workspace, # whose store and deployments
         try:
             d = health_data(engine, pick.value, win.value)
             # the subgroup's choices are the ones this deployment stored in this window; a choice it lacks falls back to everyone
-            choices = [('everyone', None)] + [(f'{g}: {v}', (g, v)) for g, v in subgroups(d)]
-            keep = group.value if group.value in [v for _, v in choices] else None
+            choices = [('everyone', everyone)] + [(f'{g}: {v}', (g, v)) for g, v in subgroups(d)]
+            keep = group.value if group.value in [v for _, v in choices] else everyone
             if tuple(group.options) != tuple(choices): group.options = choices
             group.value = keep
-            out.value = STYLE + health_html(d, group.value)
+            out.value = STYLE + health_html(d, None if group.value == everyone else group.value)
         finally: drawing.clear()
     for w in (pick, win, group): w.observe(draw, 'value')
     draw()

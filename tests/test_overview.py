@@ -197,7 +197,9 @@ def test_data_science_opens_overview_and_health_in_a_browser_a_clinician_is_refu
             page.wait_for_selector(f'.cde-health2 h2:text-is("{DEPS[0]}")', timeout=30_000)
             assert page.locator('#alerts-open').inner_text() == expected[DEPS[0]][3] == '2'
             auroc_points = page.locator('.cde-chart').first.locator('circle').count()
-            page.locator('select').nth(2).select_option(label='sex: F')   # a subgroup beside everyone
+            subgroup = page.locator('select').nth(2)
+            assert subgroup.evaluate('s => s.options[s.selectedIndex].text') == 'everyone'   # shown, not an empty box
+            subgroup.select_option(label='sex: F')   # a subgroup beside everyone
             page.wait_for_selector('text=everyone and sex F', timeout=30_000)
             # window ends weekly, 53 of them in 365 days: everyone's realised and estimated AUROC, then F's too
             assert (auroc_points, page.locator('.cde-chart').first.locator('circle').count()) == (53 + 53, 53 + 53 + 53)
