@@ -196,7 +196,7 @@ CHARTS = (('auroc', 'AUROC with 95% CI (patient-level bootstrap), realised and e
           ('failed_runs', 'Failed pipeline runs per window (count)', ()))
 
 PERFORMANCE = ('auroc', 'oe', 'slope', 'prevalence')   # the metrics stored by subgroup too
-SUBGROUP_NAMES = ('sex', 'age_band', 'ward')
+SUBGROUP_NAMES = ('sex', 'age_band', 'ward')   # monitoring.SUBGROUPS, named here: importing monitoring would pull scipy into the page
 
 def health_data(engine: Engine, # the store
                 deployment: str, # which deployment
@@ -291,7 +291,7 @@ def health_html(d: dict, # `health_data`
         r = _latest(f, m)
         head.append((label, m, '—' if r is None else fmt_ci(r['value'], r['ci_low'], r['ci_high'], 3 if m in ('psi_score',) else 2),
                      '' if r is None else f"{r['window_start']:%Y-%m-%d} to {r['window_end']:%Y-%m-%d}, n = {r['n']}"))
-    head += [(l, m, v, w) for l, m, v, w in _estimate_rows(d)]
+    head += _estimate_rows(d)
     out.append('<h3>Latest window</h3><table class="cde-table">' + ''.join(
         f'<tr><th style="text-align:left">{esc(l)}</th><td id="latest-{m}">{esc(v)}</td><td>{esc(w)}</td></tr>' for l, m, v, w in head) + '</table>')
     # open alerts
